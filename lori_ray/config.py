@@ -1,0 +1,225 @@
+"""One typed config for a whole run, loaded from YAML plus ``a.b=value`` overrides.
+
+Everything that can be checked without a cluster is checked here, so a bad config fails with
+the field named before Ray starts.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from .models import FAMILIES, SIZES, model_shape
+
+
+class ConfigError(ValueError):
+    """A config that cannot run; the message names the offending field."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(Section):
+    task: Literal["multiplication", "file"] = "multiplication"
+    digits: tuple[int, int] = (3, 3)  # multiplication: digits of each factor
+    train_size: int = Field(8000, gt=0)
+    eval_size: int = Field(200, gt=0)
+    train_file: str | None = None  # task=file: iCoT .txt or GSM8K .jsonl
+    eval_file: str | None = None
+
+    @model_validator(mode="after")
+    def _files(self):
+        if self.task == "file":
+            for field in ("train_file", "eval_file"):
+                path = getattr(self, field)
+                if not path:
+                    raise ValueError(f"{field}: required when task is 'file'")
+                if not Path(path).is_file():
+                    raise ValueError(f"{field}: no such file: {path}")
+        if min(self.digits) < 1:
+            raise ValueError("digits: each factor needs at least one digit")
+        return self
+
+
+class ModelConfig(Section):
+    family: str = "llama"
+    size: str = "small"
+    path: str | None = None  # local HF directory of a pretrained model (its tokenizer is used)
+    gguf_file: str | None = None
+    max_positions: int = Field(256, gt=0)
+    trust_remote_code: bool = False
+
+    @model_validator(mode="after")
+    def _known(self):
+        if self.family not in FAMILIES:
+            raise ValueError(f"family: must be one of {list(FAMILIES)}")
+        if self.size not in SIZES:
+            raise ValueError(f"size: must be one of {sorted(SIZES)}")
+        if self.path and not Path(self.path).is_dir():
+            raise ValueError(f"path: no such directory: {self.path}")
+        return self
+
+
+class TrainConfig(Section):
+    steps: int = Field(500, gt=0)
+    batch_size: int = Field(64, gt=0)  # global, split over workers
+    lr: float = Field(1e-3, gt=0)
+    warmup: int = Field(50, ge=0)
+    weight_decay: float = Field(0.0, ge=0)
+    grad_clip: float = Field(1.0, gt=0)
+    zero_stage: int = Field(2, ge=0, le=3)
+    num_workers: int = Field(2, ge=0)  # 0 runs the loop in the driver process
+    checkpoint_every: int = Field(0, ge=0)  # 0: only at the end
+    log_every: int = Field(25, gt=0)
+
+    @model_validator(mode="after")
+    def _batch(self):
+        if self.batch_size % max(self.num_workers, 1):
+            raise ValueError(f"batch_size: {self.batch_size} does not split over {self.num_workers} workers")
+        return self
+
+
+class TeacherConfig(Section):
+    path: str | None = None  # a trained teacher (HF directory); when unset the SFT stage trains one
+    train: TrainConfig = TrainConfig(steps=1500, lr=2e-3)
+
+    @model_validator(mode="after")
+    def _exists(self):
+        if self.path and not Path(self.path).is_dir():
+            raise ValueError(f"path: no such directory: {self.path}")
+        return self
+
+
+class TrajectoryConfig(Section):
+    layers: list[int] | None = None  # teacher layers (1-based); None = all
+    num_actors: int = Field(2, gt=0)
+    batch_size: int = Field(64, gt=0)
+    store_dir: str | None = None  # default: <output_dir>/trajectories (shared across runs)
+
+
+class SubspaceConfig(Section):
+    rank: int = Field(8, gt=0)
+    max_rank: int = Field(16, gt=0)  # coordinates are stored at max_rank; any rank <= max_rank reuses them
+
+    @model_validator(mode="after")
+    def _order(self):
+        if self.rank > self.max_rank:
+            raise ValueError(f"rank: {self.rank} is larger than max_rank ({self.max_rank})")
+        return self
+
+
+class StudentConfig(Section):
+    init: Literal["teacher", "scratch"] = "teacher"
+    latent_slots: int = Field(3, gt=0)
+    train: TrainConfig = TrainConfig(steps=500)
+
+
+class LossConfig(Section):
+    ce: float = Field(1.0, ge=0)
+    first_order: float = Field(1.0, ge=0)
+    second_order: float = Field(1.0, ge=0)
+
+
+class EvalConfig(Section):
+    batch_size: int = Field(100, gt=0)
+    max_new_tokens: int = Field(64, gt=0)
+
+
+class TrackingConfig(Section):
+    uri: str | None = None  # default: $MLFLOW_TRACKING_URI, else sqlite under the run directory
+    experiment: str = "lori-ray"
+
+
+class ClusterConfig(Section):
+    address: str | None = None  # None: $RAY_ADDRESS or a new local cluster bound to 127.0.0.1
+    num_cpus: int | None = None  # local cluster only
+
+
+class Config(Section):
+    name: str = "run"
+    output_dir: str = "runs"
+    seed: int = 0
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    teacher: TeacherConfig = TeacherConfig()
+    trajectory: TrajectoryConfig = TrajectoryConfig()
+    subspace: SubspaceConfig = SubspaceConfig()
+    student: StudentConfig = StudentConfig()
+    loss: LossConfig = LossConfig()
+    eval: EvalConfig = EvalConfig()
+    tracking: TrackingConfig = TrackingConfig()
+    cluster: ClusterConfig = ClusterConfig()
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir).absolute() / self.name
+
+    @property
+    def store_dir(self) -> Path:
+        return Path(self.trajectory.store_dir or Path(self.output_dir) / "trajectories").absolute()
+
+    def tracking_uri(self) -> str:
+        return self.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{self.run_dir / 'mlflow.db'}"
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def _set_dotted(tree: dict, dotted: str, value) -> None:
+    *parents, leaf = dotted.split(".")
+    for key in parents:
+        tree = tree.setdefault(key, {})
+        if not isinstance(tree, dict):
+            raise ConfigError(f"{dotted}: '{key}' is not a section")
+    tree[leaf] = value
+
+
+def _check_against_model(config: Config) -> None:
+    """Checks that need the model's shape (read from config.json, no weights loaded)."""
+    source = config.teacher.path or config.model.path
+    hidden, layers = model_shape(config.model.family, config.model.size, source, config.model.trust_remote_code)
+    if config.subspace.max_rank > hidden:
+        raise ConfigError(f"subspace.max_rank: {config.subspace.max_rank} is larger than the hidden size ({hidden})")
+    bad = [layer for layer in config.trajectory.layers or [] if not 1 <= layer <= layers]
+    if bad:
+        raise ConfigError(f"trajectory.layers: {bad} outside 1..{layers}")
+    if config.student.latent_slots >= config.model.max_positions:
+        raise ConfigError(f"student.latent_slots: {config.student.latent_slots} does not fit in "
+                          f"model.max_positions ({config.model.max_positions})")
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    tree = {}
+    if path:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        tree = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(tree, dict):
+            raise ConfigError(f"{path}: top level must be a mapping")
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected key.sub=value")
+        key, value = item.split("=", 1)
+        _set_dotted(tree, key, yaml.safe_load(value))
+    try:
+        config = Config.model_validate(tree)
+    except ValidationError as error:
+        lines = []
+        for e in error.errors():
+            field = ".".join(str(p) for p in e["loc"])
+            message = e["msg"].removeprefix("Value error, ")
+            # section validators name their own field as "field: ..."; fold it into the dotted path
+            own = re.match(r"(\w+): (.*)", message, re.S)
+            if own and e["type"] == "value_error":
+                field, message = f"{field}.{own[1]}" if field else own[1], own[2]
+            lines.append(f"{field}: {message}")
+        raise ConfigError("invalid config:\n  " + "\n  ".join(lines)) from None
+    _check_against_model(config)
+    return config

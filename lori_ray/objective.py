@@ -1,0 +1,82 @@
+"""The training objective around an HF causal LM: CE on the answer (and CoT for the teacher),
+plus LoRi alignment of the student's latent-slot states with the teacher's trajectory coordinates."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .losses import LoRiLoss
+from .subspace import Subspace
+
+
+def pair_layers(student_layers: int, teacher_layers: int, teacher_selected: list[int]) -> list[tuple[int, int]]:
+    """(student, teacher) hidden-state indices (1-based) paired by relative depth.
+
+    Student layer i ↔ teacher layer round(i·(L_t−1)/(L_s−1)) (0-based); only pairs whose teacher
+    layer is in ``teacher_selected`` are kept.
+    """
+    pairs = []
+    for i in range(student_layers):
+        t = round(i * (teacher_layers - 1) / (student_layers - 1)) if student_layers > 1 else teacher_layers - 1
+        if t + 1 in teacher_selected:
+            pairs.append((i + 1, t + 1))
+    return pairs
+
+
+class TrajectoryProjection(nn.Module):
+    """Per-layer affine maps P_l: R^{d_s} → R^r, batched as one [L, r, d_s] weight."""
+
+    def __init__(self, layers: int, dim: int, rank: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(layers, rank, dim) / dim**0.5)
+        self.bias = nn.Parameter(torch.zeros(layers, rank))
+
+    @classmethod
+    def from_subspace(cls, subspace: Subspace) -> "TrajectoryProjection":
+        """P_l(x) = U_lᵀ(x − μ_l): exact when student and teacher widths match."""
+        layers, dim, rank = subspace.basis.shape
+        projection = cls(layers, dim, rank)
+        with torch.no_grad():
+            projection.weight.copy_(subspace.basis.transpose(1, 2))
+            projection.bias.copy_(-torch.einsum("lrd,ld->lr", projection.weight, subspace.mean))
+        return projection
+
+    def forward(self, states: torch.Tensor) -> torch.Tensor:
+        """states [B, L, K, d] → coordinates [B, L, K, r]."""
+        return torch.einsum("blkd,lrd->blkr", states, self.weight) + self.bias[:, None, :]
+
+
+class LMObjective(nn.Module):
+    """``forward(batch) -> (loss, metrics)``; the only module DeepSpeed wraps."""
+
+    def __init__(self, model: nn.Module, student_layers: list[int] = (), projection: TrajectoryProjection | None = None,
+                 ce: float = 1.0, first_order: float = 0.0, second_order: float = 0.0):
+        super().__init__()
+        self.model = model
+        self.student_layers = list(student_layers)
+        self.projection = projection
+        self.weights = {"ce": ce, "first_order": first_order, "second_order": second_order}
+        self.lori = LoRiLoss()
+
+    @property
+    def aligns(self) -> bool:
+        return self.projection is not None and (self.weights["first_order"] or self.weights["second_order"])
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+        output = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                            labels=batch["labels"], output_hidden_states=self.aligns)
+        terms = {"ce": output.loss}
+        if self.aligns:
+            states = torch.stack([output.hidden_states[layer] for layer in self.student_layers], dim=1)
+            slots = batch["latent_positions"][:, None, :, None].expand(-1, states.shape[1], -1, states.shape[-1])
+            coordinates = self.projection(torch.gather(states, 2, slots).float())
+            terms.update(self.lori(coordinates, batch["targets"]))
+        loss = sum(self.weights[name] * value for name, value in terms.items())
+        metrics = {name: value.detach().item() for name, value in terms.items()}
+        metrics["loss"] = loss.detach().item()
+        return loss, metrics
+
+    def model_state_dict(self, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The wrapped HF model's entries of this module's state dict."""
+        return {k.removeprefix("model."): v for k, v in state_dict.items() if k.startswith("model.")}

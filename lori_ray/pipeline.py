@@ -1,0 +1,205 @@
+"""The distillation recipe: data → teacher SFT → trajectory store → LoRi student → evaluation.
+
+Each stage is a plain function; finished stages are found on disk and skipped, so rerunning a
+run with the same name continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlflow
+import torch
+from safetensors.torch import save_file
+
+from .config import Config, ConfigError
+from .data import Example, generate_multiplication, read_examples
+from .evaluate import EvalResult, evaluate
+from .models import build_model, load_model
+from .objective import TrajectoryProjection, pair_layers
+from .teacher import build_store
+from .tokens import Layout, add_latent_tokens, arithmetic_tokenizer, collate, load_tokenizer
+from .tracking import pipeline_run, stage_run
+from .train import Stage, fit
+
+
+def log(message: str) -> None:
+    print(message, flush=True)
+
+
+def load_data(config: Config) -> tuple[list[Example], list[Example]]:
+    """Train and held-out examples; no held-out question appears in training."""
+    data = config.data
+    if data.task == "multiplication":
+        held_out = generate_multiplication(data.eval_size, *data.digits, seed=config.seed + 1)
+        train = generate_multiplication(data.train_size, *data.digits, seed=config.seed,
+                                        exclude={e.question for e in held_out})
+        return train, held_out
+    held_out = read_examples(data.eval_file)[:data.eval_size]
+    questions = {e.question for e in held_out}
+    train = [e for e in read_examples(data.train_file) if e.question not in questions][:data.train_size]
+    return train, held_out
+
+
+def initial_model_dir(config: Config) -> Path:
+    """The model the teacher starts from: a pretrained directory, or a preset saved with our tokenizer."""
+    if config.model.path:
+        return Path(config.model.path)
+    directory = config.run_dir / "init"
+    if not (directory / "config.json").is_file():
+        tokenizer = arithmetic_tokenizer()
+        special = {f"{k}_token_id": getattr(tokenizer, f"{k}_token_id") for k in ("pad", "bos", "eos")}
+        model = build_model(config.model.family, config.model.size, len(tokenizer), config.model.max_positions,
+                            special, seed=config.seed)
+        model.save_pretrained(directory)
+        tokenizer.save_pretrained(directory)
+    return directory
+
+
+def write_tensors(sequences, pad_id: int, max_positions: int, path: Path, **extra: torch.Tensor) -> Path:
+    longest = max(len(s.input_ids) for s in sequences)
+    if longest > max_positions:
+        raise ConfigError(f"model.max_positions: {max_positions} is shorter than the longest sequence ({longest})")
+    tensors = collate(sequences, pad_id)
+    tensors.update(extra)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, path)
+    return path
+
+
+def train_stage(config: Config, name: str, model_dir: Path, data_path: Path, train_config, **stage_fields) -> Path:
+    output = config.run_dir / name
+    if (output / "config.json").is_file():
+        log(f"[{name}] finished model found at {output}, skipping")
+        return output
+    with stage_run(name, train_config.model_dump()) as run:
+        stage = Stage(name=f"{config.name}-{name}", model_dir=str(model_dir), data_path=str(data_path),
+                      train=train_config.model_dump(), seed=config.seed, tracking_uri=config.tracking_uri(),
+                      run_id=run.info.run_id, **stage_fields)
+        started = time.time()
+        fit(stage, output, config.run_dir / "ray")
+        mlflow.log_metric("stage_seconds", time.time() - started)
+    log(f"[{name}] done in {time.time() - started:.0f}s -> {output}")
+    return output
+
+
+def teacher_sft(config: Config, train: list[Example]) -> Path:
+    if config.teacher.path:
+        return Path(config.teacher.path)
+    start = initial_model_dir(config)
+    layout = Layout(load_tokenizer(str(start), config.model.trust_remote_code))
+    data = write_tensors([layout.teacher(e) for e in train], layout.pad, config.model.max_positions,
+                         config.run_dir / "data" / "teacher.safetensors")
+    return train_stage(config, "teacher", start, data, config.teacher.train)
+
+
+def student_init(config: Config, teacher_dir: Path) -> Path:
+    """The teacher's weights (or a fresh preset) plus K trainable latent-slot tokens."""
+    directory = config.run_dir / "student-init"
+    tokenizer = load_tokenizer(str(teacher_dir), config.model.trust_remote_code)
+    add_latent_tokens(tokenizer, config.student.latent_slots)
+    if config.student.init == "teacher":
+        model = load_model(teacher_dir, trust_remote_code=config.model.trust_remote_code)
+    else:
+        teacher = json.loads((teacher_dir / "config.json").read_text())
+        special = {f"{k}_token_id": teacher.get(f"{k}_token_id") for k in ("pad", "bos", "eos")}
+        model = build_model(config.model.family, config.model.size, len(tokenizer), config.model.max_positions,
+                            special, seed=config.seed + 2)
+    model.resize_token_embeddings(len(tokenizer))
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+def distill_student(config: Config, teacher_dir: Path, train: list[Example], store) -> Path:
+    init = student_init(config, teacher_dir)
+    tokenizer = load_tokenizer(str(init))
+    layout = Layout(tokenizer, add_latent_tokens(tokenizer, config.student.latent_slots))
+    teacher_layers = store.manifest["layers"]
+    student_config = json.loads((init / "config.json").read_text())
+    teacher_config = json.loads((teacher_dir / "config.json").read_text())
+    pairs = pair_layers(student_config["num_hidden_layers"], teacher_config["num_hidden_layers"], teacher_layers)
+    rows = [teacher_layers.index(t) for _, t in pairs]
+
+    index, coordinates = store.coordinates(config.subspace.rank, config.student.latent_slots)
+    examples = [train[i] for i in index]
+    sequences = [layout.student(e) for e in examples]
+    positions = torch.tensor([[start for start, _ in s.spans] for s in sequences])
+    data = write_tensors(sequences, layout.pad, config.model.max_positions,
+                         config.run_dir / "data" / "student.safetensors",
+                         latent_positions=positions, targets=coordinates[:, rows].float())
+
+    subspace = store.subspace().truncate(config.subspace.rank)
+    if student_config["hidden_size"] == teacher_config["hidden_size"]:
+        selected = type(subspace)(subspace.mean[rows], subspace.basis[rows], subspace.eigenvalues[rows])
+        projection = TrajectoryProjection.from_subspace(selected)
+    else:
+        projection = TrajectoryProjection(len(rows), student_config["hidden_size"], config.subspace.rank)
+    projection_path = config.run_dir / "data" / "projection.safetensors"
+    save_file({k: v.detach().contiguous() for k, v in projection.state_dict().items()}, projection_path)
+    return train_stage(config, "student", init, data, config.student.train,
+                       weights=config.loss.model_dump(), student_layers=[s for s, _ in pairs],
+                       projection_path=str(projection_path))
+
+
+@dataclass
+class Report:
+    teacher: EvalResult
+    student: EvalResult
+    explained_variance: float  # mean over layers at the configured rank
+    rank: int
+
+    def table(self) -> str:
+        speedup = self.teacher.seconds / max(self.student.seconds, 1e-9)
+        rows = [("teacher (explicit CoT)", self.teacher, "1.00x"), ("student (LoRi, no CoT)", self.student, f"{speedup:.2f}x")]
+        lines = ["| model | accuracy | tokens/answer | inference s | speedup |", "|---|---|---|---|---|"]
+        lines += [f"| {name} | {r.accuracy:.3f} | {r.tokens_per_answer:.1f} | {r.seconds:.2f} | {s} |" for name, r, s in rows]
+        lines.append(f"\nexplained variance of the rank-{self.rank} subspace (mean over layers): {self.explained_variance:.3f}")
+        return "\n".join(lines)
+
+
+def run(config: Config) -> Report:
+    """All stages of one distillation run; Ray must already be initialised."""
+    config.run_dir.mkdir(parents=True, exist_ok=True)
+    (config.run_dir / "config.yaml").write_text(config.to_yaml())
+    train, held_out = load_data(config)
+    log(f"[data] {len(train)} training and {len(held_out)} held-out examples")
+    with pipeline_run(config.tracking_uri(), config.tracking.experiment, config.name,
+                      config.model_dump(mode="json"), config.to_yaml()) as parent:
+        log(f"[tracking] MLflow run {parent.info.run_id} at {config.tracking_uri()}")
+        teacher_dir = teacher_sft(config, train)
+
+        teacher_config = json.loads((teacher_dir / "config.json").read_text())
+        layers = config.trajectory.layers or list(range(1, teacher_config["num_hidden_layers"] + 1))
+        with stage_run("trajectories"):
+            store = build_store(teacher_dir, train, layers, config.subspace.max_rank, config.store_dir,
+                                config.trajectory.num_actors, config.trajectory.batch_size,
+                                trust_remote_code=config.model.trust_remote_code, log=log)
+            subspace = store.subspace()
+            spectrum = (subspace.eigenvalues / subspace.eigenvalues.sum(-1, keepdim=True)).tolist()
+            mlflow.log_dict({"layers": layers, "explained_variance_ratio": spectrum}, "subspace_spectrum.json")
+            for rank in range(1, config.subspace.max_rank + 1):
+                mlflow.log_metric("explained_variance", subspace.explained_variance(rank).mean().item(), step=rank)
+
+        student_dir = distill_student(config, teacher_dir, train, store)
+
+        with stage_run("evaluate"):
+            teacher_result = evaluate(load_model(teacher_dir), Layout(load_tokenizer(str(teacher_dir))), held_out,
+                                      with_cot=True, batch_size=config.eval.batch_size,
+                                      max_new_tokens=config.eval.max_new_tokens)
+            tokenizer = load_tokenizer(str(student_dir))
+            student_layout = Layout(tokenizer, add_latent_tokens(tokenizer, config.student.latent_slots))
+            student_result = evaluate(load_model(student_dir), student_layout, held_out, with_cot=False,
+                                      batch_size=config.eval.batch_size, max_new_tokens=config.eval.max_new_tokens)
+            report = Report(teacher_result, student_result,
+                            subspace.explained_variance(config.subspace.rank).mean().item(), config.subspace.rank)
+            metrics = {**teacher_result.as_metrics("teacher"), **student_result.as_metrics("student"),
+                       "explained_variance": report.explained_variance}
+            mlflow.log_metrics(metrics)
+        mlflow.log_metrics(metrics)
+        mlflow.log_text(report.table(), "results.md")
+        (config.run_dir / "results.md").write_text(report.table() + "\n")
+    return report

@@ -1,0 +1,135 @@
+"""Tokenizers and the token layouts of teacher and student sequences.
+
+Teacher (explicit CoT):  <bos> question || step1 + step2 ... #### answer <eos>
+Student (implicit):      <bos> question || <latent_0> ... <latent_K-1> #### answer <eos>
+
+Segments are tokenized separately (each with a leading space) so the token span of every CoT
+step is known exactly, for any Hugging Face tokenizer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+from .data import ANSWER_SEPARATOR, COT_SEPARATOR, Example, normalize_answer
+
+SPECIAL_TOKENS = {"pad_token": "<pad>", "bos_token": "<bos>", "eos_token": "<eos>", "unk_token": "<unk>"}
+ARITHMETIC_SYMBOLS = [*"0123456789", "*", "+", "(", ")", COT_SEPARATOR, ANSWER_SEPARATOR]
+IGNORE_INDEX = -100
+
+
+def arithmetic_tokenizer() -> PreTrainedTokenizerFast:
+    """One token per digit or symbol: the vocabulary of the multiplication tasks."""
+    vocab = {token: i for i, token in enumerate([*SPECIAL_TOKENS.values(), *ARITHMETIC_SYMBOLS])}
+    core = Tokenizer(models.WordLevel(vocab, unk_token=SPECIAL_TOKENS["unk_token"]))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=core, **SPECIAL_TOKENS)
+
+
+def load_tokenizer(path: str, trust_remote_code: bool = False, gguf_file: str | None = None):
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, gguf_file=gguf_file)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def latent_tokens(count: int) -> list[str]:
+    return [f"<latent_{i}>" for i in range(count)]
+
+
+def add_latent_tokens(tokenizer, count: int) -> list[int]:
+    """Add the K latent-slot tokens (idempotent) and return their ids."""
+    tokens = latent_tokens(count)
+    tokenizer.add_special_tokens({"additional_special_tokens": tokens}, replace_extra_special_tokens=False)
+    return tokenizer.convert_tokens_to_ids(tokens)
+
+
+@dataclass
+class Sequence:
+    input_ids: list[int]
+    labels: list[int]  # IGNORE_INDEX where no loss
+    spans: list[tuple[int, int]]  # [start, end) token positions of each CoT step or latent slot
+
+
+class Layout:
+    """Builds teacher/student token sequences for one tokenizer and set of latent tokens."""
+
+    def __init__(self, tokenizer, latent_ids: list[int] | None = None):
+        self.tokenizer = tokenizer
+        self.latent_ids = list(latent_ids or [])
+        self.bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+        self.eos = tokenizer.eos_token_id
+        self.pad = tokenizer.pad_token_id
+
+    def _encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(" " + text, add_special_tokens=False)
+
+    def question(self, example: Example) -> list[int]:
+        return self.bos + self._encode(example.question) + self._encode(COT_SEPARATOR)
+
+    def _answer(self, example: Example) -> list[int]:
+        return self._encode(ANSWER_SEPARATOR) + self._encode(example.answer) + [self.eos]
+
+    def teacher(self, example: Example) -> Sequence:
+        prompt = self.question(example)
+        target, spans = [], []
+        for i, step in enumerate(example.steps):
+            if i:
+                target += self._encode("+") if "<<" not in step else []
+            start = len(prompt) + len(target)
+            target += self._encode(step)
+            spans.append((start, len(prompt) + len(target)))
+        target += self._answer(example)
+        return Sequence(prompt + target, [IGNORE_INDEX] * len(prompt) + target, spans)
+
+    def student_prompt(self, example: Example) -> list[int]:
+        return self.question(example) + self.latent_ids + self._encode(ANSWER_SEPARATOR)
+
+    def student(self, example: Example) -> Sequence:
+        question = self.question(example)
+        prompt = question + self.latent_ids
+        answer = self._answer(example)
+        start = len(question)
+        spans = [(start + i, start + i + 1) for i in range(len(self.latent_ids))]
+        return Sequence(prompt + answer, [IGNORE_INDEX] * len(prompt) + answer, spans)
+
+    def decode_answer(self, generated: list[int], with_cot: bool) -> str:
+        """The normalised answer in generated tokens (after ``####`` when the model wrote a CoT)."""
+        if self.eos in generated:
+            generated = generated[: generated.index(self.eos)]
+        text = self.tokenizer.decode(generated, skip_special_tokens=True)
+        if with_cot:
+            if ANSWER_SEPARATOR not in text:
+                return ""
+            text = text.split(ANSWER_SEPARATOR, 1)[1]
+        return normalize_answer(text.replace(ANSWER_SEPARATOR, ""))
+
+
+def collate(sequences: list[Sequence], pad_id: int, length: int | None = None) -> dict[str, torch.Tensor]:
+    """Right-padded ``input_ids``/``labels``/``attention_mask`` tensors."""
+    length = length or max(len(s.input_ids) for s in sequences)
+    input_ids = torch.full((len(sequences), length), pad_id, dtype=torch.long)
+    labels = torch.full((len(sequences), length), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(sequences), length), dtype=torch.long)
+    for row, s in enumerate(sequences):
+        n = len(s.input_ids)
+        if n > length:
+            raise ValueError(f"sequence of {n} tokens is longer than the context ({length})")
+        input_ids[row, :n] = torch.tensor(s.input_ids)
+        labels[row, :n] = torch.tensor(s.labels)
+        mask[row, :n] = 1
+    return {"input_ids": input_ids, "labels": labels, "attention_mask": mask}
+
+
+def left_pad(prompts: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
+    length = max(len(p) for p in prompts)
+    input_ids = torch.full((len(prompts), length), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), length), dtype=torch.long)
+    for row, p in enumerate(prompts):
+        input_ids[row, length - len(p):] = torch.tensor(p)
+        mask[row, length - len(p):] = 1
+    return {"input_ids": input_ids, "attention_mask": mask}

@@ -1,0 +1,62 @@
+"""MLflow tracking: one parent run per pipeline, a nested run per stage, step metrics from rank 0."""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import time
+import warnings
+
+import mlflow
+from mlflow.entities import Metric
+from mlflow.tracking import MlflowClient
+
+
+def flatten(tree: dict, prefix: str = "") -> dict[str, str]:
+    """Nested config → ``{"a.b": "value"}`` params (MLflow limits values to 6000 characters)."""
+    flat = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, name + "."))
+        else:
+            flat[name] = str(value)[:6000]
+    return flat
+
+
+@contextlib.contextmanager
+def pipeline_run(uri: str, experiment: str, name: str, params: dict, config_yaml: str):
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_experiment(experiment)
+    with mlflow.start_run(run_name=name) as run:
+        mlflow.log_params(flatten(params))
+        mlflow.log_text(config_yaml, "config.yaml")
+        yield run
+
+
+@contextlib.contextmanager
+def stage_run(name: str, params: dict | None = None):
+    with mlflow.start_run(run_name=name, nested=True) as run:
+        if params:
+            mlflow.log_params(flatten(params))
+        yield run
+
+
+class StepLogger:
+    """Logs step metrics to an existing run; a tracking failure warns once and training goes on."""
+
+    def __init__(self, uri: str, run_id: str):
+        self.client = MlflowClient(uri)
+        self.run_id = run_id
+        self.failed = 0
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        timestamp = int(time.time() * 1000)
+        try:
+            self.client.log_batch(self.run_id, [Metric(k, float(v), timestamp, step) for k, v in metrics.items()])
+        except Exception as error:  # tracking must never stop training
+            self.failed += 1
+            if self.failed == 1:
+                warnings.warn(f"MLflow logging to run {self.run_id} failed, training continues "
+                              f"(further failures are counted, not shown): {error}")
+                print(f"[tracking] WARNING: MLflow logging failed: {error}", file=sys.stderr, flush=True)

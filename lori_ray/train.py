@@ -1,0 +1,207 @@
+"""One training stage: Ray Train ``TorchTrainer`` whose workers are DeepSpeed ZeRO engines.
+
+The driver writes a stage directory (initial HF model, tokenized tensors, optional projection);
+every worker reads it, trains, and reports metrics and checkpoints through ``ray.train``. The
+last checkpoint holds the trained model as an HF directory under ``hf/``.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+# must be set before deepspeed is imported anywhere in the process
+os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
+WORKER_ENV = {"HF_HUB_DISABLE_PROGRESS_BARS": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+@dataclass
+class Stage:
+    """Everything a worker needs, as plain data (it travels in ``train_loop_config``)."""
+
+    name: str
+    model_dir: str  # initial HF model (and tokenizer)
+    data_path: str  # safetensors with input_ids, labels, attention_mask [, latent_positions, targets]
+    train: dict  # TrainConfig fields
+    seed: int = 0
+    weights: dict = field(default_factory=lambda: {"ce": 1.0})
+    student_layers: list[int] = field(default_factory=list)
+    projection_path: str | None = None  # safetensors with weight, bias
+    tracking_uri: str | None = None
+    run_id: str | None = None  # MLflow run that rank 0 logs step metrics to
+
+
+def batch_indices(step: int, num_examples: int, batch_size: int, seed: int) -> torch.Tensor:
+    """The global batch of ``step``: a fresh permutation per epoch, so a resumed run sees the same data."""
+    per_epoch = max(num_examples // batch_size, 1)
+    epoch, offset = divmod(step, per_epoch)
+    order = torch.randperm(num_examples, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+    return order[offset * batch_size:(offset + 1) * batch_size]
+
+
+def lr_factor(step: int, warmup: int, total: int) -> float:
+    """Linear warmup then linear decay to 10%."""
+    if step < warmup:
+        return (step + 1) / warmup
+    return max(0.1, 1.0 - 0.9 * (step - warmup) / max(total - warmup, 1))
+
+
+def deepspeed_config(train: dict, world_size: int) -> dict:
+    micro = train["batch_size"] // world_size
+    config = {
+        "train_batch_size": micro * world_size,
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": train["grad_clip"],
+        "zero_optimization": {"stage": train["zero_stage"]},
+        "zero_allow_untested_optimizer": True,  # torch AdamW: identical math on CPU and GPU
+        "steps_per_print": 10**9,
+    }
+    if torch.cuda.is_available():
+        config["bf16"] = {"enabled": True}
+    return config
+
+
+def _import_deepspeed():
+    warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
+    import deepspeed
+    # the shared-memory comm op is JIT-compiled on first use (~40 s on CPU); gloo suffices here
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    return deepspeed
+
+
+def _ensure_process_group():
+    """``num_workers=0`` runs in the driver with no process group; give DeepSpeed a world of one."""
+    import torch.distributed as dist
+    if not dist.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
+        dist.init_process_group("gloo", rank=0, world_size=1)
+
+
+def _build_objective(stage: Stage):
+    from safetensors.torch import load_file
+    from .models import load_model
+    from .objective import LMObjective, TrajectoryProjection
+
+    model = load_model(stage.model_dir)
+    projection = None
+    if stage.projection_path:
+        tensors = load_file(stage.projection_path)
+        layers, rank, dim = tensors["weight"].shape
+        projection = TrajectoryProjection(layers, dim, rank)
+        projection.load_state_dict(tensors)
+    return LMObjective(model, stage.student_layers, projection, **stage.weights)
+
+
+def train_loop(config: dict) -> None:
+    """Ray Train worker loop (also runs in-process with ``num_workers=0``)."""
+    import ray.train
+    from safetensors.torch import load_file
+    from .tracking import StepLogger
+
+    os.environ.update(WORKER_ENV)
+    stage = Stage(**config)
+    train = stage.train
+    deepspeed = _import_deepspeed()
+    _ensure_process_group()
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+
+    torch.manual_seed(stage.seed)
+    objective = _build_objective(stage)
+    data = load_file(stage.data_path)
+    optimizer = torch.optim.AdamW([p for p in objective.parameters() if p.requires_grad], lr=train["lr"],
+                                  weight_decay=train["weight_decay"], betas=(0.9, 0.95))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(step, train["warmup"], train["steps"]))
+    engine, *_ = deepspeed.initialize(model=objective, optimizer=optimizer, lr_scheduler=scheduler,
+                                      config=deepspeed_config(train, world))
+
+    step = 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as directory:
+            _, client_state = engine.load_checkpoint(os.path.join(directory, "ds"), tag="state")
+        step = client_state["step"]
+        if rank == 0:
+            print(f"[{stage.name}] resumed from step {step}", flush=True)
+
+    logger = StepLogger(stage.tracking_uri, stage.run_id) if rank == 0 and stage.run_id else None
+    num_examples, micro = data["input_ids"].shape[0], train["batch_size"] // world
+    started, sums, count, last = time.time(), {}, 0, {"step": step}
+    engine.train()
+    while step < train["steps"]:
+        rows = batch_indices(step, num_examples, train["batch_size"], stage.seed)[rank * micro:(rank + 1) * micro]
+        batch = {k: v[rows].to(engine.device) for k, v in data.items()}
+        loss, metrics = engine(batch)
+        engine.backward(loss)
+        engine.step()
+        step += 1
+        for k, v in metrics.items():
+            sums[k] = sums.get(k, 0.0) + v
+        count += 1
+        if step % train["log_every"] == 0 or step == train["steps"]:
+            report = {k: v / count for k, v in sums.items()}
+            report.update(step=step, lr=scheduler.get_last_lr()[0], steps_per_s=count / (time.time() - started))
+            sums, count, started, last = {}, 0, time.time(), report
+            if logger:
+                logger.log(report, step)
+            if rank == 0:
+                print(f"[{stage.name}] step {step}/{train['steps']} " +
+                      " ".join(f"{k}={v:.4g}" for k, v in report.items() if k != "step"), flush=True)
+            periodic = train["checkpoint_every"] and step % train["checkpoint_every"] == 0
+            if periodic and step < train["steps"]:
+                _report_checkpoint(engine, objective, report, stage.model_dir, step, final=False)
+            elif step < train["steps"]:
+                ray.train.report(report)
+    _report_checkpoint(engine, objective, last, stage.model_dir, step, final=True)
+
+
+def _report_checkpoint(engine, objective, metrics: dict, model_dir: str, step: int, final: bool) -> None:
+    """Every rank saves its DeepSpeed shards; with ``final``, rank 0 adds the HF model and tokenizer under ``hf/``."""
+    import ray.train
+    from transformers import AutoTokenizer
+    directory = tempfile.mkdtemp(prefix="lori-ckpt-")
+    engine.save_checkpoint(os.path.join(directory, "ds"), tag="state", client_state={"step": step})
+    if final:
+        if engine.zero_optimization_stage() == 3:
+            state = engine._zero3_consolidated_16bit_state_dict()  # collective: every rank calls it
+        else:
+            state = engine.module.state_dict()
+        if ray.train.get_context().get_world_rank() == 0:
+            hf = os.path.join(directory, "hf")
+            objective.model.save_pretrained(hf, state_dict=objective.model_state_dict(state))
+            AutoTokenizer.from_pretrained(model_dir).save_pretrained(hf)
+    ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory),
+                     checkpoint_dir_name=f"step-{step:06d}", delete_local_checkpoint_after_upload=True)
+
+
+def fit(stage: Stage, output_dir: str | Path, storage_path: str | Path) -> tuple[Path, dict]:
+    """Run the stage under Ray Train and copy the trained HF model to ``output_dir``."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config=asdict(stage),
+        scaling_config=ScalingConfig(num_workers=stage.train["num_workers"], use_gpu=torch.cuda.is_available()),
+        run_config=RunConfig(name=stage.name, storage_path=str(storage_path),
+                             failure_config=FailureConfig(max_failures=1),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
+    )
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError(f"stage {stage.name} finished without a checkpoint")
+    output_dir = Path(output_dir)
+    with result.checkpoint.as_directory() as directory:
+        shutil.rmtree(output_dir, ignore_errors=True)
+        shutil.copytree(Path(directory) / "hf", output_dir)
+    return output_dir, dict(result.metrics or {})
