@@ -61,7 +61,7 @@ class LMObjective(nn.Module):
 
     @property
     def aligns(self) -> bool:
-        return self.projection is not None and (self.weights["first_order"] or self.weights["second_order"])
+        return self.projection is not None and bool(self.weights["first_order"] or self.weights["second_order"])
 
     def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
         output = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],

@@ -19,7 +19,12 @@ import torch
 
 # must be set before deepspeed is imported anywhere in the process
 os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
-WORKER_ENV = {"HF_HUB_DISABLE_PROGRESS_BARS": "1", "TOKENIZERS_PARALLELISM": "false"}
+WORKER_ENV = {
+    "DS_ACCELERATOR": os.environ["DS_ACCELERATOR"],
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",  # otherwise every worker print reaches the driver twice
+}
 
 
 @dataclass
@@ -107,7 +112,6 @@ def train_loop(config: dict) -> None:
     from safetensors.torch import load_file
     from .tracking import StepLogger
 
-    os.environ.update(WORKER_ENV)
     stage = Stage(**config)
     train = stage.train
     deepspeed = _import_deepspeed()
@@ -193,7 +197,7 @@ def fit(stage: Stage, output_dir: str | Path, storage_path: str | Path) -> tuple
         train_loop,
         train_loop_config=asdict(stage),
         scaling_config=ScalingConfig(num_workers=stage.train["num_workers"], use_gpu=torch.cuda.is_available()),
-        run_config=RunConfig(name=stage.name, storage_path=str(storage_path),
+        run_config=RunConfig(name=stage.name, storage_path=str(storage_path), worker_runtime_env={"env_vars": WORKER_ENV},
                              failure_config=FailureConfig(max_failures=1),
                              checkpoint_config=CheckpointConfig(num_to_keep=2)),
     )

@@ -1,0 +1,31 @@
+# Two commands on a fresh machine: `make demo` and `make test`. Both set up .venv first.
+VENV   ?= .venv
+PYTHON ?= python3
+PY     := $(VENV)/bin/python
+TORCH  ?= torch==2.13.0
+DEEPSPEED ?= deepspeed==0.19.8
+STAMP  := $(VENV)/.installed
+
+.PHONY: setup demo test clean
+
+setup: $(STAMP)
+
+# torch first and pinned (an unpinned torch pulls a CUDA build); deepspeed is an sdist that
+# must build against that torch, hence --no-build-isolation before the package itself.
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip setuptools wheel
+	$(PY) -m pip install -q $(TORCH)
+	$(PY) -m pip install -q packaging ninja psutil py-cpuinfo hjson pydantic msgpack einops
+	$(PY) -m pip install -q --no-build-isolation $(DEEPSPEED)
+	$(PY) -m pip install -q -e ".[test]"
+	touch $@
+
+demo: setup
+	bash scripts/demo.sh
+
+test: setup
+	$(PY) -m pytest -q tests
+
+clean:
+	rm -rf runs .pytest_cache

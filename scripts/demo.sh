@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# `make demo`: start a private Ray head on 127.0.0.1 (token auth), submit jobs/distill.py to it,
+# follow the job's logs, print the result table, and stop only the head this script started.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+CONFIG=${CONFIG:-configs/demo.yaml}
+GCS_PORT=${RAY_DEMO_PORT:-6390}
+DASHBOARD_PORT=${RAY_DEMO_DASHBOARD_PORT:-8265}
+STATE=$ROOT/runs/.ray-head
+TEMP_DIR=/tmp/lori-ray-$(id -u)-$GCS_PORT  # short: Ray's unix sockets live here
+
+export PATH="$ROOT/.venv/bin:$PATH"
+export RAY_USAGE_STATS_ENABLED=0
+# Ray 2.60 turns token auth on for local clusters; this head and its clients share one token file.
+export RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH=$STATE/auth_token
+mkdir -p "$STATE"
+[ -s "$RAY_AUTH_TOKEN_PATH" ] || (umask 077; openssl rand -hex 32 > "$RAY_AUTH_TOKEN_PATH")
+
+stop_head() {
+  [ -s "$STATE/session" ] || return 0
+  local sid; sid=$(cat "$STATE/session")
+  echo "[demo] stopping the Ray head (session $sid)"
+  pkill -TERM -s "$sid" 2>/dev/null || true
+  for _ in $(seq 20); do pgrep -s "$sid" >/dev/null || break; sleep 0.5; done
+  pkill -KILL -s "$sid" 2>/dev/null || true
+  rm -f "$STATE/session"
+}
+trap stop_head EXIT
+
+if curl -sf "http://127.0.0.1:$DASHBOARD_PORT" >/dev/null 2>&1; then
+  echo "[demo] port $DASHBOARD_PORT is taken (another Ray?); set RAY_DEMO_DASHBOARD_PORT" >&2
+  exit 1
+fi
+
+echo "[demo] starting a Ray head on 127.0.0.1:$GCS_PORT (dashboard http://127.0.0.1:$DASHBOARD_PORT)"
+# setsid: every process of this head shares one session id, so stop_head kills exactly them
+setsid bash -c 'echo $$ > "$0"; exec "$@"' "$STATE/session" \
+  ray start --head --node-ip-address 127.0.0.1 --port "$GCS_PORT" \
+  --dashboard-host 127.0.0.1 --dashboard-port "$DASHBOARD_PORT" \
+  --dashboard-agent-listen-port $((DASHBOARD_PORT + 44100)) --ray-client-server-port $((GCS_PORT + 1)) \
+  --num-cpus "${RAY_DEMO_CPUS:-2}" --num-gpus 0 --temp-dir "$TEMP_DIR" --disable-usage-stats \
+  > "$STATE/head.log" 2>&1 || { cat "$STATE/head.log"; exit 1; }
+
+started=$(date +%s)
+ray job submit --address "http://127.0.0.1:$DASHBOARD_PORT" --working-dir . \
+  --runtime-env-json '{"excludes": [".venv", "runs", ".git", ".gpu"]}' \
+  -- python jobs/distill.py --config "$CONFIG" "output_dir=$ROOT/runs" "$@"
+name=$(python -c "import sys, yaml; print(yaml.safe_load(open(sys.argv[1]))['name'])" "$CONFIG")
+echo
+echo "[demo] finished in $(( $(date +%s) - started ))s; results in runs/$name/results.md, MLflow store runs/$name/mlflow.db"
+cat "runs/$name/results.md"

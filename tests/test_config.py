@@ -1,0 +1,62 @@
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from lori_ray.config import ConfigError, load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+PRESETS = sorted((ROOT / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("preset", PRESETS, ids=lambda p: p.name)
+def test_presets_load(preset):
+    config = load_config(preset)
+    assert config.subspace.rank <= config.subspace.max_rank
+
+
+def test_overrides_are_typed_and_nested():
+    config = load_config(ROOT / "configs/tiny.yaml", ["subspace.rank=2", "loss.second_order=0.5", "data.digits=[3, 2]"])
+    assert config.subspace.rank == 2 and config.loss.second_order == 0.5 and config.data.digits == (3, 2)
+
+
+@pytest.mark.parametrize("overrides, field", [
+    (["bogus=1"], "bogus"),
+    (["loss.third_order=1"], "loss.third_order"),
+    (["subspace.rank=40"], "subspace.rank"),
+    (["subspace.max_rank=65", "subspace.rank=4"], "subspace.max_rank"),  # tiny preset: hidden size 64
+    (["data.task=file", "data.train_file=/no/such.txt", "data.eval_file=/no/such.txt"], "data.train_file"),
+    (["teacher.train.batch_size=15"], "teacher.train.batch_size"),
+    (["teacher.train.zero_stage=4"], "teacher.train.zero_stage"),
+    (["trajectory.layers=[0, 1]"], "trajectory.layers"),
+    (["model.size=huge"], "model.size"),
+    (["student.latent_slots=64"], "student.latent_slots"),
+])
+def test_bad_values_name_the_field(overrides, field):
+    with pytest.raises(ConfigError, match=rf"(?m)^(\s*|invalid config:\s*)?{field}:"):
+        load_config(ROOT / "configs/tiny.yaml", overrides)
+
+
+def test_missing_config_file():
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(ROOT / "configs/none.yaml")
+
+
+@pytest.mark.parametrize("override, field", [
+    ("unknown.key=1", "unknown"),
+    ("subspace.max_rank=1000", "subspace.max_rank"),
+    ("data.eval_file=missing.txt", "data.train_file"),
+])
+def test_distill_job_rejects_bad_config_before_ray_starts(tmp_path, override, field):
+    env = {**os.environ, "RAY_ADDRESS": "", "RAY_TMPDIR": str(tmp_path)}
+    overrides = [override] + (["data.task=file"] if "eval_file" in override else [])
+    started = time.time()
+    result = subprocess.run([sys.executable, "jobs/distill.py", "--config", "configs/tiny.yaml", *overrides],
+                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert field in result.stderr
+    assert "Ray" not in result.stdout + result.stderr and not any(tmp_path.iterdir())  # no cluster was started
+    assert time.time() - started < 60

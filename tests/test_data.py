@@ -1,0 +1,86 @@
+import json
+
+import pytest
+
+from lori_ray.data import (DataFormatError, Example, generate_multiplication, multiplication_example, normalize_answer,
+                           parse_line, read_examples, read_gsm8k_jsonl, read_icot, split_steps, write_icot)
+
+# Lines from the published iCoT validation files (github.com/da03/Internalize_CoT_Step_by_Step, MIT).
+ICOT_4X4 = ("5 6 3 2 * 7 4 3 4||5 5 5 6 1 + 0 0 6 4 9 0 ( 5 5 1 1 1 1 ) + 0 0 5 9 0 7 0 ( 5 5 6 0 2 8 0 ) + "
+            "0 0 0 0 6 4 9 0 #### 5 5 6 0 8 2 0 1")
+ICOT_5X5 = ("3 5 4 1 1 * 2 1 4 6 5||6 0 9 2 2 0 + 0 3 5 4 1 1 0 ( 6 3 4 7 3 1 0 ) + 0 0 2 1 8 5 4 0 "
+            "( 6 3 6 8 1 7 4 0 ) + 0 0 0 8 1 7 8 6 0 ( 6 3 6 6 3 4 3 7 0 ) + 0 0 0 0 5 6 2 7 5 0 "
+            "#### 6 3 6 6 8 0 6 4 6 0")
+GSM8K = "Johann had 60 oranges. He ate 10. Half were stolen. How many now?||<<60-10=50>> <<50/2=25>> #### 25"
+GSM8K_NO_COT = "How many books did she collect in the first week if she has 99 books now?|| #### 9"
+
+
+@pytest.mark.parametrize("line", [ICOT_4X4, ICOT_5X5, GSM8K, GSM8K_NO_COT])
+def test_line_round_trip(line):
+    assert parse_line(line).to_line() == line
+
+
+@pytest.mark.parametrize("line", [ICOT_4X4, ICOT_5X5])
+def test_generator_reproduces_published_lines(line):
+    a, b = parse_line(line).question.split(" * ")
+    value = lambda digits: int("".join(reversed(digits.split())))  # noqa: E731
+    assert multiplication_example(value(a), value(b), len(a.split()), len(b.split())).to_line() == line
+
+
+def test_generated_problems_are_distinct_correct_and_exclude():
+    held_out = generate_multiplication(50, 3, 2, seed=1)
+    examples = generate_multiplication(300, 3, 2, seed=0, exclude={e.question for e in held_out})
+    assert len({e.question for e in examples}) == 300
+    assert not {e.question for e in examples} & {e.question for e in held_out}
+    for e in examples:
+        a, b = (int("".join(reversed(x.split()))) for x in e.question.split(" * "))
+        assert 100 <= a < 1000 and 10 <= b < 100
+        assert int("".join(reversed(e.answer.split()))) == a * b
+        assert len(e.steps) == 2
+
+
+def test_step_segmentation():
+    assert split_steps("1 2 + 0 3 4 ( 1 5 4 ) + 0 0 6") == ("1 2", "0 3 4 ( 1 5 4 )", "0 0 6")
+    assert split_steps("<<4-2=2>> <<2/.5=4>>") == ("<<4-2=2>>", "<<2/.5=4>>")
+    assert split_steps(" ") == ()
+    assert len(parse_line(ICOT_4X4).steps) == 4
+
+
+@pytest.mark.parametrize("line, message", [
+    ("1 2 * 3 4 #### 4 0 4", "exactly one '||'"),
+    ("1 2 * 3 4||1 2 + 3", "exactly one '####'"),
+    ("||1 2 #### 3", "empty question"),
+    ("1 * 2||2 #### ", "empty answer"),
+])
+def test_malformed_lines_name_file_and_line(tmp_path, line, message):
+    path = tmp_path / "bad.txt"
+    path.write_text(ICOT_4X4 + "\n" + line + "\n")
+    with pytest.raises(DataFormatError, match=rf"bad.txt:2: .*{message}"):
+        read_icot(path)
+
+
+def test_icot_file_round_trip(tmp_path):
+    examples = generate_multiplication(20, 4, 4, seed=3)
+    write_icot(examples, tmp_path / "x.txt")
+    assert read_examples(tmp_path / "x.txt") == examples
+
+
+def test_gsm8k_jsonl_conversion(tmp_path):
+    records = [
+        {"question": "Natalia sold clips to 48 friends in April, half as many in May. Total?",
+         "answer": "In May 48/2 = <<48/2=24>>24.\nTotal 48+24 = <<48+24=72>>72.\n#### 72"},
+        {"question": "A big sum?", "answer": "It is large.\n#### 1,500"},
+    ]
+    path = tmp_path / "train.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    first, second = read_gsm8k_jsonl(path)
+    assert first == Example(records[0]["question"], ("<<48/2=24>>", "<<48+24=72>>"), "72")
+    assert first.to_line().endswith("||<<48/2=24>> <<48+24=72>> #### 72")
+    assert second.steps == () and second.answer == "1500"
+    path.write_text(json.dumps(records[0]) + "\n{not json\n")
+    with pytest.raises(DataFormatError, match="train.jsonl:2:"):
+        read_gsm8k_jsonl(path)
+
+
+def test_normalize_answer():
+    assert normalize_answer(" 1,500 ") == "1500" == normalize_answer("1 5 0 0")

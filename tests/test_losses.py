@@ -1,0 +1,56 @@
+import torch
+
+from lori_ray.losses import LoRiLoss
+
+
+def naive_lori(zs, zt):
+    """Loops straight from SPEC: first order = per-(b,l,k) squared distance / r + batch-mean term / r,
+    second order = Σ_l ‖Cov_b(zs[:, l] flattened) − Cov_b(zt[:, l] flattened)‖²_F / r²."""
+    batch, layers, steps, rank = zs.shape
+    per_example = sum(((zs[b, l, k] - zt[b, l, k]) ** 2).sum() for b in range(batch) for l in range(layers)
+                      for k in range(steps)) / (batch * layers * steps) / rank
+    batch_mean = sum(((zs[:, l, k].mean(0) - zt[:, l, k].mean(0)) ** 2).sum() for l in range(layers)
+                     for k in range(steps)) / (layers * steps) / rank
+    second = 0.0
+    for l in range(layers):
+        cs = torch.cov(zs[:, l].reshape(batch, -1).T)
+        ct = torch.cov(zt[:, l].reshape(batch, -1).T)
+        second = second + ((cs - ct) ** 2).sum() / rank**2
+    return per_example + batch_mean, second
+
+
+def test_lori_matches_naive_reference_values_and_gradients():
+    torch.manual_seed(0)
+    zs = torch.randn(6, 2, 3, 4, dtype=torch.float64, requires_grad=True)
+    zt = torch.randn(6, 2, 3, 4, dtype=torch.float64)
+    terms = LoRiLoss()(zs, zt)
+    first, second = naive_lori(zs, zt)
+    torch.testing.assert_close(terms["first_order"].double(), first)
+    torch.testing.assert_close(terms["second_order"].double(), second)
+    grad_fast = torch.autograd.grad(terms["first_order"] + 0.5 * terms["second_order"], zs)[0]
+    grad_naive = torch.autograd.grad(first + 0.5 * second, zs)[0]
+    torch.testing.assert_close(grad_fast.double(), grad_naive, rtol=1e-5, atol=1e-6)
+    assert torch.isfinite(grad_fast).all()
+
+
+def test_lori_is_zero_for_identical_trajectories_and_positive_otherwise():
+    z = torch.randn(5, 2, 3, 4)
+    terms = LoRiLoss()(z, z.clone())
+    assert terms["first_order"] == 0 and terms["second_order"] == 0
+    shifted = LoRiLoss()(z + 1.0, z)
+    assert shifted["first_order"] > 0 and torch.isclose(shifted["second_order"], torch.tensor(0.0), atol=1e-6)
+    scaled = LoRiLoss()(2 * z, z)
+    assert scaled["second_order"] > 0
+
+
+def test_lori_gradient_finite_for_batch_of_one():
+    zs = torch.randn(1, 2, 3, 4, requires_grad=True)
+    terms = LoRiLoss()(zs, torch.randn(1, 2, 3, 4))
+    (terms["first_order"] + terms["second_order"]).backward()
+    assert torch.isfinite(zs.grad).all()
+
+
+def test_shape_mismatch_is_a_clear_error():
+    import pytest
+    with pytest.raises(ValueError, match="student coordinates"):
+        LoRiLoss()(torch.zeros(2, 1, 3, 4), torch.zeros(2, 1, 3, 5))

@@ -1,0 +1,58 @@
+import pytest
+import torch
+
+from lori_ray.data import generate_multiplication
+from lori_ray.models import build_model
+from lori_ray.objective import LMObjective, TrajectoryProjection, pair_layers
+from lori_ray.subspace import Moments, fit_pca
+from lori_ray.tokens import Layout, add_latent_tokens, arithmetic_tokenizer, collate
+from lori_ray.trajectories import pack, step_means, unpack
+
+
+def test_pair_layers_by_relative_depth():
+    assert pair_layers(4, 4, [1, 2, 3, 4]) == [(1, 1), (2, 2), (3, 3), (4, 4)]
+    assert pair_layers(3, 7, list(range(1, 8))) == [(1, 1), (2, 4), (3, 7)]
+    assert pair_layers(3, 7, [4, 7]) == [(2, 4), (3, 7)]
+    assert pair_layers(1, 6, [6]) == [(1, 6)]
+
+
+def test_step_means_match_a_loop():
+    hidden = torch.randn(2, 3, 10, 4)
+    spans = [[(1, 3), (3, 7)], [(2, 5)]]
+    means = step_means(hidden, spans)
+    assert means[0].shape == (3, 2, 4) and means[1].shape == (3, 1, 4)
+    torch.testing.assert_close(means[0][:, 1], hidden[0, :, 3:7].mean(1))
+    torch.testing.assert_close(means[1][:, 0], hidden[1, :, 2:5].mean(1))
+    restored = unpack(pack(means, [7, 9]))
+    assert all(torch.equal(a, b) for a, b in zip(means, restored))
+
+
+def test_projection_from_subspace_equals_subspace_coordinates():
+    moments = Moments.zeros(2, 8)
+    moments.update(torch.randn(50, 2, 8))
+    subspace = fit_pca(moments, 3)
+    states = torch.randn(4, 2, 5, 8)  # [B, L, K, d]
+    expected = subspace.project(states.transpose(1, 2)).transpose(1, 2)
+    torch.testing.assert_close(TrajectoryProjection.from_subspace(subspace)(states), expected)
+
+
+def test_objective_trains_latent_embeddings_through_alignment_only():
+    torch.manual_seed(0)
+    tokenizer = arithmetic_tokenizer()
+    latents = add_latent_tokens(tokenizer, 2)
+    layout = Layout(tokenizer, latents)
+    model = build_model("llama", "tiny", len(tokenizer), 64, {"pad_token_id": layout.pad})
+    sequences = [layout.student(e) for e in generate_multiplication(4, 2, 2)]
+    batch = collate(sequences, layout.pad)
+    batch["latent_positions"] = torch.tensor([[a for a, _ in s.spans] for s in sequences])
+    batch["targets"] = torch.randn(4, 2, 2, 3)
+    objective = LMObjective(model, [1, 2], TrajectoryProjection(2, 64, 3), ce=0.0, first_order=1.0, second_order=1.0)
+    loss, metrics = objective(batch)
+    loss.backward()
+    embedding_grad = model.get_input_embeddings().weight.grad
+    assert set(metrics) == {"ce", "first_order", "second_order", "loss"}
+    assert torch.isfinite(loss)
+    assert metrics["loss"] == pytest.approx(metrics["first_order"] + metrics["second_order"])
+    assert embedding_grad[latents].abs().sum() > 0
+    # answer tokens come after the latents: causal attention keeps them out of the alignment gradient
+    assert embedding_grad[tokenizer.convert_tokens_to_ids("####")].abs().sum() == 0

@@ -1,0 +1,77 @@
+"""The real pipeline end to end: a local Ray cluster, teacher actors, two DeepSpeed ZeRO-2 workers
+per training stage, and an MLflow sqlite store, on the tiny preset."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import pytest
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    output = tmp_path_factory.mktemp("runs")
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
+    env["RAY_USAGE_STATS_ENABLED"] = "0"
+    result = subprocess.run([sys.executable, "jobs/distill.py", "--config", "configs/tiny.yaml",
+                             f"output_dir={output}", "cluster.num_cpus=2"],
+                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    return output / "tiny", result.stdout
+
+
+def test_prints_the_result_table(tiny_run):
+    _, stdout = tiny_run
+    assert "| teacher (explicit CoT) |" in stdout and "| student (LoRi, no CoT) |" in stdout
+    assert "explained variance of the rank-4 subspace" in stdout
+
+
+def test_mlflow_holds_params_metrics_and_artifacts(tiny_run):
+    run_dir, _ = tiny_run
+    mlflow.set_tracking_uri(f"sqlite:///{run_dir / 'mlflow.db'}")
+    runs = mlflow.search_runs(experiment_names=["lori-ray"], output_format="list")
+    parent = next(r for r in runs if r.info.run_name == "tiny")
+    for key in ("teacher_accuracy", "student_accuracy", "explained_variance", "student_tokens_per_answer"):
+        assert key in parent.data.metrics
+    assert 0.0 <= parent.data.metrics["student_accuracy"] <= 1.0
+    assert parent.data.params["subspace.rank"] == "4"
+    stages = {r.info.run_name: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
+    assert {"teacher", "trajectories", "student", "evaluate"} <= set(stages)
+    client = mlflow.MlflowClient()
+    ce = client.get_metric_history(stages["student"].info.run_id, "ce")
+    assert [m.step for m in ce] == [3, 6]
+    assert client.get_metric_history(stages["student"].info.run_id, "first_order")
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"config.yaml", "results.md"} <= artifacts
+    spectrum = {a.path for a in client.list_artifacts(stages["trajectories"].info.run_id)}
+    assert "subspace_spectrum.json" in spectrum
+
+
+def test_models_are_plain_hf_directories(tiny_run):
+    run_dir, _ = tiny_run
+    for name in ("teacher", "student"):
+        model = AutoModelForCausalLM.from_pretrained(run_dir / name)
+        tokenizer = AutoTokenizer.from_pretrained(run_dir / name)
+        assert model.get_input_embeddings().weight.shape[0] == len(tokenizer)
+    assert "<latent_0>" in AutoTokenizer.from_pretrained(run_dir / "student").get_vocab()
+    # the checkpoint holds every worker's DeepSpeed shards next to the HF model
+    checkpoint = run_dir / "ray" / "tiny-student" / "step-000006"
+    assert (checkpoint / "hf" / "model.safetensors").is_file()
+    shards = list((checkpoint / "ds" / "state").glob("*optim_states.pt"))
+    assert len(shards) == 2
+
+
+def test_trajectory_store_is_complete_and_consistent(tiny_run):
+    run_dir, _ = tiny_run
+    (store,) = [p.parent for p in (run_dir.parent / "trajectories").glob("*/manifest.json")]
+    manifest = json.loads((store / "manifest.json").read_text())
+    assert manifest["examples"] == 256 and manifest["layers"] == [1, 2] and manifest["max_rank"] == 8
+    index = sorted(i for shard in (store / "coords").glob("*.safetensors") for i in load_file(shard)["index"].tolist())
+    assert index == list(range(256))  # every example exactly once

@@ -1,0 +1,60 @@
+import torch
+
+from lori_ray.subspace import Moments, effective_rank, fit_pca, resample_steps
+
+
+def test_streaming_moments_match_direct_computation():
+    torch.manual_seed(0)
+    x = torch.randn(100, 3, 5, dtype=torch.float64) * torch.arange(1, 6) + 2.0
+    left, right = Moments.zeros(3, 5), Moments.zeros(3, 5)
+    for chunk in x[:37].split(10):
+        left.update(chunk)
+    right.update(x[37:])
+    merged = left.merge(right)
+    assert merged.count == 100
+    torch.testing.assert_close(merged.mean(), x.mean(0))
+    for layer in range(3):
+        torch.testing.assert_close(merged.covariance()[layer], torch.cov(x[:, layer].T))
+
+
+def test_pca_recovers_a_planted_low_rank_subspace():
+    torch.manual_seed(0)
+    dim, rank, layers = 32, 3, 2
+    basis = torch.linalg.qr(torch.randn(layers, dim, rank))[0]
+    scales = torch.tensor([5.0, 3.0, 2.0])
+    codes = torch.randn(2000, layers, rank) * scales
+    x = torch.einsum("ldr,nlr->nld", basis, codes) + 0.01 * torch.randn(2000, layers, dim) + 1.5
+    moments = Moments.zeros(layers, dim)
+    moments.update(x)
+    subspace = fit_pca(moments, rank)
+    for layer in range(layers):
+        # principal angles ~0: the fitted projector equals the planted one
+        planted = basis[layer] @ basis[layer].T
+        fitted = subspace.basis[layer] @ subspace.basis[layer].T
+        assert (planted - fitted).norm() < 0.02
+        torch.testing.assert_close(subspace.basis[layer].T @ subspace.basis[layer], torch.eye(rank), atol=1e-5, rtol=0)
+    assert (subspace.explained_variance() > 0.999).all()
+    assert (subspace.explained_variance(1) < 0.8).all()
+    assert torch.allclose(subspace.eigenvalues[:, :3], (scales**2).expand(layers, 3), rtol=0.1)
+    coords = subspace.project(x)
+    torch.testing.assert_close(coords.mean(0), torch.zeros(layers, rank), atol=0.05, rtol=0)
+    assert subspace.truncate(2).rank == 2
+
+
+def test_resample_steps_is_linear_interpolation():
+    x = torch.tensor([[0.0, 10.0], [2.0, 20.0], [4.0, 30.0]])  # K=3 steps, r=2
+    out = resample_steps(x, 5)
+    torch.testing.assert_close(out, torch.tensor([[0.0, 10], [1, 15], [2, 20], [3, 25], [4, 30]]))
+    assert torch.equal(resample_steps(x, 3), x)
+    assert torch.equal(resample_steps(x[:1], 4), x[:1].expand(4, 2))
+    batched = resample_steps(torch.stack([x, 2 * x]), 5)
+    torch.testing.assert_close(batched[1], 2 * out)
+
+
+def test_effective_rank_bounds_and_direct_value():
+    assert torch.isclose(effective_rank(torch.tensor([1.0, 1.0, 1.0, 1.0])), torch.tensor(4.0))
+    assert torch.isclose(effective_rank(torch.tensor([3.0, 0.0, 0.0])), torch.tensor(1.0))
+    s = torch.tensor([4.0, 2.0, 1.0])
+    p = s / s.sum()
+    assert torch.isclose(effective_rank(s), torch.exp(-(p * p.log()).sum()))
+    assert 1.0 <= effective_rank(s) <= 3.0
