@@ -10,7 +10,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from lori_ray.config import ConfigError, load_config  # noqa: E402
+from lori_ray.config import ConfigError, check_rerun, load_config  # noqa: E402
 
 
 def main() -> int:
@@ -20,6 +20,7 @@ def main() -> int:
     args = parser.parse_args()
     try:
         config = load_config(args.config, args.overrides)
+        check_rerun(config)
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

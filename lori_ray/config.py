@@ -171,6 +171,23 @@ class Config(Section):
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 
 
+# sections that change what a run computes; tracking, cluster and eval may differ on a rerun
+_RUN_DEFINING = ("seed", "data", "model", "teacher", "trajectory", "subspace", "student", "loss")
+
+
+def check_rerun(config: Config) -> None:
+    """A run directory is reused (finished stages are skipped) only for the same run-defining config."""
+    saved = config.run_dir / "config.yaml"
+    if not saved.is_file():
+        return
+    before = yaml.safe_load(saved.read_text())
+    now = config.model_dump(mode="json")
+    changed = [key for key in _RUN_DEFINING if before.get(key) != now.get(key)]
+    if changed:
+        raise ConfigError(f"name: {config.run_dir} holds a run of '{config.name}' with different "
+                          f"{', '.join(changed)}; pick another name= or delete that directory")
+
+
 def _set_dotted(tree: dict, dotted: str, value) -> None:
     *parents, leaf = dotted.split(".")
     for key in parents:

@@ -6,6 +6,10 @@ from pathlib import Path
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
+from transformers.utils import logging as hf_logging
+
+# per-load progress bars from every actor and worker would flood the job log
+hf_logging.disable_progress_bar()
 
 FAMILIES = ("llama", "qwen2")
 

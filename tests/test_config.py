@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from lori_ray.config import ConfigError, load_config
+from lori_ray.config import ConfigError, check_rerun, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 PRESETS = sorted((ROOT / "configs").glob("*.yaml"))
@@ -60,3 +60,14 @@ def test_distill_job_rejects_bad_config_before_ray_starts(tmp_path, override, fi
     assert field in result.stderr
     assert "Ray" not in result.stdout + result.stderr and not any(tmp_path.iterdir())  # no cluster was started
     assert time.time() - started < 60
+
+
+def test_rerun_with_a_different_config_is_refused(tmp_path):
+    config = load_config(ROOT / "configs/tiny.yaml", [f"output_dir={tmp_path}"])
+    check_rerun(config)  # no run yet
+    config.run_dir.mkdir(parents=True)
+    (config.run_dir / "config.yaml").write_text(config.to_yaml())
+    check_rerun(load_config(ROOT / "configs/tiny.yaml", [f"output_dir={tmp_path}", "eval.batch_size=4"]))
+    with pytest.raises(ConfigError, match=r"^name: .*different subspace, loss"):
+        check_rerun(load_config(ROOT / "configs/tiny.yaml", [f"output_dir={tmp_path}", "subspace.rank=2",
+                                                             "loss.ce=0.5"]))
