@@ -56,8 +56,8 @@ def main() -> None:
     batch = {k: v.to(device) for k, v in batch.items()}
     projection = TrajectoryProjection(len(layers), model.config.hidden_size, args.rank).to(device)
 
-    ce_only = step_ms(LMObjective(model, layers, None), batch, args.steps)
-    lori = step_ms(LMObjective(model, layers, projection, first_order=1.0, second_order=1.0), batch, args.steps)
+    ce_only = step_ms(LMObjective(model), batch, args.steps)
+    lori = step_ms(LMObjective(model, layers, projection, {"ce": 1.0, "first_order": 1.0, "second_order": 1.0}), batch, args.steps)
     print(f"device={device} model={args.family}/{args.size} batch={args.batch} rank={args.rank} K={args.latents}")
     print(f"CE only     {ce_only:8.2f} ms/step")
     print(f"CE + LoRi   {lori:8.2f} ms/step")

@@ -115,6 +115,9 @@ class SubspaceConfig(Section):
 
 
 class StudentConfig(Section):
+    # lori: CE + low-rank trajectory alignment; icot_kd: CE + full-width hidden-state MSE at the
+    # latent slots (weight loss.first_order); nocot: CE only, question -> answer with no latent slots
+    method: Literal["lori", "icot_kd", "nocot"] = "lori"
     init: Literal["teacher", "scratch"] = "teacher"
     latent_slots: int = Field(3, gt=0)
     train: TrainConfig = TrainConfig(steps=500)

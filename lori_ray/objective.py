@@ -48,31 +48,36 @@ class TrajectoryProjection(nn.Module):
 
 
 class LMObjective(nn.Module):
-    """``forward(batch) -> (loss, metrics)``; the only module DeepSpeed wraps."""
+    """``forward(batch) -> (loss, metrics)``; the only module DeepSpeed wraps.
+
+    With ``student_layers`` the hidden states at the latent slots are aligned with ``batch["targets"]``:
+    through ``projection`` with the LoRi loss (``first_order``, ``second_order``), or without one as a
+    full-width MSE (``hidden_mse``, the ICoT-KD baseline). ``weights`` maps each term to its factor.
+    """
 
     def __init__(self, model: nn.Module, student_layers: list[int] = (), projection: TrajectoryProjection | None = None,
-                 ce: float = 1.0, first_order: float = 0.0, second_order: float = 0.0):
+                 weights: dict[str, float] | None = None):
         super().__init__()
         self.model = model
         self.student_layers = list(student_layers)
         self.projection = projection
-        self.weights = {"ce": ce, "first_order": first_order, "second_order": second_order}
+        self.weights = dict(weights or {"ce": 1.0})
         self.lori = LoRiLoss()
 
-    @property
-    def aligns(self) -> bool:
-        return self.projection is not None and bool(self.weights["first_order"] or self.weights["second_order"])
-
     def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+        aligns = bool(self.student_layers)
         output = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                            labels=batch["labels"], output_hidden_states=self.aligns)
+                            labels=batch["labels"], output_hidden_states=aligns)
         terms = {"ce": output.loss}
-        if self.aligns:
+        if aligns:
             states = torch.stack([output.hidden_states[layer] for layer in self.student_layers], dim=1)
             slots = batch["latent_positions"][:, None, :, None].expand(-1, states.shape[1], -1, states.shape[-1])
-            coordinates = self.projection(torch.gather(states, 2, slots).float())
-            terms.update(self.lori(coordinates, batch["targets"]))
-        loss = sum(self.weights[name] * value for name, value in terms.items())
+            states = torch.gather(states, 2, slots).float()  # [B, L, K, d]
+            if self.projection is not None:
+                terms.update(self.lori(self.projection(states), batch["targets"]))
+            else:
+                terms["hidden_mse"] = (states - batch["targets"]).pow(2).mean()
+        loss = sum(self.weights.get(name, 0.0) * value for name, value in terms.items())
         metrics = {name: value.detach().item() for name, value in terms.items()}
         metrics["loss"] = loss.detach().item()
         return loss, metrics

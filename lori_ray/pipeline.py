@@ -96,11 +96,11 @@ def teacher_sft(config: Config, train: list[Example]) -> Path:
     return train_stage(config, "teacher", start, data, config.teacher.train)
 
 
-def student_init(config: Config, teacher_dir: Path) -> Path:
-    """The teacher's weights (or a fresh preset) plus K trainable latent-slot tokens."""
+def student_init(config: Config, teacher_dir: Path, slots: int) -> Path:
+    """The teacher's weights (or a fresh preset) plus ``slots`` trainable latent-slot tokens."""
     directory = config.run_dir / "student-init"
     tokenizer = load_tokenizer(str(teacher_dir), config.model.trust_remote_code)
-    add_latent_tokens(tokenizer, config.student.latent_slots)
+    add_latent_tokens(tokenizer, slots)
     if config.student.init == "teacher":
         model = load_model(teacher_dir, trust_remote_code=config.model.trust_remote_code)
     else:
@@ -114,23 +114,38 @@ def student_init(config: Config, teacher_dir: Path) -> Path:
     return directory
 
 
+def latent_slots(config: Config) -> int:
+    return 0 if config.student.method == "nocot" else config.student.latent_slots
+
+
 def distill_student(config: Config, teacher_dir: Path, train: list[Example], store) -> Path:
-    init = student_init(config, teacher_dir)
+    """Train the implicit student with the configured method: ``lori``, ``icot_kd`` or ``nocot``."""
+    method, slots, loss = config.student.method, latent_slots(config), config.loss
+    init = student_init(config, teacher_dir, slots)
     tokenizer = load_tokenizer(str(init))
-    layout = Layout(tokenizer, add_latent_tokens(tokenizer, config.student.latent_slots))
+    layout = Layout(tokenizer, add_latent_tokens(tokenizer, slots))
+    data_path = config.run_dir / "data" / "student.safetensors"
+    if method == "nocot":
+        data = write_tensors([layout.student(e) for e in train], layout.pad, config.model.max_positions, data_path)
+        return train_stage(config, "student", init, data, config.student.train, weights={"ce": loss.ce})
+
     teacher_layers = store.manifest["layers"]
     student_config = json.loads((init / "config.json").read_text())
     teacher_config = json.loads((teacher_dir / "config.json").read_text())
     pairs = pair_layers(student_config["num_hidden_layers"], teacher_config["num_hidden_layers"], teacher_layers)
     rows = [teacher_layers.index(t) for _, t in pairs]
-
-    index, coordinates = store.coordinates(config.subspace.rank, config.student.latent_slots)
-    examples = [train[i] for i in index]
-    sequences = [layout.student(e) for e in examples]
+    if method == "lori":
+        index, targets = store.coordinates(config.subspace.rank, slots)
+    else:
+        index, targets = store.hidden(slots)
+    sequences = [layout.student(train[i]) for i in index]
     positions = torch.tensor([[start for start, _ in s.spans] for s in sequences])
-    data = write_tensors(sequences, layout.pad, config.model.max_positions,
-                         config.run_dir / "data" / "student.safetensors",
-                         latent_positions=positions, targets=coordinates[:, rows].float())
+    data = write_tensors(sequences, layout.pad, config.model.max_positions, data_path,
+                         latent_positions=positions, targets=targets[:, rows].float())
+    fields = {"student_layers": [s for s, _ in pairs]}
+    if method == "icot_kd":
+        return train_stage(config, "student", init, data, config.student.train,
+                           weights={"ce": loss.ce, "hidden_mse": loss.first_order}, **fields)
 
     subspace = store.subspace().truncate(config.subspace.rank)
     if student_config["hidden_size"] == teacher_config["hidden_size"]:
@@ -140,9 +155,9 @@ def distill_student(config: Config, teacher_dir: Path, train: list[Example], sto
         projection = TrajectoryProjection(len(rows), student_config["hidden_size"], config.subspace.rank)
     projection_path = config.run_dir / "data" / "projection.safetensors"
     save_file({k: v.detach().contiguous() for k, v in projection.state_dict().items()}, projection_path)
-    return train_stage(config, "student", init, data, config.student.train,
-                       weights=config.loss.model_dump(), student_layers=[s for s, _ in pairs],
-                       projection_path=str(projection_path))
+    return train_stage(config, "student", init, data, config.student.train, projection_path=str(projection_path),
+                       weights={"ce": loss.ce, "first_order": loss.first_order, "second_order": loss.second_order},
+                       **fields)
 
 
 @dataclass
@@ -151,10 +166,11 @@ class Report:
     student: EvalResult
     explained_variance: float  # mean over layers at the configured rank
     rank: int
+    method: str
 
     def table(self) -> str:
         speedup = self.teacher.seconds / max(self.student.seconds, 1e-9)
-        rows = [("teacher (explicit CoT)", self.teacher, "1.00x"), ("student (LoRi, no CoT)", self.student, f"{speedup:.2f}x")]
+        rows = [("teacher (explicit CoT)", self.teacher, "1.00x"), (f"student ({self.method}, no CoT)", self.student, f"{speedup:.2f}x")]
         lines = ["| model | accuracy | tokens/answer | inference s | speedup |", "|---|---|---|---|---|"]
         lines += [f"| {name} | {r.accuracy:.3f} | {r.tokens_per_answer:.1f} | {r.seconds:.2f} | {s} |" for name, r, s in rows]
         lines.append(f"\nexplained variance of the rank-{self.rank} subspace (mean over layers): {self.explained_variance:.3f}")
@@ -191,11 +207,12 @@ def run(config: Config) -> Report:
                                       with_cot=True, batch_size=config.eval.batch_size,
                                       max_new_tokens=config.eval.max_new_tokens)
             tokenizer = load_tokenizer(str(student_dir))
-            student_layout = Layout(tokenizer, add_latent_tokens(tokenizer, config.student.latent_slots))
+            student_layout = Layout(tokenizer, add_latent_tokens(tokenizer, latent_slots(config)))
             student_result = evaluate(load_model(student_dir), student_layout, held_out, with_cot=False,
                                       batch_size=config.eval.batch_size, max_new_tokens=config.eval.max_new_tokens)
             report = Report(teacher_result, student_result,
-                            subspace.explained_variance(config.subspace.rank).mean().item(), config.subspace.rank)
+                            subspace.explained_variance(config.subspace.rank).mean().item(), config.subspace.rank,
+                            config.student.method)
             metrics = {**teacher_result.as_metrics("teacher"), **student_result.as_metrics("student"),
                        "explained_variance": report.explained_variance}
             mlflow.log_metrics(metrics)

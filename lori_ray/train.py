@@ -103,7 +103,7 @@ def _build_objective(stage: Stage):
         layers, rank, dim = tensors["weight"].shape
         projection = TrajectoryProjection(layers, dim, rank)
         projection.load_state_dict(tensors)
-    return LMObjective(model, stage.student_layers, projection, **stage.weights)
+    return LMObjective(model, stage.student_layers, projection, stage.weights)
 
 
 def train_loop(config: dict) -> None:

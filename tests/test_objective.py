@@ -46,7 +46,7 @@ def test_objective_trains_latent_embeddings_through_alignment_only():
     batch = collate(sequences, layout.pad)
     batch["latent_positions"] = torch.tensor([[a for a, _ in s.spans] for s in sequences])
     batch["targets"] = torch.randn(4, 2, 2, 3)
-    objective = LMObjective(model, [1, 2], TrajectoryProjection(2, 64, 3), ce=0.0, first_order=1.0, second_order=1.0)
+    objective = LMObjective(model, [1, 2], TrajectoryProjection(2, 64, 3), {"first_order": 1.0, "second_order": 1.0})
     loss, metrics = objective(batch)
     loss.backward()
     embedding_grad = model.get_input_embeddings().weight.grad
@@ -56,3 +56,21 @@ def test_objective_trains_latent_embeddings_through_alignment_only():
     assert embedding_grad[latents].abs().sum() > 0
     # answer tokens come after the latents: causal attention keeps them out of the alignment gradient
     assert embedding_grad[tokenizer.convert_tokens_to_ids("####")].abs().sum() == 0
+
+
+def test_without_projection_alignment_is_full_width_mse_at_the_slots():
+    torch.manual_seed(0)
+    tokenizer = arithmetic_tokenizer()
+    layout = Layout(tokenizer, add_latent_tokens(tokenizer, 2))
+    model = build_model("llama", "tiny", len(tokenizer), 64, {"pad_token_id": layout.pad})
+    sequences = [layout.student(e) for e in generate_multiplication(3, 2, 2)]
+    batch = collate(sequences, layout.pad)
+    batch["latent_positions"] = torch.tensor([[a for a, _ in s.spans] for s in sequences])
+    batch["targets"] = torch.randn(3, 1, 2, 64)
+    _, metrics = LMObjective(model, [2], None, {"ce": 1.0, "hidden_mse": 0.5})(batch)
+    hidden = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                   output_hidden_states=True).hidden_states[2]
+    slots = torch.stack([hidden[b, batch["latent_positions"][b]] for b in range(3)])  # [B, K, d]
+    expected = (slots - batch["targets"][:, 0]).pow(2).mean().item()
+    assert metrics["hidden_mse"] == pytest.approx(expected, rel=1e-5)
+    assert metrics["loss"] == pytest.approx(metrics["ce"] + 0.5 * expected, rel=1e-5)

@@ -29,7 +29,7 @@ def tiny_run(tmp_path_factory):
 
 def test_prints_the_result_table(tiny_run):
     _, stdout = tiny_run
-    assert "| teacher (explicit CoT) |" in stdout and "| student (LoRi, no CoT) |" in stdout
+    assert "| teacher (explicit CoT) |" in stdout and "| student (lori, no CoT) |" in stdout
     assert "explained variance of the rank-4 subspace" in stdout
 
 
