@@ -29,19 +29,21 @@ class DataConfig(Section):
     task: Literal["multiplication", "file"] = "multiplication"
     digits: tuple[int, int] = (3, 3)  # multiplication: digits of each factor
     train_size: int = Field(8000, gt=0)
+    val_size: int = Field(256, ge=0)  # taken from the training examples; validation accuracy during training
     eval_size: int = Field(200, gt=0)
     train_file: str | None = None  # task=file: iCoT .txt or GSM8K .jsonl
-    eval_file: str | None = None
+    eval_file: str | None = None  # held-out split (any task); multiplication then trains on generated data
 
     @model_validator(mode="after")
     def _files(self):
-        if self.task == "file":
-            for field in ("train_file", "eval_file"):
-                path = getattr(self, field)
-                if not path:
-                    raise ValueError(f"{field}: required when task is 'file'")
-                if not Path(path).is_file():
-                    raise ValueError(f"{field}: no such file: {path}")
+        for field in ("train_file", "eval_file"):
+            path = getattr(self, field)
+            if self.task == "file" and not path:
+                raise ValueError(f"{field}: required when task is 'file'")
+            if path and not Path(path).is_file():
+                raise ValueError(f"{field}: no such file: {path}")
+        if self.val_size >= self.train_size:
+            raise ValueError(f"val_size: {self.val_size} leaves no training examples (train_size {self.train_size})")
         if min(self.digits) < 1:
             raise ValueError("digits: each factor needs at least one digit")
         return self
@@ -77,11 +79,14 @@ class TrainConfig(Section):
     num_workers: int = Field(2, ge=0)  # 0 runs the loop in the driver process
     checkpoint_every: int = Field(0, ge=0)  # 0: only at the end
     log_every: int = Field(25, gt=0)
+    eval_every: int = Field(0, ge=0)  # validation exact match every N steps (a multiple of log_every); 0: at the end
 
     @model_validator(mode="after")
     def _batch(self):
         if self.batch_size % max(self.num_workers, 1):
             raise ValueError(f"batch_size: {self.batch_size} does not split over {self.num_workers} workers")
+        if self.eval_every % self.log_every:
+            raise ValueError(f"eval_every: {self.eval_every} is not a multiple of log_every ({self.log_every})")
         return self
 
 
@@ -127,6 +132,7 @@ class LossConfig(Section):
     ce: float = Field(1.0, ge=0)
     first_order: float = Field(1.0, ge=0)
     second_order: float = Field(1.0, ge=0)
+    layers: list[int] | None = None  # teacher layers to align (a subset of trajectory.layers); None = all stored
 
 
 class EvalConfig(Section):
@@ -137,6 +143,35 @@ class EvalConfig(Section):
 class TrackingConfig(Section):
     uri: str | None = None  # default: $MLFLOW_TRACKING_URI, else sqlite under the run directory
     experiment: str = "lori-ray"
+
+
+SEARCH_KINDS = ("choice", "uniform", "loguniform", "randint")
+
+
+class TuneConfig(Section):
+    """A Ray Tune search over student hyperparameters; ``space`` maps config fields to distributions:
+    ``subspace.rank: {choice: [2, 4, 8]}``, ``loss.first_order: {loguniform: [0.1, 10]}``."""
+
+    num_samples: int = Field(4, gt=0)
+    metric: str = "val_accuracy"
+    mode: Literal["max", "min"] = "max"
+    scheduler: Literal["asha", "fifo"] = "asha"
+    grace_period: int = Field(1, gt=0)  # reports (log_every steps) before ASHA may stop a trial
+    search: Literal["random", "optuna"] = "random"
+    max_concurrent_trials: int | None = Field(None, gt=0)  # default: cluster CPUs // workers per trial
+    space: dict[str, dict[str, list]] = {}
+
+    @model_validator(mode="after")
+    def _space(self):
+        for key, spec in self.space.items():
+            if len(spec) != 1 or next(iter(spec)) not in SEARCH_KINDS:
+                raise ValueError(f"space: {key} needs exactly one of {list(SEARCH_KINDS)}, got {spec}")
+            kind, values = next(iter(spec.items()))
+            if kind != "choice" and len(values) != 2:
+                raise ValueError(f"space: {key}: {kind} takes [low, high], got {values}")
+            if not values:
+                raise ValueError(f"space: {key}: choice needs at least one value")
+        return self
 
 
 class ClusterConfig(Section):
@@ -158,6 +193,7 @@ class Config(Section):
     eval: EvalConfig = EvalConfig()
     tracking: TrackingConfig = TrackingConfig()
     cluster: ClusterConfig = ClusterConfig()
+    tune: TuneConfig = TuneConfig()
 
     @property
     def run_dir(self) -> Path:
@@ -209,9 +245,53 @@ def _check_against_model(config: Config) -> None:
     bad = [layer for layer in config.trajectory.layers or [] if not 1 <= layer <= layers]
     if bad:
         raise ConfigError(f"trajectory.layers: {bad} outside 1..{layers}")
+    stored = config.trajectory.layers or range(1, layers + 1)
+    missing = [layer for layer in config.loss.layers or [] if layer not in stored]
+    if missing:
+        raise ConfigError(f"loss.layers: {missing} are not among the stored trajectory layers {list(stored)}")
     if config.student.latent_slots >= config.model.max_positions:
         raise ConfigError(f"student.latent_slots: {config.student.latent_slots} does not fit in "
                           f"model.max_positions ({config.model.max_positions})")
+
+
+def validate(tree: dict) -> Config:
+    """A config tree → ``Config``, with every error named by its dotted field."""
+    try:
+        config = Config.model_validate(tree)
+    except ValidationError as error:
+        lines = []
+        for e in error.errors():
+            field = ".".join(str(p) for p in e["loc"])
+            message = e["msg"].removeprefix("Value error, ")
+            # section validators name their own field as "field: ..."; fold it into the dotted path
+            own = re.match(r"(\w+): (.*)", message, re.S)
+            if own and e["type"] == "value_error":
+                field, message = f"{field}.{own[1]}" if field else own[1], own[2]
+            lines.append(f"{field}: {message}")
+        raise ConfigError("invalid config:\n  " + "\n  ".join(lines)) from None
+    _check_against_model(config)
+    return config
+
+
+def with_overrides(config: Config, values: dict) -> Config:
+    """A copy of ``config`` with dotted ``values`` applied, validated like a loaded file."""
+    tree = config.model_dump(mode="json")
+    for key, value in values.items():
+        _set_dotted(tree, key, value)
+    return validate(tree)
+
+
+def _check_search_space(config: Config) -> None:
+    """Every key of tune.space is a config field and every value it can take is valid."""
+    for key, spec in config.tune.space.items():
+        (kind, values), = spec.items()
+        candidates = values if kind == "choice" else values[:2]  # range bounds
+        for value in candidates:
+            try:
+                with_overrides(config.model_copy(update={"tune": TuneConfig()}), {key: value})
+            except ConfigError as error:
+                raise ConfigError(f"tune.space.{key}: value {value!r} is invalid: "
+                                  f"{str(error).removeprefix('invalid config:').strip()}") from None
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
@@ -228,18 +308,6 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
             raise ConfigError(f"override {item!r}: expected key.sub=value")
         key, value = item.split("=", 1)
         _set_dotted(tree, key, yaml.safe_load(value))
-    try:
-        config = Config.model_validate(tree)
-    except ValidationError as error:
-        lines = []
-        for e in error.errors():
-            field = ".".join(str(p) for p in e["loc"])
-            message = e["msg"].removeprefix("Value error, ")
-            # section validators name their own field as "field: ..."; fold it into the dotted path
-            own = re.match(r"(\w+): (.*)", message, re.S)
-            if own and e["type"] == "value_error":
-                field, message = f"{field}.{own[1]}" if field else own[1], own[2]
-            lines.append(f"{field}: {message}")
-        raise ConfigError("invalid config:\n  " + "\n  ".join(lines)) from None
-    _check_against_model(config)
+    config = validate(tree)
+    _check_search_space(config)
     return config

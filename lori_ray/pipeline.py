@@ -10,6 +10,7 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import mlflow
 import torch
@@ -22,6 +23,7 @@ from .models import build_model, load_model
 from .objective import TrajectoryProjection, pair_layers
 from .teacher import build_store
 from .tokens import Layout, add_latent_tokens, arithmetic_tokenizer, collate, load_tokenizer
+from .plots import spectrum_figure, spectrum_summary
 from .tracking import pipeline_run, stage_run
 from .train import Stage, fit
 
@@ -30,18 +32,26 @@ def log(message: str) -> None:
     print(message, flush=True)
 
 
-def load_data(config: Config) -> tuple[list[Example], list[Example]]:
-    """Train and held-out examples; no held-out question appears in training."""
+class Splits(NamedTuple):
+    train: list[Example]
+    val: list[Example]  # from the training data: validation accuracy while training (and for Tune)
+    held_out: list[Example]  # never trained or tuned on: the reported accuracy
+
+
+def load_data(config: Config) -> Splits:
+    """Train, validation and held-out examples; no held-out question appears in the other two."""
     data = config.data
-    if data.task == "multiplication":
+    if data.eval_file:
+        held_out = read_examples(data.eval_file)[:data.eval_size]
+    else:
         held_out = generate_multiplication(data.eval_size, *data.digits, seed=config.seed + 1)
-        train = generate_multiplication(data.train_size, *data.digits, seed=config.seed,
-                                        exclude={e.question for e in held_out})
-        return train, held_out
-    held_out = read_examples(data.eval_file)[:data.eval_size]
     questions = {e.question for e in held_out}
-    train = [e for e in read_examples(data.train_file) if e.question not in questions][:data.train_size]
-    return train, held_out
+    if data.task == "multiplication":
+        train = generate_multiplication(data.train_size, *data.digits, seed=config.seed, exclude=questions)
+    else:
+        train = [e for e in read_examples(data.train_file) if e.question not in questions][:data.train_size]
+    cut = len(train) - data.val_size
+    return Splits(train[:cut], train[cut:], held_out)
 
 
 def initial_model_dir(config: Config) -> Path:
@@ -70,15 +80,19 @@ def write_tensors(sequences, pad_id: int, max_positions: int, path: Path, **extr
     return path
 
 
+def make_stage(config: Config, name: str, model_dir: Path, data_path: Path, train_config, **fields) -> Stage:
+    return Stage(name=f"{config.name}-{name}", model_dir=str(model_dir), data_path=str(data_path),
+                 train=train_config.model_dump(), seed=config.seed, tracking_uri=config.tracking_uri(), **fields)
+
+
 def train_stage(config: Config, name: str, model_dir: Path, data_path: Path, train_config, **stage_fields) -> Path:
+    """Train under a nested MLflow run; a finished stage found on disk is skipped."""
     output = config.run_dir / name
     if (output / "config.json").is_file():
         log(f"[{name}] finished model found at {output}, skipping")
         return output
     with stage_run(name, train_config.model_dump()) as run:
-        stage = Stage(name=f"{config.name}-{name}", model_dir=str(model_dir), data_path=str(data_path),
-                      train=train_config.model_dump(), seed=config.seed, tracking_uri=config.tracking_uri(),
-                      run_id=run.info.run_id, **stage_fields)
+        stage = make_stage(config, name, model_dir, data_path, train_config, run_id=run.info.run_id, **stage_fields)
         started = time.time()
         fit(stage, output, config.run_dir / "ray")
         mlflow.log_metric("stage_seconds", time.time() - started)
@@ -86,14 +100,23 @@ def train_stage(config: Config, name: str, model_dir: Path, data_path: Path, tra
     return output
 
 
-def teacher_sft(config: Config, train: list[Example]) -> Path:
+def validation_tensors(config: Config, sequences, pad_id: int, name: str) -> dict:
+    """``val_path`` for a stage, when there is a validation split."""
+    if not sequences:
+        return {}
+    path = config.run_dir / "data" / f"{name}-val.safetensors"
+    return {"val_path": str(write_tensors(sequences, pad_id, config.model.max_positions, path))}
+
+
+def teacher_sft(config: Config, splits: Splits) -> Path:
     if config.teacher.path:
         return Path(config.teacher.path)
     start = initial_model_dir(config)
     layout = Layout(load_tokenizer(str(start), config.model.trust_remote_code))
-    data = write_tensors([layout.teacher(e) for e in train], layout.pad, config.model.max_positions,
+    data = write_tensors([layout.teacher(e) for e in splits.train], layout.pad, config.model.max_positions,
                          config.run_dir / "data" / "teacher.safetensors")
-    return train_stage(config, "teacher", start, data, config.teacher.train)
+    val = validation_tensors(config, [layout.teacher(e) for e in splits.val], layout.pad, "teacher")
+    return train_stage(config, "teacher", start, data, config.teacher.train, **val)
 
 
 def student_init(config: Config, teacher_dir: Path, slots: int) -> Path:
@@ -118,22 +141,25 @@ def latent_slots(config: Config) -> int:
     return 0 if config.student.method == "nocot" else config.student.latent_slots
 
 
-def distill_student(config: Config, teacher_dir: Path, train: list[Example], store) -> Path:
-    """Train the implicit student with the configured method: ``lori``, ``icot_kd`` or ``nocot``."""
-    method, slots, loss = config.student.method, latent_slots(config), config.loss
+def student_stage(config: Config, teacher_dir: Path, splits: Splits, store) -> tuple[Path, Path, dict]:
+    """Initial model, training tensors and stage fields of the configured method:
+    ``lori`` (CE + subspace alignment), ``icot_kd`` (CE + full-width hidden MSE) or ``nocot`` (CE)."""
+    method, slots, loss, train = config.student.method, latent_slots(config), config.loss, splits.train
     init = student_init(config, teacher_dir, slots)
     tokenizer = load_tokenizer(str(init))
     layout = Layout(tokenizer, add_latent_tokens(tokenizer, slots))
     data_path = config.run_dir / "data" / "student.safetensors"
+    val = validation_tensors(config, [layout.student(e) for e in splits.val], layout.pad, "student")
     if method == "nocot":
         data = write_tensors([layout.student(e) for e in train], layout.pad, config.model.max_positions, data_path)
-        return train_stage(config, "student", init, data, config.student.train, weights={"ce": loss.ce})
+        return init, data, {"weights": {"ce": loss.ce}, **val}
 
-    teacher_layers = store.manifest["layers"]
+    stored_layers = store.manifest["layers"]
     student_config = json.loads((init / "config.json").read_text())
     teacher_config = json.loads((teacher_dir / "config.json").read_text())
-    pairs = pair_layers(student_config["num_hidden_layers"], teacher_config["num_hidden_layers"], teacher_layers)
-    rows = [teacher_layers.index(t) for _, t in pairs]
+    pairs = pair_layers(student_config["num_hidden_layers"], teacher_config["num_hidden_layers"],
+                        config.loss.layers or stored_layers)
+    rows = [stored_layers.index(t) for _, t in pairs]
     if method == "lori":
         index, targets = store.coordinates(config.subspace.rank, slots)
     else:
@@ -142,10 +168,9 @@ def distill_student(config: Config, teacher_dir: Path, train: list[Example], sto
     positions = torch.tensor([[start for start, _ in s.spans] for s in sequences])
     data = write_tensors(sequences, layout.pad, config.model.max_positions, data_path,
                          latent_positions=positions, targets=targets[:, rows].float())
-    fields = {"student_layers": [s for s, _ in pairs]}
+    fields = {"student_layers": [s for s, _ in pairs], **val}
     if method == "icot_kd":
-        return train_stage(config, "student", init, data, config.student.train,
-                           weights={"ce": loss.ce, "hidden_mse": loss.first_order}, **fields)
+        return init, data, {"weights": {"ce": loss.ce, "hidden_mse": loss.first_order}, **fields}
 
     subspace = store.subspace().truncate(config.subspace.rank)
     if student_config["hidden_size"] == teacher_config["hidden_size"]:
@@ -155,9 +180,13 @@ def distill_student(config: Config, teacher_dir: Path, train: list[Example], sto
         projection = TrajectoryProjection(len(rows), student_config["hidden_size"], config.subspace.rank)
     projection_path = config.run_dir / "data" / "projection.safetensors"
     save_file({k: v.detach().contiguous() for k, v in projection.state_dict().items()}, projection_path)
-    return train_stage(config, "student", init, data, config.student.train, projection_path=str(projection_path),
-                       weights={"ce": loss.ce, "first_order": loss.first_order, "second_order": loss.second_order},
-                       **fields)
+    weights = {"ce": loss.ce, "first_order": loss.first_order, "second_order": loss.second_order}
+    return init, data, {"weights": weights, "projection_path": str(projection_path), **fields}
+
+
+def distill_student(config: Config, teacher_dir: Path, splits: Splits, store) -> Path:
+    init, data, fields = student_stage(config, teacher_dir, splits, store)
+    return train_stage(config, "student", init, data, config.student.train, **fields)
 
 
 @dataclass
@@ -177,42 +206,55 @@ class Report:
         return "\n".join(lines)
 
 
-def run(config: Config) -> Report:
-    """All stages of one distillation run; Ray must already be initialised."""
+def trajectory_stage(config: Config, teacher_dir: Path, train: list[Example]):
+    """Build (or find) the trajectory store; log the spectrum, eRank and their plot."""
+    teacher_config = json.loads((teacher_dir / "config.json").read_text())
+    layers = config.trajectory.layers or list(range(1, teacher_config["num_hidden_layers"] + 1))
+    with stage_run("trajectories"):
+        store = build_store(teacher_dir, train, layers, config.subspace.max_rank, config.store_dir,
+                            config.trajectory.num_actors, config.trajectory.batch_size,
+                            trust_remote_code=config.model.trust_remote_code, log=log)
+        subspace = store.subspace()
+        spectrum = spectrum_summary(subspace, layers)
+        mlflow.log_dict(spectrum, "subspace_spectrum.json")
+        mlflow.log_figure(spectrum_figure(spectrum), "subspace_spectrum.png")
+        for rank in range(1, config.subspace.max_rank + 1):
+            mlflow.log_metric("explained_variance", subspace.explained_variance(rank).mean().item(), step=rank)
+        mlflow.log_metrics({f"erank_layer_{layer}": value for layer, value in zip(layers, spectrum["erank"])})
+    return store
+
+
+def evaluate_model(config: Config, model_dir: Path, held_out: list[Example], slots: int | None) -> EvalResult:
+    """``slots=None``: the teacher, prompted with the question and writing its CoT."""
+    tokenizer = load_tokenizer(str(model_dir), config.model.trust_remote_code)
+    layout = Layout(tokenizer, add_latent_tokens(tokenizer, slots) if slots is not None else None)
+    return evaluate(load_model(model_dir, trust_remote_code=config.model.trust_remote_code), layout, held_out,
+                    with_cot=slots is None, batch_size=config.eval.batch_size,
+                    max_new_tokens=config.eval.max_new_tokens)
+
+
+def run(config: Config, teacher_result: EvalResult | None = None) -> Report:
+    """All stages of one distillation run; Ray must already be initialised.
+
+    ``teacher_result``: the teacher's evaluation when the caller already has it (same teacher, same split).
+    """
     config.run_dir.mkdir(parents=True, exist_ok=True)
     (config.run_dir / "config.yaml").write_text(config.to_yaml())
-    train, held_out = load_data(config)
-    log(f"[data] {len(train)} training and {len(held_out)} held-out examples")
+    splits = load_data(config)
+    log(f"[data] {len(splits.train)} training, {len(splits.val)} validation and {len(splits.held_out)} "
+        "held-out examples")
     with pipeline_run(config.tracking_uri(), config.tracking.experiment, config.name,
                       config.model_dump(mode="json"), config.to_yaml()) as parent:
         log(f"[tracking] MLflow run {parent.info.run_id} at {config.tracking_uri()}")
-        teacher_dir = teacher_sft(config, train)
-
-        teacher_config = json.loads((teacher_dir / "config.json").read_text())
-        layers = config.trajectory.layers or list(range(1, teacher_config["num_hidden_layers"] + 1))
-        with stage_run("trajectories"):
-            store = build_store(teacher_dir, train, layers, config.subspace.max_rank, config.store_dir,
-                                config.trajectory.num_actors, config.trajectory.batch_size,
-                                trust_remote_code=config.model.trust_remote_code, log=log)
-            subspace = store.subspace()
-            spectrum = (subspace.eigenvalues / subspace.eigenvalues.sum(-1, keepdim=True)).tolist()
-            mlflow.log_dict({"layers": layers, "explained_variance_ratio": spectrum}, "subspace_spectrum.json")
-            for rank in range(1, config.subspace.max_rank + 1):
-                mlflow.log_metric("explained_variance", subspace.explained_variance(rank).mean().item(), step=rank)
-
-        student_dir = distill_student(config, teacher_dir, train, store)
-
+        teacher_dir = teacher_sft(config, splits)
+        store = trajectory_stage(config, teacher_dir, splits.train)
+        student_dir = distill_student(config, teacher_dir, splits, store)
         with stage_run("evaluate"):
-            teacher_result = evaluate(load_model(teacher_dir), Layout(load_tokenizer(str(teacher_dir))), held_out,
-                                      with_cot=True, batch_size=config.eval.batch_size,
-                                      max_new_tokens=config.eval.max_new_tokens)
-            tokenizer = load_tokenizer(str(student_dir))
-            student_layout = Layout(tokenizer, add_latent_tokens(tokenizer, latent_slots(config)))
-            student_result = evaluate(load_model(student_dir), student_layout, held_out, with_cot=False,
-                                      batch_size=config.eval.batch_size, max_new_tokens=config.eval.max_new_tokens)
+            teacher_result = teacher_result or evaluate_model(config, teacher_dir, splits.held_out, slots=None)
+            student_result = evaluate_model(config, student_dir, splits.held_out, slots=latent_slots(config))
             report = Report(teacher_result, student_result,
-                            subspace.explained_variance(config.subspace.rank).mean().item(), config.subspace.rank,
-                            config.student.method)
+                            store.subspace().explained_variance(config.subspace.rank).mean().item(),
+                            config.subspace.rank, config.student.method)
             metrics = {**teacher_result.as_metrics("teacher"), **student_result.as_metrics("student"),
                        "explained_variance": report.explained_variance}
             mlflow.log_metrics(metrics)

@@ -8,6 +8,8 @@ moments and fits the subspace. Pass 2: actors project their shards onto the subs
 from __future__ import annotations
 
 import hashlib
+import json
+import os
 import time
 from pathlib import Path
 
@@ -22,6 +24,9 @@ from .models import load_model
 from .subspace import Moments, Subspace, fit_pca
 from .tokens import Layout, collate, load_tokenizer
 from .trajectories import TrajectoryStore, file_fingerprint, pack, save_atomic, step_means, store_key, unpack
+
+
+EXTRACTION_LOG = "extraction.log"
 
 
 class TeacherWorker:
@@ -46,6 +51,9 @@ class TeacherWorker:
                 trajectories.append(trajectory)
                 moments.update(trajectory.transpose(0, 1))  # every step is one sample per layer
         save_atomic(pack(trajectories, index), Path(path))
+        # one line per extracted shard: how often the teacher really ran (a rerun or a Tune search adds none)
+        with open(Path(path).parents[1] / EXTRACTION_LOG, "a") as log:
+            log.write(json.dumps({"shard": Path(path).name, "examples": len(index), "pid": os.getpid()}) + "\n")
         return moments
 
     def project(self, hidden_path: str, coords_path: str, subspace_path: str) -> int:

@@ -7,6 +7,7 @@ last checkpoint holds the trained model as an HF directory under ``hf/``.
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import tempfile
@@ -39,6 +40,7 @@ class Stage:
     weights: dict = field(default_factory=lambda: {"ce": 1.0})
     student_layers: list[int] = field(default_factory=list)
     projection_path: str | None = None  # safetensors with weight, bias
+    val_path: str | None = None  # safetensors with input_ids, labels, attention_mask of validation sequences
     tracking_uri: str | None = None
     run_id: str | None = None  # MLflow run that rank 0 logs step metrics to
 
@@ -49,6 +51,34 @@ def batch_indices(step: int, num_examples: int, batch_size: int, seed: int) -> t
     epoch, offset = divmod(step, per_epoch)
     order = torch.randperm(num_examples, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
     return order[offset * batch_size:(offset + 1) * batch_size]
+
+
+@torch.no_grad()
+def exact_match(model, data: dict[str, torch.Tensor], rank: int, world: int, batch_size: int) -> float:
+    """Fraction of sequences whose every labelled token is the argmax given the gold prefix.
+
+    For the answer (and CoT) tokens this equals exact match of greedy generation, in one forward
+    pass. Rows are strided over ranks with the same number of forwards on each (ZeRO-3 gathers
+    parameters collectively).
+    """
+    import torch.distributed as dist
+    device = next(model.parameters()).device
+    total = data["input_ids"].shape[0]
+    rows = torch.arange(rank, total, world)
+    counts = torch.zeros(2, dtype=torch.float64, device=device)  # correct, seen
+    for chunk in range(math.ceil(math.ceil(total / world) / batch_size)):
+        part = rows[chunk * batch_size:(chunk + 1) * batch_size]
+        counted = len(part) > 0
+        part = part if counted else torch.tensor([0])  # a rank with fewer rows still joins the forward
+        logits = model(input_ids=data["input_ids"][part].to(device),
+                       attention_mask=data["attention_mask"][part].to(device)).logits
+        gold = data["labels"][part, 1:].to(device)
+        hits = ((logits[:, :-1].argmax(-1) == gold) | (gold == -100)).all(1)
+        if counted:
+            counts += torch.tensor([hits.sum().item(), len(part)], dtype=torch.float64, device=device)
+    if dist.is_initialized():
+        dist.all_reduce(counts)
+    return (counts[0] / counts[1]).item()
 
 
 def lr_factor(step: int, warmup: int, total: int) -> float:
@@ -122,6 +152,7 @@ def train_loop(config: dict) -> None:
     torch.manual_seed(stage.seed)
     objective = _build_objective(stage)
     data = load_file(stage.data_path)
+    validation = load_file(stage.val_path) if stage.val_path else None
     optimizer = torch.optim.AdamW([p for p in objective.parameters() if p.requires_grad], lr=train["lr"],
                                   weight_decay=train["weight_decay"], betas=(0.9, 0.95))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -155,6 +186,11 @@ def train_loop(config: dict) -> None:
         if step % train["log_every"] == 0 or step == train["steps"]:
             report = {k: v / count for k, v in sums.items()}
             report.update(step=step, lr=scheduler.get_last_lr()[0], steps_per_s=count / (time.time() - started))
+            due = step == train["steps"] or (train["eval_every"] and step % train["eval_every"] == 0)
+            if validation is not None and due:
+                engine.eval()
+                report["val_accuracy"] = exact_match(engine.module.model, validation, rank, world, micro)
+                engine.train()
             sums, count, started, last = {}, 0, time.time(), report
             if logger:
                 logger.log(report, step)
@@ -188,7 +224,7 @@ def _report_checkpoint(engine, objective, metrics: dict, model_dir: str, step: i
                      checkpoint_dir_name=f"step-{step:06d}", delete_local_checkpoint_after_upload=True)
 
 
-def fit(stage: Stage, output_dir: str | Path, storage_path: str | Path) -> tuple[Path, dict]:
+def fit(stage: Stage, output_dir: str | Path, storage_path: str | Path, callbacks: list | None = None) -> tuple[Path, dict]:
     """Run the stage under Ray Train and copy the trained HF model to ``output_dir``."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -199,7 +235,7 @@ def fit(stage: Stage, output_dir: str | Path, storage_path: str | Path) -> tuple
         scaling_config=ScalingConfig(num_workers=stage.train["num_workers"], use_gpu=torch.cuda.is_available()),
         run_config=RunConfig(name=stage.name, storage_path=str(storage_path), worker_runtime_env={"env_vars": WORKER_ENV},
                              failure_config=FailureConfig(max_failures=1),
-                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2), callbacks=callbacks),
     )
     result = trainer.fit()
     if result.checkpoint is None:

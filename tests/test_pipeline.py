@@ -48,10 +48,14 @@ def test_mlflow_holds_params_metrics_and_artifacts(tiny_run):
     ce = client.get_metric_history(stages["student"].info.run_id, "ce")
     assert [m.step for m in ce] == [3, 6]
     assert client.get_metric_history(stages["student"].info.run_id, "first_order")
+    for stage in ("teacher", "student"):  # validation exact match at the end of each stage
+        (val,) = client.get_metric_history(stages[stage].info.run_id, "val_accuracy")
+        assert val.step == 6 and 0.0 <= val.value <= 1.0
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"config.yaml", "results.md"} <= artifacts
     spectrum = {a.path for a in client.list_artifacts(stages["trajectories"].info.run_id)}
-    assert "subspace_spectrum.json" in spectrum
+    assert {"subspace_spectrum.json", "subspace_spectrum.png"} <= spectrum
+    assert "erank_layer_1" in stages["trajectories"].data.metrics
 
 
 def test_models_are_plain_hf_directories(tiny_run):

@@ -58,3 +58,19 @@ def test_effective_rank_bounds_and_direct_value():
     p = s / s.sum()
     assert torch.isclose(effective_rank(s), torch.exp(-(p * p.log()).sum()))
     assert 1.0 <= effective_rank(s) <= 3.0
+
+
+def test_spectrum_summary_erank_equals_erank_of_centred_trajectories():
+    from lori_ray.plots import spectrum_figure, spectrum_summary
+
+    torch.manual_seed(0)
+    x = torch.randn(300, 2, 6, dtype=torch.float64) * torch.tensor([4.0, 2.0, 1.0, 0.5, 0.2, 0.1])
+    moments = Moments.zeros(2, 6)
+    moments.update(x)
+    summary = spectrum_summary(fit_pca(moments, 3), layers=[1, 3])
+    for i in range(2):
+        direct = effective_rank(torch.linalg.svdvals(x[:, i] - x[:, i].mean(0)))
+        assert abs(summary["erank"][i] - direct.item()) < 1e-4
+        assert 1.0 <= summary["erank"][i] <= 6.0
+        assert abs(summary["cumulative_explained_variance"][i][-1] - 1.0) < 1e-6
+    assert len(spectrum_figure(summary).axes) == 2

@@ -1,0 +1,67 @@
+"""Accuracy of every method on one task under one budget, as one table.
+
+    python bench/accuracy.py --config configs/accuracy-cpu.yaml [--methods nocot icot_kd lori] [key=value ...]
+
+The first method trains the teacher (explicit CoT) and builds the trajectory store; the others
+reuse both, so every student gets the same teacher, data, steps and batch. Prints: method,
+exact-match accuracy, generated tokens per answer, inference time and speedup over `explicit`;
+writes the table to <output_dir>/<name>/accuracy.md.
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from lori_ray.config import ConfigError, check_rerun, load_config  # noqa: E402
+
+METHODS = ("nocot", "icot_kd", "lori")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    parser.add_argument("overrides", nargs="*", help="key.sub=value, applied to every method")
+    args = parser.parse_args()
+    try:
+        base = load_config(args.config, args.overrides)
+        configs = {m: load_config(args.config, [*args.overrides, f"name={base.name}-{m}", f"student.method={m}"])
+                   for m in args.methods}
+        for config in configs.values():
+            check_rerun(config)
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+    from lori_ray.cluster import connect
+    from lori_ray.pipeline import run
+
+    connect(base)
+    reports, teacher_path, teacher_result = {}, base.teacher.path, None
+    for method, config in configs.items():
+        if teacher_path:
+            config.teacher.path = str(teacher_path)
+        reports[method] = run(config, teacher_result)
+        teacher_path = teacher_path or config.run_dir / "teacher"
+        teacher_result = reports[method].teacher
+
+    explicit = teacher_result
+    rows = [("explicit", explicit)] + [(m, r.student) for m, r in reports.items()]
+    lines = [f"task: {base.data.task} {base.data.eval_file or base.data.digits}, {explicit.examples} held-out examples; "
+             f"student budget {base.student.train.steps} steps x batch {base.student.train.batch_size}; "
+             f"model {base.model.family}/{base.model.path or base.model.size}",
+             "", "| method | accuracy | tokens/answer | inference s | speedup vs explicit |", "|---|---|---|---|---|"]
+    lines += [f"| {name} | {r.accuracy:.3f} | {r.tokens_per_answer:.1f} | {r.seconds:.2f} | "
+              f"{explicit.seconds / max(r.seconds, 1e-9):.2f}x |" for name, r in rows]
+    table = "\n".join(lines)
+    print("\n" + table, flush=True)
+    out = base.run_dir / "accuracy.md"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(table + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,136 @@
+"""Ray Tune search over the student's hyperparameters (rank, λ1, λ2, K, aligned layers).
+
+The teacher and the trajectory store are prepared once, at ``subspace.max_rank``, before any
+trial starts; each trial reads the store (a rank-r trial uses the leading r coordinates), builds
+its student tensors and trains them with a ``TorchTrainer`` whose reports reach Tune through
+``TuneReportCallback``. MLflow: one parent run for the search, one nested run per trial.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import mlflow
+import ray
+from matplotlib.figure import Figure
+from ray import tune
+from ray.air.integrations.mlflow import MLflowLoggerCallback
+from ray.tune.integration.ray_train import TuneReportCallback
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+from .config import Config, with_overrides
+from .pipeline import (evaluate_model, latent_slots, load_data, log, make_stage, student_stage, teacher_sft,
+                       trajectory_stage)
+from .tracking import pipeline_run
+from .train import fit
+from .trajectories import TrajectoryStore
+
+
+def search_space(space: dict[str, dict[str, list]]) -> dict:
+    """The YAML space (``{key: {choice: [...]}}``) as Tune distributions, keyed by dotted config field."""
+    make = {"choice": tune.choice, "uniform": lambda v: tune.uniform(*v), "loguniform": lambda v: tune.loguniform(*v),
+            "randint": lambda v: tune.randint(*v)}
+    return {key: make[kind](values) for key, spec in space.items() for kind, values in spec.items()}
+
+
+def max_concurrent_trials(config: Config) -> int:
+    """As many trials as the cluster has CPUs for all their workers at once: more would only wait."""
+    if config.tune.max_concurrent_trials:
+        return config.tune.max_concurrent_trials
+    cpus = ray.cluster_resources().get("CPU", 1)
+    return max(1, int(cpus // max(config.student.train.num_workers, 1)))
+
+
+def trial_config(config: Config, params: dict, trial_id: str, teacher_dir: Path) -> Config:
+    train = config.student.train
+    return with_overrides(config, {
+        **params, "name": trial_id, "output_dir": str(config.run_dir / "trials"), "teacher.path": str(teacher_dir),
+        "trajectory.store_dir": str(config.store_dir),
+        "student.train.eval_every": train.log_every,  # every report carries the metric ASHA compares
+    })
+
+
+def make_trial(config: Config, teacher_dir: Path, splits, store_path: Path):
+    def trial(params: dict) -> None:
+        trial_id = tune.get_context().get_trial_id()
+        settings = trial_config(config, params, trial_id, teacher_dir)
+        init, data, fields = student_stage(settings, teacher_dir, splits, TrajectoryStore(store_path))
+        stage = make_stage(settings, "student", init, data, settings.student.train, **fields)
+        fit(stage, settings.run_dir / "student", settings.run_dir / "ray", callbacks=[TuneReportCallback()])
+    return trial
+
+
+def summary_table(rows: list[dict], keys: list[str], metric: str) -> str:
+    lines = ["| trial | " + " | ".join(keys) + f" | {metric} |", "|---" * (len(keys) + 2) + "|"]
+    for row in rows:
+        values = [f"{row['params'].get(k):.4g}" if isinstance(row["params"].get(k), float) else str(row["params"].get(k))
+                  for k in keys]
+        lines.append(f"| {row['trial']} | " + " | ".join(values) + f" | {row['metric']:.4f} |")
+    return "\n".join(lines)
+
+
+def accuracy_by_rank_figure(rows: list[dict], default_rank: int, metric: str) -> Figure:
+    figure = Figure(figsize=(5, 4))
+    axes = figure.subplots()
+    axes.scatter([row["params"].get("subspace.rank", default_rank) for row in rows], [row["metric"] for row in rows])
+    axes.set(xlabel="subspace rank r", ylabel=metric, title="Tune trials: accuracy vs rank")
+    return figure
+
+
+def run_search(config: Config) -> dict:
+    """Teacher and store once, then the Tune search; returns the best trial's summary."""
+    config.run_dir.mkdir(parents=True, exist_ok=True)
+    (config.run_dir / "config.yaml").write_text(config.to_yaml())
+    splits = load_data(config)
+    uri, metric = config.tracking_uri(), config.tune.metric
+    with pipeline_run(uri, config.tracking.experiment, config.name, config.model_dump(mode="json"),
+                      config.to_yaml()) as parent:
+        teacher_dir = teacher_sft(config, splits)
+        store = trajectory_stage(config, teacher_dir, splits.train)
+
+        # a trial only drives its TorchTrainer: no CPU of its own (a bundle may not be empty, hence 1 MiB memory)
+        trainable = tune.with_resources(make_trial(config, teacher_dir, splits, store.path),
+                                        {"cpu": 0, "memory": 1 << 20})
+        path = config.run_dir / "tune" / "search"
+        if tune.Tuner.can_restore(path):
+            log(f"[tune] resuming the search in {path}")
+            tuner = tune.Tuner.restore(str(path), trainable, resume_errored=True)
+        else:
+            scheduler = (ASHAScheduler(grace_period=config.tune.grace_period, time_attr="training_iteration")
+                         if config.tune.scheduler == "asha" else FIFOScheduler())
+            search_alg = None
+            if config.tune.search == "optuna":
+                from ray.tune.search.optuna import OptunaSearch
+                search_alg = OptunaSearch()
+            concurrent = max_concurrent_trials(config)
+            log(f"[tune] {config.tune.num_samples} trials, at most {concurrent} at a time")
+            tuner = tune.Tuner(
+                trainable, param_space=search_space(config.tune.space),
+                tune_config=tune.TuneConfig(metric=metric, mode=config.tune.mode, num_samples=config.tune.num_samples,
+                                            scheduler=scheduler, search_alg=search_alg,
+                                            max_concurrent_trials=concurrent),
+                run_config=tune.RunConfig(
+                    name="search", storage_path=str(config.run_dir / "tune"),
+                    callbacks=[MLflowLoggerCallback(tracking_uri=uri, experiment_name=config.tracking.experiment,
+                                                    tags={"mlflow.parentRunId": parent.info.run_id})]))
+        grid = tuner.fit()
+
+        rows = sorted(({"trial": r.metrics.get("trial_id"), "params": r.config, "metric": r.metrics.get(metric, float("nan")),
+                        "checkpoint": r.metrics.get("checkpoint_path")} for r in grid if r.metrics),
+                      key=lambda row: row["metric"], reverse=config.tune.mode == "max")
+        table = summary_table(rows, list(config.tune.space), metric)
+        print("\n" + table, flush=True)
+        mlflow.log_text(table, "tune_summary.md")
+        mlflow.log_figure(accuracy_by_rank_figure(rows, config.subspace.rank, metric), "accuracy_vs_rank.png")
+        best = next(row for row in rows if row["checkpoint"])  # trials ASHA stopped early have no final model
+        best_config = with_overrides(config, best["params"])
+        held_out = evaluate_model(best_config, Path(best["checkpoint"]) / "hf", splits.held_out,
+                                  slots=latent_slots(best_config))
+        summary = {**best, "held_out_accuracy": held_out.accuracy, "trials": len(rows)}
+        mlflow.log_dict(summary, "best_trial.json")
+        mlflow.log_metrics({f"best_{metric}": best["metric"], "best_held_out_accuracy": held_out.accuracy})
+        mlflow.set_tag("best_checkpoint", best["checkpoint"])
+        log(f"[tune] best trial {best['trial']}: {metric}={best['metric']:.4f}, held-out accuracy "
+            f"{held_out.accuracy:.4f}, params {json.dumps(best['params'])}, checkpoint {best['checkpoint']}")
+    return summary

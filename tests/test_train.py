@@ -1,0 +1,42 @@
+import torch
+
+from lori_ray.data import generate_multiplication
+from lori_ray.models import build_model
+from lori_ray.tokens import IGNORE_INDEX, Layout, arithmetic_tokenizer, left_pad
+from lori_ray.train import batch_indices, deepspeed_config, exact_match, lr_factor
+
+
+def test_exact_match_equals_greedy_generation():
+    torch.manual_seed(0)
+    tokenizer = arithmetic_tokenizer()
+    layout = Layout(tokenizer)
+    model = build_model("llama", "tiny", len(tokenizer), 64, {"pad_token_id": layout.pad}).eval()
+    prompts = [layout.question(e) for e in generate_multiplication(6, 2, 2)]
+    batch = left_pad(prompts, layout.pad)
+    generated = model.generate(**batch, max_new_tokens=5, do_sample=False, pad_token_id=layout.pad)
+    continuation = generated[:, batch["input_ids"].shape[1]:]
+    # right-padded sequences whose labels are exactly the model's own greedy continuation
+    length = len(prompts[0]) + 5
+    data = {"input_ids": torch.cat([torch.tensor(prompts), continuation], 1),
+            "attention_mask": torch.ones(6, length, dtype=torch.long),
+            "labels": torch.cat([torch.full((6, len(prompts[0])), IGNORE_INDEX), continuation], 1)}
+    assert exact_match(model, data, rank=0, world=1, batch_size=4) == 1.0
+    wrong = data["labels"].clone()
+    wrong[:3, -2] = (wrong[:3, -2] + 1) % len(tokenizer)
+    assert exact_match(model, {**data, "labels": wrong}, rank=0, world=1, batch_size=4) == 0.5
+    # a rank sees every world-th row
+    assert exact_match(model, {**data, "labels": wrong}, rank=1, world=2, batch_size=2) == 2 / 3  # rows 1, 3, 5
+
+
+def test_batches_are_deterministic_epoch_permutations():
+    first = torch.cat([batch_indices(s, 10, 5, seed=0) for s in range(2)])
+    assert sorted(first.tolist()) == list(range(10))
+    assert torch.equal(batch_indices(3, 10, 5, seed=0), batch_indices(3, 10, 5, seed=0))
+    assert not torch.equal(batch_indices(0, 10, 5, seed=0), batch_indices(2, 10, 5, seed=0))
+
+
+def test_schedule_and_deepspeed_config():
+    assert lr_factor(0, 10, 100) == 0.1 and lr_factor(9, 10, 100) == 1.0
+    assert lr_factor(100, 10, 100) == 0.1 and 0.1 < lr_factor(50, 10, 100) < 1.0
+    config = deepspeed_config({"batch_size": 64, "grad_clip": 1.0, "zero_stage": 3}, world_size=2)
+    assert config["train_micro_batch_size_per_gpu"] == 32 and config["zero_optimization"]["stage"] == 3

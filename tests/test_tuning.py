@@ -1,0 +1,97 @@
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import pytest
+from ray import tune
+
+from lori_ray.config import ConfigError, load_config
+from lori_ray.models import preset_config
+from lori_ray.tuning import search_space, trial_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_search_space_maps_yaml_to_tune_distributions():
+    space = search_space({"subspace.rank": {"choice": [2, 4]}, "loss.first_order": {"loguniform": [0.1, 10.0]},
+                          "loss.second_order": {"uniform": [0.0, 1.0]}, "student.latent_slots": {"randint": [1, 3]}})
+    assert isinstance(space["subspace.rank"], tune.search.sample.Categorical)
+    assert space["loss.first_order"].lower == 0.1 and space["loss.first_order"].upper == 10.0
+    assert isinstance(space["student.latent_slots"], tune.search.sample.Integer)
+
+
+@pytest.mark.parametrize("override, message", [
+    ('tune.space={"subspace.rank": {"choice": [4, 99]}}', r"tune.space.subspace.rank: value 99 is invalid"),
+    ('tune.space={"loss.fourth_order": {"choice": [1]}}', r"tune.space.loss.fourth_order: .*Extra inputs"),
+    ('tune.space={"loss.ce": {"normal": [0, 1]}}', r"tune.space: loss.ce needs exactly one of"),
+    ('tune.space={"loss.ce": {"uniform": [0]}}', r"tune.space: loss.ce: uniform takes \[low, high\]"),
+    ('tune.space={"loss.layers": {"choice": [[1], [7]]}}', r"tune.space.loss.layers: value \[7\] is invalid"),
+])
+def test_bad_search_space_names_the_field(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(ROOT / "configs/tune-demo.yaml", [override])
+
+
+def test_trial_config_applies_params_and_shares_teacher_and_store(tmp_path):
+    config = load_config(ROOT / "configs/tune-demo.yaml", [f"output_dir={tmp_path}"])
+    teacher = tmp_path / "teacher"
+    preset_config("llama", "small", 20, 64, {}).save_pretrained(teacher)  # the shape is all validation reads
+    settings = trial_config(config, {"subspace.rank": 2, "loss.first_order": 0.5}, "t1", teacher)
+    assert settings.subspace.rank == 2 and settings.loss.first_order == 0.5
+    assert settings.run_dir == config.run_dir / "trials" / "t1" and settings.teacher.path == str(teacher)
+    assert settings.store_dir == config.store_dir
+    assert settings.student.train.eval_every == settings.student.train.log_every
+
+
+def run_tune(output: Path) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
+    env["RAY_USAGE_STATS_ENABLED"] = "0"
+    return subprocess.run([sys.executable, "jobs/tune.py", "--config", "configs/tune-demo.yaml",
+                           f"output_dir={output}", "cluster.num_cpus=2"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
+
+
+@pytest.fixture(scope="module")
+def search(tmp_path_factory):
+    output = tmp_path_factory.mktemp("tune")
+    result = run_tune(output)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    return output, result.stdout
+
+
+def extractions(output: Path) -> tuple[int, int]:
+    (manifest,) = (output / "trajectories").glob("*/manifest.json")
+    lines = (manifest.parent / "extraction.log").read_text().splitlines()
+    return len(lines), json.loads(manifest.read_text())["shards"]
+
+
+def test_every_trial_is_an_mlflow_run_with_params_and_metrics(search):
+    output, stdout = search
+    mlflow.set_tracking_uri(f"sqlite:///{output / 'tune-demo' / 'mlflow.db'}")
+    runs = mlflow.search_runs(experiment_names=["lori-ray"], output_format="list")
+    parent = next(r for r in runs if r.info.run_name == "tune-demo")
+    trials = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id
+              and "subspace.rank" in r.data.params]
+    assert len(trials) == 4
+    for run in trials:
+        assert {"loss.first_order", "loss.second_order", "student.latent_slots"} <= set(run.data.params)
+        assert 0.0 <= run.data.metrics["val_accuracy"] <= 1.0
+        history = mlflow.MlflowClient().get_metric_history(run.info.run_id, "ce")
+        assert len(history) >= 1
+    assert "best_held_out_accuracy" in parent.data.metrics
+    artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(parent.info.run_id)}
+    assert {"tune_summary.md", "accuracy_vs_rank.png", "best_trial.json"} <= artifacts
+    assert "| trial | subspace.rank | loss.first_order |" in stdout
+
+
+def test_teacher_ran_once_for_all_trials_and_a_rerun_resumes(search):
+    output, _ = search
+    passes, shards = extractions(output)
+    assert passes == shards  # one extraction per shard: a single teacher pass for four trials
+    again = run_tune(output)
+    assert again.returncode == 0, again.stdout[-4000:] + again.stderr[-4000:]
+    assert "resuming the search" in again.stdout
+    assert extractions(output)[0] == shards
