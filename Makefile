@@ -6,7 +6,7 @@ TORCH  ?= torch==2.13.0
 DEEPSPEED ?= deepspeed==0.19.8
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo test clean
+.PHONY: setup demo tune-demo test clean
 
 setup: $(STAMP)
 
@@ -23,6 +23,9 @@ $(STAMP): pyproject.toml Makefile
 
 demo: setup
 	bash scripts/demo.sh
+
+tune-demo: setup
+	JOB=jobs/tune.py CONFIG=configs/tune-demo.yaml bash scripts/demo.sh
 
 test: setup
 	$(PY) -m pytest -q tests

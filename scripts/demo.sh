@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# `make demo`: start a private Ray head on 127.0.0.1 (token auth), submit jobs/distill.py to it,
-# follow the job's logs, print the result table, and stop only the head this script started.
+# `make demo` / `make tune-demo`: start a private Ray head on 127.0.0.1 (token auth), submit a job
+# (JOB, default jobs/distill.py) to it, follow its logs, print the results, and stop only the head
+# this script started.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
+JOB=${JOB:-jobs/distill.py}
 CONFIG=${CONFIG:-configs/demo.yaml}
 GCS_PORT=${RAY_DEMO_PORT:-6390}
 DASHBOARD_PORT=${RAY_DEMO_DASHBOARD_PORT:-8265}
@@ -45,8 +47,8 @@ setsid bash -c 'echo $$ > "$0"; exec "$@"' "$STATE/session" \
 started=$(date +%s)
 ray job submit --address "http://127.0.0.1:$DASHBOARD_PORT" --working-dir . \
   --runtime-env-json '{"excludes": [".venv", "runs", ".git", ".gpu"]}' \
-  -- python jobs/distill.py --config "$CONFIG" "output_dir=$ROOT/runs" "$@"
+  -- python "$JOB" --config "$CONFIG" "output_dir=$ROOT/runs" "$@"
 name=$(python -c "import sys, yaml; print(yaml.safe_load(open(sys.argv[1]))['name'])" "$CONFIG")
 echo
-echo "[demo] finished in $(( $(date +%s) - started ))s; results in runs/$name/results.md, MLflow store runs/$name/mlflow.db"
-cat "runs/$name/results.md"
+echo "[demo] finished in $(( $(date +%s) - started ))s; MLflow store runs/$name/mlflow.db"
+if [ -f "runs/$name/results.md" ]; then cat "runs/$name/results.md"; fi
