@@ -1,0 +1,96 @@
+"""Offline checks of the container image and KubeRay manifests (no cluster, no Docker engine)."""
+
+import copy
+import json
+import re
+import shlex
+from pathlib import Path
+
+import jsonschema
+import pytest
+import ray
+import yaml
+
+from lori_ray.config import load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+MANIFESTS = sorted((ROOT / "docker" / "kuberay").glob("*.yaml"))
+SCHEMAS = {kind: json.loads((ROOT / "tests" / "schemas" / f"{kind.lower()}.schema.json").read_text())
+           for kind in ("RayJob", "RayCluster")}
+
+
+def load(path):
+    return yaml.safe_load(path.read_text())
+
+
+def cluster_spec(manifest):
+    return manifest["spec"]["rayClusterSpec"] if manifest["kind"] == "RayJob" else manifest["spec"]
+
+
+def pod_specs(manifest):
+    spec = cluster_spec(manifest)
+    yield "head", spec["headGroupSpec"]["template"]["spec"]
+    for group in spec["workerGroupSpecs"]:
+        yield group["groupName"], group["template"]["spec"]
+
+
+@pytest.mark.parametrize("path", MANIFESTS, ids=lambda p: p.name)
+def test_manifest_matches_the_kuberay_crd_schema(path):
+    manifest = load(path)
+    assert manifest["apiVersion"] == "ray.io/v1"
+    jsonschema.Draft7Validator(SCHEMAS[manifest["kind"]]).validate(manifest)
+
+
+def test_schema_is_strict_about_unknown_fields_and_types():
+    manifest = load(ROOT / "docker" / "kuberay" / "rayjob.yaml")
+    validator = jsonschema.Draft7Validator(SCHEMAS["RayJob"])
+    unknown = copy.deepcopy(manifest)
+    unknown["spec"]["rayClusterSpec"]["headGroupSpec"]["replicas"] = 1
+    assert any("additional properties" in e.message.lower() for e in validator.iter_errors(unknown))
+    wrong_type = copy.deepcopy(manifest)
+    wrong_type["spec"]["shutdownAfterJobFinishes"] = "yes"
+    assert list(validator.iter_errors(wrong_type))
+
+
+@pytest.mark.parametrize("path", MANIFESTS, ids=lambda p: p.name)
+def test_manifest_project_rules(path):
+    manifest = load(path)
+    spec = cluster_spec(manifest)
+    assert spec["rayVersion"] == ray.__version__
+    assert spec["authOptions"]["mode"] == "token"
+    for name, pod in pod_specs(manifest):
+        for container in pod["containers"]:
+            assert re.search(rf":[\w.-]*ray{re.escape(ray.__version__)}\b", container["image"]), container["image"]
+            resources = container["resources"]
+            assert {"cpu", "memory"} <= set(resources["requests"]) and {"cpu", "memory"} <= set(resources["limits"])
+            for env in container.get("env", []):  # credentials come from Secrets, never literals
+                assert "value" not in env or not re.search(r"TOKEN|PASSWORD|SECRET|KEY|URI", env["name"])
+            mounts = {m["mountPath"] for m in container.get("volumeMounts", [])}
+            assert "/mnt/shared" in mounts, f"{name}: the shared volume holds stores and checkpoints"
+        if name != "head":
+            assert all(c["resources"]["limits"].get("nvidia.com/gpu") for c in pod["containers"])
+            assert any(t["key"] == "nvidia.com/gpu" for t in pod["tolerations"])
+    if manifest["kind"] == "RayJob":
+        job = manifest["spec"]
+        assert job["submissionMode"] in ("K8sJobMode", "HTTPMode", "SidecarMode", "InteractiveMode")
+        assert job["shutdownAfterJobFinishes"] is True and job["ttlSecondsAfterFinished"] > 0
+        assert 0 <= job["backoffLimit"] <= 3
+        command = shlex.split(job["entrypoint"])
+        assert command[0] == "python" and (ROOT / command[1]).is_file()
+        config_path = command[command.index("--config") + 1]
+        overrides = [a for a in command[command.index("--config") + 2:] if "=" in a]
+        config = load_config(ROOT / config_path, overrides)
+        assert str(config.run_dir).startswith("/mnt/shared/"), "outputs must live on the shared volume"
+
+
+def test_dockerfile_pins_ray_runs_unprivileged_and_bakes_no_secrets():
+    text = (ROOT / "docker" / "Dockerfile").read_text()
+    default_tag = re.search(r"^ARG RAY_TAG=(\S+)", text, re.M)[1]
+    assert default_tag.startswith(ray.__version__ + "-")
+    assert re.search(r"^FROM rayproject/ray:\$\{RAY_TAG\}", text, re.M)
+    users = re.findall(r"^USER (\S+)", text, re.M)
+    assert users and users[-1] not in ("root", "0")
+    assert "--no-build-isolation" in text and re.search(r"torch==[\d.]+", text)
+    assert not re.search(r"^(ENV|ARG) \S*(TOKEN|PASSWORD|SECRET|API_KEY)", text, re.M)
+    pinned = re.search(r'"ray\[[^]]*\]==([\d.]+)"', (ROOT / "pyproject.toml").read_text())[1]
+    assert pinned == ray.__version__
