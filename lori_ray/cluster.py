@@ -9,6 +9,13 @@ import ray
 from .config import Config
 
 
+def gpus(requested: float | None) -> float:
+    """GPUs per worker or actor: as configured, else one when the cluster has any."""
+    if requested is not None:
+        return requested
+    return 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+
+
 def connect(config: Config) -> None:
     address = config.cluster.address or os.environ.get("RAY_ADDRESS")
     if address:

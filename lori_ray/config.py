@@ -124,8 +124,17 @@ class StudentConfig(Section):
     # latent slots (weight loss.first_order); nocot: CE only, question -> answer with no latent slots
     method: Literal["lori", "icot_kd", "nocot"] = "lori"
     init: Literal["teacher", "scratch"] = "teacher"
+    size: str | None = None  # init=scratch: a size preset (another width → least-squares projection init)
     latent_slots: int = Field(3, gt=0)
     train: TrainConfig = TrainConfig(steps=500)
+
+    @model_validator(mode="after")
+    def _size(self):
+        if self.size is not None and self.size not in SIZES:
+            raise ValueError(f"size: must be one of {sorted(SIZES)}")
+        if self.size is not None and self.init != "scratch":
+            raise ValueError("size: only with init 'scratch' (init 'teacher' copies the teacher's shape)")
+        return self
 
 
 class LossConfig(Section):
@@ -177,6 +186,9 @@ class TuneConfig(Section):
 class ClusterConfig(Section):
     address: str | None = None  # None: $RAY_ADDRESS or a new local cluster bound to 127.0.0.1
     num_cpus: int | None = None  # local cluster only
+    # GPUs per train worker / teacher actor; None: 1 when the cluster has GPUs, else 0 (CPU)
+    gpus_per_worker: float | None = Field(None, ge=0)
+    gpus_per_actor: float | None = Field(None, ge=0)
 
 
 class Config(Section):

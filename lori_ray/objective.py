@@ -42,9 +42,31 @@ class TrajectoryProjection(nn.Module):
             projection.bias.copy_(-torch.einsum("lrd,ld->lr", projection.weight, subspace.mean))
         return projection
 
+    @classmethod
+    def fit(cls, states: torch.Tensor, targets: torch.Tensor) -> "TrajectoryProjection":
+        """Least squares per layer on a calibration batch: states [n, L, K, d] → targets [n, L, K, r]
+        (the initialisation when student and teacher widths differ)."""
+        layers, dim, rank = states.shape[1], states.shape[-1], targets.shape[-1]
+        projection = cls(layers, dim, rank)
+        with torch.no_grad():
+            for layer in range(layers):
+                x = states[:, layer].reshape(-1, dim).double()
+                design = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], 1)
+                solution = torch.linalg.lstsq(design, targets[:, layer].reshape(-1, rank).double()).solution
+                projection.weight[layer] = solution[:dim].T.float()
+                projection.bias[layer] = solution[dim].float()
+        return projection
+
     def forward(self, states: torch.Tensor) -> torch.Tensor:
         """states [B, L, K, d] → coordinates [B, L, K, r]."""
         return torch.einsum("blkd,lrd->blkr", states, self.weight) + self.bias[:, None, :]
+
+
+def slot_states(hidden_states: tuple[torch.Tensor, ...], layers: list[int], positions: torch.Tensor) -> torch.Tensor:
+    """Hidden states of ``layers`` at the latent-slot ``positions`` [B, K] → [B, L, K, d]."""
+    states = torch.stack([hidden_states[layer] for layer in layers], dim=1)
+    index = positions[:, None, :, None].expand(-1, states.shape[1], -1, states.shape[-1])
+    return torch.gather(states, 2, index)
 
 
 class LMObjective(nn.Module):
@@ -70,9 +92,7 @@ class LMObjective(nn.Module):
                             labels=batch["labels"], output_hidden_states=aligns)
         terms = {"ce": output.loss}
         if aligns:
-            states = torch.stack([output.hidden_states[layer] for layer in self.student_layers], dim=1)
-            slots = batch["latent_positions"][:, None, :, None].expand(-1, states.shape[1], -1, states.shape[-1])
-            states = torch.gather(states, 2, slots).float()  # [B, L, K, d]
+            states = slot_states(output.hidden_states, self.student_layers, batch["latent_positions"]).float()
             if self.projection is not None:
                 terms.update(self.lori(self.projection(states), batch["targets"]))
             else:

@@ -14,13 +14,14 @@ from typing import NamedTuple
 
 import mlflow
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
+from .cluster import gpus
 from .config import Config, ConfigError
 from .data import Example, generate_multiplication, read_examples
 from .evaluate import EvalResult, evaluate
 from .models import build_model, load_model
-from .objective import TrajectoryProjection, pair_layers
+from .objective import TrajectoryProjection, pair_layers, slot_states
 from .teacher import build_store
 from .tokens import Layout, add_latent_tokens, arithmetic_tokenizer, collate, load_tokenizer
 from .plots import spectrum_figure, spectrum_summary
@@ -82,7 +83,8 @@ def write_tensors(sequences, pad_id: int, max_positions: int, path: Path, **extr
 
 def make_stage(config: Config, name: str, model_dir: Path, data_path: Path, train_config, **fields) -> Stage:
     return Stage(name=f"{config.name}-{name}", model_dir=str(model_dir), data_path=str(data_path),
-                 train=train_config.model_dump(), seed=config.seed, tracking_uri=config.tracking_uri(), **fields)
+                 train=train_config.model_dump(), seed=config.seed, tracking_uri=config.tracking_uri(),
+                 gpus_per_worker=gpus(config.cluster.gpus_per_worker), **fields)
 
 
 def train_stage(config: Config, name: str, model_dir: Path, data_path: Path, train_config, **stage_fields) -> Path:
@@ -129,8 +131,8 @@ def student_init(config: Config, teacher_dir: Path, slots: int) -> Path:
     else:
         teacher = json.loads((teacher_dir / "config.json").read_text())
         special = {f"{k}_token_id": teacher.get(f"{k}_token_id") for k in ("pad", "bos", "eos")}
-        model = build_model(config.model.family, config.model.size, len(tokenizer), config.model.max_positions,
-                            special, seed=config.seed + 2)
+        model = build_model(config.model.family, config.student.size or config.model.size, len(tokenizer),
+                            config.model.max_positions, special, seed=config.seed + 2)
     model.resize_token_embeddings(len(tokenizer))
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
@@ -139,6 +141,16 @@ def student_init(config: Config, teacher_dir: Path, slots: int) -> Path:
 
 def latent_slots(config: Config) -> int:
     return 0 if config.student.method == "nocot" else config.student.latent_slots
+
+
+@torch.no_grad()
+def calibrated_projection(model_dir: Path, data_path: Path, layers: list[int], rows: int = 256) -> TrajectoryProjection:
+    """Least-squares P_l from the initial student's slot states to the teacher coordinates."""
+    data = {k: v[:rows] for k, v in load_file(data_path).items()}
+    output = load_model(model_dir).eval()(input_ids=data["input_ids"], attention_mask=data["attention_mask"],
+                                          output_hidden_states=True)
+    states = slot_states(output.hidden_states, layers, data["latent_positions"])
+    return TrajectoryProjection.fit(states, data["targets"])
 
 
 def student_stage(config: Config, teacher_dir: Path, splits: Splits, store) -> tuple[Path, Path, dict]:
@@ -177,7 +189,7 @@ def student_stage(config: Config, teacher_dir: Path, splits: Splits, store) -> t
         selected = type(subspace)(subspace.mean[rows], subspace.basis[rows], subspace.eigenvalues[rows])
         projection = TrajectoryProjection.from_subspace(selected)
     else:
-        projection = TrajectoryProjection(len(rows), student_config["hidden_size"], config.subspace.rank)
+        projection = calibrated_projection(init, data, [s for s, _ in pairs])
     projection_path = config.run_dir / "data" / "projection.safetensors"
     save_file({k: v.detach().contiguous() for k, v in projection.state_dict().items()}, projection_path)
     weights = {"ce": loss.ce, "first_order": loss.first_order, "second_order": loss.second_order}
@@ -213,7 +225,8 @@ def trajectory_stage(config: Config, teacher_dir: Path, train: list[Example]):
     with stage_run("trajectories"):
         store = build_store(teacher_dir, train, layers, config.subspace.max_rank, config.store_dir,
                             config.trajectory.num_actors, config.trajectory.batch_size,
-                            trust_remote_code=config.model.trust_remote_code, log=log)
+                            trust_remote_code=config.model.trust_remote_code,
+                            gpus_per_actor=gpus(config.cluster.gpus_per_actor), log=log)
         subspace = store.subspace()
         spectrum = spectrum_summary(subspace, layers)
         mlflow.log_dict(spectrum, "subspace_spectrum.json")
@@ -228,7 +241,10 @@ def evaluate_model(config: Config, model_dir: Path, held_out: list[Example], slo
     """``slots=None``: the teacher, prompted with the question and writing its CoT."""
     tokenizer = load_tokenizer(str(model_dir), config.model.trust_remote_code)
     layout = Layout(tokenizer, add_latent_tokens(tokenizer, slots) if slots is not None else None)
-    return evaluate(load_model(model_dir, trust_remote_code=config.model.trust_remote_code), layout, held_out,
+    model = load_model(model_dir, trust_remote_code=config.model.trust_remote_code)
+    if torch.cuda.is_available():
+        model = model.to("cuda", torch.bfloat16)
+    return evaluate(model, layout, held_out,
                     with_cot=slots is None, batch_size=config.eval.batch_size,
                     max_new_tokens=config.eval.max_new_tokens)
 

@@ -33,7 +33,10 @@ class TeacherWorker:
     def __init__(self, model_dir: str, layers: list[int], batch_size: int, trust_remote_code: bool = False):
         torch.set_grad_enabled(False)
         self.layout = Layout(load_tokenizer(model_dir, trust_remote_code))
-        self.model = load_model(model_dir, trust_remote_code=trust_remote_code).eval()
+        # bf16 on a GPU (hidden states are averaged and accumulated in float32/float64 below)
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        dtype = torch.bfloat16 if self.device == "cuda" else torch.float32
+        self.model = load_model(model_dir, dtype, trust_remote_code).to(self.device).eval()
         self.layers = layers
         self.batch_size = batch_size
 
@@ -44,9 +47,9 @@ class TeacherWorker:
         for start in range(0, len(examples), self.batch_size):
             sequences = [self.layout.teacher(e) for e in examples[start:start + self.batch_size]]
             batch = collate(sequences, self.layout.pad)
-            output = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                output_hidden_states=True)
-            hidden = torch.stack([output.hidden_states[layer] for layer in self.layers], dim=1).float()
+            output = self.model(input_ids=batch["input_ids"].to(self.device),
+                                attention_mask=batch["attention_mask"].to(self.device), output_hidden_states=True)
+            hidden = torch.stack([output.hidden_states[layer] for layer in self.layers], dim=1).float().cpu()
             for trajectory in step_means(hidden, [s.spans for s in sequences]):
                 trajectories.append(trajectory)
                 moments.update(trajectory.transpose(0, 1))  # every step is one sample per layer
@@ -70,7 +73,7 @@ def data_fingerprint(examples: list[Example]) -> str:
 
 def build_store(model_dir: str | Path, examples: list[Example], layers: list[int], max_rank: int,
                 store_dir: str | Path, num_actors: int = 2, batch_size: int = 64, shard_size: int = 512,
-                trust_remote_code: bool = False, log=print) -> TrajectoryStore:
+                trust_remote_code: bool = False, gpus_per_actor: float = 0.0, log=print) -> TrajectoryStore:
     """Extract, fit and project with a pool of teacher actors; reuse the store if it is complete."""
     key = store_key(file_fingerprint(model_dir), data_fingerprint(examples), layers, max_rank)
     store = TrajectoryStore(Path(store_dir) / key)
@@ -83,7 +86,7 @@ def build_store(model_dir: str | Path, examples: list[Example], layers: list[int
     for kind in ("hidden", "coords"):
         (store.path / kind).mkdir(parents=True, exist_ok=True)
 
-    worker = ray.remote(num_cpus=1, max_restarts=2, max_task_retries=2)(TeacherWorker)
+    worker = ray.remote(num_cpus=1, num_gpus=gpus_per_actor, max_restarts=2, max_task_retries=2)(TeacherWorker)
     actors = [worker.remote(str(model_dir), layers, batch_size, trust_remote_code)
               for _ in range(min(num_actors, len(shards)))]
     pool = ActorPool(actors)

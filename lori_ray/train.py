@@ -20,8 +20,7 @@ import torch
 
 # must be set before deepspeed is imported anywhere in the process
 os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
-WORKER_ENV = {
-    "DS_ACCELERATOR": os.environ["DS_ACCELERATOR"],
+WORKER_ENV = {  # DS_ACCELERATOR is not here: each worker sets it above, from the GPUs Ray gave it
     "HF_HUB_DISABLE_PROGRESS_BARS": "1",
     "TOKENIZERS_PARALLELISM": "false",
     "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",  # otherwise every worker print reaches the driver twice
@@ -40,6 +39,7 @@ class Stage:
     weights: dict = field(default_factory=lambda: {"ce": 1.0})
     student_layers: list[int] = field(default_factory=list)
     projection_path: str | None = None  # safetensors with weight, bias
+    gpus_per_worker: float = 0.0
     val_path: str | None = None  # safetensors with input_ids, labels, attention_mask of validation sequences
     tracking_uri: str | None = None
     run_id: str | None = None  # MLflow run that rank 0 logs step metrics to
@@ -232,7 +232,9 @@ def fit(stage: Stage, output_dir: str | Path, storage_path: str | Path, callback
     trainer = TorchTrainer(
         train_loop,
         train_loop_config=asdict(stage),
-        scaling_config=ScalingConfig(num_workers=stage.train["num_workers"], use_gpu=torch.cuda.is_available()),
+        scaling_config=ScalingConfig(num_workers=stage.train["num_workers"], use_gpu=stage.gpus_per_worker > 0,
+                                     resources_per_worker={"CPU": 1, "GPU": stage.gpus_per_worker}
+                                     if stage.gpus_per_worker > 0 else None),
         run_config=RunConfig(name=stage.name, storage_path=str(storage_path), worker_runtime_env={"env_vars": WORKER_ENV},
                              failure_config=FailureConfig(max_failures=1),
                              checkpoint_config=CheckpointConfig(num_to_keep=2), callbacks=callbacks),

@@ -74,3 +74,22 @@ def test_without_projection_alignment_is_full_width_mse_at_the_slots():
     expected = (slots - batch["targets"][:, 0]).pow(2).mean().item()
     assert metrics["hidden_mse"] == pytest.approx(expected, rel=1e-5)
     assert metrics["loss"] == pytest.approx(metrics["ce"] + 0.5 * expected, rel=1e-5)
+
+
+def test_least_squares_projection_recovers_a_planted_map():
+    torch.manual_seed(0)
+    states = torch.randn(64, 2, 3, 10)
+    weight, bias = torch.randn(2, 4, 10), torch.randn(2, 4)
+    targets = torch.einsum("blkd,lrd->blkr", states, weight) + bias[:, None, :]
+    projection = TrajectoryProjection.fit(states, targets)
+    torch.testing.assert_close(projection.weight, weight, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(projection(states), targets, atol=1e-4, rtol=1e-4)
+
+
+def test_slot_states_gathers_each_rows_positions():
+    from lori_ray.objective import slot_states
+    hidden = tuple(torch.randn(2, 6, 3) for _ in range(3))  # embeddings + 2 layers
+    positions = torch.tensor([[1, 2], [4, 5]])
+    states = slot_states(hidden, [2], positions)
+    assert states.shape == (2, 1, 2, 3)
+    torch.testing.assert_close(states[1, 0, 1], hidden[2][1, 5])
