@@ -1,0 +1,78 @@
+"""Two Ray nodes on loopback (a head and a second `ray start` node, each with its own temp dir):
+the pipeline runs across both and everything it keeps lives under the shared output_dir."""
+
+import json
+import os
+import secrets
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    base = tmp_path_factory.mktemp("nodes")
+    token = base / "token"
+    token.write_text(secrets.token_hex(32))
+    env = {**{k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")},
+           "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token), "RAY_USAGE_STATS_ENABLED": "0"}
+    ray_cli = str(Path(sys.executable).with_name("ray"))
+    port, dashboard = free_port(), free_port()
+    temp = {name: Path(f"/tmp/lr-{os.getpid()}-{name}") for name in ("head", "node")}
+    sessions = []  # `ray start` leads a new session; the node's daemons inherit its id
+
+    def start(*args):
+        process = subprocess.Popen([ray_cli, "start", "--disable-usage-stats", *args], env=env, text=True,
+                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+        sessions.append(process.pid)
+        output, _ = process.communicate(timeout=120)
+        assert process.returncode == 0, output
+
+    start("--head", "--node-ip-address", "127.0.0.1", "--port", str(port), "--num-cpus", "1", "--num-gpus", "0",
+          "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard), "--temp-dir", str(temp["head"]),
+          "--resources", '{"head": 1}')
+    start("--address", f"127.0.0.1:{port}", "--node-ip-address", "127.0.0.1", "--num-cpus", "2", "--num-gpus", "0",
+          "--temp-dir", str(temp["node"]))
+    yield env, f"127.0.0.1:{port}", f"http://127.0.0.1:{dashboard}", temp
+    for signal in ("-TERM", "-KILL"):  # stop exactly these two nodes, never other Ray clusters
+        for session in sessions:
+            subprocess.run(["pkill", signal, "-s", str(session)], check=False)
+
+
+def test_pipeline_spans_two_nodes_and_keeps_everything_under_output_dir(cluster, tmp_path):
+    env, address, dashboard, temp = cluster
+    output = tmp_path / "shared"
+    result = subprocess.run([sys.executable, "jobs/distill.py", "--config", "configs/tiny.yaml",
+                             f"output_dir={output}", f"cluster.address={address}"],
+                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+
+    # where the teacher actors and train workers ran, from the cluster's state API (a client with the token)
+    query = ("import json; from ray.util.state import list_actors; "
+             f"print(json.dumps([[a.class_name, a.node_id] for a in list_actors('{dashboard}', limit=1000)]))")
+    state = subprocess.run([sys.executable, "-c", query], env=env, capture_output=True, text=True, timeout=120)
+    assert state.returncode == 0, state.stdout[-3000:] + state.stderr[-3000:]
+    actors = json.loads(state.stdout.strip().splitlines()[-1])
+    nodes = {node for name, node in actors if name in ("TeacherWorker", "RayTrainWorker")}
+    assert len(nodes) == 2, f"teacher actors and train workers ran on both nodes: {actors}"
+
+    run_dir = output / "tiny"
+    for stage in ("teacher", "student"):
+        (checkpoint,) = (run_dir / "ray" / f"tiny-{stage}").glob("step-*")
+        # every rank's ZeRO shard reached the shared checkpoint, wherever the rank ran
+        assert len(list((checkpoint / "ds" / "state").glob("*optim_states.pt"))) == 2
+        assert (run_dir / stage / "model.safetensors").is_file()
+    assert list((output / "trajectories").glob("*/manifest.json"))
+    for directory in temp.values():  # nothing of ours stayed in a node's local temp dir
+        assert not [p for p in directory.rglob("*") if p.suffix in (".safetensors", ".pt", ".db")]
