@@ -33,6 +33,7 @@ class DataConfig(Section):
     eval_size: int = Field(200, gt=0)
     train_file: str | None = None  # task=file: iCoT .txt or GSM8K .jsonl
     eval_file: str | None = None  # held-out split (any task); multiplication then trains on generated data
+    on_bad_line: Literal["fail", "skip"] = "fail"  # a malformed line stops the run (file:line), or is skipped
 
     @model_validator(mode="after")
     def _files(self):
@@ -79,6 +80,7 @@ class TrainConfig(Section):
     num_workers: int = Field(2, ge=0)  # 0 runs the loop in the driver process
     checkpoint_every: int = Field(0, ge=0)  # 0: only at the end
     log_every: int = Field(25, gt=0)
+    max_bad_steps: int = Field(10, gt=0)  # consecutive NaN/Inf losses (updates skipped) before the stage stops
     eval_every: int = Field(0, ge=0)  # validation exact match every N steps (a multiple of log_every); 0: at the end
 
     @model_validator(mode="after")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import random
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -71,15 +72,30 @@ def parse_line(line: str, where: str = "<line>") -> Example:
     return Example(question, split_steps(cot), answer)
 
 
-def read_icot(path: str | Path) -> list[Example]:
-    examples = []
+def _read(path: str | Path, parse, skip_bad: bool) -> list[Example]:
+    """Parse each non-empty line; a malformed one raises ``file:line: reason`` or, with
+    ``skip_bad``, is skipped and counted in one warning."""
+    examples, bad = [], []
     with open(path, encoding="utf-8") as f:
         for number, line in enumerate(f, start=1):
-            if line.strip():
-                examples.append(parse_line(line, f"{path}:{number}"))
+            if not line.strip():
+                continue
+            try:
+                examples.append(parse(line, f"{path}:{number}"))
+            except DataFormatError:
+                if not skip_bad:
+                    raise
+                bad.append(number)
+    if bad:
+        warnings.warn(f"{path}: skipped {len(bad)} malformed lines (lines {', '.join(map(str, bad[:10]))}"
+                      f"{', ...' if len(bad) > 10 else ''})", stacklevel=3)
     if not examples:
         raise DataFormatError(f"{path}: no examples")
     return examples
+
+
+def read_icot(path: str | Path, skip_bad: bool = False) -> list[Example]:
+    return _read(path, parse_line, skip_bad)
 
 
 def write_icot(examples, path: str | Path) -> None:
@@ -129,25 +145,21 @@ def gsm8k_example(record: dict) -> Example:
     return Example(record["question"].strip(), tuple(_EQUATION.findall(rationale)), normalize_answer(answer))
 
 
-def read_gsm8k_jsonl(path: str | Path) -> list[Example]:
-    examples = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-                examples.append(gsm8k_example(record))
-            except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as error:
-                raise DataFormatError(f"{path}:{number}: not a GSM8K record ({error})") from error
-    if not examples:
-        raise DataFormatError(f"{path}: no examples")
-    return examples
+def parse_gsm8k_line(line: str, where: str = "<line>") -> Example:
+    try:
+        return gsm8k_example(json.loads(line))
+    except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as error:
+        raise DataFormatError(f"{where}: not a GSM8K record ({error!r})") from error
 
 
-def read_examples(path: str | Path) -> list[Example]:
+def read_gsm8k_jsonl(path: str | Path, skip_bad: bool = False) -> list[Example]:
+    return _read(path, parse_gsm8k_line, skip_bad)
+
+
+def read_examples(path: str | Path, skip_bad: bool = False) -> list[Example]:
     """iCoT ``.txt`` or openai GSM8K ``.jsonl``, by extension."""
-    return read_gsm8k_jsonl(path) if str(path).endswith(".jsonl") else read_icot(path)
+    reader = read_gsm8k_jsonl if str(path).endswith(".jsonl") else read_icot
+    return reader(path, skip_bad)
 
 
 def normalize_answer(text: str) -> str:

@@ -43,14 +43,15 @@ def load_data(config: Config) -> Splits:
     """Train, validation and held-out examples; no held-out question appears in the other two."""
     data = config.data
     if data.eval_file:
-        held_out = read_examples(data.eval_file)[:data.eval_size]
+        held_out = read_examples(data.eval_file, data.on_bad_line == "skip")[:data.eval_size]
     else:
         held_out = generate_multiplication(data.eval_size, *data.digits, seed=config.seed + 1)
     questions = {e.question for e in held_out}
     if data.task == "multiplication":
         train = generate_multiplication(data.train_size, *data.digits, seed=config.seed, exclude=questions)
     else:
-        train = [e for e in read_examples(data.train_file) if e.question not in questions][:data.train_size]
+        train = [e for e in read_examples(data.train_file, data.on_bad_line == "skip")
+                 if e.question not in questions][:data.train_size]
     cut = len(train) - data.val_size
     return Splits(train[:cut], train[cut:], held_out)
 

@@ -47,8 +47,14 @@ class TeacherWorker:
         for start in range(0, len(examples), self.batch_size):
             sequences = [self.layout.teacher(e) for e in examples[start:start + self.batch_size]]
             batch = collate(sequences, self.layout.pad)
-            output = self.model(input_ids=batch["input_ids"].to(self.device),
-                                attention_mask=batch["attention_mask"].to(self.device), output_hidden_states=True)
+            try:
+                output = self.model(input_ids=batch["input_ids"].to(self.device),
+                                    attention_mask=batch["attention_mask"].to(self.device), output_hidden_states=True)
+            except torch.OutOfMemoryError as error:
+                raise RuntimeError(
+                    f"teacher out of memory on {self.device} with a batch of {len(sequences)} sequences of up to "
+                    f"{batch['input_ids'].shape[1]} tokens: lower trajectory.batch_size (now {self.batch_size}) "
+                    f"or give each actor more memory (cluster.gpus_per_actor)") from error
             hidden = torch.stack([output.hidden_states[layer] for layer in self.layers], dim=1).float().cpu()
             for trajectory in step_means(hidden, [s.spans for s in sequences]):
                 trajectories.append(trajectory)

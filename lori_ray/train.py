@@ -81,6 +81,15 @@ def exact_match(model, data: dict[str, torch.Tensor], rank: int, world: int, bat
     return (counts[0] / counts[1]).item()
 
 
+def all_finite(loss: torch.Tensor) -> bool:
+    """Whether the loss is finite on every rank (all ranks must agree to skip a step)."""
+    import torch.distributed as dist
+    finite = torch.isfinite(loss.detach()).float().reshape(1)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+    return bool(finite.item())
+
+
 def lr_factor(step: int, warmup: int, total: int) -> float:
     """Linear warmup then linear decay to 10%."""
     if step < warmup:
@@ -116,6 +125,7 @@ def _ensure_process_group():
     """``num_workers=0`` runs in the driver with no process group; give DeepSpeed a world of one."""
     import torch.distributed as dist
     if not dist.is_initialized():
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
         dist.init_process_group("gloo", rank=0, world_size=1)
@@ -171,12 +181,23 @@ def train_loop(config: dict) -> None:
 
     logger = StepLogger(stage.tracking_uri, stage.run_id) if rank == 0 and stage.run_id else None
     num_examples, micro = data["input_ids"].shape[0], train["batch_size"] // world
-    started, sums, count, last = time.time(), {}, 0, {"step": step}
+    started, sums, count, last, bad_steps = time.time(), {}, 0, {"step": step}, 0
     engine.train()
     while step < train["steps"]:
         rows = batch_indices(step, num_examples, train["batch_size"], stage.seed)[rank * micro:(rank + 1) * micro]
         batch = {k: v[rows].to(engine.device) for k, v in data.items()}
         loss, metrics = engine(batch)
+        if not all_finite(loss):
+            # skip the update on every rank together; the model and the last checkpoint stay clean
+            bad_steps += 1
+            step += 1
+            if bad_steps >= train["max_bad_steps"]:
+                raise FloatingPointError(
+                    f"[{stage.name}] loss was NaN/Inf for {bad_steps} consecutive steps (last: step {step}, "
+                    f"{metrics}); no update was applied, the last checkpoint is intact. Lower the learning rate "
+                    f"or the loss weights.")
+            continue
+        bad_steps = 0
         engine.backward(loss)
         engine.step()
         step += 1

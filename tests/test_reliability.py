@@ -1,0 +1,128 @@
+"""Bad input, numerical faults, unreachable tracking and the security defaults."""
+
+import json
+import re
+import warnings
+from dataclasses import asdict
+from pathlib import Path
+
+import pytest
+import ray
+import torch
+from hypothesis import given, settings, strategies as st
+
+from lori_ray.config import Config, ModelConfig, load_config
+from lori_ray.data import DataFormatError, generate_multiplication, parse_gsm8k_line, parse_line, read_examples, write_icot
+from lori_ray.models import build_model, load_model
+from lori_ray.teacher import TeacherWorker
+from lori_ray.tokens import Layout, arithmetic_tokenizer, collate
+from lori_ray.tracking import StepLogger
+from lori_ray.train import Stage, fit
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tiny_model_dir(path: Path) -> Path:
+    tokenizer = arithmetic_tokenizer()
+    build_model("llama", "tiny", len(tokenizer), 64, {"pad_token_id": tokenizer.pad_token_id}).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("suffix, bad", [(".txt", "no separators here"), (".jsonl", "{broken json")])
+def test_malformed_lines_fail_with_line_number_or_are_skipped_with_a_warning(tmp_path, suffix, bad):
+    good = generate_multiplication(3, 2, 2)
+    path = tmp_path / f"data{suffix}"
+    if suffix == ".txt":
+        lines = [e.to_line() for e in good]
+    else:
+        lines = [json.dumps({"question": "How many?", "answer": "2+2=<<2+2=4>>4\n#### 4"})] * 3
+    path.write_text("\n".join([lines[0], bad, lines[1], bad, lines[2]]) + "\n")
+    with pytest.raises(DataFormatError, match=rf"data{re.escape(suffix)}:2: "):
+        read_examples(path)
+    with pytest.warns(UserWarning, match=r"skipped 2 malformed lines \(lines 2, 4\)"):
+        assert len(read_examples(path, skip_bad=True)) == 3
+
+
+def test_empty_dataset_is_an_error(tmp_path):
+    (tmp_path / "empty.txt").write_text("\n\n")
+    with pytest.raises(DataFormatError, match="empty.txt: no examples"):
+        read_examples(tmp_path / "empty.txt")
+    with pytest.raises(DataFormatError, match="no examples"):
+        write_icot([], tmp_path / "none.txt") or read_examples(tmp_path / "none.txt")
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(alphabet=st.sampled_from(list("0123456789 +*()|#<>=-.,{}\":abc\n")), max_size=80))
+def test_readers_raise_only_the_documented_error_on_random_lines(line):
+    for parse in (parse_line, parse_gsm8k_line):
+        try:
+            parse(line, "fuzz:1")
+        except DataFormatError as error:
+            assert str(error).startswith("fuzz:1: ")
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def test_nan_loss_stops_the_stage_with_a_clear_error_and_keeps_the_checkpoint(local_ray, tmp_path):
+    model_dir = tiny_model_dir(tmp_path / "model")
+    layout = Layout(arithmetic_tokenizer())
+    data = tmp_path / "data.safetensors"
+    from safetensors.torch import save_file
+    save_file(collate([layout.teacher(e) for e in generate_multiplication(32, 2, 2)], layout.pad), data)
+    train = {**load_config(ROOT / "configs/tiny.yaml").teacher.train.model_dump(),
+             "num_workers": 0, "steps": 12, "checkpoint_every": 3, "log_every": 3, "max_bad_steps": 3}
+    stage = Stage(name="nan", model_dir=str(model_dir), data_path=str(data), train=train,
+                  weights={"ce": float("nan")})
+    with pytest.raises(Exception, match=r"loss was NaN/Inf for 3 consecutive steps"):
+        fit(stage, tmp_path / "out", tmp_path / "ray")
+    assert not (tmp_path / "out").exists()  # no model was published from a failed stage
+
+
+def test_teacher_out_of_memory_message_names_the_knob(tmp_path):
+    worker = TeacherWorker(str(tiny_model_dir(tmp_path / "model")), [1, 2], batch_size=8)
+
+    def out_of_memory(**_):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    worker.model.forward = out_of_memory
+    with pytest.raises(RuntimeError, match=r"lower trajectory.batch_size \(now 8\)"):
+        worker.extract(str(tmp_path / "hidden" / "00000.safetensors"), [0], generate_multiplication(1, 2, 2))
+
+
+def test_unreachable_mlflow_warns_once_and_training_goes_on(monkeypatch):
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
+    logger = StepLogger("http://127.0.0.1:9", "0" * 32)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        logger.log({"ce": 1.0}, 1)
+        logger.log({"ce": 0.5}, 2)
+    assert logger.failed == 2
+    assert len([w for w in caught if "MLflow logging" in str(w.message)]) == 1
+
+
+def test_security_defaults(tmp_path):
+    assert ModelConfig().trust_remote_code is False and Config().model.trust_remote_code is False
+    # weights only from safetensors: a pickle checkpoint is refused
+    model_dir = tiny_model_dir(tmp_path / "model")
+    load_model(model_dir)
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    (pickled / "config.json").write_text((model_dir / "config.json").read_text())
+    torch.save(load_model(model_dir).state_dict(), pickled / "pytorch_model.bin")
+    with pytest.raises(OSError, match="model.safetensors"):
+        load_model(pickled)
+    # our scripts bind the dashboard, job server and MLflow UI to loopback
+    demo = (ROOT / "scripts" / "demo.sh").read_text()
+    assert "--dashboard-host 127.0.0.1" in demo and "--node-ip-address 127.0.0.1" in demo
+    assert 'dashboard_host="127.0.0.1"' in (ROOT / "lori_ray" / "cluster.py").read_text()
+    assert "--host 127.0.0.1" in (ROOT / "README.md").read_text()
+    # no credentials in presets
+    for preset in (ROOT / "configs").glob("*.yaml"):
+        assert not re.search(r"(password|token|secret|api_key)\s*:", preset.read_text(), re.I)
