@@ -113,6 +113,10 @@ class TrajectoryConfig(Section):
 class SubspaceConfig(Section):
     rank: int = Field(8, gt=0)
     max_rank: int = Field(16, gt=0)  # coordinates are stored at max_rank; any rank <= max_rank reuses them
+    # pca: a basis per layer; tucker: shared layer × step × hidden factors (HOSVD), core ranks
+    # (tucker_ranks[0], tucker_ranks[1], rank), fitted from the stored trajectories at K = student.latent_slots
+    kind: Literal["pca", "tucker"] = "pca"
+    tucker_ranks: tuple[int, int] = (2, 2)
 
     @model_validator(mode="after")
     def _order(self):
@@ -260,6 +264,15 @@ def _check_against_model(config: Config) -> None:
     if bad:
         raise ConfigError(f"trajectory.layers: {bad} outside 1..{layers}")
     stored = config.trajectory.layers or range(1, layers + 1)
+    if config.subspace.kind == "tucker":
+        layer_rank, step_rank = config.subspace.tucker_ranks
+        if layer_rank > len(stored):
+            raise ConfigError(f"subspace.tucker_ranks: layer rank {layer_rank} exceeds the {len(stored)} stored layers")
+        if step_rank > config.student.latent_slots:
+            raise ConfigError(f"subspace.tucker_ranks: step rank {step_rank} exceeds student.latent_slots "
+                              f"({config.student.latent_slots})")
+        if config.loss.layers:
+            raise ConfigError("loss.layers: a Tucker fit mixes all stored layers; select them with trajectory.layers")
     missing = [layer for layer in config.loss.layers or [] if layer not in stored]
     if missing:
         raise ConfigError(f"loss.layers: {missing} are not among the stored trajectory layers {list(stored)}")

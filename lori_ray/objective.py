@@ -62,6 +62,49 @@ class TrajectoryProjection(nn.Module):
         return torch.einsum("blkd,lrd->blkr", states, self.weight) + self.bias[:, None, :]
 
 
+class TuckerProjection(nn.Module):
+    """Student states [B, L, K, d_s] → Tucker core coordinates [B, r_L, r_K, r]: the teacher's layer and
+    step factors (fixed), then a learned hidden map (the teacher's hidden factor when widths match)."""
+
+    def __init__(self, mean: torch.Tensor, layer_factor: torch.Tensor, step_factor: torch.Tensor,
+                 weight: torch.Tensor, bias: torch.Tensor):
+        super().__init__()
+        self.register_buffer("mean", mean.clone())
+        self.register_buffer("layer_factor", layer_factor.clone())
+        self.register_buffer("step_factor", step_factor.clone())
+        self.weight = nn.Parameter(weight.clone())  # [r, d_s]
+        self.bias = nn.Parameter(bias.clone())  # [r]
+
+    @classmethod
+    def from_tucker(cls, tucker) -> "TuckerProjection":
+        rank = tucker.hidden_factor.shape[1]
+        return cls(tucker.mean, tucker.layer_factor, tucker.step_factor, tucker.hidden_factor.T, torch.zeros(rank))
+
+    @classmethod
+    def fit(cls, tucker, states: torch.Tensor, targets: torch.Tensor) -> "TuckerProjection":
+        """Another student width: least squares for the hidden map on a calibration batch."""
+        mixed = torch.einsum("nlki,la,kb->nabi", states, tucker.layer_factor, tucker.step_factor)
+        x = mixed.reshape(-1, mixed.shape[-1]).double()
+        design = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], 1)
+        solution = torch.linalg.lstsq(design, targets.reshape(-1, targets.shape[-1]).double()).solution
+        zeros = torch.zeros(*tucker.mean.shape[:2], states.shape[-1])
+        return cls(zeros, tucker.layer_factor, tucker.step_factor, solution[:-1].T.float(), solution[-1].float())
+
+    def forward(self, states: torch.Tensor) -> torch.Tensor:
+        mixed = torch.einsum("nlki,la,kb->nabi", states - self.mean, self.layer_factor, self.step_factor)
+        return mixed @ self.weight.T + self.bias
+
+
+def load_projection(tensors: dict[str, torch.Tensor]) -> nn.Module:
+    """A saved projection (``state_dict``) of either kind."""
+    if "layer_factor" in tensors:
+        return TuckerProjection(**tensors)
+    layers, rank, dim = tensors["weight"].shape
+    projection = TrajectoryProjection(layers, dim, rank)
+    projection.load_state_dict(tensors)
+    return projection
+
+
 def slot_states(hidden_states: tuple[torch.Tensor, ...], layers: list[int], positions: torch.Tensor) -> torch.Tensor:
     """Hidden states of ``layers`` at the latent-slot ``positions`` [B, K] → [B, L, K, d]."""
     states = torch.stack([hidden_states[layer] for layer in layers], dim=1)
@@ -77,7 +120,7 @@ class LMObjective(nn.Module):
     full-width MSE (``hidden_mse``, the ICoT-KD baseline). ``weights`` maps each term to its factor.
     """
 
-    def __init__(self, model: nn.Module, student_layers: list[int] = (), projection: TrajectoryProjection | None = None,
+    def __init__(self, model: nn.Module, student_layers: list[int] = (), projection: nn.Module | None = None,
                  weights: dict[str, float] | None = None):
         super().__init__()
         self.model = model

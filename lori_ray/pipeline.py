@@ -21,7 +21,7 @@ from .config import Config, ConfigError
 from .data import Example, generate_multiplication, read_examples
 from .evaluate import EvalResult, evaluate
 from .models import build_model, load_model
-from .objective import TrajectoryProjection, pair_layers, slot_states
+from .objective import TrajectoryProjection, TuckerProjection, pair_layers, slot_states
 from .teacher import build_store
 from .tokens import Layout, add_latent_tokens, arithmetic_tokenizer, collate, load_tokenizer
 from .plots import spectrum_figure, spectrum_summary
@@ -145,13 +145,13 @@ def latent_slots(config: Config) -> int:
 
 
 @torch.no_grad()
-def calibrated_projection(model_dir: Path, data_path: Path, layers: list[int], rows: int = 256) -> TrajectoryProjection:
-    """Least-squares P_l from the initial student's slot states to the teacher coordinates."""
+def calibrated_projection(model_dir: Path, data_path: Path, layers: list[int], fit, rows: int = 256):
+    """Least squares (``fit(states, targets)``) from the initial student's slot states to the teacher's
+    coordinates on a calibration batch: the projection init when student and teacher widths differ."""
     data = {k: v[:rows] for k, v in load_file(data_path).items()}
     output = load_model(model_dir).eval()(input_ids=data["input_ids"], attention_mask=data["attention_mask"],
                                           output_hidden_states=True)
-    states = slot_states(output.hidden_states, layers, data["latent_positions"])
-    return TrajectoryProjection.fit(states, data["targets"])
+    return fit(slot_states(output.hidden_states, layers, data["latent_positions"]), data["targets"])
 
 
 def student_stage(config: Config, teacher_dir: Path, splits: Splits, store) -> tuple[Path, Path, dict]:
@@ -173,24 +173,38 @@ def student_stage(config: Config, teacher_dir: Path, splits: Splits, store) -> t
     pairs = pair_layers(student_config["num_hidden_layers"], teacher_config["num_hidden_layers"],
                         config.loss.layers or stored_layers)
     rows = [stored_layers.index(t) for _, t in pairs]
-    if method == "lori":
+    tucker = None
+    if method == "lori" and config.subspace.kind == "tucker":
+        if rows != list(range(len(stored_layers))):
+            raise ConfigError(f"subspace.kind: tucker needs a student layer paired with each stored teacher layer "
+                              f"{stored_layers}; pairs are {pairs}")
+        index, targets, tucker = store.tucker(slots, *config.subspace.tucker_ranks, config.subspace.rank)
+        log(f"[student] Tucker fit, explained variance per mode: {tucker.explained_variance()}")
+    elif method == "lori":
         index, targets = store.coordinates(config.subspace.rank, slots)
+        targets = targets[:, rows]
     else:
         index, targets = store.hidden(slots)
+        targets = targets[:, rows]
     sequences = [layout.student(train[i]) for i in index]
     positions = torch.tensor([[start for start, _ in s.spans] for s in sequences])
     data = write_tensors(sequences, layout.pad, config.model.max_positions, data_path,
-                         latent_positions=positions, targets=targets[:, rows].float())
+                         latent_positions=positions, targets=targets.float())
     fields = {"student_layers": [s for s, _ in pairs], **val}
     if method == "icot_kd":
         return init, data, {"weights": {"ce": loss.ce, "hidden_mse": loss.first_order}, **fields}
 
-    subspace = store.subspace().truncate(config.subspace.rank)
-    if student_config["hidden_size"] == teacher_config["hidden_size"]:
+    same_width = student_config["hidden_size"] == teacher_config["hidden_size"]
+    student_layers = [s for s, _ in pairs]
+    if tucker is not None:
+        projection = (TuckerProjection.from_tucker(tucker) if same_width else calibrated_projection(
+            init, data, student_layers, lambda states, targets: TuckerProjection.fit(tucker, states, targets)))
+    elif same_width:
+        subspace = store.subspace().truncate(config.subspace.rank)
         selected = type(subspace)(subspace.mean[rows], subspace.basis[rows], subspace.eigenvalues[rows])
         projection = TrajectoryProjection.from_subspace(selected)
     else:
-        projection = calibrated_projection(init, data, [s for s, _ in pairs])
+        projection = calibrated_projection(init, data, student_layers, TrajectoryProjection.fit)
     projection_path = config.run_dir / "data" / "projection.safetensors"
     save_file({k: v.detach().contiguous() for k, v in projection.state_dict().items()}, projection_path)
     weights = {"ce": loss.ce, "first_order": loss.first_order, "second_order": loss.second_order}

@@ -92,3 +92,80 @@ def effective_rank(singular_values: torch.Tensor) -> torch.Tensor:
     """exp of the entropy of the normalised singular values (Roy & Vetterli)."""
     p = singular_values / singular_values.sum(-1, keepdim=True)
     return torch.exp(-(p * torch.log(p.clamp_min(1e-30))).sum(-1))
+
+
+@dataclass
+class TuckerMoments:
+    """Streaming sums for a Tucker (layer × step × hidden) fit of fixed-length trajectories [n, L, K, d]:
+    the sum and the three mode Gram matrices of the raw tensors, centred at fit time."""
+
+    count: int
+    total: torch.Tensor  # [L, K, d]
+    layer: torch.Tensor  # [L, L]
+    step: torch.Tensor  # [K, K]
+    hidden: torch.Tensor  # [d, d]
+
+    @classmethod
+    def zeros(cls, layers: int, steps: int, dim: int) -> "TuckerMoments":
+        z = lambda *shape: torch.zeros(*shape, dtype=torch.float64)  # noqa: E731
+        return cls(0, z(layers, steps, dim), z(layers, layers), z(steps, steps), z(dim, dim))
+
+    def update(self, x: torch.Tensor) -> None:
+        x = x.to(torch.float64)
+        self.count += x.shape[0]
+        self.total += x.sum(0)
+        self.layer += torch.einsum("nlki,nmki->lm", x, x)
+        self.step += torch.einsum("nlki,nlji->kj", x, x)
+        self.hidden += torch.einsum("nlki,nlkj->ij", x, x)
+
+    def merge(self, other: "TuckerMoments") -> "TuckerMoments":
+        return TuckerMoments(self.count + other.count, self.total + other.total, self.layer + other.layer,
+                             self.step + other.step, self.hidden + other.hidden)
+
+    def centred(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Mean tensor and the mode Gram matrices of the centred tensors (Σ_n Y_(mode) Y_(mode)ᵀ)."""
+        mean = self.total / self.count
+        n = self.count
+        return (mean, self.layer - n * torch.einsum("lki,mki->lm", mean, mean),
+                self.step - n * torch.einsum("lki,lji->kj", mean, mean),
+                self.hidden - n * torch.einsum("lki,lkj->ij", mean, mean))
+
+
+@dataclass
+class Tucker:
+    mean: torch.Tensor  # [L, K, d]
+    layer_factor: torch.Tensor  # [L, r_L]
+    step_factor: torch.Tensor  # [K, r_K]
+    hidden_factor: torch.Tensor  # [d, r]
+    spectra: dict  # mode → eigenvalues, descending
+
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        """Core coordinates (x − M) ×₁ U_Lᵀ ×₂ U_Kᵀ ×₃ U_dᵀ of x [..., L, K, d] → [..., r_L, r_K, r]."""
+        centred = x.to(self.mean.dtype) - self.mean
+        return torch.einsum("...lki,la,kb,ic->...abc", centred, self.layer_factor, self.step_factor, self.hidden_factor)
+
+    def explained_variance(self) -> dict[str, float]:
+        """Per mode, the fraction of variance the kept components carry."""
+        ranks = {"layer": self.layer_factor.shape[1], "step": self.step_factor.shape[1],
+                 "hidden": self.hidden_factor.shape[1]}
+        return {mode: (values[:ranks[mode]].sum() / values.sum()).item() for mode, values in self.spectra.items()}
+
+
+def _top_eigenvectors(gram: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    values, vectors = torch.linalg.eigh(gram)
+    values, vectors = values.flip(-1).clamp_min(0), vectors.flip(-1)
+    index = vectors.abs().argmax(dim=0, keepdim=True)  # deterministic sign, as in fit_pca
+    vectors = vectors * torch.gather(vectors, 0, index).sign()
+    return values, vectors[:, :rank]
+
+
+def fit_tucker(moments: TuckerMoments, layer_rank: int, step_rank: int, rank: int) -> Tucker:
+    """HOSVD from the mode-unfolded covariances: each factor is the top eigenvectors of its mode's Gram."""
+    mean, layer, step, hidden = moments.centred()
+    spectra, factors = {}, {}
+    for mode, gram, r in (("layer", layer, layer_rank), ("step", step, step_rank), ("hidden", hidden, rank)):
+        if r > gram.shape[0]:
+            raise ValueError(f"Tucker {mode} rank {r} exceeds that mode's size {gram.shape[0]}")
+        spectra[mode], factors[mode] = _top_eigenvectors(gram, r)
+    return Tucker(mean.float(), factors["layer"].float(), factors["step"].float(), factors["hidden"].float(),
+                  {mode: values.float() for mode, values in spectra.items()})

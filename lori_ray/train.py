@@ -134,15 +134,10 @@ def _ensure_process_group():
 def _build_objective(stage: Stage):
     from safetensors.torch import load_file
     from .models import load_model
-    from .objective import LMObjective, TrajectoryProjection
+    from .objective import LMObjective, load_projection
 
     model = load_model(stage.model_dir)
-    projection = None
-    if stage.projection_path:
-        tensors = load_file(stage.projection_path)
-        layers, rank, dim = tensors["weight"].shape
-        projection = TrajectoryProjection(layers, dim, rank)
-        projection.load_state_dict(tensors)
+    projection = load_projection(load_file(stage.projection_path)) if stage.projection_path else None
     return LMObjective(model, stage.student_layers, projection, stage.weights)
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from .subspace import Subspace, resample_steps
+from .subspace import Subspace, Tucker, TuckerMoments, fit_tucker, resample_steps
 
 MANIFEST = "manifest.json"
 
@@ -118,6 +118,18 @@ class TrajectoryStore:
             raise ValueError(f"rank {rank} exceeds the store's max_rank {self.manifest['max_rank']}")
         index, trajectories = self._read("coords")
         return index, torch.stack([resample_steps(t[..., :rank], steps) for t in trajectories])
+
+    def tucker(self, steps: int, layer_rank: int, step_rank: int, rank: int) -> tuple[list[int], torch.Tensor, Tucker]:
+        """Tucker fit of the full-width trajectories resampled to ``steps`` (streamed shard by shard) and
+        every example's core coordinates [n, layer_rank, step_rank, rank]. No teacher pass is needed."""
+        moments = None
+        for number in range(self.manifest["shards"]):
+            shard = torch.stack([resample_steps(t, steps) for t in unpack(load_file(self.shard("hidden", number)))])
+            moments = moments or TuckerMoments.zeros(*shard.shape[1:])
+            moments.update(shard)
+        tucker = fit_tucker(moments, layer_rank, step_rank, rank)
+        index, hidden = self.hidden(steps)
+        return index, tucker.project(hidden), tucker
 
     def hidden(self, steps: int) -> tuple[list[int], torch.Tensor]:
         """Example indices and full-width teacher step states resampled to ``steps``: [n, L, steps, d]."""

@@ -93,3 +93,24 @@ def test_slot_states_gathers_each_rows_positions():
     states = slot_states(hidden, [2], positions)
     assert states.shape == (2, 1, 2, 3)
     torch.testing.assert_close(states[1, 0, 1], hidden[2][1, 5])
+
+
+def test_tucker_projection_matches_the_fit_and_its_least_squares_init():
+    from lori_ray.objective import TuckerProjection, load_projection
+    from lori_ray.subspace import TuckerMoments, fit_tucker
+
+    torch.manual_seed(0)
+    x = torch.randn(200, 3, 4, 8)
+    moments = TuckerMoments.zeros(3, 4, 8)
+    moments.update(x)
+    tucker = fit_tucker(moments, 2, 3, 5)
+    projection = TuckerProjection.from_tucker(tucker)
+    torch.testing.assert_close(projection(x), tucker.project(x), atol=1e-5, rtol=1e-5)
+    restored = load_projection(dict(projection.state_dict()))
+    torch.testing.assert_close(restored(x), projection(x))
+    # another width: a planted linear student map is recovered by least squares
+    student = torch.randn(200, 3, 4, 6)
+    planted = torch.randn(5, 6)
+    mixed = torch.einsum("nlki,la,kb->nabi", student, tucker.layer_factor, tucker.step_factor)
+    fitted = TuckerProjection.fit(tucker, student, mixed @ planted.T + 1.0)
+    torch.testing.assert_close(fitted(student), mixed @ planted.T + 1.0, atol=1e-4, rtol=1e-4)

@@ -79,3 +79,15 @@ def test_trajectory_store_is_complete_and_consistent(tiny_run):
     assert manifest["examples"] == 256 and manifest["layers"] == [1, 2] and manifest["max_rank"] == 8
     index = sorted(i for shard in (store / "coords").glob("*.safetensors") for i in load_file(shard)["index"].tolist())
     assert index == list(range(256))  # every example exactly once
+
+
+def test_tucker_fit_from_the_store_without_a_teacher_pass(tiny_run):
+    from lori_ray.trajectories import TrajectoryStore
+
+    run_dir, _ = tiny_run
+    (manifest,) = (run_dir.parent / "trajectories").glob("*/manifest.json")
+    log_before = (manifest.parent / "extraction.log").read_text()
+    index, coordinates, tucker = TrajectoryStore(manifest.parent).tucker(steps=2, layer_rank=2, step_rank=2, rank=4)
+    assert sorted(index) == list(range(256)) and coordinates.shape == (256, 2, 2, 4)
+    assert set(tucker.explained_variance()) == {"layer", "step", "hidden"}
+    assert (manifest.parent / "extraction.log").read_text() == log_before

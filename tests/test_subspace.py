@@ -74,3 +74,32 @@ def test_spectrum_summary_erank_equals_erank_of_centred_trajectories():
         assert 1.0 <= summary["erank"][i] <= 6.0
         assert abs(summary["cumulative_explained_variance"][i][-1] - 1.0) < 1e-6
     assert len(spectrum_figure(summary).axes) == 2
+
+
+def test_tucker_recovers_planted_mode_factors_and_its_moments_stream():
+    from lori_ray.subspace import TuckerMoments, fit_tucker
+
+    torch.manual_seed(0)
+    layers, steps, dim, n = 4, 5, 12, 600
+    u_l, u_k, u_d = (torch.linalg.qr(torch.randn(size, r))[0] for size, r in ((layers, 2), (steps, 2), (dim, 3)))
+    core = torch.randn(n, 2, 2, 3) * torch.tensor([3.0, 1.5, 1.0])
+    x = torch.einsum("nabc,la,kb,ic->nlki", core, u_l, u_k, u_d) + 0.01 * torch.randn(n, layers, steps, dim) + 0.5
+    whole, left, right = (TuckerMoments.zeros(layers, steps, dim) for _ in range(3))
+    whole.update(x)
+    left.update(x[:250])
+    right.update(x[250:])
+    merged = left.merge(right)
+    for a, b in zip(whole.centred(), merged.centred()):
+        torch.testing.assert_close(a, b)
+    # the centred hidden Gram equals the direct computation on the unfolded, centred tensor
+    y = (x - x.mean(0)).double()
+    torch.testing.assert_close(whole.centred()[3], y.reshape(-1, dim).T @ y.reshape(-1, dim))
+
+    tucker = fit_tucker(whole, 2, 2, 3)
+    for planted, fitted in ((u_l, tucker.layer_factor), (u_k, tucker.step_factor), (u_d, tucker.hidden_factor)):
+        assert (planted @ planted.T - fitted @ fitted.T).norm() < 0.05
+    assert all(v > 0.99 for v in tucker.explained_variance().values())
+    coords = tucker.project(x)
+    assert coords.shape == (n, 2, 2, 3)
+    # coordinates keep almost all of the centred energy
+    assert abs(coords.pow(2).sum() / (x - tucker.mean).pow(2).sum() - 1) < 0.01
