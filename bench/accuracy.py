@@ -8,32 +8,23 @@ exact-match accuracy, generated tokens per answer, inference time and speedup ov
 writes the table to <output_dir>/<name>/accuracy.md.
 """
 
-import argparse
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lori_ray.config import ConfigError, check_rerun, load_config  # noqa: E402
+from lori_ray.cli import config_or_exit, parser  # noqa: E402
 
 METHODS = ("nocot", "icot_kd", "lori")
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", required=True)
-    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
-    parser.add_argument("overrides", nargs="*", help="key.sub=value, applied to every method")
-    args = parser.parse_args()
-    try:
-        base = load_config(args.config, args.overrides)
-        configs = {m: load_config(args.config, [*args.overrides, f"name={base.name}-{m}", f"student.method={m}"])
-                   for m in args.methods}
-        for config in configs.values():
-            check_rerun(config)
-    except ConfigError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    arguments = parser(__doc__)
+    arguments.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    args = arguments.parse_args()
+    base = config_or_exit(args.config, args.overrides)
+    configs = {m: config_or_exit(args.config, [*args.overrides, f"name={base.name}-{m}", f"student.method={m}"])
+               for m in args.methods}
 
     from lori_ray.cluster import connect
     from lori_ray.pipeline import run

@@ -4,26 +4,17 @@ Works directly (starts a local Ray) and under ``ray job submit`` (joins the job'
 The config is validated before Ray starts.
 """
 
-import argparse
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from lori_ray.config import ConfigError, check_rerun, load_config  # noqa: E402
+from lori_ray.cli import config_or_exit, parser  # noqa: E402
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", required=True, help="YAML preset, e.g. configs/demo.yaml")
-    parser.add_argument("overrides", nargs="*", help="key.sub=value overrides")
-    args = parser.parse_args()
-    try:
-        config = load_config(args.config, args.overrides)
-        check_rerun(config)
-    except ConfigError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    args = parser(__doc__).parse_args()
+    config = config_or_exit(args.config, args.overrides)
 
     from lori_ray.cluster import connect
     from lori_ray.pipeline import run

@@ -1,0 +1,29 @@
+"""What every entry point in jobs/ and bench/ shares: ``--config`` plus ``key.sub=value`` overrides,
+validated before Ray starts; a bad config exits with status 2 and the field named."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .config import Config, ConfigError, check_rerun, load_config
+
+
+def parser(doc: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--config", required=True, help="YAML preset, e.g. configs/demo.yaml")
+    parser.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+    return parser
+
+
+def config_or_exit(path: str, overrides: list[str], check=None) -> Config:
+    """The validated config (``check(config)`` may raise ConfigError too), or exit 2 with the message."""
+    try:
+        config = load_config(path, overrides)
+        if check:
+            check(config)
+        check_rerun(config)
+        return config
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
