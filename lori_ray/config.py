@@ -254,9 +254,24 @@ def _set_dotted(tree: dict, dotted: str, value) -> None:
     tree[leaf] = value
 
 
+def _check_vocabulary(field: str, path: str, trust_remote_code: bool) -> None:
+    """A tokenizer with more tokens than the model's embedding rows would index out of range."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    tokens = len(AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code))
+    rows = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code).vocab_size
+    if tokens > rows:
+        raise ConfigError(f"{field}: the tokenizer in {path} has {tokens} tokens but the model's vocabulary has "
+                          f"{rows} rows")
+
+
 def _check_against_model(config: Config) -> None:
     """Checks that need the model's shape (read from config.json, no weights loaded)."""
     source = config.teacher.path or config.model.path
+    for field in ("model.path", "teacher.path"):
+        path = config.model.path if field == "model.path" else config.teacher.path
+        if path:
+            _check_vocabulary(field, path, config.model.trust_remote_code)
     hidden, layers = model_shape(config.model.family, config.model.size, source, config.model.trust_remote_code)
     if config.subspace.max_rank > hidden:
         raise ConfigError(f"subspace.max_rank: {config.subspace.max_rank} is larger than the hidden size ({hidden})")

@@ -259,7 +259,11 @@ def fit(stage: Stage, output_dir: str | Path, storage_path: str | Path, callback
     if result.checkpoint is None:
         raise RuntimeError(f"stage {stage.name} finished without a checkpoint")
     output_dir = Path(output_dir)
+    staging = output_dir.with_name(f".{output_dir.name}.partial")
     with result.checkpoint.as_directory() as directory:
-        shutil.rmtree(output_dir, ignore_errors=True)
-        shutil.copytree(Path(directory) / "hf", output_dir)
+        shutil.rmtree(staging, ignore_errors=True)
+        shutil.copytree(Path(directory) / "hf", staging)
+    # renamed into place whole: a reader (or a rerun's stage skipping) never sees half a model
+    shutil.rmtree(output_dir, ignore_errors=True)
+    os.replace(staging, output_dir)
     return output_dir, dict(result.metrics or {})

@@ -114,3 +114,26 @@ def test_killed_teacher_actor_is_replaced_and_every_example_is_stored_exactly_on
     extracted = [json.loads(line)["shard"] for line in log()[0].read_text().splitlines()]
     assert set(extracted) == {f"{n:05d}.safetensors" for n in range(32)}
     assert not list(store.path.rglob("*.tmp"))  # no partial shard left behind
+
+
+def test_killed_driver_resumes_with_the_same_run_name(tmp_path):
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
+    command = [sys.executable, "jobs/distill.py", "--config", "configs/tiny.yaml", f"output_dir={tmp_path}",
+               "cluster.num_cpus=2"]
+    # its own session: the SIGKILL takes the driver and the local Ray it started, like a lost job
+    first = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                             start_new_session=True)
+    try:
+        wait_for(lambda: (tmp_path / "tiny" / "teacher" / "model.safetensors").is_file(), 600, "teacher stage")
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait()
+    assert not (tmp_path / "tiny" / "results.md").exists()
+
+    again = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert "[teacher] finished model found" in again.stdout
+    assert (tmp_path / "tiny" / "results.md").is_file()

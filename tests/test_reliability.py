@@ -11,7 +11,7 @@ import ray
 import torch
 from hypothesis import given, settings, strategies as st
 
-from lori_ray.config import Config, ModelConfig, load_config
+from lori_ray.config import Config, ConfigError, ModelConfig, load_config
 from lori_ray.data import DataFormatError, generate_multiplication, parse_gsm8k_line, parse_line, read_examples, write_icot
 from lori_ray.models import build_model, load_model
 from lori_ray.teacher import TeacherWorker
@@ -126,3 +126,14 @@ def test_security_defaults(tmp_path):
     # no credentials in presets
     for preset in (ROOT / "configs").glob("*.yaml"):
         assert not re.search(r"(password|token|secret|api_key)\s*:", preset.read_text(), re.I)
+
+
+def test_tokenizer_larger_than_the_model_vocabulary_is_a_config_error(tmp_path):
+    model_dir = tiny_model_dir(tmp_path / "model")
+    load_config(ROOT / "configs/tiny.yaml", [f"model.path={model_dir}"])  # matching: fine
+    tokenizer = arithmetic_tokenizer()
+    tokenizer.add_tokens([f"extra{i}" for i in range(30)])
+    tokenizer.save_pretrained(model_dir)
+    with pytest.raises(ConfigError, match=r"model.path: the tokenizer in .* has 50 tokens but the model's "
+                                          r"vocabulary has 20 rows"):
+        load_config(ROOT / "configs/tiny.yaml", [f"model.path={model_dir}"])
