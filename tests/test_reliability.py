@@ -3,7 +3,6 @@
 import json
 import re
 import warnings
-from dataclasses import asdict
 from pathlib import Path
 
 import pytest
