@@ -120,15 +120,14 @@ class TrajectoryStore:
         return index, torch.stack([resample_steps(t[..., :rank], steps) for t in trajectories])
 
     def tucker(self, steps: int, layer_rank: int, step_rank: int, rank: int) -> tuple[list[int], torch.Tensor, Tucker]:
-        """Tucker fit of the full-width trajectories resampled to ``steps`` (streamed shard by shard) and
-        every example's core coordinates [n, layer_rank, step_rank, rank]. No teacher pass is needed."""
-        moments = None
-        for number in range(self.manifest["shards"]):
-            shard = torch.stack([resample_steps(t, steps) for t in unpack(load_file(self.shard("hidden", number)))])
-            moments = moments or TuckerMoments.zeros(*shard.shape[1:])
-            moments.update(shard)
+        """Tucker fit of the full-width trajectories resampled to ``steps`` (moments accumulated shard by
+        shard) and every example's core coordinates [n, layer_rank, step_rank, rank]. No teacher pass."""
+        index, trajectories = self._read("hidden")
+        hidden = torch.stack([resample_steps(t, steps) for t in trajectories])
+        moments = TuckerMoments.zeros(*hidden.shape[1:])
+        for chunk in hidden.split(4096):  # bounds the einsum temporaries
+            moments.update(chunk)
         tucker = fit_tucker(moments, layer_rank, step_rank, rank)
-        index, hidden = self.hidden(steps)
         return index, tucker.project(hidden), tucker
 
     def hidden(self, steps: int) -> tuple[list[int], torch.Tensor]:
