@@ -268,8 +268,7 @@ def _check_vocabulary(field: str, path: str, trust_remote_code: bool) -> None:
 def _check_against_model(config: Config) -> None:
     """Checks that need the model's shape (read from config.json, no weights loaded)."""
     source = config.teacher.path or config.model.path
-    for field in ("model.path", "teacher.path"):
-        path = config.model.path if field == "model.path" else config.teacher.path
+    for field, path in (("model.path", config.model.path), ("teacher.path", config.teacher.path)):
         if path:
             _check_vocabulary(field, path, config.model.trust_remote_code)
     hidden, layers = model_shape(config.model.family, config.model.size, source, config.model.trust_remote_code)
