@@ -127,19 +127,40 @@ class SubspaceConfig(Section):
 
 class StudentConfig(Section):
     # lori: CE + low-rank trajectory alignment; icot_kd: CE + full-width hidden-state MSE at the
-    # latent slots (weight loss.first_order); nocot: CE only, question -> answer with no latent slots
-    method: Literal["lori", "icot_kd", "nocot"] = "lori"
-    init: Literal["teacher", "scratch"] = "teacher"
+    # latent slots (weight loss.first_order); nocot: CE only, question -> answer with no latent slots;
+    # explicit: the student writes the CoT like the teacher (CE, plus loss.kd for logit distillation)
+    method: Literal["lori", "icot_kd", "nocot", "explicit"] = "lori"
+    # full: the teacher's shape (init teacher) or a preset (init scratch); pruned: RED, the teacher at
+    # residual width `width` (and `depth` layers) through projections initialised by `init`
+    kind: Literal["full", "pruned"] = "full"
+    init: Literal["teacher", "scratch", "activation", "random", "random_orthogonal"] = "teacher"
     size: str | None = None  # init=scratch: a size preset (another width → least-squares projection init)
+    width: int | None = Field(None, gt=0)  # kind=pruned: residual width d_s
+    depth: int | None = Field(None, gt=0)  # kind=pruned: layers kept, evenly spaced (default: all)
+    calibration_size: int = Field(256, gt=0)  # kind=pruned: training examples that score channels
     latent_slots: int = Field(3, gt=0)
     train: TrainConfig = TrainConfig(steps=500)
 
     @model_validator(mode="after")
-    def _size(self):
+    def _shape(self):
         if self.size is not None and self.size not in SIZES:
             raise ValueError(f"size: must be one of {sorted(SIZES)}")
         if self.size is not None and self.init != "scratch":
             raise ValueError("size: only with init 'scratch' (init 'teacher' copies the teacher's shape)")
+        pruned_inits = ("activation", "random", "random_orthogonal")
+        if self.kind == "pruned":
+            if self.init not in pruned_inits:
+                raise ValueError(f"init: a pruned student starts from projections: one of {list(pruned_inits)}")
+            if self.width is None:
+                raise ValueError("width: required when kind is 'pruned'")
+            if self.train.zero_stage == 3:
+                raise ValueError("train.zero_stage: a pruned student computes its weights from frozen teacher "
+                                 "weights in its forward; use ZeRO stage 0-2")
+        else:
+            if self.init in pruned_inits:
+                raise ValueError(f"init: '{self.init}' initialises projections; set kind: pruned")
+            if self.width is not None or self.depth is not None:
+                raise ValueError("width: only with kind 'pruned'")
         return self
 
 
@@ -148,6 +169,8 @@ class LossConfig(Section):
     first_order: float = Field(1.0, ge=0)
     second_order: float = Field(1.0, ge=0)
     layers: list[int] | None = None  # teacher layers to align (a subset of trajectory.layers); None = all stored
+    kd: float = Field(0.0, ge=0)  # KL(teacher ‖ student) on the student's labelled tokens, teacher run online
+    kd_temperature: float = Field(1.0, gt=0)
 
 
 class EvalConfig(Section):
@@ -290,6 +313,14 @@ def _check_against_model(config: Config) -> None:
     missing = [layer for layer in config.loss.layers or [] if layer not in stored]
     if missing:
         raise ConfigError(f"loss.layers: {missing} are not among the stored trajectory layers {list(stored)}")
+    student = config.student
+    if student.kind == "pruned":
+        if student.width > hidden:
+            raise ConfigError(f"student.width: {student.width} is larger than the teacher's hidden size ({hidden})")
+        if student.depth and student.depth > layers:
+            raise ConfigError(f"student.depth: {student.depth} is more than the teacher's {layers} layers")
+    if student.method == "explicit" and not (config.loss.ce or config.loss.kd):
+        raise ConfigError("loss: an explicit student needs loss.ce or loss.kd above 0")
     if config.student.latent_slots >= config.model.max_positions:
         raise ConfigError(f"student.latent_slots: {config.student.latent_slots} does not fit in "
                           f"model.max_positions ({config.model.max_positions})")
@@ -305,7 +336,7 @@ def validate(tree: dict) -> Config:
             field = ".".join(str(p) for p in e["loc"])
             message = e["msg"].removeprefix("Value error, ")
             # section validators name their own field as "field: ..."; fold it into the dotted path
-            own = re.match(r"(\w+): (.*)", message, re.S)
+            own = re.match(r"([\w.]+): (.*)", message, re.S)
             if own and e["type"] == "value_error":
                 field, message = f"{field}.{own[1]}" if field else own[1], own[2]
             lines.append(f"{field}: {message}")

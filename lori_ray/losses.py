@@ -29,3 +29,40 @@ class LoRiLoss(nn.Module):
         flat_s, flat_t = student.flatten(2), teacher.flatten(2)
         second = (batch_covariance(flat_s) - batch_covariance(flat_t)).pow(2).sum() / rank**2
         return {"first_order": per_example + batch_mean, "second_order": second}
+
+
+def _shifted_label_mask(labels: torch.Tensor) -> torch.Tensor:
+    """Positions whose logits predict a labelled token: logits[:, i] predicts labels[:, i + 1]."""
+    mask = torch.zeros_like(labels, dtype=torch.bool)
+    mask[:, :-1] = labels[:, 1:] != -100
+    return mask
+
+
+class AnswerKL(nn.Module):
+    """KL(teacher ‖ student) of next-token distributions over the student's labelled tokens, × T².
+
+    The student's vocabulary may extend the teacher's (latent-slot tokens). The student's labelled tokens (the answer, or CoT and answer for an explicit student) are the last
+    labelled tokens of the teacher's sequence, so each student position is paired with the teacher
+    position that predicts the same token: the teacher may have seen a CoT where the student saw latents.
+    """
+
+    def __init__(self, temperature: float = 1.0):
+        super().__init__()
+        self.temperature = temperature
+
+    def forward(self, student_logits: torch.Tensor, student_labels: torch.Tensor,
+                teacher_logits: torch.Tensor, teacher_labels: torch.Tensor) -> torch.Tensor:
+        student_mask = _shifted_label_mask(student_labels)
+        counts = student_mask.sum(1)
+        teacher_mask = _shifted_label_mask(teacher_labels)
+        from_end = teacher_mask.flip(1).cumsum(1).flip(1)  # labelled positions at or after each one
+        teacher_mask &= from_end <= counts[:, None]
+        if not torch.equal(teacher_mask.sum(1), counts):
+            raise ValueError("teacher sequences have fewer labelled tokens than the student's: "
+                             f"{teacher_mask.sum(1).tolist()} < {counts.tolist()}")
+        t, dtype = self.temperature, torch.promote_types(student_logits.dtype, torch.float32)  # bf16 → fp32
+        # tokens the teacher lacks (latent slots) have teacher probability 0 and only enter the normaliser
+        vocab = teacher_logits.shape[-1]
+        student = torch.log_softmax(student_logits[student_mask].to(dtype) / t, -1)[:, :vocab]
+        teacher = torch.log_softmax(teacher_logits[teacher_mask].to(dtype) / t, -1)
+        return (teacher.exp() * (teacher - student)).sum(-1).mean() * t**2

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .losses import LoRiLoss
+from .losses import AnswerKL, LoRiLoss
 from .subspace import Subspace
 
 
@@ -117,17 +117,32 @@ class LMObjective(nn.Module):
 
     With ``student_layers`` the hidden states at the latent slots are aligned with ``batch["targets"]``:
     through ``projection`` with the LoRi loss (``first_order``, ``second_order``), or without one as a
-    full-width MSE (``hidden_mse``, the ICoT-KD baseline). ``weights`` maps each term to its factor.
+    full-width MSE (``hidden_mse``, the ICoT-KD baseline). With a ``teacher`` the ``kd`` term is the KL
+    from its next-token distributions on ``batch["teacher_*"]`` (the student's own sequences when absent)
+    to the student's on the student's labelled tokens. ``weights`` maps each term to its factor.
     """
 
     def __init__(self, model: nn.Module, student_layers: list[int] = (), projection: nn.Module | None = None,
-                 weights: dict[str, float] | None = None):
+                 weights: dict[str, float] | None = None, teacher: nn.Module | None = None,
+                 kd_temperature: float = 1.0):
         super().__init__()
         self.model = model
         self.student_layers = list(student_layers)
         self.projection = projection
         self.weights = dict(weights or {"ce": 1.0})
         self.lori = LoRiLoss()
+        self.answer_kl = AnswerKL(kd_temperature)
+        # frozen and outside the module tree: DeepSpeed neither optimises, casts nor partitions it
+        self._teacher = [teacher.eval().requires_grad_(False)] if teacher is not None else []
+
+    def _teacher_logits(self, batch: dict[str, torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+        teacher = self._teacher[0]
+        parameter = next(teacher.parameters())
+        if parameter.device != like.device or parameter.dtype != like.dtype:
+            teacher.to(like.device, like.dtype)
+        with torch.no_grad():
+            return teacher(input_ids=batch.get("teacher_input_ids", batch["input_ids"]),
+                           attention_mask=batch.get("teacher_attention_mask", batch["attention_mask"])).logits
 
     def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
         aligns = bool(self.student_layers)
@@ -140,6 +155,10 @@ class LMObjective(nn.Module):
                 terms.update(self.lori(self.projection(states), batch["targets"]))
             else:
                 terms["hidden_mse"] = (states - batch["targets"]).pow(2).mean()
+        if self._teacher:
+            teacher_logits = self._teacher_logits(batch, output.logits)
+            terms["kd"] = self.answer_kl(output.logits, batch["labels"], teacher_logits,
+                                         batch.get("teacher_labels", batch["labels"]))
         loss = sum(self.weights.get(name, 0.0) * value for name, value in terms.items())
         metrics = {name: value.detach().item() for name, value in terms.items()}
         metrics["loss"] = loss.detach().item()

@@ -21,10 +21,11 @@ from .config import Config, ConfigError
 from .data import Example, generate_multiplication, read_examples
 from .evaluate import EvalResult, evaluate
 from .models import build_model, load_model
+from .students import PrunedModel, channel_scores, hidden_erank, load_student
 from .objective import TrajectoryProjection, TuckerProjection, pair_layers, slot_states
 from .teacher import build_store
 from .tokens import Layout, add_latent_tokens, arithmetic_tokenizer, collate, load_tokenizer
-from .plots import spectrum_figure, spectrum_summary
+from .plots import erank_figure, spectrum_figure, spectrum_summary
 from .tracking import pipeline_run, stage_run
 from .train import Stage, fit
 
@@ -122,17 +123,37 @@ def teacher_sft(config: Config, splits: Splits) -> Path:
     return train_stage(config, "teacher", start, data, config.teacher.train, **val)
 
 
-def student_init(config: Config, teacher_dir: Path, slots: int) -> Path:
-    """The teacher's weights (or a fresh preset) plus ``slots`` trainable latent-slot tokens."""
+def calibration_batch(config: Config, layout: Layout, examples: list[Example], student: bool) -> dict:
+    """Input tensors of the first ``student.calibration_size`` examples, as the teacher or the student sees them."""
+    examples = examples[:config.student.calibration_size]
+    build = layout.student if student else layout.teacher
+    tensors = collate([build(e) for e in examples], layout.pad)
+    return {k: tensors[k] for k in ("input_ids", "attention_mask")}
+
+
+def student_init(config: Config, teacher_dir: Path, slots: int, train: list[Example]) -> Path:
+    """The initial student plus ``slots`` trainable latent-slot tokens: the teacher's weights, a fresh
+    preset, or (``kind: pruned``) the teacher through channel-selection or random projections."""
     directory = config.run_dir / "student-init"
+    student = config.student
     tokenizer = load_tokenizer(str(teacher_dir), config.model.trust_remote_code)
     add_latent_tokens(tokenizer, slots)
-    if config.student.init == "teacher":
+    if student.kind == "pruned":
+        teacher = load_model(teacher_dir, trust_remote_code=config.model.trust_remote_code).eval()
+        batch = calibration_batch(config, Layout(tokenizer), train, student=False)
+        with torch.no_grad():
+            scores = channel_scores(teacher(**batch, output_hidden_states=True).hidden_states, batch["attention_mask"])
+        model = PrunedModel.initial(teacher, student.width, student.depth, student.init, scores, len(tokenizer),
+                                    seed=config.seed + 2)
+        model.save_init(directory, teacher_dir)
+        tokenizer.save_pretrained(directory)
+        return directory
+    if student.init == "teacher":
         model = load_model(teacher_dir, trust_remote_code=config.model.trust_remote_code)
     else:
         teacher = json.loads((teacher_dir / "config.json").read_text())
         special = {f"{k}_token_id": teacher.get(f"{k}_token_id") for k in ("pad", "bos", "eos")}
-        model = build_model(config.model.family, config.student.size or config.model.size, len(tokenizer),
+        model = build_model(config.model.family, student.size or config.model.size, len(tokenizer),
                             config.model.max_positions, special, seed=config.seed + 2)
     model.resize_token_embeddings(len(tokenizer))
     model.save_pretrained(directory)
@@ -140,8 +161,10 @@ def student_init(config: Config, teacher_dir: Path, slots: int) -> Path:
     return directory
 
 
-def latent_slots(config: Config) -> int:
-    return 0 if config.student.method == "nocot" else config.student.latent_slots
+def latent_slots(config: Config) -> int | None:
+    """Latent slots of the student; ``None``: it writes the CoT (``explicit``)."""
+    method = config.student.method
+    return None if method == "explicit" else 0 if method == "nocot" else config.student.latent_slots
 
 
 @torch.no_grad()
@@ -149,23 +172,35 @@ def calibrated_projection(model_dir: Path, data_path: Path, layers: list[int], f
     """Least squares (``fit(states, targets)``) from the initial student's slot states to the teacher's
     coordinates on a calibration batch: the projection init when student and teacher widths differ."""
     data = {k: v[:rows] for k, v in load_file(data_path).items()}
-    output = load_model(model_dir).eval()(input_ids=data["input_ids"], attention_mask=data["attention_mask"],
+    output = load_student(model_dir).eval()(input_ids=data["input_ids"], attention_mask=data["attention_mask"],
                                           output_hidden_states=True)
     return fit(slot_states(output.hidden_states, layers, data["latent_positions"]), data["targets"])
 
 
 def student_stage(config: Config, teacher_dir: Path, splits: Splits, store) -> tuple[Path, Path, dict]:
     """Initial model, training tensors and stage fields of the configured method:
-    ``lori`` (CE + subspace alignment), ``icot_kd`` (CE + full-width hidden MSE) or ``nocot`` (CE)."""
-    method, slots, loss, train = config.student.method, latent_slots(config), config.loss, splits.train
-    init = student_init(config, teacher_dir, slots)
+    ``lori`` (CE + subspace alignment), ``icot_kd`` (CE + full-width hidden MSE), ``nocot`` (CE) or
+    ``explicit`` (CE on the CoT and answer); any of them plus ``kd`` with the teacher run online."""
+    method, slots, loss, train = config.student.method, latent_slots(config) or 0, config.loss, splits.train
+    init = student_init(config, teacher_dir, slots, train)
     tokenizer = load_tokenizer(str(init))
     layout = Layout(tokenizer, add_latent_tokens(tokenizer, slots))
+    build = layout.teacher if method == "explicit" else layout.student
     data_path = config.run_dir / "data" / "student.safetensors"
-    val = validation_tensors(config, [layout.student(e) for e in splits.val], layout.pad, "student")
-    if method == "nocot":
-        data = write_tensors([layout.student(e) for e in train], layout.pad, config.model.max_positions, data_path)
-        return init, data, {"weights": {"ce": loss.ce}, **val}
+    val = validation_tensors(config, [build(e) for e in splits.val], layout.pad, "student")
+    kd = {"teacher_dir": str(teacher_dir), "kd_temperature": loss.kd_temperature} if loss.kd else {}
+
+    def with_teacher(examples: list[Example]) -> dict[str, torch.Tensor]:
+        """The teacher's own sequences for the kd term (an explicit student already trains on them)."""
+        if not loss.kd or method == "explicit":
+            return {}
+        tensors = collate([Layout(tokenizer).teacher(e) for e in examples], layout.pad)
+        return {f"teacher_{k}": v for k, v in tensors.items()}
+
+    if method in ("nocot", "explicit"):
+        data = write_tensors([build(e) for e in train], layout.pad, config.model.max_positions, data_path,
+                             **with_teacher(train))
+        return init, data, {"weights": {"ce": loss.ce, "kd": loss.kd}, **val, **kd}
 
     stored_layers = store.manifest["layers"]
     student_config = json.loads((init / "config.json").read_text())
@@ -189,10 +224,10 @@ def student_stage(config: Config, teacher_dir: Path, splits: Splits, store) -> t
     sequences = [layout.student(train[i]) for i in index]
     positions = torch.tensor([[start for start, _ in s.spans] for s in sequences])
     data = write_tensors(sequences, layout.pad, config.model.max_positions, data_path,
-                         latent_positions=positions, targets=targets.float())
-    fields = {"student_layers": [s for s, _ in pairs], **val}
+                         latent_positions=positions, targets=targets.float(), **with_teacher([train[i] for i in index]))
+    fields = {"student_layers": [s for s, _ in pairs], **val, **kd}
     if method == "icot_kd":
-        return init, data, {"weights": {"ce": loss.ce, "hidden_mse": loss.first_order}, **fields}
+        return init, data, {"weights": {"ce": loss.ce, "hidden_mse": loss.first_order, "kd": loss.kd}, **fields}
 
     same_width = student_config["hidden_size"] == teacher_config["hidden_size"]
     student_layers = [s for s, _ in pairs]
@@ -207,13 +242,36 @@ def student_stage(config: Config, teacher_dir: Path, splits: Splits, store) -> t
         projection = calibrated_projection(init, data, student_layers, TrajectoryProjection.fit)
     projection_path = config.run_dir / "data" / "projection.safetensors"
     save_file({k: v.detach().contiguous() for k, v in projection.state_dict().items()}, projection_path)
-    weights = {"ce": loss.ce, "first_order": loss.first_order, "second_order": loss.second_order}
+    weights = {"ce": loss.ce, "first_order": loss.first_order, "second_order": loss.second_order, "kd": loss.kd}
     return init, data, {"weights": weights, "projection_path": str(projection_path), **fields}
 
 
-def distill_student(config: Config, teacher_dir: Path, splits: Splits, store) -> Path:
+def distill_student(config: Config, teacher_dir: Path, splits: Splits, store) -> tuple[Path, Path]:
+    """(initial student, trained student)."""
     init, data, fields = student_stage(config, teacher_dir, splits, store)
-    return train_stage(config, "student", init, data, config.student.train, **fields)
+    return init, train_stage(config, "student", init, data, config.student.train, **fields)
+
+
+def erank_diagnostics(config: Config, teacher_dir: Path, init_dir: Path, student_dir: Path,
+                      examples: list[Example]) -> dict[str, list[float]]:
+    """eRank per layer of hidden states on calibration examples: teacher, initial and trained student
+    (each on its own sequences); saved as erank.json and logged to MLflow with a plot."""
+    tokenizer = load_tokenizer(str(init_dir))
+    slots = latent_slots(config)
+    teacher_batch = calibration_batch(config, Layout(tokenizer), examples, student=False)
+    student_batch = teacher_batch if slots is None else calibration_batch(
+        config, Layout(tokenizer, add_latent_tokens(tokenizer, slots)), examples, student=True)
+    code = config.model.trust_remote_code
+    ranks = {"teacher": hidden_erank(load_model(teacher_dir, trust_remote_code=code).eval(), **teacher_batch),
+             "student init": hidden_erank(load_student(init_dir, code).eval(), **student_batch),
+             "student trained": hidden_erank(load_model(student_dir, trust_remote_code=code).eval(), **student_batch)}
+    with stage_run("erank"):
+        for label, values in ranks.items():
+            mlflow.log_metrics({f"erank_{label.replace(' ', '_')}_layer_{i}": v for i, v in enumerate(values)})
+        mlflow.log_dict(ranks, "erank.json")
+        mlflow.log_figure(erank_figure(ranks), "erank.png")
+    (config.run_dir / "erank.json").write_text(json.dumps(ranks, indent=1))
+    return ranks
 
 
 @dataclass
@@ -223,10 +281,11 @@ class Report:
     explained_variance: float  # mean over layers at the configured rank
     rank: int
     method: str
+    erank: dict[str, list[float]]  # per layer: teacher, initial and trained student
 
     def table(self) -> str:
         speedup = self.teacher.seconds / max(self.student.seconds, 1e-9)
-        rows = [("teacher (explicit CoT)", self.teacher, "1.00x"), (f"student ({self.method}, no CoT)", self.student, f"{speedup:.2f}x")]
+        rows = [("teacher (explicit CoT)", self.teacher, "1.00x"), (f"student ({self.method}{'' if self.method == 'explicit' else ', no CoT'})", self.student, f"{speedup:.2f}x")]
         lines = ["| model | accuracy | tokens/answer | inference s | speedup |", "|---|---|---|---|---|"]
         lines += [f"| {name} | {r.accuracy:.3f} | {r.tokens_per_answer:.1f} | {r.seconds:.2f} | {s} |" for name, r, s in rows]
         lines.append(f"\nexplained variance of the rank-{self.rank} subspace (mean over layers): {self.explained_variance:.3f}")
@@ -279,13 +338,14 @@ def run(config: Config, teacher_result: EvalResult | None = None) -> Report:
         log(f"[tracking] MLflow run {parent.info.run_id} at {config.tracking_uri()}")
         teacher_dir = teacher_sft(config, splits)
         store = trajectory_stage(config, teacher_dir, splits.train)
-        student_dir = distill_student(config, teacher_dir, splits, store)
+        init_dir, student_dir = distill_student(config, teacher_dir, splits, store)
+        erank = erank_diagnostics(config, teacher_dir, init_dir, student_dir, splits.train)
         with stage_run("evaluate"):
             teacher_result = teacher_result or evaluate_model(config, teacher_dir, splits.held_out, slots=None)
             student_result = evaluate_model(config, student_dir, splits.held_out, slots=latent_slots(config))
             report = Report(teacher_result, student_result,
                             store.subspace().explained_variance(config.subspace.rank).mean().item(),
-                            config.subspace.rank, config.student.method)
+                            config.subspace.rank, config.student.method, erank)
             metrics = {**teacher_result.as_metrics("teacher"), **student_result.as_metrics("student"),
                        "explained_variance": report.explained_variance}
             mlflow.log_metrics(metrics)

@@ -32,3 +32,15 @@ def spectrum_figure(summary: dict, max_rank: int = 64):
     bars.set(xlabel="layer", ylabel="eRank", title=f"eRank of trajectories (hidden size {summary['hidden_size']})")
     figure.tight_layout()
     return figure
+
+
+def erank_figure(ranks: dict[str, list[float]]):
+    """eRank per layer (0 = embedding output) of each model's hidden states, one line per model."""
+    figure = Figure(figsize=(6, 4))
+    axes = figure.subplots()
+    for label, values in ranks.items():
+        axes.plot(range(len(values)), values, marker="o", label=label)
+    axes.set(xlabel="layer (0 = embeddings)", ylabel="eRank", title="eRank of hidden states")
+    axes.legend(fontsize="small")
+    figure.tight_layout()
+    return figure

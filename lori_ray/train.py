@@ -41,6 +41,8 @@ class Stage:
     projection_path: str | None = None  # safetensors with weight, bias
     gpus_per_worker: float = 0.0
     val_path: str | None = None  # safetensors with input_ids, labels, attention_mask of validation sequences
+    teacher_dir: str | None = None  # frozen teacher run online for the ``kd`` term
+    kd_temperature: float = 1.0
     tracking_uri: str | None = None
     run_id: str | None = None  # MLflow run that rank 0 logs step metrics to
 
@@ -135,10 +137,12 @@ def _build_objective(stage: Stage):
     from safetensors.torch import load_file
     from .models import load_model
     from .objective import LMObjective, load_projection
+    from .students import load_student
 
-    model = load_model(stage.model_dir)
+    model = load_student(stage.model_dir)
     projection = load_projection(load_file(stage.projection_path)) if stage.projection_path else None
-    return LMObjective(model, stage.student_layers, projection, stage.weights)
+    teacher = load_model(stage.teacher_dir) if stage.teacher_dir else None
+    return LMObjective(model, stage.student_layers, projection, stage.weights, teacher, stage.kd_temperature)
 
 
 def train_loop(config: dict) -> None:

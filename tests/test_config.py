@@ -34,6 +34,13 @@ def test_overrides_are_typed_and_nested():
     (["trajectory.layers=[0, 1]"], "trajectory.layers"),
     (["model.size=huge"], "model.size"),
     (["student.latent_slots=64"], "student.latent_slots"),
+    (["student.kind=pruned", "student.init=activation"], "student.width"),
+    (["student.kind=pruned", "student.init=activation", "student.width=65"], "student.width"),
+    (["student.kind=pruned", "student.width=32"], "student.init"),
+    (["student.init=random"], "student.init"),
+    (["student.kind=pruned", "student.init=random", "student.width=32", "student.depth=3"], "student.depth"),
+    (["student.kind=pruned", "student.init=random", "student.width=32", "student.train.zero_stage=3"],
+     "student.train.zero_stage"),
 ])
 def test_bad_values_name_the_field(overrides, field):
     with pytest.raises(ConfigError, match=rf"(?m)^(\s*|invalid config:\s*)?{field}:"):

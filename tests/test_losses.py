@@ -54,3 +54,43 @@ def test_shape_mismatch_is_a_clear_error():
     import pytest
     with pytest.raises(ValueError, match="student coordinates"):
         LoRiLoss()(torch.zeros(2, 1, 3, 4), torch.zeros(2, 1, 3, 5))
+
+
+def naive_answer_kl(student_logits, student_labels, teacher_logits, teacher_labels, temperature):
+    """Row by row: pair the student's labelled tokens with the teacher's last labelled tokens."""
+    terms = []
+    for b in range(student_labels.shape[0]):
+        s_pos = [i for i in range(student_labels.shape[1] - 1) if student_labels[b, i + 1] != -100]
+        t_pos = [i for i in range(teacher_labels.shape[1] - 1) if teacher_labels[b, i + 1] != -100][-len(s_pos):]
+        for i, j in zip(s_pos, t_pos):
+            p = torch.softmax(teacher_logits[b, j] / temperature, -1)
+            q = torch.softmax(student_logits[b, i] / temperature, -1)[:len(p)]
+            terms.append((p * (p.log() - q.log())).sum() * temperature**2)
+    return torch.stack(terms).mean()
+
+
+def test_answer_kl_matches_naive_reference_values_and_gradients():
+    from lori_ray.losses import AnswerKL
+    torch.manual_seed(0)
+    # student: 2-token prompt + 3 answer tokens (row 0) / 2 (row 1); teacher: longer prompt with a CoT
+    student_labels = torch.tensor([[-100, -100, 5, 6, 7, -100], [-100, -100, -100, 5, 6, -100]])
+    teacher_labels = torch.tensor([[-100, 1, 2, 3, 5, 6, 7, -100], [-100, -100, 4, 4, 4, 5, 6, -100]])
+    student_logits = torch.randn(2, 6, 11, dtype=torch.float64, requires_grad=True)  # + 2 latent tokens
+    teacher_logits = torch.randn(2, 8, 9, dtype=torch.float64)
+    for temperature in (1.0, 2.0):
+        fast = AnswerKL(temperature)(student_logits, student_labels, teacher_logits, teacher_labels)
+        naive = naive_answer_kl(student_logits, student_labels, teacher_logits, teacher_labels, temperature)
+        torch.testing.assert_close(fast.double(), naive)
+        torch.testing.assert_close(torch.autograd.grad(fast, student_logits)[0],
+                                   torch.autograd.grad(naive, student_logits)[0])
+
+
+def test_answer_kl_zero_when_distributions_agree_and_error_on_short_teacher():
+    import pytest
+    from lori_ray.losses import AnswerKL
+    labels = torch.tensor([[-100, 3, 4, -100]])
+    logits = torch.randn(1, 4, 6)
+    assert AnswerKL()(logits, labels, logits.clone(), labels).abs() < 1e-6
+    assert AnswerKL()(logits, labels, torch.randn(1, 4, 6), labels) > 0
+    with pytest.raises(ValueError, match="fewer labelled tokens"):
+        AnswerKL()(logits, labels, logits, torch.tensor([[-100, -100, 4, -100]]))

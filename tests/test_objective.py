@@ -114,3 +114,28 @@ def test_tucker_projection_matches_the_fit_and_its_least_squares_init():
     mixed = torch.einsum("nlki,la,kb->nabi", student, tucker.layer_factor, tucker.step_factor)
     fitted = TuckerProjection.fit(tucker, student, mixed @ planted.T + 1.0)
     torch.testing.assert_close(fitted(student), mixed @ planted.T + 1.0, atol=1e-4, rtol=1e-4)
+
+
+def test_kd_term_runs_the_frozen_teacher_on_its_own_sequences():
+    import copy
+    tokenizer = arithmetic_tokenizer()
+    student_layout = Layout(tokenizer, add_latent_tokens(tokenizer, 2))
+    teacher_layout = Layout(tokenizer)
+    examples = generate_multiplication(4, 2, 2, seed=0)
+    special = {"pad_token_id": tokenizer.pad_token_id, "bos_token_id": tokenizer.bos_token_id,
+               "eos_token_id": tokenizer.eos_token_id}
+    model = build_model("llama", "tiny", len(tokenizer), 64, special, seed=1)
+    batch = collate([student_layout.student(e) for e in examples], tokenizer.pad_token_id)
+    batch.update({f"teacher_{k}": v for k, v in
+                  collate([teacher_layout.teacher(e) for e in examples], tokenizer.pad_token_id).items()})
+    teacher = build_model("llama", "tiny", len(tokenizer), 64, special, seed=2)
+    objective = LMObjective(model, weights={"ce": 1.0, "kd": 0.5}, teacher=teacher)
+    loss, metrics = objective(batch)
+    assert metrics["kd"] > 0 and loss.item() == pytest.approx(metrics["ce"] + 0.5 * metrics["kd"], rel=1e-5)
+    loss.backward()
+    assert all(p.grad is None for p in teacher.parameters())  # frozen, and not part of the module tree
+    assert not any(p is q for p in objective.parameters() for q in teacher.parameters())
+    # an explicit student trains on the teacher's sequences: the same model gives KL 0
+    explicit = collate([teacher_layout.teacher(e) for e in examples], tokenizer.pad_token_id)
+    _, same = LMObjective(model, weights={"kd": 1.0}, teacher=copy.deepcopy(model))(explicit)
+    assert same["kd"] == pytest.approx(0.0, abs=1e-6)

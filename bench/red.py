@@ -1,0 +1,79 @@
+"""RED: width-pruned students from `random` vs `activation` (channel-selection) projections, one table.
+
+    python bench/red.py --config configs/red-cpu.yaml [--widths 0.5 0.25] [--inits random activation] [key=value ...]
+
+The teacher (explicit CoT) is trained once, or taken from teacher.path; every student gets the same
+data, steps, batch and loss (student.method and loss.* from the config). Prints per student: width,
+init, exact-match accuracy, tokens per answer, and the eRank of its hidden states (mean over layers)
+at init and after training, next to the teacher's; writes the table and the per-layer eRank to
+<output_dir>/<name>/red.md and red.json.
+"""
+
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from lori_ray.cli import config_or_exit, parser  # noqa: E402
+from lori_ray.students import INITS  # noqa: E402
+
+
+def mean(values: list[float]) -> float:
+    return sum(values) / len(values)
+
+
+def main() -> int:
+    arguments = parser(__doc__)
+    arguments.add_argument("--widths", nargs="+", type=float, default=[0.5, 0.25],
+                           help="student width as a fraction of the teacher's hidden size")
+    arguments.add_argument("--inits", nargs="+", choices=INITS, default=["random", "activation"])
+    args = arguments.parse_args()
+    base = config_or_exit(args.config, args.overrides)
+
+    from lori_ray.cluster import connect
+    from lori_ray.models import model_shape
+    from lori_ray.pipeline import run
+
+    hidden, _ = model_shape(base.model.family, base.model.size, base.teacher.path or base.model.path)
+    students = [(round(fraction * hidden), init) for fraction in args.widths for init in args.inits]
+    configs = {(width, init): config_or_exit(args.config, [
+        *args.overrides, f"name={base.name}-w{width}-{init}", "student.kind=pruned", f"student.width={width}",
+        f"student.init={init}"]) for width, init in students}
+
+    connect(base)
+    reports, teacher_path, teacher_result = {}, base.teacher.path, None
+    for key, config in configs.items():
+        if teacher_path:
+            config.teacher.path = str(teacher_path)
+        reports[key] = run(config, teacher_result)
+        teacher_path = teacher_path or config.run_dir / "teacher"
+        teacher_result = reports[key].teacher
+
+    teacher_erank = next(iter(reports.values())).erank["teacher"]
+    lines = [f"task: {base.data.task} {base.data.eval_file or base.data.digits}, {teacher_result.examples} held-out "
+             f"examples; student method {base.student.method}, {base.student.train.steps} steps x batch "
+             f"{base.student.train.batch_size}, loss ce={base.loss.ce} kd={base.loss.kd}; teacher "
+             f"{base.model.family}/{base.model.path or base.model.size} (hidden {hidden})", "",
+             "| student | init | accuracy | tokens/answer | eRank at init | eRank trained |", "|---|---|---|---|---|---|",
+             f"| teacher ({hidden}) | - | {teacher_result.accuracy:.3f} | {teacher_result.tokens_per_answer:.1f} | "
+             f"{mean(teacher_erank):.2f} | {mean(teacher_erank):.2f} |"]
+    for (width, init), report in reports.items():
+        r = report.student
+        lines.append(f"| width {width} | {init} | {r.accuracy:.3f} | {r.tokens_per_answer:.1f} | "
+                     f"{mean(report.erank['student init']):.2f} | {mean(report.erank['student trained']):.2f} |")
+    lines.append("\neRank: mean over layers (embedding output included) of exp(entropy of the normalised singular "
+                 f"values) of centred hidden states on {base.student.calibration_size} training examples.")
+    table = "\n".join(lines)
+    print("\n" + table, flush=True)
+    out = base.run_dir
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "red.md").write_text(table + "\n")
+    (out / "red.json").write_text(json.dumps(
+        {f"w{width}-{init}": {"accuracy": report.student.accuracy, **report.erank}
+         for (width, init), report in reports.items()}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
