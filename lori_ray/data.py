@@ -1,8 +1,9 @@
 """Reasoning data in the iCoT line format: ``question||step + step ... #### answer``.
 
 Multiplication is generated procedurally (digits least-significant first, exactly like the
-published iCoT files); GSM8K converts from the openai jsonl annotation to the equation format
-``question||<<a+b=c>> <<c*2=d>> #### d``.
+published iCoT files); GSM8K converts from the openai jsonl annotation (a local ``train.jsonl``,
+or ``hf:openai/gsm8k`` through Hugging Face ``datasets`` where the hub is reachable) to the
+equation format ``question||<<a+b=c>> <<c*2=d>> #### d``.
 """
 
 from __future__ import annotations
@@ -156,12 +157,80 @@ def read_gsm8k_jsonl(path: str | Path, skip_bad: bool = False) -> list[Example]:
     return _read(path, parse_gsm8k_line, skip_bad)
 
 
+HF_PREFIX = "hf:"
+_HF_SPEC = re.compile(r"^hf:(?P<name>[\w.-]+/[\w.-]+)(?:/(?P<config>[\w.-]+))?(?:@(?P<split>[\w.\[\]:%-]+))?$")
+HF_DEFAULT_CONFIGS = {"openai/gsm8k": "main", "gsm8k": "main"}
+
+
+def parse_hf_spec(spec: str) -> tuple[str, str | None, str]:
+    """``hf:OWNER/NAME[/CONFIG][@SPLIT]`` → (dataset, config, split); split defaults to ``train``,
+    config to the dataset's usual one (``main`` for openai/gsm8k)."""
+    match = _HF_SPEC.match(spec)
+    if not match:
+        raise ValueError(f"{spec}: not a Hugging Face dataset spec; expected hf:OWNER/NAME[/CONFIG][@SPLIT], "
+                         "e.g. hf:openai/gsm8k@test")
+    name = match["name"]
+    return name, match["config"] or HF_DEFAULT_CONFIGS.get(name), match["split"] or "train"
+
+
+def load_hf_gsm8k(spec: str = "hf:openai/gsm8k", skip_bad: bool = False) -> list[Example]:
+    """A GSM8K-shaped Hugging Face dataset (``question``, ``answer`` ending in ``#### n``) in the
+    iCoT equation format. Needs the ``datasets`` package and a reachable hub (or its local cache)."""
+    name, config, split = parse_hf_spec(spec)
+    try:
+        import datasets
+    except ImportError:
+        raise ImportError(f"{spec}: loading a Hugging Face dataset needs the 'datasets' package "
+                          "(pip install datasets), or give a local GSM8K train.jsonl") from None
+    try:
+        rows = datasets.load_dataset(name, config, split=split)
+    except Exception as error:  # noqa: BLE001 - hub errors come in many types (ConnectionError, HfHubHTTPError, ...)
+        raise DataFormatError(f"{spec}: could not load {name} ({config}, split {split}) from the Hugging Face hub "
+                              f"(unreachable, or no such dataset/split); a local train.jsonl works offline: "
+                              f"{type(error).__name__}: {error}") from error
+    examples, bad = [], []
+    for number, record in enumerate(rows):
+        try:
+            examples.append(gsm8k_example(dict(record)))
+        except (KeyError, TypeError, AttributeError) as error:
+            if not skip_bad:
+                raise DataFormatError(f"{spec}:{number}: not a GSM8K record ({error!r})") from error
+            bad.append(number)
+    if bad:
+        warnings.warn(f"{spec}: skipped {len(bad)} malformed records", stacklevel=2)
+    if not examples:
+        raise DataFormatError(f"{spec}: no examples")
+    return examples
+
+
 def read_examples(path: str | Path, skip_bad: bool = False) -> list[Example]:
-    """iCoT ``.txt`` or openai GSM8K ``.jsonl``, by extension."""
+    """iCoT ``.txt`` or openai GSM8K ``.jsonl`` by extension, or ``hf:openai/gsm8k[@split]``."""
+    if str(path).startswith(HF_PREFIX):
+        return load_hf_gsm8k(str(path), skip_bad)
     reader = read_gsm8k_jsonl if str(path).endswith(".jsonl") else read_icot
     return reader(path, skip_bad)
 
 
+# digit groups split by spaces or thousands commas ("1 5 0 0", "1,500") are one number
+_DIGIT_GAP = re.compile(r"(?<=[0-9])[\s,]+(?=[0-9])")
+_NUMBER = re.compile(r"(?P<sign>-?)[$€£¥]?(?P<value>[0-9]+(?:\.[0-9]*)?|\.[0-9]+)")
+
+
 def normalize_answer(text: str) -> str:
-    """Compare answers ignoring whitespace and thousands separators (``1,500`` == ``1500``)."""
-    return re.sub(r"[\s,]", "", text)
+    """The answer as a bare number, for exact-match comparison.
+
+    Whitespace and thousands commas between digits join (``1,500`` == ``1500``; the
+    multiplication layout ``1 5 0 0`` == ``1500``, leading zeros kept); the first number is
+    taken, so currency, units and trailing text drop out (``$1,234.00 dollars.`` == ``1234``);
+    a decimal part loses trailing zeros (``2.50`` == ``2.5``, ``7.0`` == ``7``). Text without a
+    number compares with whitespace and commas removed.
+    """
+    joined = _DIGIT_GAP.sub("", text)
+    match = _NUMBER.search(joined)
+    if not match:
+        return re.sub(r"[\s,]", "", text)
+    value = match["value"]
+    if "." in value:
+        value = value.rstrip("0").rstrip(".")
+        value = "0" + value if value.startswith(".") else value or "0"
+    return match["sign"] + value

@@ -1,9 +1,18 @@
 import json
+import re
+import sys
+import types
+from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
-from lori_ray.data import (DataFormatError, Example, generate_multiplication, multiplication_example, normalize_answer,
-                           parse_line, read_examples, read_gsm8k_jsonl, read_icot, split_steps, write_icot)
+from lori_ray.data import (DataFormatError, Example, generate_multiplication, load_hf_gsm8k, multiplication_example,
+                           normalize_answer, parse_hf_spec, parse_line, read_examples, read_gsm8k_jsonl, read_icot,
+                           split_steps, write_icot)
+
+GSM8K_TRAIN = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k" / "train.jsonl"
 
 # Lines from the published iCoT validation files (github.com/da03/Internalize_CoT_Step_by_Step, MIT).
 ICOT_4X4 = ("5 6 3 2 * 7 4 3 4||5 5 5 6 1 + 0 0 6 4 9 0 ( 5 5 1 1 1 1 ) + 0 0 5 9 0 7 0 ( 5 5 6 0 2 8 0 ) + "
@@ -84,3 +93,97 @@ def test_gsm8k_jsonl_conversion(tmp_path):
 
 def test_normalize_answer():
     assert normalize_answer(" 1,500 ") == "1500" == normalize_answer("1 5 0 0")
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("$1,234.00 dollars.", "1234"),
+    ("1,234", "1234"),
+    ("  72\n", "72"),
+    ("72 eggs", "72"),
+    ("The answer is 18.", "18"),
+    ("$18", "18"),
+    ("50%", "50"),
+    ("7.0", "7"),
+    ("2.50", "2.5"),
+    (".5 cups", "0.5"),
+    ("-7", "-7"),
+    ("-1,200.50 m", "-1200.5"),
+    ("109,200,000", "109200000"),
+    # the multiplication layout: digits least-significant first, spaces between, zeros kept
+    ("5 5 6 0 8 2 0 1", "55608201"),
+    ("0 0 6 4 9 0", "006490"),
+    ("", ""),
+    ("no number here", "nonumberhere"),
+])
+def test_normalize_answer_cases(text, expected):
+    assert normalize_answer(text) == expected
+
+
+@given(st.integers(min_value=-10**12, max_value=10**12))
+def test_normalize_answer_formats_of_one_integer_agree(n):
+    plain = str(n)
+    sign, digits = ("-", plain[1:]) if n < 0 else ("", plain)
+    for text in (plain, f"{n:,}", f"{sign}${abs(n):,}.00 dollars.", f"{n}.0", f" {n:,} units and more text 99",
+                 sign + " ".join(digits)):
+        assert normalize_answer(text) == plain, text
+
+
+@given(st.lists(st.integers(0, 9), min_size=1, max_size=20))
+def test_normalize_answer_keeps_multiplication_digits(digits):
+    spaced = " ".join(map(str, digits))
+    assert normalize_answer(spaced) == "".join(map(str, digits)) == normalize_answer(f" {spaced} ")
+
+
+@given(st.text(max_size=40))
+def test_normalize_answer_is_idempotent(text):
+    once = normalize_answer(text)
+    assert normalize_answer(once) == once
+
+
+@pytest.mark.parametrize("spec, expected", [
+    ("hf:openai/gsm8k", ("openai/gsm8k", "main", "train")),
+    ("hf:openai/gsm8k@test", ("openai/gsm8k", "main", "test")),
+    ("hf:openai/gsm8k/socratic@train[:100]", ("openai/gsm8k", "socratic", "train[:100]")),
+])
+def test_hf_spec(spec, expected):
+    assert parse_hf_spec(spec) == expected
+
+
+@pytest.mark.parametrize("spec", ["hf:", "hf:gsm8k with space", "hf:a/b/c/d"])
+def test_bad_hf_spec_is_named(spec):
+    with pytest.raises(ValueError, match="hf:OWNER/NAME"):
+        parse_hf_spec(spec)
+
+
+def test_hf_gsm8k_through_datasets(monkeypatch):
+    calls = []
+
+    def load_dataset(name, config, split):
+        calls.append((name, config, split))
+        return [{"question": "Two plus two?", "answer": "2+2=<<2+2=4>>4\n#### 4"},
+                {"question": "Big?", "answer": "#### 1,000"}]
+
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    first, second = read_examples("hf:openai/gsm8k@test")
+    assert calls == [("openai/gsm8k", "main", "test")]
+    assert first == Example("Two plus two?", ("<<2+2=4>>",), "4") and second.answer == "1000"
+
+
+def test_hf_gsm8k_errors_are_clear(monkeypatch):
+    def unreachable(*args, **kwargs):
+        raise ConnectionError("Couldn't reach 'openai/gsm8k' on the Hub")
+
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=unreachable))
+    with pytest.raises(DataFormatError, match=r"hf:openai/gsm8k: could not load .* local train.jsonl works offline"):
+        load_hf_gsm8k("hf:openai/gsm8k")
+    monkeypatch.setitem(sys.modules, "datasets", None)  # import datasets -> ImportError
+    with pytest.raises(ImportError, match="needs the 'datasets' package"):
+        load_hf_gsm8k("hf:openai/gsm8k")
+
+
+@pytest.mark.skipif(not GSM8K_TRAIN.is_file(), reason="shared GSM8K data not present")
+def test_every_gsm8k_answer_normalises_to_a_plain_integer():
+    examples = read_gsm8k_jsonl(GSM8K_TRAIN)
+    assert len(examples) == 7473
+    assert all(re.fullmatch(r"-?[0-9]+", e.answer) for e in examples)
+    assert normalize_answer(examples[0].answer + " dollars.") == examples[0].answer
