@@ -98,7 +98,7 @@ def train_stage(config: Config, name: str, model_dir: Path, data_path: Path, tra
     with stage_run(name, train_config.model_dump()) as run:
         stage = make_stage(config, name, model_dir, data_path, train_config, run_id=run.info.run_id, **stage_fields)
         started = time.time()
-        fit(stage, output, config.run_dir / "ray")
+        fit(stage, output, config.storage_path)
         mlflow.log_metric("stage_seconds", time.time() - started)
     log(f"[{name}] done in {time.time() - started:.0f}s -> {output}")
     return output

@@ -8,8 +8,6 @@ moments and fits the subspace. Pass 2: actors project their shards onto the subs
 from __future__ import annotations
 
 import hashlib
-import json
-import os
 import time
 from pathlib import Path
 
@@ -17,16 +15,12 @@ import ray
 import torch
 from ray.util import ActorPool
 
-from safetensors.torch import load_file
-
+from . import storage
 from .data import Example
 from .models import load_model
-from .subspace import Moments, Subspace, fit_pca
+from .subspace import Moments, fit_pca
 from .tokens import Layout, collate, load_tokenizer
-from .trajectories import TrajectoryStore, file_fingerprint, pack, save_atomic, step_means, store_key, unpack
-
-
-EXTRACTION_LOG = "extraction.log"
+from .trajectories import TrajectoryStore, file_fingerprint, pack, step_means, store_key, unpack
 
 
 class TeacherWorker:
@@ -40,8 +34,8 @@ class TeacherWorker:
         self.layers = layers
         self.batch_size = batch_size
 
-    def extract(self, path: str, index: list[int], examples: list[Example]) -> Moments:
-        """Write the shard's step-mean trajectories to ``path``; return their moments."""
+    def extract(self, store_uri: str, number: int, index: list[int], examples: list[Example]) -> Moments:
+        """Write shard ``number``'s step-mean trajectories to the store; return their moments."""
         trajectories = []
         moments = Moments.zeros(len(self.layers), self.model.config.hidden_size)
         for start in range(0, len(examples), self.batch_size):
@@ -59,17 +53,17 @@ class TeacherWorker:
             for trajectory in step_means(hidden, [s.spans for s in sequences]):
                 trajectories.append(trajectory)
                 moments.update(trajectory.transpose(0, 1))  # every step is one sample per layer
-        save_atomic(pack(trajectories, index), Path(path))
-        # one line per extracted shard: how often the teacher really ran (a rerun or a Tune search adds none)
-        with open(Path(path).parents[1] / EXTRACTION_LOG, "a") as log:
-            log.write(json.dumps({"shard": Path(path).name, "examples": len(index), "pid": os.getpid()}) + "\n")
+        store = TrajectoryStore(store_uri)
+        store.write_shard("hidden", number, pack(trajectories, index))
+        # how often the teacher really ran (a rerun or a Tune search adds no extraction)
+        store.record_extraction(number, len(index))
         return moments
 
-    def project(self, hidden_path: str, coords_path: str, subspace_path: str) -> int:
-        subspace = Subspace(**load_file(subspace_path))
-        shard = load_file(hidden_path)
+    def project(self, store_uri: str, number: int) -> int:
+        store = TrajectoryStore(store_uri)
+        subspace, shard = store.subspace(), store.shard("hidden", number)
         coords = [subspace.project(t.transpose(0, 1)).transpose(0, 1) for t in unpack(shard)]
-        save_atomic(pack(coords, shard["index"].tolist()), Path(coords_path))
+        store.write_shard("coords", number, pack(coords, shard["index"].tolist()))
         return len(coords)
 
 
@@ -80,17 +74,16 @@ def data_fingerprint(examples: list[Example]) -> str:
 def build_store(model_dir: str | Path, examples: list[Example], layers: list[int], max_rank: int,
                 store_dir: str | Path, num_actors: int = 2, batch_size: int = 64, shard_size: int = 512,
                 trust_remote_code: bool = False, gpus_per_actor: float = 0.0, log=print) -> TrajectoryStore:
-    """Extract, fit and project with a pool of teacher actors; reuse the store if it is complete."""
+    """Extract, fit and project with a pool of teacher actors into ``store_dir`` (a shared path or an
+    object-store URI, see ``storage``); reuse the store if it is complete."""
     key = store_key(file_fingerprint(model_dir), data_fingerprint(examples), layers, max_rank)
-    store = TrajectoryStore(Path(store_dir) / key)
+    store = TrajectoryStore(storage.join(str(store_dir), key))
     if store.complete:
-        log(f"[teacher] trajectory store {store.path} found, skipping extraction")
+        log(f"[teacher] trajectory store {store.uri} found, skipping extraction")
         return store
     # examples without a CoT have no trajectory to align with
     kept = [i for i, e in enumerate(examples) if e.steps]
     shards = [kept[i:i + shard_size] for i in range(0, len(kept), shard_size)]
-    for kind in ("hidden", "coords"):
-        (store.path / kind).mkdir(parents=True, exist_ok=True)
 
     worker = ray.remote(num_cpus=1, num_gpus=gpus_per_actor, max_restarts=2, max_task_retries=2)(TeacherWorker)
     actors = [worker.remote(str(model_dir), layers, batch_size, trust_remote_code)
@@ -98,16 +91,14 @@ def build_store(model_dir: str | Path, examples: list[Example], layers: list[int
     pool = ActorPool(actors)
     started, moments = time.time(), None
     try:
-        jobs = [(str(store.shard("hidden", n)), shard, [examples[i] for i in shard]) for n, shard in enumerate(shards)]
+        jobs = [(store.uri, n, shard, [examples[i] for i in shard]) for n, shard in enumerate(shards)]
         for done, shard_moments in enumerate(pool.map_unordered(lambda a, job: a.extract.remote(*job), jobs), 1):
             moments = shard_moments if moments is None else moments.merge(shard_moments)
             log(f"[teacher] extracted shard {done}/{len(shards)} ({moments.count} step vectors, "
                 f"{time.time() - started:.1f}s)")
         subspace = fit_pca(moments, max_rank)
         store.write_subspace(subspace)
-        subspace_path = str(store.path / "subspace.safetensors")
-        jobs = [(str(store.shard("hidden", n)), str(store.shard("coords", n)), subspace_path) for n in range(len(shards))]
-        projected = sum(pool.map_unordered(lambda a, job: a.project.remote(*job), jobs))
+        projected = sum(pool.map_unordered(lambda a, n: a.project.remote(store.uri, n), range(len(shards))))
     finally:
         for actor in actors:
             ray.kill(actor)
@@ -115,6 +106,6 @@ def build_store(model_dir: str | Path, examples: list[Example], layers: list[int
     store.finish({"key": key, "teacher": str(model_dir), "layers": layers, "max_rank": max_rank,
                   "shards": len(shards), "examples": projected, "step_vectors": moments.count,
                   "skipped_without_cot": len(examples) - len(kept), "explained_variance": explained})
-    log(f"[teacher] store {store.path}: {projected} trajectories, explained variance at rank {max_rank}: "
+    log(f"[teacher] store {store.uri}: {projected} trajectories, explained variance at rank {max_rank}: "
         + " ".join(f"L{layer}={v:.3f}" for layer, v in zip(layers, explained)))
     return store

@@ -6,6 +6,7 @@ import contextlib
 import sys
 import time
 import warnings
+from pathlib import Path
 
 import mlflow
 from mlflow.entities import Metric
@@ -24,9 +25,20 @@ def flatten(tree: dict, prefix: str = "") -> dict[str, str]:
     return flat
 
 
+def artifact_location(uri: str) -> str | None:
+    """Where a new experiment keeps its artifacts: next to a sqlite store (under the shared output_dir)
+    rather than MLflow's default ``./mlruns`` in the driver's working directory, which is local to
+    one node; a tracking server chooses its own artifact root (a bucket, or proxied uploads)."""
+    if uri.startswith("sqlite:///"):
+        return str(Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts")
+    return None
+
+
 @contextlib.contextmanager
 def pipeline_run(uri: str, experiment: str, name: str, params: dict, config_yaml: str):
     mlflow.set_tracking_uri(uri)
+    if mlflow.get_experiment_by_name(experiment) is None:
+        mlflow.create_experiment(experiment, artifact_location=artifact_location(uri))
     mlflow.set_experiment(experiment)
     with mlflow.start_run(run_name=name) as run:
         mlflow.log_params(flatten(params))

@@ -1,8 +1,10 @@
-"""Teacher trajectories (mean hidden state per CoT step × layer) and their on-disk store.
+"""Teacher trajectories (mean hidden state per CoT step × layer) and their store.
 
-A store is a directory named by a hash of (teacher weights, data, layer selection, max rank).
-Shards are written to a temporary name and renamed; ``manifest.json`` is written last, so a
-store without a manifest is incomplete and never read.
+A store is a directory (or object-store prefix, see ``storage``) named by a hash of (teacher
+weights, data, layer selection, max rank). Every file is written whole (``storage.write_whole``);
+``manifest.json`` is written last, so a store without a manifest is incomplete and never read.
+Each shard extraction leaves one small marker under ``extractions/`` (an object store cannot
+append to a log): how often the teacher really ran.
 """
 
 from __future__ import annotations
@@ -10,14 +12,18 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import uuid
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load, save
 
+from . import storage
 from .subspace import Subspace, Tucker, TuckerMoments, fit_tucker, resample_steps
 
 MANIFEST = "manifest.json"
+SUBSPACE = "subspace.safetensors"
+EXTRACTIONS = "extractions"
 
 
 def step_means(hidden_states: torch.Tensor, spans: list[list[tuple[int, int]]]) -> list[torch.Tensor]:
@@ -55,12 +61,6 @@ def store_key(teacher: str, data: str, layers: list[int], max_rank: int) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
-def save_atomic(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, temporary)
-    os.replace(temporary, path)
-
-
 def pack(trajectories: list[torch.Tensor], index: list[int]) -> dict[str, torch.Tensor]:
     """Ragged [L, K_i, d] trajectories → one [sum K_i, L, d] tensor with offsets."""
     lengths = torch.tensor([t.shape[1] for t in trajectories], dtype=torch.long)
@@ -76,38 +76,60 @@ def unpack(shard: dict[str, torch.Tensor]) -> list[torch.Tensor]:
 
 
 class TrajectoryStore:
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
+    """A store at ``uri``: a path on a shared filesystem or an object-store URI."""
+
+    def __init__(self, uri: str | Path):
+        self.uri = storage.absolute(str(uri))
+        self.filesystem, self.root = storage.resolve(self.uri)
+
+    def _path(self, *names: str) -> str:
+        return "/".join([self.root, *names])
+
+    def _write(self, tensors: dict[str, torch.Tensor], *names: str) -> None:
+        storage.write_whole(self.filesystem, self._path(*names), save({k: v.contiguous() for k, v in tensors.items()}))
+
+    def _load(self, *names: str) -> dict[str, torch.Tensor]:
+        return load(storage.read_whole(self.filesystem, self._path(*names)))
 
     @property
     def complete(self) -> bool:
-        return (self.path / MANIFEST).is_file()
+        return storage.is_file(self.filesystem, self._path(MANIFEST))
 
     @property
     def manifest(self) -> dict:
         if not self.complete:
-            raise FileNotFoundError(f"trajectory store {self.path} is incomplete (no {MANIFEST})")
-        return json.loads((self.path / MANIFEST).read_text())
+            raise FileNotFoundError(f"trajectory store {self.uri} is incomplete (no {MANIFEST})")
+        return json.loads(storage.read_whole(self.filesystem, self._path(MANIFEST)))
 
-    def shard(self, kind: str, number: int) -> Path:
-        return self.path / kind / f"{number:05d}.safetensors"
+    def write_shard(self, kind: str, number: int, tensors: dict[str, torch.Tensor]) -> None:
+        self._write(tensors, kind, f"{number:05d}.safetensors")
+
+    def shard(self, kind: str, number: int) -> dict[str, torch.Tensor]:
+        return self._load(kind, f"{number:05d}.safetensors")
+
+    def record_extraction(self, number: int, examples: int) -> None:
+        """One marker per extracted shard; a retried shard adds another (unique names, no append needed)."""
+        record = json.dumps({"shard": number, "examples": examples, "pid": os.getpid()}).encode()
+        storage.write_whole(self.filesystem, self._path(EXTRACTIONS, f"{number:05d}-{uuid.uuid4().hex}.json"), record)
+
+    def extractions(self) -> list[dict]:
+        """Every shard extraction so far (markers in name order, so a shard's retries are adjacent)."""
+        paths = storage.list_files(self.filesystem, self._path(EXTRACTIONS))
+        return [json.loads(storage.read_whole(self.filesystem, path)) for path in paths]
 
     def write_subspace(self, subspace: Subspace) -> None:
-        save_atomic({"mean": subspace.mean, "basis": subspace.basis, "eigenvalues": subspace.eigenvalues},
-                    self.path / "subspace.safetensors")
+        self._write({"mean": subspace.mean, "basis": subspace.basis, "eigenvalues": subspace.eigenvalues}, SUBSPACE)
 
     def subspace(self) -> Subspace:
-        return Subspace(**load_file(self.path / "subspace.safetensors"))
+        return Subspace(**self._load(SUBSPACE))
 
     def finish(self, manifest: dict) -> None:
-        temporary = self.path / f".{MANIFEST}.tmp"
-        temporary.write_text(json.dumps(manifest, indent=2))
-        os.replace(temporary, self.path / MANIFEST)
+        storage.write_whole(self.filesystem, self._path(MANIFEST), json.dumps(manifest, indent=2).encode())
 
     def _read(self, kind: str) -> tuple[list[int], list[torch.Tensor]]:
         index, trajectories = [], []
         for number in range(self.manifest["shards"]):
-            shard = load_file(self.shard(kind, number))
+            shard = self.shard(kind, number)
             index += shard["index"].tolist()
             trajectories += unpack(shard)
         return index, trajectories

@@ -16,9 +16,11 @@ import ray
 from matplotlib.figure import Figure
 from ray import tune
 from ray.air.integrations.mlflow import MLflowLoggerCallback
+from ray.train import Checkpoint
 from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
+from . import storage
 from .config import Config, with_overrides
 from .pipeline import (evaluate_model, latent_slots, load_data, log, make_stage, student_stage, teacher_sft,
                        trajectory_stage)
@@ -51,13 +53,13 @@ def trial_config(config: Config, params: dict, trial_id: str, teacher_dir: Path)
     })
 
 
-def make_trial(config: Config, teacher_dir: Path, splits, store_path: Path):
+def make_trial(config: Config, teacher_dir: Path, splits, store_uri: str):
     def trial(params: dict) -> None:
         trial_id = tune.get_context().get_trial_id()
         settings = trial_config(config, params, trial_id, teacher_dir)
-        init, data, fields = student_stage(settings, teacher_dir, splits, TrajectoryStore(store_path))
+        init, data, fields = student_stage(settings, teacher_dir, splits, TrajectoryStore(store_uri))
         stage = make_stage(settings, "student", init, data, settings.student.train, **fields)
-        fit(stage, settings.run_dir / "student", settings.run_dir / "ray", callbacks=[TuneReportCallback()])
+        fit(stage, settings.run_dir / "student", settings.storage_path, callbacks=[TuneReportCallback()])
     return trial
 
 
@@ -90,7 +92,7 @@ def run_search(config: Config) -> dict:
         store = trajectory_stage(config, teacher_dir, splits.train)
 
         # a trial only drives its TorchTrainer: no CPU of its own (a bundle may not be empty, hence 1 MiB memory)
-        trainable = tune.with_resources(make_trial(config, teacher_dir, splits, store.path),
+        trainable = tune.with_resources(make_trial(config, teacher_dir, splits, store.uri),
                                         {"cpu": 0, "memory": 1 << 20})
         path = config.run_dir / "tune" / "search"
         if tune.Tuner.can_restore(path):
@@ -125,8 +127,11 @@ def run_search(config: Config) -> dict:
         mlflow.log_figure(accuracy_by_rank_figure(rows, config.subspace.rank, metric), "accuracy_vs_rank.png")
         best = next(row for row in rows if row["checkpoint"])  # trials ASHA stopped early have no final model
         best_config = with_overrides(config, best["params"])
-        held_out = evaluate_model(best_config, Path(best["checkpoint"]) / "hf", splits.held_out,
-                                  slots=latent_slots(best_config))
+        # the checkpoint path is on the storage filesystem (an object store: downloaded to a temp dir)
+        checkpoint = Checkpoint(best["checkpoint"], storage.resolve(config.storage_path)[0])
+        with checkpoint.as_directory() as directory:
+            held_out = evaluate_model(best_config, Path(directory) / "hf", splits.held_out,
+                                      slots=latent_slots(best_config))
         summary = {**best, "held_out_accuracy": held_out.accuracy, "trials": len(rows)}
         mlflow.log_dict(summary, "best_trial.json")
         mlflow.log_metrics({f"best_{metric}": best["metric"], "best_held_out_accuracy": held_out.accuracy})

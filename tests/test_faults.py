@@ -1,6 +1,5 @@
 """Fault injection on a real local Ray cluster: a SIGKILLed train worker and a SIGKILLed teacher actor."""
 
-import json
 import os
 import signal
 import threading
@@ -10,13 +9,14 @@ from pathlib import Path
 import pytest
 import ray
 from ray.util.state import list_actors
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from lori_ray.config import load_config
 from lori_ray.data import generate_multiplication
-from lori_ray.teacher import EXTRACTION_LOG, build_store
+from lori_ray.teacher import build_store
 from lori_ray.tokens import Layout, arithmetic_tokenizer, collate
 from lori_ray.train import Stage, fit
+from lori_ray.trajectories import EXTRACTIONS
 
 from test_reliability import tiny_model_dir
 
@@ -97,9 +97,9 @@ def test_killed_teacher_actor_is_replaced_and_every_example_is_stored_exactly_on
     store_dir = tmp_path / "store"
     thread, outcome = run_in_thread(build_store, model_dir, examples, [1, 2], 4, store_dir, 2, 16, 16, False, 0.0,
                                     lambda message: None)
-    log = lambda: list(store_dir.glob(f"*/{EXTRACTION_LOG}"))  # noqa: E731
-    wait_for(lambda: log() and log()[0].read_text().count("\n") >= 2, 300, "extraction to start")
-    killed_after = log()[0].read_text().count("\n")
+    extracted = lambda: list(store_dir.glob(f"*/{EXTRACTIONS}/*.json"))  # noqa: E731
+    wait_for(lambda: len(extracted()) >= 2, 300, "extraction to start")
+    killed_after = len(extracted())
     os.kill(alive_pids("TeacherWorker")[0], signal.SIGKILL)
     thread.join(600)
     if "error" in outcome:
@@ -109,11 +109,10 @@ def test_killed_teacher_actor_is_replaced_and_every_example_is_stored_exactly_on
     assert killed_after < 32  # the kill landed mid-extraction (32 shards)
     manifest = store.manifest
     assert manifest["examples"] == 512 and manifest["shards"] == 32
-    index = [i for n in range(32) for i in load_file(store.shard("coords", n))["index"].tolist()]
+    index = [i for n in range(32) for i in store.shard("coords", n)["index"].tolist()]
     assert sorted(index) == list(range(512))  # no gaps, no duplicates
-    extracted = [json.loads(line)["shard"] for line in log()[0].read_text().splitlines()]
-    assert set(extracted) == {f"{n:05d}.safetensors" for n in range(32)}
-    assert not list(store.path.rglob("*.tmp"))  # no partial shard left behind
+    assert {e["shard"] for e in store.extractions()} == set(range(32))
+    assert not list(Path(store.uri).rglob("*.tmp"))  # no partial shard left behind
 
 
 def test_killed_driver_resumes_with_the_same_run_name(tmp_path):

@@ -53,6 +53,8 @@ def test_mlflow_holds_params_metrics_and_artifacts(tiny_run):
         assert val.step == 6 and 0.0 <= val.value <= 1.0
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"config.yaml", "results.md"} <= artifacts
+    # under the shared output_dir, not in the driver's working directory
+    assert (run_dir / "mlartifacts" / parent.info.run_id / "artifacts" / "results.md").is_file()
     spectrum = {a.path for a in client.list_artifacts(stages["trajectories"].info.run_id)}
     assert {"subspace_spectrum.json", "subspace_spectrum.png"} <= spectrum
     assert "erank_layer_1" in stages["trajectories"].data.metrics
@@ -86,8 +88,9 @@ def test_tucker_fit_from_the_store_without_a_teacher_pass(tiny_run):
 
     run_dir, _ = tiny_run
     (manifest,) = (run_dir.parent / "trajectories").glob("*/manifest.json")
-    log_before = (manifest.parent / "extraction.log").read_text()
-    index, coordinates, tucker = TrajectoryStore(manifest.parent).tucker(steps=2, layer_rank=2, step_rank=2, rank=4)
+    store = TrajectoryStore(manifest.parent)
+    extractions_before = store.extractions()
+    index, coordinates, tucker = store.tucker(steps=2, layer_rank=2, step_rank=2, rank=4)
     assert sorted(index) == list(range(256)) and coordinates.shape == (256, 2, 2, 4)
     assert set(tucker.explained_variance()) == {"layer", "step", "hidden"}
-    assert (manifest.parent / "extraction.log").read_text() == log_before
+    assert store.extractions() == extractions_before

@@ -91,7 +91,7 @@ def test_teacher_out_of_memory_message_names_the_knob(tmp_path):
 
     worker.model.forward = out_of_memory
     with pytest.raises(RuntimeError, match=r"lower trajectory.batch_size \(now 8\)"):
-        worker.extract(str(tmp_path / "hidden" / "00000.safetensors"), [0], generate_multiplication(1, 2, 2))
+        worker.extract(str(tmp_path / "store"), 0, [0], generate_multiplication(1, 2, 2))
 
 
 def test_unreachable_mlflow_warns_once_and_training_goes_on(monkeypatch):

@@ -1,4 +1,3 @@
-import json
 import os
 import subprocess
 import sys
@@ -11,6 +10,7 @@ from ray import tune
 from lori_ray.config import ConfigError, load_config
 from lori_ray.models import preset_config
 from lori_ray.tokens import arithmetic_tokenizer
+from lori_ray.trajectories import TrajectoryStore
 from lori_ray.tuning import search_space, trial_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -69,8 +69,8 @@ def search(tmp_path_factory):
 
 def extractions(output: Path) -> tuple[int, int]:
     (manifest,) = (output / "trajectories").glob("*/manifest.json")
-    lines = (manifest.parent / "extraction.log").read_text().splitlines()
-    return len(lines), json.loads(manifest.read_text())["shards"]
+    store = TrajectoryStore(manifest.parent)
+    return len(store.extractions()), store.manifest["shards"]
 
 
 def test_every_trial_is_an_mlflow_run_with_params_and_metrics(search):

@@ -1,0 +1,93 @@
+"""Locations the cluster shares: a plain path (a filesystem every node mounts) or a URI that pyarrow
+opens (``s3://bucket/prefix``, ``gs://``, ``abfs://``, ``hdfs://``, ``file:///``).
+
+Ray Train resolves its ``storage_path`` with the same ``pyarrow.fs.FileSystem.from_uri``, so the
+trajectory store and the checkpoints accept the same locations and credentials (for S3 the usual
+``AWS_*`` variables, ``AWS_ENDPOINT_URL`` for an S3-compatible server).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import pyarrow.fs as pafs
+
+# URI scheme → the pyarrow filesystem that serves it
+FILESYSTEMS = {"file": "LocalFileSystem", "s3": "S3FileSystem", "gs": "GcsFileSystem", "gcs": "GcsFileSystem",
+               "abfs": "AzureFileSystem", "abfss": "AzureFileSystem", "hdfs": "HadoopFileSystem",
+               "viewfs": "HadoopFileSystem"}
+
+
+def scheme(location: str) -> str:
+    """The URI scheme of ``location``; empty for a plain path."""
+    return urlsplit(location).scheme if "://" in location else ""
+
+
+def uri_problem(location: str) -> str | None:
+    """Why pyarrow could not open ``location`` (checked without touching the network), or None."""
+    kind = scheme(location)
+    if not kind:
+        return None
+    if kind not in FILESYSTEMS:
+        return f"unsupported URI scheme '{kind}://' in {location}: use a path or one of {sorted(FILESYSTEMS)}"
+    if not hasattr(pafs, FILESYSTEMS[kind]):
+        return f"this pyarrow was built without {FILESYSTEMS[kind]}, needed for {location}"
+    if kind not in ("file", "hdfs", "viewfs") and not urlsplit(location).netloc:
+        return f"{location} names no bucket or container"
+    return None
+
+
+def absolute(location: str) -> str:
+    """A plain path made absolute, so every process resolves it alike; a URI unchanged."""
+    return location if scheme(location) else str(Path(location).absolute())
+
+
+def join(location: str, *names: str) -> str:
+    """``location/name/...``; a URI keeps its query (``?endpoint_override=...``) at the end."""
+    if not scheme(location):
+        return str(Path(location, *names))
+    parts = urlsplit(location)
+    return urlunsplit(parts._replace(path="/".join([parts.path.rstrip("/"), *names])))
+
+
+def resolve(location: str) -> tuple[pafs.FileSystem, str]:
+    """The filesystem holding ``location`` and the path on it; a plain path is on the local filesystem."""
+    if not scheme(location):
+        return pafs.LocalFileSystem(), absolute(location)
+    return pafs.FileSystem.from_uri(location)
+
+
+def write_whole(filesystem: pafs.FileSystem, path: str, data: bytes) -> None:
+    """Write ``data`` so that readers see all of it at ``path`` or nothing.
+
+    An object store's PUT is atomic (and a multipart upload only appears once completed), and it has
+    no directories; a file on a local or shared filesystem is written under a temporary name and
+    renamed, in a directory created on demand.
+    """
+    if not isinstance(filesystem, pafs.LocalFileSystem):
+        with filesystem.open_output_stream(path) as stream:
+            stream.write(data)
+        return
+    directory, name = path.rsplit("/", 1)
+    filesystem.create_dir(directory, recursive=True)
+    temporary = f"{directory}/.{name}.{os.getpid()}.tmp"
+    with filesystem.open_output_stream(temporary) as stream:
+        stream.write(data)
+    filesystem.move(temporary, path)
+
+
+def read_whole(filesystem: pafs.FileSystem, path: str) -> bytes:
+    with filesystem.open_input_stream(path) as stream:
+        return stream.read()
+
+
+def is_file(filesystem: pafs.FileSystem, path: str) -> bool:
+    return filesystem.get_file_info(path).type == pafs.FileType.File
+
+
+def list_files(filesystem: pafs.FileSystem, directory: str) -> list[str]:
+    """Paths of the files directly in ``directory``, sorted; none when it does not exist."""
+    infos = filesystem.get_file_info(pafs.FileSelector(directory, allow_not_found=True))
+    return sorted(info.path for info in infos if info.type == pafs.FileType.File)
