@@ -12,8 +12,10 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from . import storage
+from .data import HF_PREFIX
 from .models import FAMILIES, SIZES, model_shape
 
 
@@ -23,6 +25,13 @@ class ConfigError(ValueError):
 
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+def _check_location(field: str, location: str | None) -> None:
+    """A location every node can reach: a path (on a shared filesystem) or a URI pyarrow opens."""
+    problem = location and storage.uri_problem(location)
+    if problem:
+        raise ValueError(f"{field}: {problem}")
 
 
 class DataConfig(Section):
@@ -41,7 +50,7 @@ class DataConfig(Section):
             path = getattr(self, field)
             if self.task == "file" and not path:
                 raise ValueError(f"{field}: required when task is 'file'")
-            if path and not Path(path).is_file():
+            if path and not path.startswith(HF_PREFIX) and not Path(path).is_file():
                 raise ValueError(f"{field}: no such file: {path}")
         if self.val_size >= self.train_size:
             raise ValueError(f"val_size: {self.val_size} leaves no training examples (train_size {self.train_size})")
@@ -57,6 +66,11 @@ class ModelConfig(Section):
     gguf_file: str | None = None
     max_positions: int = Field(256, gt=0)
     trust_remote_code: bool = False
+
+    @field_validator("path")
+    @classmethod
+    def _expand(cls, path: str | None) -> str | None:
+        return os.path.expandvars(os.path.expanduser(path)) if path else path
 
     @model_validator(mode="after")
     def _known(self):
@@ -77,6 +91,7 @@ class TrainConfig(Section):
     weight_decay: float = Field(0.0, ge=0)
     grad_clip: float = Field(1.0, gt=0)
     zero_stage: int = Field(2, ge=0, le=3)
+    precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
     num_workers: int = Field(2, ge=0)  # 0 runs the loop in the driver process
     checkpoint_every: int = Field(0, ge=0)  # 0: only at the end
     log_every: int = Field(25, gt=0)
@@ -107,7 +122,12 @@ class TrajectoryConfig(Section):
     layers: list[int] | None = None  # teacher layers (1-based); None = all
     num_actors: int = Field(2, gt=0)
     batch_size: int = Field(64, gt=0)
-    store_dir: str | None = None  # default: <output_dir>/trajectories (shared across runs)
+    store_dir: str | None = None  # a path or URI (s3://, gs://, ...); default: <output_dir>/trajectories
+
+    @model_validator(mode="after")
+    def _location(self):
+        _check_location("store_dir", self.store_dir)
+        return self
 
 
 class SubspaceConfig(Section):
@@ -218,6 +238,12 @@ class ClusterConfig(Section):
     # GPUs per train worker / teacher actor; None: 1 when the cluster has GPUs, else 0 (CPU)
     gpus_per_worker: float | None = Field(None, ge=0)
     gpus_per_actor: float | None = Field(None, ge=0)
+    storage_path: str | None = None  # Ray Train checkpoints: a path or URI (s3://, gs://, ...); default: <run dir>/ray
+
+    @model_validator(mode="after")
+    def _location(self):
+        _check_location("storage_path", self.storage_path)
+        return self
 
 
 class Config(Section):
@@ -241,8 +267,12 @@ class Config(Section):
         return Path(self.output_dir).absolute() / self.name
 
     @property
-    def store_dir(self) -> Path:
-        return Path(self.trajectory.store_dir or Path(self.output_dir) / "trajectories").absolute()
+    def store_dir(self) -> str:
+        return storage.absolute(self.trajectory.store_dir or str(Path(self.output_dir) / "trajectories"))
+
+    @property
+    def storage_path(self) -> str:
+        return storage.absolute(self.cluster.storage_path or str(self.run_dir / "ray"))
 
     def tracking_uri(self) -> str:
         return self.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{self.run_dir / 'mlflow.db'}"

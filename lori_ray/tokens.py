@@ -56,12 +56,17 @@ class Sequence:
 
 
 class Layout:
-    """Builds teacher/student token sequences for one tokenizer and set of latent tokens."""
+    """Builds teacher/student token sequences for one tokenizer and set of latent tokens.
+
+    A tokenizer with a chat template (an instruct model) gets the question as a user turn and the
+    CoT/latents and answer as the assistant's reply, ending with the template's end-of-turn token.
+    """
 
     def __init__(self, tokenizer, latent_ids: list[int] | None = None):
         self.tokenizer = tokenizer
         self.latent_ids = list(latent_ids or [])
-        self.bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+        self.chat = getattr(tokenizer, "chat_template", None) is not None
+        self.bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None and not self.chat else []
         self.eos = tokenizer.eos_token_id
         self.pad = tokenizer.pad_token_id
 
@@ -69,6 +74,10 @@ class Layout:
         return self.tokenizer.encode(" " + text, add_special_tokens=False)
 
     def question(self, example: Example) -> list[int]:
+        if self.chat:
+            return list(self.tokenizer.apply_chat_template([{"role": "user", "content": example.question}],
+                                                           add_generation_prompt=True, tokenize=True,
+                                                           return_dict=False))
         return self.bos + self._encode(example.question) + self._encode(COT_SEPARATOR)
 
     def _answer(self, example: Example) -> list[int]:

@@ -8,7 +8,7 @@ import pytest
 from ray import tune
 
 from lori_ray.config import ConfigError, load_config
-from lori_ray.models import preset_config
+from lori_ray.models import build_model
 from lori_ray.tokens import arithmetic_tokenizer
 from lori_ray.trajectories import TrajectoryStore
 from lori_ray.tuning import search_space, trial_config
@@ -39,8 +39,8 @@ def test_bad_search_space_names_the_field(override, message):
 def test_trial_config_applies_params_and_shares_teacher_and_store(tmp_path):
     config = load_config(ROOT / "configs/tune-demo.yaml", [f"output_dir={tmp_path}"])
     teacher = tmp_path / "teacher"
-    # shape and vocabulary are all that validation reads: a config and a tokenizer, no weights
-    preset_config("llama", "small", 20, 64, {}).save_pretrained(teacher)
+    # validation reads the shape and vocabulary, and refuses a directory without safetensors weights
+    build_model("llama", "small", 20, 64, {}).save_pretrained(teacher)
     arithmetic_tokenizer().save_pretrained(teacher)
     settings = trial_config(config, {"subspace.rank": 2, "loss.first_order": 0.5}, "t1", teacher)
     assert settings.subspace.rank == 2 and settings.loss.first_order == 0.5

@@ -1,0 +1,56 @@
+"""Every stage of the GSM8K preset on the real SmolLM2-135M-Instruct at a tiny budget (CPU): teacher SFT
+with the model's chat template, trajectories from its hidden states, a LoRi student with logit KD, evaluation."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from lori_ray.models import ensure_smollm2
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def gsm8k_jsonl(path: Path, count: int, seed: int) -> Path:
+    """GSM8K-format word problems (openai jsonl with <<expr=value>> annotations)."""
+    import random
+    rng = random.Random(seed)
+    with open(path, "w") as f:
+        for _ in range(count):
+            a, b, c = rng.randint(2, 40), rng.randint(2, 40), rng.randint(2, 5)
+            total = (a + b) * c
+            question = f"Tom has {a} apples and buys {b} more. He then multiplies his apples by {c}. How many now?"
+            answer = f"He has {a}+{b}=<<{a}+{b}={a + b}>>{a + b}. Then {a + b}*{c}=<<{a + b}*{c}={total}>>{total}.\n#### {total}"
+            f.write(json.dumps({"question": question, "answer": answer}) + "\n")
+    return path
+
+
+def test_gsm8k_preset_runs_every_stage_on_smollm2(tmp_path):
+    model_dir = ensure_smollm2()
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
+    env["RAY_USAGE_STATS_ENABLED"] = "0"
+    tiny = {"steps": 2, "batch_size": 4, "num_workers": 2, "log_every": 1, "warmup": 1}
+    overrides = [f"output_dir={tmp_path}", "cluster.num_cpus=2", f"model.path={model_dir}",
+                 f"data.train_file={gsm8k_jsonl(tmp_path / 'train.jsonl', 24, 0)}",
+                 f"data.eval_file={gsm8k_jsonl(tmp_path / 'test.jsonl', 4, 1)}",
+                 "data.train_size=24", "data.val_size=4", "data.eval_size=4", "trajectory.layers=[10,20,30]",
+                 "trajectory.num_actors=2", "subspace.max_rank=8", "subspace.rank=4", "student.latent_slots=2",
+                 "student.calibration_size=8", "eval.max_new_tokens=24", "eval.batch_size=4"]
+    overrides += [f"{who}.train.{k}={v}" for who in ("teacher", "student") for k, v in tiny.items()]
+    result = subprocess.run([sys.executable, "jobs/distill.py", "--config", "configs/gsm8k-smollm2.yaml", *overrides],
+                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=1500)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    assert "| teacher (explicit CoT) |" in result.stdout and "| student (lori, no CoT) |" in result.stdout
+
+    run_dir = tmp_path / "gsm8k-smollm2"
+    student = AutoModelForCausalLM.from_pretrained(run_dir / "student")
+    tokenizer = AutoTokenizer.from_pretrained(run_dir / "student")
+    assert type(student).__name__ == "LlamaForCausalLM" and student.config.hidden_size == 576
+    assert tokenizer.chat_template and "<latent_1>" in tokenizer.get_vocab()
+    assert student.get_input_embeddings().weight.shape[0] == len(tokenizer)
+    (manifest,) = (tmp_path / "trajectories").glob("*/manifest.json")
+    stored = json.loads(manifest.read_text())
+    assert stored["layers"] == [10, 20, 30] and stored["examples"] == 20  # 24 - 4 validation
