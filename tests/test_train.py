@@ -38,5 +38,10 @@ def test_batches_are_deterministic_epoch_permutations():
 def test_schedule_and_deepspeed_config():
     assert lr_factor(0, 10, 100) == 0.1 and lr_factor(9, 10, 100) == 1.0
     assert lr_factor(100, 10, 100) == 0.1 and 0.1 < lr_factor(50, 10, 100) < 1.0
-    config = deepspeed_config({"batch_size": 64, "grad_clip": 1.0, "zero_stage": 3}, world_size=2)
+    train = {"batch_size": 64, "grad_clip": 1.0, "zero_stage": 3, "precision": "auto"}
+    config = deepspeed_config(train, world_size=2)
     assert config["train_micro_batch_size_per_gpu"] == 32 and config["zero_optimization"]["stage"] == 3
+    assert ("bf16" in config) == torch.cuda.is_available()  # auto: bf16 on GPU only
+    assert config.get("zero_optimization", {}).get("overlap_comm", False) == torch.cuda.is_available()
+    assert deepspeed_config({**train, "precision": "bf16"}, 2)["bf16"] == {"enabled": True}
+    assert "bf16" not in deepspeed_config({**train, "precision": "fp32"}, 2)

@@ -1,0 +1,222 @@
+"""Throughput side by side on one model and batch: plain PyTorch vs our Ray Train + DeepSpeed student step.
+
+    python bench/throughput.py [--family llama] [--size small] [--batch 16] [--seq 128] [--steps 20]
+                               [--zero 2] [--workers 1] [--extract 512] [--generate 64]
+
+Prints one table:
+  * matmul peak (bf16 on GPU, fp32 on CPU), the denominator of MFU;
+  * training: a plain-PyTorch eager AdamW step (CE only) and our production loop (`lori_ray.train`:
+    Ray Train workers, DeepSpeed ZeRO, CE + LoRi loss) — tokens/s, MFU, peak GPU memory;
+  * teacher extraction: `build_store` through the Ray actor pool (two passes: step means + moments,
+    then coordinates; actor start included) vs a bare forward with hidden states on the same sequences;
+  * teacher free generation: HF `generate` (dynamic cache) vs HF `generate` with a static cache.
+Runs on CPU with small sizes (what CI exercises) and on a GPU with the real ones.
+"""
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
+
+from lori_ray.data import generate_multiplication  # noqa: E402
+from lori_ray.models import build_model  # noqa: E402
+from lori_ray.objective import TrajectoryProjection  # noqa: E402
+from lori_ray.tokens import Layout, add_latent_tokens, arithmetic_tokenizer, collate, left_pad  # noqa: E402
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+DTYPE = torch.bfloat16 if CUDA else torch.float32
+
+
+def sync():
+    if CUDA:
+        torch.cuda.synchronize()
+
+
+def matmul_peak(size: int) -> float:
+    """FLOP/s of a square matmul in the training dtype: the MFU denominator on this machine."""
+    a = torch.randn(size, size, device=DEVICE, dtype=DTYPE)
+    b = torch.randn(size, size, device=DEVICE, dtype=DTYPE)
+    for _ in range(3):
+        a @ b
+    sync()
+    runs, started = 10, time.perf_counter()
+    for _ in range(runs):
+        a @ b
+    sync()
+    return 2 * size**3 * runs / (time.perf_counter() - started)
+
+
+def flops_per_token(model, seq: int) -> float:
+    """6·N for the weights (forward + backward) plus the attention scores, per token."""
+    config = model.config
+    params = sum(p.numel() for p in model.parameters())
+    return 6 * params + 12 * config.num_hidden_layers * config.hidden_size * seq
+
+
+def synthetic_batch(layout: Layout, batch: int, seq: int, latents: int, layers: int, rank: int) -> dict:
+    """Random tokens at full length, the student layout's label and latent structure."""
+    vocab = len(layout.tokenizer)
+    input_ids = torch.randint(5, vocab - latents, (batch, seq))
+    labels = input_ids.clone()
+    labels[:, : seq // 2] = -100
+    return {"input_ids": input_ids, "labels": labels, "attention_mask": torch.ones_like(input_ids),
+            "latent_positions": torch.arange(4, 4 + latents).repeat(batch, 1),
+            "targets": torch.randn(batch, layers, latents, rank)}
+
+
+def plain_torch_step(model_dir: Path, batch: dict, steps: int) -> tuple[float, float]:
+    """(seconds per step, peak GB) of eager AdamW on CE, bf16 autocast on GPU."""
+    from lori_ray.models import load_model
+    model = load_model(model_dir).to(DEVICE).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=CUDA)
+    batch = {k: batch[k].to(DEVICE) for k in ("input_ids", "labels", "attention_mask")}
+    if CUDA:
+        torch.cuda.reset_peak_memory_stats()
+    for i in range(steps + 3):
+        if i == 3:
+            sync()
+            started = time.perf_counter()
+        with torch.autocast(DEVICE, dtype=torch.bfloat16, enabled=CUDA):
+            loss = model(**batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    sync()
+    peak = torch.cuda.max_memory_allocated() / 1e9 if CUDA else float("nan")
+    return (time.perf_counter() - started) / steps, peak
+
+
+def our_training_step(work: Path, model_dir: Path, batch: dict, steps: int, zero: int, workers: int) -> dict:
+    """The production loop through Ray Train: the last report's window excludes the warm-up steps."""
+    from lori_ray.config import TrainConfig
+    from lori_ray.train import Stage, fit
+    layers = list(range(1, 1 + batch["targets"].shape[1]))
+    projection = TrajectoryProjection(len(layers), _hidden(model_dir), batch["targets"].shape[-1])
+    save_file({k: v.detach().contiguous() for k, v in projection.state_dict().items()}, work / "projection.safetensors")
+    rows = {k: v.repeat(workers, *[1] * (v.dim() - 1)) for k, v in batch.items()}  # the same micro-batch per worker
+    save_file({k: v.contiguous() for k, v in rows.items()}, work / "data.safetensors")
+    train = TrainConfig(steps=2 * steps, batch_size=len(rows["input_ids"]), lr=1e-4, warmup=1, zero_stage=zero,
+                        num_workers=workers, log_every=steps).model_dump()
+    stage = Stage(name="throughput", model_dir=str(model_dir), data_path=str(work / "data.safetensors"), train=train,
+                  weights={"ce": 1.0, "first_order": 1.0, "second_order": 1.0}, student_layers=layers,
+                  projection_path=str(work / "projection.safetensors"), gpus_per_worker=1.0 if CUDA else 0.0)
+    _, metrics = fit(stage, work / "out", work / "ray")
+    return metrics
+
+
+def _hidden(model_dir: Path) -> int:
+    import json
+    return json.loads((model_dir / "config.json").read_text())["hidden_size"]
+
+
+def bare_forward(model_dir: Path, sequences: list, pad: int, batch_size: int) -> float:
+    """Tokens/s of a teacher forward with hidden states, no Ray, same batching as the actors."""
+    from lori_ray.models import load_model
+    model = load_model(model_dir).to(DEVICE, DTYPE).eval()
+    tokens, started = 0, time.perf_counter()
+    with torch.no_grad():
+        for start in range(0, len(sequences), batch_size):
+            chunk = collate(sequences[start:start + batch_size], pad)
+            model(input_ids=chunk["input_ids"].to(DEVICE), attention_mask=chunk["attention_mask"].to(DEVICE),
+                  output_hidden_states=True)
+            tokens += int(chunk["attention_mask"].sum())
+    sync()
+    return tokens / (time.perf_counter() - started)
+
+
+def generation(model_dir: Path, prompts: list[list[int]], pad: int, eos: int, new_tokens: int, cache: str | None) -> float:
+    """New tokens/s of greedy HF ``generate`` for one batch (no early stop: every row writes ``new_tokens``)."""
+    from lori_ray.models import load_model
+    model = load_model(model_dir).to(DEVICE, DTYPE).eval()
+    batch = {k: v.to(DEVICE) for k, v in left_pad(prompts, pad).items()}
+    options = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=pad,
+                   eos_token_id=eos, cache_implementation=cache)
+    model.generate(**batch, **options)  # warm-up (and compilation for the static cache)
+    sync()
+    started = time.perf_counter()
+    model.generate(**batch, **options)
+    sync()
+    return len(prompts) * new_tokens / (time.perf_counter() - started)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--family", default="llama")
+    parser.add_argument("--size", default="small")
+    parser.add_argument("--batch", type=int, default=16, help="micro-batch per worker")
+    parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--zero", type=int, default=2)
+    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--latents", type=int, default=4)
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--extract", type=int, default=512, help="examples for the extraction comparison")
+    parser.add_argument("--generate", type=int, default=64, help="batch for the generation comparison")
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--peak-size", type=int, default=8192 if CUDA else 1024)
+    args = parser.parse_args()
+
+    import ray
+    from lori_ray.teacher import build_store
+
+    work = Path(tempfile.mkdtemp(prefix="lori-throughput-"))
+    tokenizer = arithmetic_tokenizer()
+    layout = Layout(tokenizer, add_latent_tokens(tokenizer, args.latents))
+    special = {"pad_token_id": layout.pad, "bos_token_id": tokenizer.bos_token_id, "eos_token_id": layout.eos}
+    model = build_model(args.family, args.size, len(tokenizer), max(args.seq, 256), special)
+    model_dir = work / "model"
+    model.save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    per_token = flops_per_token(model, args.seq)
+    layers = model.config.num_hidden_layers
+    batch = synthetic_batch(layout, args.batch, args.seq, args.latents, layers, args.rank)
+
+    peak = matmul_peak(args.peak_size)
+    plain_seconds, plain_memory = plain_torch_step(model_dir, batch, args.steps)
+    plain_tokens = args.batch * args.seq / plain_seconds
+
+    ray.init(num_cpus=max(2, args.workers), dashboard_host="127.0.0.1", include_dashboard=False)
+    ours = our_training_step(work, model_dir, batch, args.steps, args.zero, args.workers)
+    ours_tokens = ours["steps_per_s"] * args.batch * args.workers * args.seq
+
+    examples = generate_multiplication(args.extract, 4, 4, seed=0)
+    teacher_layout = Layout(arithmetic_tokenizer())
+    sequences = [teacher_layout.teacher(e) for e in examples]
+    tokens = sum(len(s.input_ids) for s in sequences)
+    started = time.perf_counter()
+    build_store(model_dir, examples, list(range(1, layers + 1)), args.rank, work / "store",
+                num_actors=1, batch_size=64, gpus_per_actor=1.0 if CUDA else 0.0, log=lambda _: None)
+    pool_tokens = tokens / (time.perf_counter() - started)
+    bare_tokens = bare_forward(model_dir, sequences, layout.pad, 64)
+    ray.shutdown()
+
+    prompts = [teacher_layout.question(e) for e in examples[:args.generate]]
+    dynamic = generation(model_dir, prompts, layout.pad, layout.eos, args.new_tokens, None)
+    static = generation(model_dir, prompts, layout.pad, layout.eos, args.new_tokens, "static")
+
+    device = torch.cuda.get_device_name() if CUDA else f"CPU ({torch.get_num_threads()} threads)"
+    params = sum(p.numel() for p in model.parameters())
+    print(f"\ndevice: {device}; model {args.family}/{args.size} ({params / 1e6:.1f}M parameters), "
+          f"micro-batch {args.batch} x {args.seq} tokens, {args.workers} worker(s), ZeRO-{args.zero}, "
+          f"{'bf16' if CUDA else 'fp32'}; matmul peak {peak / 1e12:.2f} TFLOP/s")
+    print("\n| measurement | tokens/s | MFU | peak GPU GB | ratio |\n|---|---|---|---|---|")
+    print(f"| plain PyTorch eager step (CE) | {plain_tokens:,.0f} | {plain_tokens * per_token / peak:.1%} | "
+          f"{plain_memory:.2f} | 1.00x |")
+    print(f"| Ray Train + DeepSpeed step (CE + LoRi) | {ours_tokens:,.0f} | "
+          f"{ours_tokens * per_token / (peak * args.workers):.1%} | {ours.get('peak_memory_gb', float('nan')):.2f} | "
+          f"{ours_tokens / (plain_tokens * args.workers):.2f}x per worker |")
+    print(f"| bare teacher forward with hidden states | {bare_tokens:,.0f} | | | 1.00x |")
+    print(f"| trajectory extraction, actor pool (incl. start) | {pool_tokens:,.0f} | | | {pool_tokens / bare_tokens:.2f}x |")
+    print(f"| HF generate, batch {len(prompts)} (new tokens/s) | {dynamic:,.0f} | | | 1.00x |")
+    print(f"| HF generate + static cache (new tokens/s) | {static:,.0f} | | | {static / dynamic:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()
