@@ -1,6 +1,8 @@
 """Accuracy of every method on one task under one budget, as one table.
 
-    python bench/accuracy.py --config configs/accuracy-cpu.yaml [--methods nocot icot_kd lori] [key=value ...]
+    python bench/accuracy.py --config configs/accuracy-cpu.yaml [key=value ...] [--methods nocot icot_kd lori]
+
+(overrides go before --methods, which takes several values)
 
 The first method trains the teacher (explicit CoT) and builds the trajectory store; the others
 reuse both, so every student gets the same teacher, data, steps and batch. Prints: method,

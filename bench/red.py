@@ -1,6 +1,8 @@
 """RED: width-pruned students from `random` vs `activation` (channel-selection) projections, one table.
 
-    python bench/red.py --config configs/red-cpu.yaml [--widths 0.5 0.25] [--inits random activation] [key=value ...]
+    python bench/red.py --config configs/red-cpu.yaml [key=value ...] [--widths 0.5 0.25] [--inits random activation]
+
+(overrides go before --widths/--inits, which take several values)
 
 The teacher (explicit CoT) is trained once, or taken from teacher.path; every student gets the same
 data, steps, batch and loss (student.method and loss.* from the config). Prints per student: width,

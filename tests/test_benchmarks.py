@@ -39,7 +39,7 @@ def test_loss_overhead_benchmark():
 
 
 def test_red_benchmark_prints_its_table(tmp_path):
-    out = run("bench/red.py", "--config", "configs/tiny.yaml", "--widths", "0.5", "--inits", "activation",
-              f"output_dir={tmp_path}", "cluster.num_cpus=2", "student.method=explicit")
+    out = run("bench/red.py", "--config", "configs/tiny.yaml", f"output_dir={tmp_path}", "cluster.num_cpus=2",
+              "student.method=explicit", "--widths", "0.5", "--inits", "activation")
     assert re.search(r"\| width 32 \| activation \| [\d.]+ \| [\d.]+ \| [\d.]+ \| [\d.]+ \|", out)
     assert (tmp_path / "tiny" / "red.json").is_file()
