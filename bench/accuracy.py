@@ -29,18 +29,11 @@ def main() -> int:
                for m in args.methods}
 
     from lori_ray.cluster import connect
-    from lori_ray.pipeline import run
+    from lori_ray.pipeline import run_sharing_teacher
 
     connect(base)
-    reports, teacher_path, teacher_result = {}, base.teacher.path, None
-    for method, config in configs.items():
-        if teacher_path:
-            config.teacher.path = str(teacher_path)
-        reports[method] = run(config, teacher_result)
-        teacher_path = teacher_path or config.run_dir / "teacher"
-        teacher_result = reports[method].teacher
-
-    explicit = teacher_result
+    reports = run_sharing_teacher(configs)
+    explicit = next(iter(reports.values())).teacher
     rows = [("explicit", explicit)] + [(m, r.student) for m, r in reports.items()]
     lines = [f"task: {base.data.task} {base.data.eval_file or base.data.digits}, {explicit.examples} held-out examples; "
              f"student budget {base.student.train.steps} steps x batch {base.student.train.batch_size}; "

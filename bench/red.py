@@ -35,7 +35,7 @@ def main() -> int:
 
     from lori_ray.cluster import connect
     from lori_ray.models import model_shape
-    from lori_ray.pipeline import run
+    from lori_ray.pipeline import run_sharing_teacher
 
     hidden, _ = model_shape(base.model.family, base.model.size, base.teacher.path or base.model.path)
     students = [(round(fraction * hidden), init) for fraction in args.widths for init in args.inits]
@@ -44,14 +44,8 @@ def main() -> int:
         f"student.init={init}"]) for width, init in students}
 
     connect(base)
-    reports, teacher_path, teacher_result = {}, base.teacher.path, None
-    for key, config in configs.items():
-        if teacher_path:
-            config.teacher.path = str(teacher_path)
-        reports[key] = run(config, teacher_result)
-        teacher_path = teacher_path or config.run_dir / "teacher"
-        teacher_result = reports[key].teacher
-
+    reports = run_sharing_teacher(configs)
+    teacher_result = next(iter(reports.values())).teacher
     teacher_erank = next(iter(reports.values())).erank["teacher"]
     lines = [f"task: {base.data.task} {base.data.eval_file or base.data.digits}, {teacher_result.examples} held-out "
              f"examples; student method {base.student.method}, {base.student.train.steps} steps x batch "

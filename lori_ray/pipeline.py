@@ -353,3 +353,16 @@ def run(config: Config, teacher_result: EvalResult | None = None) -> Report:
         mlflow.log_text(report.table(), "results.md")
         (config.run_dir / "results.md").write_text(report.table() + "\n")
     return report
+
+
+def run_sharing_teacher(configs: dict) -> dict:
+    """``run`` for each config in turn (benchmarks comparing students): the first run trains the teacher
+    (unless ``teacher.path`` is set); every later one reuses it and its held-out evaluation."""
+    reports, teacher_path, teacher_result = {}, None, None
+    for key, config in configs.items():
+        if teacher_path:
+            config.teacher.path = str(teacher_path)
+        reports[key] = run(config, teacher_result)
+        teacher_path = config.teacher.path or config.run_dir / "teacher"
+        teacher_result = reports[key].teacher
+    return reports

@@ -5,7 +5,6 @@ cached HF directory. A missing wheel fails these tests, it does not skip them.""
 import json
 import runpy
 import sys
-import time
 from pathlib import Path
 
 import pytest
