@@ -109,6 +109,9 @@ class TrainConfig(Section):
 
 class TeacherConfig(Section):
     path: str | None = None  # a trained teacher (HF directory); when unset the SFT stage trains one
+    # training examples without a gold CoT get the teacher's own (greedy, eval.max_new_tokens), kept
+    # where its answer is right; needs a teacher that writes CoTs (teacher.path, or gold CoTs to learn from)
+    complete_cots: bool = False
     train: TrainConfig = TrainConfig(steps=1500, lr=2e-3)
 
     @model_validator(mode="after")

@@ -23,21 +23,31 @@ class EvalResult:
 
 
 @torch.no_grad()
-def evaluate(model, layout: Layout, examples: list[Example], with_cot: bool, batch_size: int = 100,
-             max_new_tokens: int = 64) -> EvalResult:
+def greedy_generate(model, prompts: list[list[int]], pad: int, eos: int, batch_size: int, max_new_tokens: int,
+                    static_cache: bool = False) -> tuple[list[list[int]], float]:
+    """Greedy continuations (cut at ``eos``) of left-padded prompt batches, and the generation wall time.
+
+    ``static_cache`` on a GPU: a preallocated KV cache, with which ``generate`` compiles the decoding step.
+    """
     model.eval()
     device = next(model.parameters()).device
-    correct, generated_tokens, seconds = 0, 0, 0.0
-    for start in range(0, len(examples), batch_size):
-        chunk = examples[start:start + batch_size]
-        prompts = [layout.question(e) if with_cot else layout.student_prompt(e) for e in chunk]
-        batch = {k: v.to(device) for k, v in left_pad(prompts, layout.pad).items()}
+    cache = "static" if static_cache and device.type == "cuda" else None
+    outputs, seconds = [], 0.0
+    for start in range(0, len(prompts), batch_size):
+        batch = {k: v.to(device) for k, v in left_pad(prompts[start:start + batch_size], pad).items()}
         began = time.perf_counter()
-        output = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
-                                pad_token_id=layout.pad, eos_token_id=layout.eos)
+        output = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad,
+                                eos_token_id=eos, cache_implementation=cache)
         seconds += time.perf_counter() - began
-        for example, row in zip(chunk, output[:, batch["input_ids"].shape[1]:].tolist()):
-            length = row.index(layout.eos) if layout.eos in row else len(row)
-            generated_tokens += length
-            correct += layout.decode_answer(row, with_cot) == normalize_answer(example.answer)
+        for row in output[:, batch["input_ids"].shape[1]:].tolist():
+            outputs.append(row[:row.index(eos)] if eos in row else row)
+    return outputs, seconds
+
+
+def evaluate(model, layout: Layout, examples: list[Example], with_cot: bool, batch_size: int = 100,
+             max_new_tokens: int = 64) -> EvalResult:
+    prompts = [layout.question(e) if with_cot else layout.student_prompt(e) for e in examples]
+    outputs, seconds = greedy_generate(model, prompts, layout.pad, layout.eos, batch_size, max_new_tokens)
+    correct = sum(layout.decode_answer(row, with_cot) == normalize_answer(e.answer) for e, row in zip(examples, outputs))
+    generated_tokens = sum(len(row) for row in outputs)
     return EvalResult(correct / len(examples), generated_tokens / len(examples), seconds, len(examples))

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import NamedTuple
 
@@ -23,7 +23,7 @@ from .evaluate import EvalResult, evaluate
 from .models import build_model, load_model
 from .students import PrunedModel, channel_scores, hidden_erank, load_student
 from .objective import TrajectoryProjection, TuckerProjection, pair_layers, slot_states
-from .teacher import build_store
+from .teacher import build_store, complete_missing_cots
 from .tokens import Layout, add_latent_tokens, arithmetic_tokenizer, collate, load_tokenizer
 from .plots import erank_figure, spectrum_figure, spectrum_summary
 from .tracking import pipeline_run, stage_run
@@ -292,6 +292,22 @@ class Report:
         return "\n".join(lines)
 
 
+def completed_train(config: Config, teacher_dir: Path, train: list[Example]) -> list[Example]:
+    """``teacher.complete_cots``: the training examples with the teacher's CoT where the gold one is
+    missing; cached in the run directory, so a rerun does not generate again."""
+    path = config.run_dir / "data" / "train-completed.jsonl"
+    if path.is_file():
+        return [Example(r["question"], tuple(r["steps"]), r["answer"])
+                for r in map(json.loads, path.read_text().splitlines())]
+    completed = complete_missing_cots(teacher_dir, train, config.trajectory.num_actors, config.trajectory.batch_size,
+                                      config.eval.max_new_tokens, config.model.trust_remote_code,
+                                      gpus(config.cluster.gpus_per_actor), log=log)
+    staging = path.with_suffix(".partial")
+    staging.write_text("".join(json.dumps(asdict(e)) + "\n" for e in completed))
+    staging.replace(path)
+    return completed
+
+
 def trajectory_stage(config: Config, teacher_dir: Path, train: list[Example]):
     """Build (or find) the trajectory store; log the spectrum, eRank and their plot."""
     teacher_config = json.loads((teacher_dir / "config.json").read_text())
@@ -337,6 +353,8 @@ def run(config: Config, teacher_result: EvalResult | None = None) -> Report:
                       config.model_dump(mode="json"), config.to_yaml()) as parent:
         log(f"[tracking] MLflow run {parent.info.run_id} at {config.tracking_uri()}")
         teacher_dir = teacher_sft(config, splits)
+        if config.teacher.complete_cots:
+            splits = splits._replace(train=completed_train(config, teacher_dir, splits.train))
         store = trajectory_stage(config, teacher_dir, splits.train)
         init_dir, student_dir = distill_student(config, teacher_dir, splits, store)
         erank = erank_diagnostics(config, teacher_dir, init_dir, student_dir, splits.train)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import ray
@@ -16,7 +17,8 @@ import torch
 from ray.util import ActorPool
 
 from . import storage
-from .data import Example
+from .data import COT_SEPARATOR, DataFormatError, Example, normalize_answer, parse_line
+from .evaluate import greedy_generate
 from .models import load_model
 from .subspace import Moments, fit_pca
 from .tokens import Layout, collate, load_tokenizer
@@ -33,6 +35,10 @@ class TeacherWorker:
         self.model = load_model(model_dir, dtype, trust_remote_code).to(self.device).eval()
         self.layers = layers
         self.batch_size = batch_size
+
+    def complete(self, examples: list[Example], max_new_tokens: int) -> list[Example | None]:
+        """The teacher's own CoT for each question, or None where its answer is not the gold one."""
+        return written_cots(self.model, self.layout, examples, self.batch_size, max_new_tokens)
 
     def extract(self, store_uri: str, number: int, index: list[int], examples: list[Example]) -> Moments:
         """Write shard ``number``'s step-mean trajectories to the store; return their moments."""
@@ -67,6 +73,61 @@ class TeacherWorker:
         return len(coords)
 
 
+def written_cots(model, layout: Layout, examples: list[Example], batch_size: int,
+                 max_new_tokens: int) -> list[Example | None]:
+    """Greedy CoTs written by ``model`` for the questions, parsed into steps like a data line; an
+    example whose written answer differs from the gold one (or that does not parse) gives None."""
+    prompts = [layout.question(e) for e in examples]
+    outputs, _ = greedy_generate(model, prompts, layout.pad, layout.eos, batch_size, max_new_tokens, static_cache=True)
+    written = []
+    for example, row in zip(examples, outputs):
+        text = layout.tokenizer.decode(row, skip_special_tokens=True)
+        try:
+            cot = parse_line(f"{example.question}{COT_SEPARATOR}{text}")
+        except DataFormatError:
+            written.append(None)
+            continue
+        right = normalize_answer(cot.answer) == normalize_answer(example.answer)
+        written.append(Example(example.question, cot.steps, example.answer) if right and cot.steps else None)
+    return written
+
+
+@contextmanager
+def teacher_pool(model_dir: str | Path, layers: list[int], batch_size: int, count: int,
+                 trust_remote_code: bool = False, gpus_per_actor: float = 0.0):
+    """``count`` teacher actors as an ``ActorPool``; a dead actor is restarted and its task retried."""
+    worker = ray.remote(num_cpus=1, num_gpus=gpus_per_actor, max_restarts=2, max_task_retries=2)(TeacherWorker)
+    actors = [worker.remote(str(model_dir), layers, batch_size, trust_remote_code) for _ in range(count)]
+    try:
+        yield ActorPool(actors)
+    finally:
+        for actor in actors:
+            ray.kill(actor)
+
+
+def complete_missing_cots(model_dir: str | Path, examples: list[Example], num_actors: int = 2, batch_size: int = 64,
+                          max_new_tokens: int = 256, trust_remote_code: bool = False, gpus_per_actor: float = 0.0,
+                          chunk_size: int = 512, log=print) -> list[Example]:
+    """Examples without a gold CoT get the teacher's own (batched greedy generation on the actor pool),
+    kept only where its answer is right; the list keeps its order and length."""
+    missing = [i for i, e in enumerate(examples) if not e.steps]
+    if not missing:
+        return list(examples)
+    chunks = [missing[i:i + chunk_size] for i in range(0, len(missing), chunk_size)]
+    completed, started = list(examples), time.time()
+    with teacher_pool(model_dir, [], batch_size, min(num_actors, len(chunks)), trust_remote_code,
+                      gpus_per_actor) as pool:
+        jobs = [[examples[i] for i in chunk] for chunk in chunks]
+        results = pool.map(lambda actor, job: actor.complete.remote(job, max_new_tokens), jobs)
+        for done, (chunk, written) in enumerate(zip(chunks, results), 1):
+            for i, example in zip(chunk, written):
+                completed[i] = example or examples[i]
+            log(f"[teacher] wrote CoTs for chunk {done}/{len(chunks)} ({time.time() - started:.1f}s)")
+    kept = sum(1 for i in missing if completed[i].steps)
+    log(f"[teacher] {kept} of {len(missing)} examples without a gold CoT got a teacher CoT with the right answer")
+    return completed
+
+
 def data_fingerprint(examples: list[Example]) -> str:
     return hashlib.sha256("\n".join(e.to_line() for e in examples).encode()).hexdigest()
 
@@ -85,12 +146,9 @@ def build_store(model_dir: str | Path, examples: list[Example], layers: list[int
     kept = [i for i, e in enumerate(examples) if e.steps]
     shards = [kept[i:i + shard_size] for i in range(0, len(kept), shard_size)]
 
-    worker = ray.remote(num_cpus=1, num_gpus=gpus_per_actor, max_restarts=2, max_task_retries=2)(TeacherWorker)
-    actors = [worker.remote(str(model_dir), layers, batch_size, trust_remote_code)
-              for _ in range(min(num_actors, len(shards)))]
-    pool = ActorPool(actors)
     started, moments = time.time(), None
-    try:
+    with teacher_pool(model_dir, layers, batch_size, min(num_actors, len(shards)), trust_remote_code,
+                      gpus_per_actor) as pool:
         jobs = [(store.uri, n, shard, [examples[i] for i in shard]) for n, shard in enumerate(shards)]
         for done, shard_moments in enumerate(pool.map_unordered(lambda a, job: a.extract.remote(*job), jobs), 1):
             moments = shard_moments if moments is None else moments.merge(shard_moments)
@@ -99,9 +157,6 @@ def build_store(model_dir: str | Path, examples: list[Example], layers: list[int
         subspace = fit_pca(moments, max_rank)
         store.write_subspace(subspace)
         projected = sum(pool.map_unordered(lambda a, n: a.project.remote(store.uri, n), range(len(shards))))
-    finally:
-        for actor in actors:
-            ray.kill(actor)
     explained = subspace.explained_variance().tolist()
     store.finish({"key": key, "teacher": str(model_dir), "layers": layers, "max_rank": max_rank,
                   "shards": len(shards), "examples": projected, "step_vectors": moments.count,
