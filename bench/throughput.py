@@ -93,7 +93,8 @@ def plain_torch_step(model_dir: Path, batch: dict, steps: int) -> tuple[float, f
     return (time.perf_counter() - started) / steps, peak
 
 
-def our_training_step(work: Path, model_dir: Path, batch: dict, steps: int, zero: int, workers: int) -> dict:
+def our_training_step(work: Path, model_dir: Path, batch: dict, steps: int, zero: int, workers: int,
+                      compile: bool) -> dict:
     """The production loop through Ray Train: the last report's window excludes the warm-up steps."""
     from lori_ray.config import TrainConfig
     from lori_ray.train import Stage, fit
@@ -103,7 +104,7 @@ def our_training_step(work: Path, model_dir: Path, batch: dict, steps: int, zero
     rows = {k: v.repeat(workers, *[1] * (v.dim() - 1)) for k, v in batch.items()}  # the same micro-batch per worker
     save_file({k: v.contiguous() for k, v in rows.items()}, work / "data.safetensors")
     train = TrainConfig(steps=2 * steps, batch_size=len(rows["input_ids"]), lr=1e-4, warmup=1, zero_stage=zero,
-                        num_workers=workers, log_every=steps).model_dump()
+                        num_workers=workers, log_every=steps, compile=compile).model_dump()
     stage = Stage(name="throughput", model_dir=str(model_dir), data_path=str(work / "data.safetensors"), train=train,
                   weights={"ce": 1.0, "first_order": 1.0, "second_order": 1.0}, student_layers=layers,
                   projection_path=str(work / "projection.safetensors"), gpus_per_worker=1.0 if CUDA else 0.0)
@@ -155,6 +156,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--zero", type=int, default=2)
     parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--compile", action="store_true", help="torch.compile our training step (train.compile)")
     parser.add_argument("--latents", type=int, default=4)
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--extract", type=int, default=512, help="examples for the extraction comparison")
@@ -183,7 +185,7 @@ def main() -> None:
     plain_tokens = args.batch * args.seq / plain_seconds
 
     ray.init(num_cpus=max(2, args.workers), dashboard_host="127.0.0.1", include_dashboard=False)
-    ours = our_training_step(work, model_dir, batch, args.steps, args.zero, args.workers)
+    ours = our_training_step(work, model_dir, batch, args.steps, args.zero, args.workers, args.compile)
     ours_tokens = ours["steps_per_s"] * args.batch * args.workers * args.seq
 
     examples = generate_multiplication(args.extract, 4, 4, seed=0)
@@ -204,7 +206,8 @@ def main() -> None:
     device = torch.cuda.get_device_name() if CUDA else f"CPU ({torch.get_num_threads()} threads)"
     params = sum(p.numel() for p in model.parameters())
     print(f"\ndevice: {device}; model {args.family}/{args.size} ({params / 1e6:.1f}M parameters), "
-          f"micro-batch {args.batch} x {args.seq} tokens, {args.workers} worker(s), ZeRO-{args.zero}, "
+          f"micro-batch {args.batch} x {args.seq} tokens, {args.workers} worker(s), ZeRO-{args.zero}"
+          f"{', compiled' if args.compile else ''}, "
           f"{'bf16' if CUDA else 'fp32'}; matmul peak {peak / 1e12:.2f} TFLOP/s")
     print("\n| measurement | tokens/s | MFU | peak GPU GB | ratio |\n|---|---|---|---|---|")
     print(f"| plain PyTorch eager step (CE) | {plain_tokens:,.0f} | {plain_tokens * per_token / peak:.1%} | "

@@ -92,6 +92,7 @@ class TrainConfig(Section):
     grad_clip: float = Field(1.0, gt=0)
     zero_stage: int = Field(2, ge=0, le=3)
     precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    compile: bool = False  # torch.compile the objective (pays on GPU; minutes of compilation on CPU)
     num_workers: int = Field(2, ge=0)  # 0 runs the loop in the driver process
     checkpoint_every: int = Field(0, ge=0)  # 0: only at the end
     log_every: int = Field(25, gt=0)

@@ -171,6 +171,8 @@ def train_loop(config: dict) -> None:
         optimizer, lambda step: lr_factor(step, train["warmup"], train["steps"]))
     engine, *_ = deepspeed.initialize(model=objective, optimizer=optimizer, lr_scheduler=scheduler,
                                       config=deepspeed_config(train, world))
+    if train["compile"]:
+        engine.compile()
 
     step = 0
     checkpoint = ray.train.get_checkpoint()

@@ -26,7 +26,7 @@ def rate(table: str, row: str) -> float:
 
 def test_throughput_benchmark_prints_every_measurement():
     out = run("bench/throughput.py", "--size", "tiny", "--steps", "3", "--seq", "64", "--extract", "64",
-              "--generate", "8", "--new-tokens", "8", "--peak-size", "256")
+              "--generate", "8", "--new-tokens", "8", "--peak-size", "256", "--compile")  # train.compile too
     assert re.search(r"matmul peak [\d.]+ TFLOP/s", out)
     for row in ("plain PyTorch eager step", "Ray Train + DeepSpeed step", "bare teacher forward",
                 "trajectory extraction", "HF generate, batch 8", "HF generate + static cache"):
