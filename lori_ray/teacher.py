@@ -27,7 +27,6 @@ from .trajectories import TrajectoryStore, file_fingerprint, pack, step_means, s
 
 class TeacherWorker:
     def __init__(self, model_dir: str, layers: list[int], batch_size: int, trust_remote_code: bool = False):
-        torch.set_grad_enabled(False)
         self.layout = Layout(load_tokenizer(model_dir, trust_remote_code))
         # bf16 on a GPU (hidden states are averaged and accumulated in float32/float64 below)
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -40,6 +39,7 @@ class TeacherWorker:
         """The teacher's own CoT for each question, or None where its answer is not the gold one."""
         return written_cots(self.model, self.layout, examples, self.batch_size, max_new_tokens)
 
+    @torch.no_grad()
     def extract(self, store_uri: str, number: int, index: list[int], examples: list[Example]) -> Moments:
         """Write shard ``number``'s step-mean trajectories to the store; return their moments."""
         trajectories = []
