@@ -31,30 +31,25 @@ class LoRiLoss(nn.Module):
         return {"first_order": per_example + batch_mean, "second_order": second}
 
 
-def _shifted_label_mask(labels: torch.Tensor) -> torch.Tensor:
-    """Positions whose logits predict a labelled token: logits[:, i] predicts labels[:, i + 1]."""
-    mask = torch.zeros_like(labels, dtype=torch.bool)
-    mask[:, :-1] = labels[:, 1:] != -100
-    return mask
-
-
 class AnswerKL(nn.Module):
     """KL(teacher ‖ student) of next-token distributions over the student's labelled tokens, × T².
 
-    The student's vocabulary may extend the teacher's (latent-slot tokens). The student's labelled tokens (the answer, or CoT and answer for an explicit student) are the last
+    Inputs are target-aligned: ``targets[:, i]`` is the token ``logits[:, i]`` predicts (-100: none).
+    The student's labelled tokens (the answer, or CoT and answer for an explicit student) are the last
     labelled tokens of the teacher's sequence, so each student position is paired with the teacher
-    position that predicts the same token: the teacher may have seen a CoT where the student saw latents.
+    position that predicts the same token: the teacher may have seen a CoT where the student saw
+    latents. The student's vocabulary may extend the teacher's (latent-slot tokens).
     """
 
     def __init__(self, temperature: float = 1.0):
         super().__init__()
         self.temperature = temperature
 
-    def forward(self, student_logits: torch.Tensor, student_labels: torch.Tensor,
-                teacher_logits: torch.Tensor, teacher_labels: torch.Tensor) -> torch.Tensor:
-        student_mask = _shifted_label_mask(student_labels)
+    def forward(self, student_logits: torch.Tensor, student_targets: torch.Tensor,
+                teacher_logits: torch.Tensor, teacher_targets: torch.Tensor) -> torch.Tensor:
+        student_mask = student_targets != -100
         counts = student_mask.sum(1)
-        teacher_mask = _shifted_label_mask(teacher_labels)
+        teacher_mask = teacher_targets != -100
         from_end = teacher_mask.flip(1).cumsum(1).flip(1)  # labelled positions at or after each one
         teacher_mask &= from_end <= counts[:, None]
         if not torch.equal(teacher_mask.sum(1), counts):

@@ -4,6 +4,7 @@ plus LoRi alignment of the student's latent-slot states with the teacher's traje
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .losses import AnswerKL, LoRiLoss
@@ -112,14 +113,26 @@ def slot_states(hidden_states: tuple[torch.Tensor, ...], layers: list[int], posi
     return torch.gather(states, 2, index)
 
 
+def labelled_logits(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
+                    **kwargs) -> tuple:
+    """(output, targets): logits only at positions where some row predicts a labelled token, and the
+    tokens they predict ([B, P], -100 for none). The LM head over the whole vocabulary is the largest
+    activation of a step; a student trained on its answer needs it at a few positions only."""
+    targets = labels[:, 1:]
+    keep = (targets != -100).any(0).nonzero().squeeze(1)
+    output = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=keep, **kwargs)
+    return output, targets[:, keep]
+
+
 class LMObjective(nn.Module):
     """``forward(batch) -> (loss, metrics)``; the only module DeepSpeed wraps.
 
-    With ``student_layers`` the hidden states at the latent slots are aligned with ``batch["targets"]``:
-    through ``projection`` with the LoRi loss (``first_order``, ``second_order``), or without one as a
-    full-width MSE (``hidden_mse``, the ICoT-KD baseline). With a ``teacher`` the ``kd`` term is the KL
-    from its next-token distributions on ``batch["teacher_*"]`` (the student's own sequences when absent)
-    to the student's on the student's labelled tokens. ``weights`` maps each term to its factor.
+    ``ce`` is the mean cross-entropy of the labelled tokens. With ``student_layers`` the hidden states
+    at the latent slots are aligned with ``batch["targets"]``: through ``projection`` with the LoRi loss
+    (``first_order``, ``second_order``), or without one as a full-width MSE (``hidden_mse``, the ICoT-KD
+    baseline). With a ``teacher`` the ``kd`` term is the KL from its next-token distributions on
+    ``batch["teacher_*"]`` (the student's own sequences when absent) to the student's on the student's
+    labelled tokens. ``weights`` maps each term to its factor.
     """
 
     def __init__(self, model: nn.Module, student_layers: list[int] = (), projection: nn.Module | None = None,
@@ -135,20 +148,23 @@ class LMObjective(nn.Module):
         # frozen and outside the module tree: DeepSpeed neither optimises, casts nor partitions it
         self._teacher = [teacher.eval().requires_grad_(False)] if teacher is not None else []
 
-    def _teacher_logits(self, batch: dict[str, torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+    @torch.no_grad()
+    def _teacher_logits(self, batch: dict[str, torch.Tensor], like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         teacher = self._teacher[0]
         parameter = next(teacher.parameters())
         if parameter.device != like.device or parameter.dtype != like.dtype:
             teacher.to(like.device, like.dtype)
-        with torch.no_grad():
-            return teacher(input_ids=batch.get("teacher_input_ids", batch["input_ids"]),
-                           attention_mask=batch.get("teacher_attention_mask", batch["attention_mask"])).logits
+        output, targets = labelled_logits(teacher, batch.get("teacher_input_ids", batch["input_ids"]),
+                                          batch.get("teacher_attention_mask", batch["attention_mask"]),
+                                          batch.get("teacher_labels", batch["labels"]))
+        return output.logits, targets
 
     def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
         aligns = bool(self.student_layers)
-        output = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                            labels=batch["labels"], output_hidden_states=aligns)
-        terms = {"ce": output.loss}
+        output, targets = labelled_logits(self.model, batch["input_ids"], batch["attention_mask"], batch["labels"],
+                                          output_hidden_states=aligns)
+        logits = output.logits
+        terms = {"ce": F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)}
         if aligns:
             states = slot_states(output.hidden_states, self.student_layers, batch["latent_positions"]).float()
             if self.projection is not None:
@@ -156,9 +172,7 @@ class LMObjective(nn.Module):
             else:
                 terms["hidden_mse"] = (states - batch["targets"]).pow(2).mean()
         if self._teacher:
-            teacher_logits = self._teacher_logits(batch, output.logits)
-            terms["kd"] = self.answer_kl(output.logits, batch["labels"], teacher_logits,
-                                         batch.get("teacher_labels", batch["labels"]))
+            terms["kd"] = self.answer_kl(logits, targets, *self._teacher_logits(batch, logits))
         loss = sum(self.weights.get(name, 0.0) * value for name, value in terms.items())
         metrics = {name: value.detach().item() for name, value in terms.items()}
         metrics["loss"] = loss.detach().item()

@@ -78,7 +78,9 @@ def test_answer_kl_matches_naive_reference_values_and_gradients():
     student_logits = torch.randn(2, 6, 11, dtype=torch.float64, requires_grad=True)  # + 2 latent tokens
     teacher_logits = torch.randn(2, 8, 9, dtype=torch.float64)
     for temperature in (1.0, 2.0):
-        fast = AnswerKL(temperature)(student_logits, student_labels, teacher_logits, teacher_labels)
+        # target-aligned inputs: logits[:, i] predicts labels[:, i + 1]
+        fast = AnswerKL(temperature)(student_logits[:, :-1], student_labels[:, 1:], teacher_logits[:, :-1],
+                                     teacher_labels[:, 1:])
         naive = naive_answer_kl(student_logits, student_labels, teacher_logits, teacher_labels, temperature)
         torch.testing.assert_close(fast.double(), naive)
         torch.testing.assert_close(torch.autograd.grad(fast, student_logits)[0],
@@ -88,9 +90,9 @@ def test_answer_kl_matches_naive_reference_values_and_gradients():
 def test_answer_kl_zero_when_distributions_agree_and_error_on_short_teacher():
     import pytest
     from lori_ray.losses import AnswerKL
-    labels = torch.tensor([[-100, 3, 4, -100]])
+    targets = torch.tensor([[3, 4, -100, -100]])
     logits = torch.randn(1, 4, 6)
-    assert AnswerKL()(logits, labels, logits.clone(), labels).abs() < 1e-6
-    assert AnswerKL()(logits, labels, torch.randn(1, 4, 6), labels) > 0
+    assert AnswerKL()(logits, targets, logits.clone(), targets).abs() < 1e-6
+    assert AnswerKL()(logits, targets, torch.randn(1, 4, 6), targets) > 0
     with pytest.raises(ValueError, match="fewer labelled tokens"):
-        AnswerKL()(logits, labels, logits, torch.tensor([[-100, -100, 4, -100]]))
+        AnswerKL()(logits, targets, logits, torch.tensor([[-100, 4, -100, -100]]))

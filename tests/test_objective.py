@@ -139,3 +139,19 @@ def test_kd_term_runs_the_frozen_teacher_on_its_own_sequences():
     explicit = collate([teacher_layout.teacher(e) for e in examples], tokenizer.pad_token_id)
     _, same = LMObjective(model, weights={"kd": 1.0}, teacher=copy.deepcopy(model))(explicit)
     assert same["kd"] == pytest.approx(0.0, abs=1e-6)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_ce_from_labelled_positions_only_equals_the_full_hf_loss(family):
+    tokenizer = arithmetic_tokenizer()
+    layout = Layout(tokenizer, add_latent_tokens(tokenizer, 2))
+    model = build_model(family, "tiny", len(tokenizer), 64, {"pad_token_id": layout.pad}, seed=3)
+    batch = collate([layout.student(e) for e in generate_multiplication(5, 3, 2, seed=1)], layout.pad)
+    full = model(**batch)
+    loss, metrics = LMObjective(model)(batch)
+    torch.testing.assert_close(loss, full.loss)
+    grads = torch.autograd.grad(loss, list(model.parameters()), allow_unused=True)
+    expected = torch.autograd.grad(model(**batch).loss, list(model.parameters()), allow_unused=True)
+    for mine, theirs in zip(grads, expected):
+        if theirs is not None:
+            torch.testing.assert_close(mine, theirs)
