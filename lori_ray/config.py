@@ -193,6 +193,9 @@ class LossConfig(Section):
     first_order: float = Field(1.0, ge=0)
     second_order: float = Field(1.0, ge=0)
     layers: list[int] | None = None  # teacher layers to align (a subset of trajectory.layers); None = all stored
+    # divide student and teacher trajectories by the teacher's RMS deviation per layer (one value for Tucker
+    # cores), so λ1/λ2 mean the same for a 1M-parameter model and a pretrained LLM with large hidden states
+    normalize: bool = True
     kd: float = Field(0.0, ge=0)  # KL(teacher ‖ student) on the student's labelled tokens, teacher run online
     kd_temperature: float = Field(1.0, gt=0)
 

@@ -12,6 +12,19 @@ def batch_covariance(x: torch.Tensor) -> torch.Tensor:
     return torch.einsum("blf,blg->lfg", centred, centred) / max(x.shape[0] - 1, 1)
 
 
+def trajectory_scale(targets: torch.Tensor, per_layer: bool = True) -> torch.Tensor:
+    """RMS deviation of teacher trajectories ``[N, L, ...]`` from their mean over examples, per layer (dim 1)
+    or one value for all layers, as an ``[L]`` tensor.
+
+    Dividing student and teacher trajectories by it makes the alignment terms scale-free: a real LLM's
+    hidden states (and their PCA coordinates) are one to two orders of magnitude larger than those of a
+    small model trained from scratch, and grow with depth, so unscaled terms drown the CE.
+    """
+    deviation = (targets.double() - targets.double().mean(0, keepdim=True)).pow(2)
+    spread = deviation.transpose(0, 1).flatten(1).mean(1) if per_layer else deviation.mean().expand(targets.shape[1])
+    return spread.sqrt().clamp_min(1e-6).float()
+
+
 class LoRiLoss(nn.Module):
     """First- and second-order alignment of student and teacher coordinates ``[B, L, K, r]``.
 

@@ -130,14 +130,14 @@ class LMObjective(nn.Module):
     ``ce`` is the mean cross-entropy of the labelled tokens. With ``student_layers`` the hidden states
     at the latent slots are aligned with ``batch["targets"]``: through ``projection`` with the LoRi loss
     (``first_order``, ``second_order``), or without one as a full-width MSE (``hidden_mse``, the ICoT-KD
-    baseline). With a ``teacher`` the ``kd`` term is the KL from its next-token distributions on
+    baseline); with ``target_scale`` [L] both sides are divided by it per layer first. With a ``teacher`` the ``kd`` term is the KL from its next-token distributions on
     ``batch["teacher_*"]`` (the student's own sequences when absent) to the student's on the student's
     labelled tokens. ``weights`` maps each term to its factor.
     """
 
     def __init__(self, model: nn.Module, student_layers: list[int] = (), projection: nn.Module | None = None,
                  weights: dict[str, float] | None = None, teacher: nn.Module | None = None,
-                 kd_temperature: float = 1.0):
+                 kd_temperature: float = 1.0, target_scale: list[float] | None = None):
         super().__init__()
         self.model = model
         self.student_layers = list(student_layers)
@@ -145,6 +145,8 @@ class LMObjective(nn.Module):
         self.weights = dict(weights or {"ce": 1.0})
         self.lori = LoRiLoss()
         self.answer_kl = AnswerKL(kd_temperature)
+        scale = torch.tensor(target_scale or [1.0] * len(self.student_layers), dtype=torch.float32)
+        self.register_buffer("target_scale", scale[None, :, None, None], persistent=False)
         # frozen and outside the module tree: DeepSpeed neither optimises, casts nor partitions it
         self._teacher = [teacher.eval().requires_grad_(False)] if teacher is not None else []
 
@@ -167,10 +169,11 @@ class LMObjective(nn.Module):
         terms = {"ce": F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)}
         if aligns:
             states = slot_states(output.hidden_states, self.student_layers, batch["latent_positions"]).float()
+            targets = batch["targets"] / self.target_scale
             if self.projection is not None:
-                terms.update(self.lori(self.projection(states), batch["targets"]))
+                terms.update(self.lori(self.projection(states) / self.target_scale, targets))
             else:
-                terms["hidden_mse"] = (states - batch["targets"]).pow(2).mean()
+                terms["hidden_mse"] = (states / self.target_scale - targets).pow(2).mean()
         if self._teacher:
             terms["kd"] = self.answer_kl(logits, targets, *self._teacher_logits(batch, logits))
         loss = sum(self.weights.get(name, 0.0) * value for name, value in terms.items())

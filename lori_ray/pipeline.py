@@ -20,6 +20,7 @@ from .cluster import gpus
 from .config import Config, ConfigError
 from .data import Example, generate_multiplication, read_examples
 from .evaluate import EvalResult, evaluate
+from .losses import trajectory_scale
 from .models import build_model, load_model
 from .students import PrunedModel, channel_scores, hidden_erank, load_student
 from .objective import TrajectoryProjection, TuckerProjection, pair_layers, slot_states
@@ -226,6 +227,8 @@ def student_stage(config: Config, teacher_dir: Path, splits: Splits, store) -> t
     data = write_tensors(sequences, layout.pad, config.model.max_positions, data_path,
                          latent_positions=positions, targets=targets.float(), **with_teacher([train[i] for i in index]))
     fields = {"student_layers": [s for s, _ in pairs], **val, **kd}
+    if loss.normalize:  # Tucker cores mix layers: one scale for all of them
+        fields["target_scale"] = trajectory_scale(targets, per_layer=tucker is None).tolist()
     if method == "icot_kd":
         return init, data, {"weights": {"ce": loss.ce, "hidden_mse": loss.first_order, "kd": loss.kd}, **fields}
 

@@ -43,6 +43,7 @@ class Stage:
     val_path: str | None = None  # safetensors with input_ids, labels, attention_mask of validation sequences
     teacher_dir: str | None = None  # frozen teacher run online for the ``kd`` term
     kd_temperature: float = 1.0
+    target_scale: list[float] | None = None  # per aligned layer: trajectories are divided by it in the loss
     tracking_uri: str | None = None
     run_id: str | None = None  # MLflow run that rank 0 logs step metrics to
 
@@ -145,7 +146,8 @@ def _build_objective(stage: Stage):
     model = load_student(stage.model_dir)
     projection = load_projection(load_file(stage.projection_path)) if stage.projection_path else None
     teacher = load_model(stage.teacher_dir) if stage.teacher_dir else None
-    return LMObjective(model, stage.student_layers, projection, stage.weights, teacher, stage.kd_temperature)
+    return LMObjective(model, stage.student_layers, projection, stage.weights, teacher, stage.kd_temperature,
+                       stage.target_scale)
 
 
 def train_loop(config: dict) -> None:

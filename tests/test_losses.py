@@ -1,6 +1,6 @@
 import torch
 
-from lori_ray.losses import LoRiLoss
+from lori_ray.losses import LoRiLoss, trajectory_scale
 
 
 def naive_lori(zs, zt):
@@ -96,3 +96,14 @@ def test_answer_kl_zero_when_distributions_agree_and_error_on_short_teacher():
     assert AnswerKL()(logits, targets, torch.randn(1, 4, 6), targets) > 0
     with pytest.raises(ValueError, match="fewer labelled tokens"):
         AnswerKL()(logits, targets, logits, torch.tensor([[-100, 4, -100, -100]]))
+
+
+def test_trajectory_scale_is_the_rms_deviation_per_layer_or_over_all():
+    torch.manual_seed(0)
+    targets = torch.randn(7, 3, 2, 5) * torch.tensor([0.5, 4.0, 30.0])[None, :, None, None] + 100.0
+    per_layer = torch.stack([
+        ((targets[:, l] - targets[:, l].mean(0)) ** 2).mean().sqrt() for l in range(3)])
+    torch.testing.assert_close(trajectory_scale(targets), per_layer)
+    overall = ((targets - targets.mean(0)) ** 2).mean().sqrt()
+    torch.testing.assert_close(trajectory_scale(targets, per_layer=False), overall.expand(3))
+    assert trajectory_scale(torch.ones(4, 2, 3)).min() > 0  # a constant layer does not divide by zero

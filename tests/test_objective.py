@@ -76,6 +76,44 @@ def test_without_projection_alignment_is_full_width_mse_at_the_slots():
     assert metrics["loss"] == pytest.approx(metrics["ce"] + 0.5 * expected, rel=1e-5)
 
 
+@pytest.mark.parametrize("aligned", ["lori", "icot_kd"])
+def test_target_scale_makes_alignment_invariant_to_the_teachers_magnitude(aligned):
+    """Teacher trajectories c times larger, the student's mapped states too (through the projection, or the
+    final norm for full-width states), and the scale c times larger: the same terms."""
+    torch.manual_seed(0)
+    tokenizer = arithmetic_tokenizer()
+    layout = Layout(tokenizer, add_latent_tokens(tokenizer, 2))
+    model = build_model("llama", "tiny", len(tokenizer), 64, {"pad_token_id": layout.pad})
+    sequences = [layout.student(e) for e in generate_multiplication(4, 2, 2)]
+    batch = collate(sequences, layout.pad)
+    batch["latent_positions"] = torch.tensor([[a for a, _ in s.spans] for s in sequences])
+    if aligned == "lori":
+        layers, names, scale, base_targets = [1, 2], ("first_order", "second_order"), [2.0, 0.5], torch.randn(4, 2, 2, 3)
+    else:  # the last hidden state is the final norm's output: its gain scales it
+        layers, names, scale, base_targets = [2], ("hidden_mse",), [0.5], torch.randn(4, 1, 2, 64)
+    projection = TrajectoryProjection(2, 64, 3) if aligned == "lori" else None
+    weights = {name: 1.0 for name in names}
+
+    def terms(factor: float, target_scale) -> dict:
+        mapped = None
+        if projection is not None:
+            mapped = TrajectoryProjection(2, 64, 3)
+            mapped.load_state_dict({k: factor * v for k, v in projection.state_dict().items()})
+        gain = model.model.norm.weight.data.clone()
+        if projection is None:
+            model.model.norm.weight.data.mul_(factor)
+        objective = LMObjective(model, layers, mapped, weights,
+                                target_scale=target_scale and [factor * s for s in target_scale])
+        result = objective({**batch, "targets": factor * base_targets})[1]
+        model.model.norm.weight.data.copy_(gain)
+        return result
+
+    reference, enlarged, unscaled = terms(1.0, scale), terms(37.0, scale), terms(37.0, None)
+    for name in names:
+        assert enlarged[name] == pytest.approx(reference[name], rel=1e-4)
+        assert unscaled[name] > 100 * reference[name]  # without the scale the terms grow with the magnitude
+
+
 def test_least_squares_projection_recovers_a_planted_map():
     torch.manual_seed(0)
     states = torch.randn(64, 2, 3, 10)
