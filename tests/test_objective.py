@@ -36,15 +36,21 @@ def test_projection_from_subspace_equals_subspace_coordinates():
     torch.testing.assert_close(TrajectoryProjection.from_subspace(subspace)(states), expected)
 
 
-def test_objective_trains_latent_embeddings_through_alignment_only():
+def student_batch(count: int) -> tuple:
+    """(tokenizer, tiny Llama, batch of ``count`` 2x2 student sequences with 2 latent slots and their positions)."""
     torch.manual_seed(0)
     tokenizer = arithmetic_tokenizer()
-    latents = add_latent_tokens(tokenizer, 2)
-    layout = Layout(tokenizer, latents)
+    layout = Layout(tokenizer, add_latent_tokens(tokenizer, 2))
     model = build_model("llama", "tiny", len(tokenizer), 64, {"pad_token_id": layout.pad})
-    sequences = [layout.student(e) for e in generate_multiplication(4, 2, 2)]
+    sequences = [layout.student(e) for e in generate_multiplication(count, 2, 2)]
     batch = collate(sequences, layout.pad)
     batch["latent_positions"] = torch.tensor([[a for a, _ in s.spans] for s in sequences])
+    return tokenizer, model, batch
+
+
+def test_objective_trains_latent_embeddings_through_alignment_only():
+    tokenizer, model, batch = student_batch(4)
+    latents = tokenizer.convert_tokens_to_ids(["<latent_0>", "<latent_1>"])
     batch["targets"] = torch.randn(4, 2, 2, 3)
     objective = LMObjective(model, [1, 2], TrajectoryProjection(2, 64, 3), {"first_order": 1.0, "second_order": 1.0})
     loss, metrics = objective(batch)
@@ -59,13 +65,7 @@ def test_objective_trains_latent_embeddings_through_alignment_only():
 
 
 def test_without_projection_alignment_is_full_width_mse_at_the_slots():
-    torch.manual_seed(0)
-    tokenizer = arithmetic_tokenizer()
-    layout = Layout(tokenizer, add_latent_tokens(tokenizer, 2))
-    model = build_model("llama", "tiny", len(tokenizer), 64, {"pad_token_id": layout.pad})
-    sequences = [layout.student(e) for e in generate_multiplication(3, 2, 2)]
-    batch = collate(sequences, layout.pad)
-    batch["latent_positions"] = torch.tensor([[a for a, _ in s.spans] for s in sequences])
+    _, model, batch = student_batch(3)
     batch["targets"] = torch.randn(3, 1, 2, 64)
     _, metrics = LMObjective(model, [2], None, {"ce": 1.0, "hidden_mse": 0.5})(batch)
     hidden = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
@@ -80,13 +80,7 @@ def test_without_projection_alignment_is_full_width_mse_at_the_slots():
 def test_target_scale_makes_alignment_invariant_to_the_teachers_magnitude(aligned):
     """Teacher trajectories c times larger, the student's mapped states too (through the projection, or the
     final norm for full-width states), and the scale c times larger: the same terms."""
-    torch.manual_seed(0)
-    tokenizer = arithmetic_tokenizer()
-    layout = Layout(tokenizer, add_latent_tokens(tokenizer, 2))
-    model = build_model("llama", "tiny", len(tokenizer), 64, {"pad_token_id": layout.pad})
-    sequences = [layout.student(e) for e in generate_multiplication(4, 2, 2)]
-    batch = collate(sequences, layout.pad)
-    batch["latent_positions"] = torch.tensor([[a for a, _ in s.spans] for s in sequences])
+    _, model, batch = student_batch(4)
     if aligned == "lori":
         layers, names, scale, base_targets = [1, 2], ("first_order", "second_order"), [2.0, 0.5], torch.randn(4, 2, 2, 3)
     else:  # the last hidden state is the final norm's output: its gain scales it
