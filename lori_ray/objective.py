@@ -169,11 +169,11 @@ class LMObjective(nn.Module):
         terms = {"ce": F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)}
         if aligns:
             states = slot_states(output.hidden_states, self.student_layers, batch["latent_positions"]).float()
-            targets = batch["targets"] / self.target_scale
+            teacher_states = batch["targets"] / self.target_scale
             if self.projection is not None:
-                terms.update(self.lori(self.projection(states) / self.target_scale, targets))
+                terms.update(self.lori(self.projection(states) / self.target_scale, teacher_states))
             else:
-                terms["hidden_mse"] = (states / self.target_scale - targets).pow(2).mean()
+                terms["hidden_mse"] = (states / self.target_scale - teacher_states).pow(2).mean()
         if self._teacher:
             terms["kd"] = self.answer_kl(logits, targets, *self._teacher_logits(batch, logits))
         loss = sum(self.weights.get(name, 0.0) * value for name, value in terms.items())

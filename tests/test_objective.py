@@ -157,7 +157,8 @@ def test_kd_term_runs_the_frozen_teacher_on_its_own_sequences():
     special = {"pad_token_id": tokenizer.pad_token_id, "bos_token_id": tokenizer.bos_token_id,
                "eos_token_id": tokenizer.eos_token_id}
     model = build_model("llama", "tiny", len(tokenizer), 64, special, seed=1)
-    batch = collate([student_layout.student(e) for e in examples], tokenizer.pad_token_id)
+    sequences = [student_layout.student(e) for e in examples]
+    batch = collate(sequences, tokenizer.pad_token_id)
     batch.update({f"teacher_{k}": v for k, v in
                   collate([teacher_layout.teacher(e) for e in examples], tokenizer.pad_token_id).items()})
     teacher = build_model("llama", "tiny", len(tokenizer), 64, special, seed=2)
@@ -167,6 +168,12 @@ def test_kd_term_runs_the_frozen_teacher_on_its_own_sequences():
     loss.backward()
     assert all(p.grad is None for p in teacher.parameters())  # frozen, and not part of the module tree
     assert not any(p is q for p in objective.parameters() for q in teacher.parameters())
+    # alongside trajectory alignment the KL still sees the answer labels, not the trajectory targets
+    batch["latent_positions"] = torch.tensor([[a for a, _ in s.spans] for s in sequences])
+    batch["targets"] = torch.randn(4, 2, 2, 3)
+    _, aligned = LMObjective(model, [1, 2], TrajectoryProjection(2, 64, 3),
+                             {"ce": 1.0, "first_order": 1.0, "kd": 0.5}, teacher=teacher)(batch)
+    assert aligned["kd"] == pytest.approx(metrics["kd"], rel=1e-5)
     # an explicit student trains on the teacher's sequences: the same model gives KL 0
     explicit = collate([teacher_layout.teacher(e) for e in examples], tokenizer.pad_token_id)
     _, same = LMObjective(model, weights={"kd": 1.0}, teacher=copy.deepcopy(model))(explicit)
