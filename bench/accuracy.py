@@ -15,7 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lori_ray.cli import config_or_exit, parser  # noqa: E402
+from lori_ray.cli import config_or_exit, configs_sharing_teacher, parser  # noqa: E402
 
 METHODS = ("nocot", "icot_kd", "lori")
 
@@ -25,8 +25,8 @@ def main() -> int:
     arguments.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     args = arguments.parse_args()
     base = config_or_exit(args.config, args.overrides)
-    configs = {m: config_or_exit(args.config, [*args.overrides, f"name={base.name}-{m}", f"student.method={m}"])
-               for m in args.methods}
+    configs = configs_sharing_teacher(args.config, {
+        m: [*args.overrides, f"name={base.name}-{m}", f"student.method={m}"] for m in args.methods})
 
     from lori_ray.cluster import connect
     from lori_ray.pipeline import run_sharing_teacher

@@ -17,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lori_ray.cli import config_or_exit, parser  # noqa: E402
+from lori_ray.cli import config_or_exit, configs_sharing_teacher, parser  # noqa: E402
 from lori_ray.students import INITS  # noqa: E402
 
 
@@ -39,9 +39,9 @@ def main() -> int:
 
     hidden, _ = model_shape(base.model.family, base.model.size, base.teacher.path or base.model.path)
     students = [(round(fraction * hidden), init) for fraction in args.widths for init in args.inits]
-    configs = {(width, init): config_or_exit(args.config, [
+    configs = configs_sharing_teacher(args.config, {(width, init): [
         *args.overrides, f"name={base.name}-w{width}-{init}", "student.kind=pruned", f"student.width={width}",
-        f"student.init={init}"]) for width, init in students}
+        f"student.init={init}"] for width, init in students})
 
     connect(base)
     reports = run_sharing_teacher(configs)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .config import Config, ConfigError, check_rerun, load_config
+from .config import Config, ConfigError, check_rerun, load_config, shared_teacher_path
 
 
 def parser(doc: str) -> argparse.ArgumentParser:
@@ -24,6 +24,21 @@ def config_or_exit(path: str, overrides: list[str], check=None) -> Config:
             check(config)
         check_rerun(config)
         return config
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+
+
+def configs_sharing_teacher(path: str, overrides: dict) -> dict:
+    """One validated config per key of ``overrides`` (key → its override list), to run with
+    ``pipeline.run_sharing_teacher``; exit 2 with the message on a bad config."""
+    try:
+        configs = {key: load_config(path, values) for key, values in overrides.items()}
+        first, *later = configs.values()
+        check_rerun(first)
+        for config in later:
+            check_rerun(config, shared_teacher_path(first))
+        return configs
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)

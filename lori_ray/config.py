@@ -292,13 +292,22 @@ class Config(Section):
 _RUN_DEFINING = ("seed", "data", "model", "teacher", "trajectory", "subspace", "student", "loss")
 
 
-def check_rerun(config: Config) -> None:
-    """A run directory is reused (finished stages are skipped) only for the same run-defining config."""
+def shared_teacher_path(first: Config) -> str:
+    """The teacher of runs that share the first one's (benchmarks comparing students): its ``teacher.path``,
+    or the teacher it trains."""
+    return first.teacher.path or str(first.run_dir / "teacher")
+
+
+def check_rerun(config: Config, teacher_path: str | None = None) -> None:
+    """A run directory is reused (finished stages are skipped) only for the same run-defining config.
+    ``teacher_path``: the teacher the run will be given when another run trains it (``shared_teacher_path``)."""
     saved = config.run_dir / "config.yaml"
     if not saved.is_file():
         return
     before = yaml.safe_load(saved.read_text())
     now = config.model_dump(mode="json")
+    if teacher_path:
+        now["teacher"]["path"] = teacher_path
     changed = [key for key in _RUN_DEFINING if before.get(key) != now.get(key)]
     if changed:
         raise ConfigError(f"name: {config.run_dir} holds a run of '{config.name}' with different "

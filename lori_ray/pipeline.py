@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .cluster import gpus
-from .config import Config, ConfigError
+from .config import Config, ConfigError, shared_teacher_path
 from .data import Example, generate_multiplication, read_examples
 from .evaluate import EvalResult, evaluate
 from .losses import trajectory_scale
@@ -379,11 +379,11 @@ def run(config: Config, teacher_result: EvalResult | None = None) -> Report:
 def run_sharing_teacher(configs: dict) -> dict:
     """``run`` for each config in turn (benchmarks comparing students): the first run trains the teacher
     (unless ``teacher.path`` is set); every later one reuses it and its held-out evaluation."""
-    reports, teacher_path, teacher_result = {}, None, None
+    first = next(iter(configs.values()))
+    reports, teacher_result = {}, None
     for key, config in configs.items():
-        if teacher_path:
-            config.teacher.path = str(teacher_path)
+        if config is not first:
+            config.teacher.path = shared_teacher_path(first)
         reports[key] = run(config, teacher_result)
-        teacher_path = config.teacher.path or config.run_dir / "teacher"
         teacher_result = reports[key].teacher
     return reports

@@ -83,3 +83,20 @@ def test_rerun_with_a_different_config_is_refused(tmp_path):
     with pytest.raises(ConfigError, match=r"^name: .*different subspace, loss"):
         check_rerun(load_config(ROOT / "configs/tiny.yaml", [f"output_dir={tmp_path}", "subspace.rank=2",
                                                              "loss.ce=0.5"]))
+
+
+def test_a_student_sharing_another_runs_teacher_reruns_after_an_interruption(tmp_path):
+    """bench/ students run with the first run's teacher and save that path: a rerun, before the teacher
+    is assigned again, must accept the saved run and still refuse a different teacher."""
+    from lori_ray.cli import configs_sharing_teacher
+
+    overrides = {m: [f"output_dir={tmp_path}", f"name=b-{m}", f"student.method={m}"] for m in ("nocot", "lori")}
+    _, student = configs_sharing_teacher(str(ROOT / "configs/tiny.yaml"), overrides).values()
+    (tmp_path / "b-nocot" / "teacher").mkdir(parents=True)
+    student.teacher.path = str(tmp_path / "b-nocot" / "teacher")  # what run_sharing_teacher does
+    student.run_dir.mkdir(parents=True)
+    (student.run_dir / "config.yaml").write_text(student.to_yaml())
+    configs_sharing_teacher(str(ROOT / "configs/tiny.yaml"), overrides)
+    with pytest.raises(SystemExit):
+        configs_sharing_teacher(str(ROOT / "configs/tiny.yaml"),
+                                {**overrides, "nocot": [*overrides["nocot"], "name=other"]})
