@@ -337,9 +337,15 @@ def evaluate_model(config: Config, model_dir: Path, held_out: list[Example], slo
     model = load_model(model_dir, trust_remote_code=config.model.trust_remote_code)
     if torch.cuda.is_available():
         model = model.to("cuda", torch.bfloat16)
+    role = "teacher" if slots is None else "student"
+    started = time.perf_counter()
+
+    def progress(done: int, total: int) -> None:
+        log(f"[eval] {role}: {done}/{total} held-out answers generated ({time.perf_counter() - started:.0f}s)")
+
     return evaluate(model, layout, held_out,
                     with_cot=slots is None, batch_size=config.eval.batch_size,
-                    max_new_tokens=config.eval.max_new_tokens)
+                    max_new_tokens=config.eval.max_new_tokens, progress=progress)
 
 
 def run(config: Config, teacher_result: EvalResult | None = None) -> Report:
