@@ -384,10 +384,13 @@ def run(config: Config, teacher_result: EvalResult | None = None) -> Report:
 
 def run_sharing_teacher(configs: dict) -> dict:
     """``run`` for each config in turn (benchmarks comparing students): the first run trains the teacher
-    (unless ``teacher.path`` is set); every later one reuses it and its held-out evaluation."""
+    (unless ``teacher.path`` is set); every later one reuses it and its held-out evaluation, and logs to the
+    first one's MLflow store, so one UI compares them all."""
     first = next(iter(configs.values()))
+    tracking_uri = first.tracking_uri()
     reports, teacher_result = {}, None
     for key, config in configs.items():
+        config.tracking.uri = config.tracking.uri or tracking_uri
         if config is not first:
             config.teacher.path = shared_teacher_path(first)
         reports[key] = run(config, teacher_result)

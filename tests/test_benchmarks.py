@@ -38,8 +38,16 @@ def test_loss_overhead_benchmark():
     assert re.search(r"LoRi overhead [+-][\d.]+%", out)
 
 
-def test_red_benchmark_prints_its_table(tmp_path):
-    out = run("bench/red.py", "--config", "configs/tiny.yaml", f"output_dir={tmp_path}", "cluster.num_cpus=2",
-              "student.method=explicit", "--widths", "0.5", "--inits", "activation")
-    assert re.search(r"\| width 32 \| activation \| [\d.]+ \| [\d.]+ \| [\d.]+ \| [\d.]+ \|", out)
+def test_red_benchmark_prints_its_table_and_reruns_on_its_finished_stages(tmp_path):
+    command = ("bench/red.py", "--config", "configs/tiny.yaml", f"output_dir={tmp_path}", "cluster.num_cpus=2",
+               "student.method=explicit", "--widths", "0.5", "--inits", "random", "activation")
+    out = run(*command)
+    for init in ("random", "activation"):
+        assert re.search(rf"\| width 32 \| {init} \| [\d.]+ \| [\d.]+ \| [\d.]+ \| [\d.]+ \|", out)
     assert (tmp_path / "tiny" / "red.json").is_file()
+    # one MLflow store for the comparison: the first student's
+    assert (tmp_path / "tiny-w32-random" / "mlflow.db").is_file()
+    assert not (tmp_path / "tiny-w32-activation" / "mlflow.db").exists()
+    # the second student saved the first one's teacher as its teacher.path; an interrupted bench reruns
+    rerun = run(*command)
+    assert rerun.count("[teacher] finished model found") == 1 and rerun.count("[student] finished model found") == 2
