@@ -50,11 +50,13 @@ def run_in_thread(function, *args):
 
 
 def wait_for(condition, timeout: float, what: str):
+    """The first truthy value of ``condition()``."""
     deadline = time.time() + timeout
-    while not condition():
+    while not (value := condition()):
         if time.time() > deadline:
             raise TimeoutError(what)
         time.sleep(0.2)
+    return value
 
 
 @pytest.fixture(scope="module")
@@ -93,25 +95,25 @@ def test_killed_train_worker_resumes_from_its_checkpoint_with_the_same_result(cl
 
 def test_killed_teacher_actor_is_replaced_and_every_example_is_stored_exactly_once(cluster, tmp_path):
     model_dir = tiny_model_dir(tmp_path / "model")
-    examples = generate_multiplication(512, 2, 2)
+    examples, shards = generate_multiplication(2048, 2, 2), 128  # shards of 16: the kill has time to land mid-run
     store_dir = tmp_path / "store"
     thread, outcome = run_in_thread(build_store, model_dir, examples, [1, 2], 4, store_dir, 2, 16, 16, False, 0.0,
                                     lambda message: None)
     extracted = lambda: list(store_dir.glob(f"*/{EXTRACTIONS}/*.json"))  # noqa: E731
-    wait_for(lambda: len(extracted()) >= 2, 300, "extraction to start")
+    workers = wait_for(lambda: len(extracted()) >= 2 and alive_pids("TeacherWorker"), 300, "extraction to start")
     killed_after = len(extracted())
-    os.kill(alive_pids("TeacherWorker")[0], signal.SIGKILL)
+    os.kill(workers[0], signal.SIGKILL)
     thread.join(600)
     if "error" in outcome:
         raise outcome["error"]
     store = outcome["result"]
 
-    assert killed_after < 32  # the kill landed mid-extraction (32 shards)
+    assert killed_after < shards  # the kill landed mid-extraction
     manifest = store.manifest
-    assert manifest["examples"] == 512 and manifest["shards"] == 32
-    index = [i for n in range(32) for i in store.shard("coords", n)["index"].tolist()]
-    assert sorted(index) == list(range(512))  # no gaps, no duplicates
-    assert {e["shard"] for e in store.extractions()} == set(range(32))
+    assert manifest["examples"] == 2048 and manifest["shards"] == shards
+    index = [i for n in range(shards) for i in store.shard("coords", n)["index"].tolist()]
+    assert sorted(index) == list(range(2048))  # no gaps, no duplicates
+    assert {e["shard"] for e in store.extractions()} == set(range(shards))
     assert not list(Path(store.uri).rglob("*.tmp"))  # no partial shard left behind
 
 
