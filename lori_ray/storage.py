@@ -59,6 +59,9 @@ def resolve(location: str) -> tuple[pafs.FileSystem, str]:
     return pafs.FileSystem.from_uri(location)
 
 
+TEMPORARY_SUFFIX = ".tmp"
+
+
 def write_whole(filesystem: pafs.FileSystem, path: str, data: bytes) -> None:
     """Write ``data`` so that readers see all of it at ``path`` or nothing.
 
@@ -72,10 +75,23 @@ def write_whole(filesystem: pafs.FileSystem, path: str, data: bytes) -> None:
         return
     directory, name = path.rsplit("/", 1)
     filesystem.create_dir(directory, recursive=True)
-    temporary = f"{directory}/.{name}.{os.getpid()}.tmp"
+    temporary = f"{directory}/.{name}.{os.getpid()}{TEMPORARY_SUFFIX}"
     with filesystem.open_output_stream(temporary) as stream:
         stream.write(data)
     filesystem.move(temporary, path)
+
+
+def remove_temporaries(filesystem: pafs.FileSystem, directory: str) -> int:
+    """Delete what writers killed mid-``write_whole`` left under ``directory``; call it once no writer is
+    running. Returns how many files it removed."""
+    if not isinstance(filesystem, pafs.LocalFileSystem):
+        return 0
+    infos = filesystem.get_file_info(pafs.FileSelector(directory, recursive=True, allow_not_found=True))
+    orphans = [info.path for info in infos if info.type == pafs.FileType.File
+               and info.base_name.startswith(".") and info.base_name.endswith(TEMPORARY_SUFFIX)]
+    for path in orphans:
+        filesystem.delete_file(path)
+    return len(orphans)
 
 
 def read_whole(filesystem: pafs.FileSystem, path: str) -> bytes:

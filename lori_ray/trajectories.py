@@ -124,6 +124,8 @@ class TrajectoryStore:
         return Subspace(**self._load(SUBSPACE))
 
     def finish(self, manifest: dict) -> None:
+        """Mark the store complete; every writer must be done (a killed one may have left a temporary)."""
+        storage.remove_temporaries(self.filesystem, self.root)
         storage.write_whole(self.filesystem, self._path(MANIFEST), json.dumps(manifest, indent=2).encode())
 
     def _read(self, kind: str) -> tuple[list[int], list[torch.Tensor]]:

@@ -73,6 +73,17 @@ def test_locations_join_resolve_and_validate():
     assert load_config(ROOT / "configs/tiny.yaml", ["output_dir=/shared"]).storage_path == "/shared/tiny/ray"
 
 
+def test_remove_temporaries_deletes_only_what_a_killed_writer_left(tmp_path):
+    filesystem, root = storage.resolve(str(tmp_path))
+    storage.write_whole(filesystem, f"{root}/hidden/00001.safetensors", b"whole")
+    (tmp_path / "hidden" / ".00002.safetensors.4242.tmp").write_bytes(b"part")  # killed before its rename
+    (tmp_path / "notes.tmp").write_bytes(b"not ours")
+    assert storage.remove_temporaries(filesystem, root) == 1
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file()) == [
+        "hidden/00001.safetensors", "notes.tmp"]
+    assert storage.remove_temporaries(filesystem, f"{root}/absent") == 0
+
+
 def test_trajectory_store_on_s3_holds_every_example_once_and_is_found_again(s3, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # a URI mistaken for a relative path would leave files here
     model_dir = tiny_model_dir(tmp_path / "model")
