@@ -16,13 +16,14 @@ def parser(doc: str) -> argparse.ArgumentParser:
     return parser
 
 
-def config_or_exit(path: str, overrides: list[str], check=None) -> Config:
-    """The validated config (``check(config)`` may raise ConfigError too), or exit 2 with the message."""
+def config_or_exit(path: str, overrides: list[str], check=None, teacher_path: str | None = None) -> Config:
+    """The validated config (``check(config)`` may raise ConfigError too), or exit 2 with the message.
+    ``teacher_path``: the teacher another run will give this one (see ``check_rerun``)."""
     try:
         config = load_config(path, overrides)
         if check:
             check(config)
-        check_rerun(config)
+        check_rerun(config, teacher_path)
         return config
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
@@ -31,14 +32,8 @@ def config_or_exit(path: str, overrides: list[str], check=None) -> Config:
 
 def configs_sharing_teacher(path: str, overrides: dict) -> dict:
     """One validated config per key of ``overrides`` (key → its override list), to run with
-    ``pipeline.run_sharing_teacher``; exit 2 with the message on a bad config."""
-    try:
-        configs = {key: load_config(path, values) for key, values in overrides.items()}
-        first, *later = configs.values()
-        check_rerun(first)
-        for config in later:
-            check_rerun(config, shared_teacher_path(first))
-        return configs
-    except ConfigError as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+    ``pipeline.run_sharing_teacher``: every later one is checked against the first one's teacher."""
+    (first_key, first_overrides), *later = overrides.items()
+    first = config_or_exit(path, first_overrides)
+    teacher = shared_teacher_path(first)
+    return {first_key: first, **{key: config_or_exit(path, values, teacher_path=teacher) for key, values in later}}
