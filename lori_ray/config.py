@@ -190,6 +190,12 @@ class StudentConfig(Section):
 
 class LossConfig(Section):
     ce: float = Field(1.0, ge=0)
+    # lori: where the student's states meet the teacher's trajectory. latents: slot k ↔ teacher step k
+    # (first/second order in the subspace); answer: at ``####`` and each answer token a learned readout per
+    # (layer, position) predicts the whole trajectory (student.latent_slots steps × subspace.rank), weight
+    # ``answer``, and the student has no latent slots; both: the two together
+    align_at: Literal["latents", "answer", "both"] = "latents"
+    answer: float = Field(0.5, ge=0)
     first_order: float = Field(1.0, ge=0)
     second_order: float = Field(1.0, ge=0)
     layers: list[int] | None = None  # teacher layers to align (a subset of trajectory.layers); None = all stored

@@ -18,9 +18,25 @@ class EvalResult:
     tokens_per_answer: float  # generated tokens before <eos>, mean over examples
     seconds: float  # generation wall time for the whole split
     examples: int
+    # per answer character (digits in the task's order: least significant first for multiplication), the
+    # fraction of examples with that character right, over the examples whose answer is that long
+    digit_accuracy: tuple[float, ...] = ()
 
     def as_metrics(self, prefix: str) -> dict[str, float]:
-        return {f"{prefix}_{k}": float(v) for k, v in vars(self).items()}
+        metrics = {f"{prefix}_{k}": float(v) for k, v in vars(self).items() if k != "digit_accuracy"}
+        metrics.update({f"{prefix}_digit_{i}_accuracy": v for i, v in enumerate(self.digit_accuracy)})
+        return metrics
+
+
+def digit_accuracy(predicted: list[str], gold: list[str]) -> tuple[float, ...]:
+    """Accuracy of each answer position: where exact match is near zero, which digits a model gets."""
+    longest = max((len(g) for g in gold), default=0)
+    hits, counts = [0] * longest, [0] * longest
+    for guess, answer in zip(predicted, gold):
+        for i, char in enumerate(answer):
+            counts[i] += 1
+            hits[i] += i < len(guess) and guess[i] == char
+    return tuple(h / c for h, c in zip(hits, counts))
 
 
 @torch.no_grad()
@@ -54,6 +70,9 @@ def evaluate(model, layout: Layout, examples: list[Example], with_cot: bool, bat
     prompts = [layout.question(e) if with_cot else layout.student_prompt(e) for e in examples]
     outputs, seconds = greedy_generate(model, prompts, layout.pad, layout.eos, batch_size, max_new_tokens,
                                        progress=progress)
-    correct = sum(layout.decode_answer(row, with_cot) == normalize_answer(e.answer) for e, row in zip(examples, outputs))
+    predicted = [layout.decode_answer(row, with_cot) for row in outputs]
+    gold = [normalize_answer(e.answer) for e in examples]
+    correct = sum(p == g for p, g in zip(predicted, gold))
     generated_tokens = sum(len(row) for row in outputs)
-    return EvalResult(correct / len(examples), generated_tokens / len(examples), seconds, len(examples))
+    return EvalResult(correct / len(examples), generated_tokens / len(examples), seconds, len(examples),
+                      digit_accuracy(predicted, gold))

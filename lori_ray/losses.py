@@ -44,6 +44,22 @@ class LoRiLoss(nn.Module):
         return {"first_order": per_example + batch_mean, "second_order": second}
 
 
+def readout_mse(predicted: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean squared error of answer-position readouts ``predicted`` [B, L, P, F] against each example's
+    trajectory ``targets`` [B, L, F], over the positions where ``mask`` [B, P] is set."""
+    error = (predicted.float() - targets.float()[:, :, None, :]).pow(2).mean(-1)  # [B, L, P]
+    weights = mask.to(error.dtype)[:, None, :].expand_as(error)
+    return (error * weights).sum() / weights.sum().clamp_min(1)
+
+
+def standardize(targets: torch.Tensor) -> torch.Tensor:
+    """Each feature (last dim) of ``targets`` [N, ...] centred and scaled to unit variance over examples:
+    the readout weighs a trajectory's minor PCA components like its leading ones."""
+    mean = targets.double().mean(0, keepdim=True)
+    std = targets.double().std(0, keepdim=True).clamp_min(1e-6)
+    return ((targets.double() - mean) / std).float()
+
+
 class AnswerKL(nn.Module):
     """KL(teacher ‖ student) of next-token distributions over the student's labelled tokens, × T².
 

@@ -1,5 +1,7 @@
 """The training objective around an HF causal LM: CE on the answer (and CoT for the teacher),
-plus LoRi alignment of the student's latent-slot states with the teacher's trajectory coordinates."""
+plus LoRi alignment of the student's hidden states with the teacher's trajectory coordinates: at the
+latent slots (one slot per teacher step), and/or at the answer positions, where a student without a
+CoT computes its digits (a learned readout per layer and position predicts the whole trajectory)."""
 
 from __future__ import annotations
 
@@ -7,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .losses import AnswerKL, LoRiLoss
+from .losses import AnswerKL, LoRiLoss, readout_mse
 from .subspace import Subspace
 
 
@@ -96,10 +98,28 @@ class TuckerProjection(nn.Module):
         return mixed @ self.weight.T + self.bias
 
 
+class AnswerReadout(nn.Module):
+    """A linear map per (student layer, answer position): states [B, L, P, d] → trajectory coordinates
+    [B, L, P, F]. Position p of every layer reads the teacher's whole trajectory (F = steps × rank) out of
+    the state that writes answer token p, so the CoT's intermediate results must be computed there."""
+
+    def __init__(self, layers: int, positions: int, features: int, dim: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(layers, positions, features, dim) / dim**0.5)
+        self.bias = nn.Parameter(torch.zeros(layers, positions, features))
+
+    def forward(self, states: torch.Tensor) -> torch.Tensor:
+        return torch.einsum("blpd,lpfd->blpf", states, self.weight) + self.bias
+
+
 def load_projection(tensors: dict[str, torch.Tensor]) -> nn.Module:
-    """A saved projection (``state_dict``) of either kind."""
+    """A saved projection or answer readout (``state_dict``)."""
     if "layer_factor" in tensors:
         return TuckerProjection(**tensors)
+    if tensors["weight"].dim() == 4:
+        readout = AnswerReadout(*tensors["weight"].shape)
+        readout.load_state_dict(tensors)
+        return readout
     layers, rank, dim = tensors["weight"].shape
     projection = TrajectoryProjection(layers, dim, rank)
     projection.load_state_dict(tensors)
@@ -132,16 +152,19 @@ class LMObjective(nn.Module):
     (``first_order``, ``second_order``), or without one as a full-width MSE (``hidden_mse``, the ICoT-KD
     baseline); with ``target_scale`` [L] both sides are divided by it per layer first. With a ``teacher`` the ``kd`` term is the KL from its next-token distributions on
     ``batch["teacher_*"]`` (the student's own sequences when absent) to the student's on the student's
-    labelled tokens. ``weights`` maps each term to its factor.
+    labelled tokens. With a ``readout`` the states at ``batch["answer_positions"]`` [B, P] (-1: none) are
+    mapped to ``batch["answer_targets"]`` [B, L, F] (``answer_align``, MSE). ``weights`` maps each term to its factor.
     """
 
     def __init__(self, model: nn.Module, student_layers: list[int] = (), projection: nn.Module | None = None,
                  weights: dict[str, float] | None = None, teacher: nn.Module | None = None,
-                 kd_temperature: float = 1.0, target_scale: list[float] | None = None):
+                 kd_temperature: float = 1.0, target_scale: list[float] | None = None,
+                 readout: AnswerReadout | None = None):
         super().__init__()
         self.model = model
         self.student_layers = list(student_layers)
         self.projection = projection
+        self.readout = readout
         self.weights = dict(weights or {"ce": 1.0})
         self.lori = LoRiLoss()
         self.answer_kl = AnswerKL(kd_temperature)
@@ -162,18 +185,21 @@ class LMObjective(nn.Module):
         return output.logits, targets
 
     def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
-        aligns = bool(self.student_layers)
         output, targets = labelled_logits(self.model, batch["input_ids"], batch["attention_mask"], batch["labels"],
-                                          output_hidden_states=aligns)
+                                          output_hidden_states=bool(self.student_layers))
         logits = output.logits
         terms = {"ce": F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)}
-        if aligns:
+        if self.student_layers and "latent_positions" in batch:
             states = slot_states(output.hidden_states, self.student_layers, batch["latent_positions"]).float()
             teacher_states = batch["targets"] / self.target_scale
             if self.projection is not None:
                 terms.update(self.lori(self.projection(states) / self.target_scale, teacher_states))
             else:
                 terms["hidden_mse"] = (states / self.target_scale - teacher_states).pow(2).mean()
+        if self.readout is not None:
+            positions = batch["answer_positions"]
+            states = slot_states(output.hidden_states, self.student_layers, positions.clamp_min(0)).float()
+            terms["answer_align"] = readout_mse(self.readout(states), batch["answer_targets"], positions >= 0)
         if self._teacher:
             terms["kd"] = self.answer_kl(logits, targets, *self._teacher_logits(batch, logits))
         loss = sum(self.weights.get(name, 0.0) * value for name, value in terms.items())

@@ -20,10 +20,10 @@ from .cluster import gpus
 from .config import Config, ConfigError, shared_teacher_path
 from .data import Example, generate_multiplication, read_examples
 from .evaluate import EvalResult, evaluate
-from .losses import trajectory_scale
+from .losses import standardize, trajectory_scale
 from .models import build_model, load_model
 from .students import PrunedModel, channel_scores, hidden_erank, load_student
-from .objective import TrajectoryProjection, TuckerProjection, pair_layers, slot_states
+from .objective import AnswerReadout, TrajectoryProjection, TuckerProjection, pair_layers, slot_states
 from .teacher import build_store, complete_missing_cots
 from .tokens import Layout, add_latent_tokens, arithmetic_tokenizer, collate, load_tokenizer
 from .plots import erank_figure, spectrum_figure, spectrum_summary
@@ -165,7 +165,20 @@ def student_init(config: Config, teacher_dir: Path, slots: int, train: list[Exam
 def latent_slots(config: Config) -> int | None:
     """Latent slots of the student; ``None``: it writes the CoT (``explicit``)."""
     method = config.student.method
-    return None if method == "explicit" else 0 if method == "nocot" else config.student.latent_slots
+    if method == "explicit":
+        return None
+    if method == "nocot" or (method == "lori" and config.loss.align_at == "answer"):
+        return 0
+    return config.student.latent_slots
+
+
+def answer_positions(sequences) -> torch.Tensor:
+    """Positions of ``####`` and the answer tokens of each sequence [n, P], padded with -1."""
+    spans = [range(*s.answer) for s in sequences]
+    positions = torch.full((len(spans), max(len(r) for r in spans)), -1, dtype=torch.long)
+    for row, span in enumerate(spans):
+        positions[row, :len(span)] = torch.tensor(span)
+    return positions
 
 
 @torch.no_grad()
@@ -209,31 +222,53 @@ def student_stage(config: Config, teacher_dir: Path, splits: Splits, store) -> t
     pairs = pair_layers(student_config["num_hidden_layers"], teacher_config["num_hidden_layers"],
                         config.loss.layers or stored_layers)
     rows = [stored_layers.index(t) for _, t in pairs]
+    steps = config.student.latent_slots  # teacher steps the student aligns with
     tucker = None
     if method == "lori" and config.subspace.kind == "tucker":
         if rows != list(range(len(stored_layers))):
             raise ConfigError(f"subspace.kind: tucker needs a student layer paired with each stored teacher layer "
                               f"{stored_layers}; pairs are {pairs}")
-        index, targets, tucker = store.tucker(slots, *config.subspace.tucker_ranks, config.subspace.rank)
+        index, targets, tucker = store.tucker(steps, *config.subspace.tucker_ranks, config.subspace.rank)
         log(f"[student] Tucker fit, explained variance per mode: {tucker.explained_variance()}")
     elif method == "lori":
-        index, targets = store.coordinates(config.subspace.rank, slots)
+        index, targets = store.coordinates(config.subspace.rank, steps)
         targets = targets[:, rows]
     else:
-        index, targets = store.hidden(slots)
+        index, targets = store.hidden(steps)
         targets = targets[:, rows]
     sequences = [layout.student(train[i]) for i in index]
-    positions = torch.tensor([[start for start, _ in s.spans] for s in sequences])
-    data = write_tensors(sequences, layout.pad, config.model.max_positions, data_path,
-                         latent_positions=positions, targets=targets.float(), **with_teacher([train[i] for i in index]))
-    fields = {"student_layers": [s for s, _ in pairs], **val, **kd}
-    if loss.normalize:  # Tucker cores mix layers: one scale for all of them
-        fields["target_scale"] = trajectory_scale(targets, per_layer=tucker is None).tolist()
+    student_layers = [s for s, _ in pairs]
+    fields = {"student_layers": student_layers, **val, **kd}
+    weights = {"ce": loss.ce, "kd": loss.kd}
+    align_at = config.loss.align_at if method == "lori" else "latents"
+    tensors = with_teacher([train[i] for i in index])
+    if align_at != "latents":
+        # every paired layer reads the whole trajectory: its coordinates at each aligned layer (PCA), or the
+        # Tucker core (layers already mixed), flattened to [n, L, F]
+        whole = targets.flatten(1)[:, None].expand(-1, len(pairs), -1) if tucker is not None else targets.flatten(2)
+        tensors.update(answer_positions=answer_positions(sequences),
+                       answer_targets=standardize(whole) if loss.normalize else whole.float())
+        positions = tensors["answer_positions"].shape[1]
+        torch.manual_seed(config.seed + 3)
+        readout = AnswerReadout(len(pairs), positions, whole.shape[-1], student_config["hidden_size"])
+        readout_path = config.run_dir / "data" / "readout.safetensors"
+        save_file({k: v.detach().contiguous() for k, v in readout.state_dict().items()}, readout_path)
+        fields["readout_path"] = str(readout_path)
+        weights["answer_align"] = loss.answer
+        log(f"[student] answer alignment: {len(pairs)} layers x {positions} positions read "
+            f"{whole.shape[-1]} trajectory features")
+    if align_at != "answer":
+        tensors.update(latent_positions=torch.tensor([[start for start, _ in s.spans] for s in sequences]),
+                       targets=targets.float())
+        if loss.normalize:  # Tucker cores mix layers: one scale for all of them
+            fields["target_scale"] = trajectory_scale(targets, per_layer=tucker is None).tolist()
+    data = write_tensors(sequences, layout.pad, config.model.max_positions, data_path, **tensors)
     if method == "icot_kd":
-        return init, data, {"weights": {"ce": loss.ce, "hidden_mse": loss.first_order, "kd": loss.kd}, **fields}
+        return init, data, {"weights": {**weights, "hidden_mse": loss.first_order}, **fields}
+    if align_at == "answer":
+        return init, data, {"weights": weights, **fields}
 
     same_width = student_config["hidden_size"] == teacher_config["hidden_size"]
-    student_layers = [s for s, _ in pairs]
     if tucker is not None:
         projection = (TuckerProjection.from_tucker(tucker) if same_width else calibrated_projection(
             init, data, student_layers, lambda states, targets: TuckerProjection.fit(tucker, states, targets)))
@@ -245,7 +280,7 @@ def student_stage(config: Config, teacher_dir: Path, splits: Splits, store) -> t
         projection = calibrated_projection(init, data, student_layers, TrajectoryProjection.fit)
     projection_path = config.run_dir / "data" / "projection.safetensors"
     save_file({k: v.detach().contiguous() for k, v in projection.state_dict().items()}, projection_path)
-    weights = {"ce": loss.ce, "first_order": loss.first_order, "second_order": loss.second_order, "kd": loss.kd}
+    weights.update(first_order=loss.first_order, second_order=loss.second_order)
     return init, data, {"weights": weights, "projection_path": str(projection_path), **fields}
 
 
@@ -285,14 +320,26 @@ class Report:
     rank: int
     method: str
     erank: dict[str, list[float]]  # per layer: teacher, initial and trained student
+    student_train: EvalResult | None = None  # the student on as many training problems: memorisation shows
 
     def table(self) -> str:
         speedup = self.teacher.seconds / max(self.student.seconds, 1e-9)
-        rows = [("teacher (explicit CoT)", self.teacher, "1.00x"), (f"student ({self.method}{'' if self.method == 'explicit' else ', no CoT'})", self.student, f"{speedup:.2f}x")]
-        lines = ["| model | accuracy | tokens/answer | inference s | speedup |", "|---|---|---|---|---|"]
-        lines += [f"| {name} | {r.accuracy:.3f} | {r.tokens_per_answer:.1f} | {r.seconds:.2f} | {s} |" for name, r, s in rows]
+        student = f"student ({self.method}{'' if self.method == 'explicit' else ', no CoT'})"
+        rows = [("teacher (explicit CoT)", self.teacher, "1.00x"), (student, self.student, f"{speedup:.2f}x")]
+        lines = ["| model | accuracy | tokens/answer | inference s | speedup | per-digit accuracy |",
+                 "|---|---|---|---|---|---|"]
+        lines += [f"| {name} | {r.accuracy:.3f} | {r.tokens_per_answer:.1f} | {r.seconds:.2f} | {s} | "
+                  f"{digits(r)} |" for name, r, s in rows]
+        if self.student_train:
+            lines.append(f"\n{student} on {self.student_train.examples} training problems: "
+                         f"{self.student_train.accuracy:.3f} (held-out {self.student.accuracy:.3f})")
         lines.append(f"\nexplained variance of the rank-{self.rank} subspace (mean over layers): {self.explained_variance:.3f}")
         return "\n".join(lines)
+
+
+def digits(result: EvalResult) -> str:
+    """Per-digit accuracy in the answer's own order (least significant first for multiplication)."""
+    return " / ".join(f"{v:.2f}" for v in result.digit_accuracy)
 
 
 def completed_train(config: Config, teacher_dir: Path, train: list[Example]) -> list[Example]:
@@ -370,13 +417,15 @@ def run(config: Config, teacher_result: EvalResult | None = None) -> Report:
         with stage_run("evaluate"):
             teacher_result = teacher_result or evaluate_model(config, teacher_dir, splits.held_out, slots=None)
             student_result = evaluate_model(config, student_dir, splits.held_out, slots=latent_slots(config))
+            student_train = evaluate_model(config, student_dir, splits.train[:len(splits.held_out)],
+                                           slots=latent_slots(config))
             report = Report(teacher_result, student_result,
                             store.subspace().explained_variance(config.subspace.rank).mean().item(),
-                            config.subspace.rank, config.student.method, erank)
+                            config.subspace.rank, config.student.method, erank, student_train)
             metrics = {**teacher_result.as_metrics("teacher"), **student_result.as_metrics("student"),
-                       "explained_variance": report.explained_variance}
+                       **student_train.as_metrics("student_train"), "explained_variance": report.explained_variance}
             mlflow.log_metrics(metrics)
-        mlflow.log_metrics(metrics)
+        mlflow.log_metrics(metrics)  # on the parent run too: one place to compare runs
         mlflow.log_text(report.table(), "results.md")
         (config.run_dir / "results.md").write_text(report.table() + "\n")
     return report

@@ -53,6 +53,7 @@ class Sequence:
     input_ids: list[int]
     labels: list[int]  # IGNORE_INDEX where no loss
     spans: list[tuple[int, int]]  # [start, end) token positions of each CoT step or latent slot
+    answer: tuple[int, int] = (0, 0)  # [start, end) positions of ``####`` and the answer tokens (not <eos>)
 
 
 class Layout:
@@ -92,8 +93,10 @@ class Layout:
             start = len(prompt) + len(target)
             target += self._encode(step)
             spans.append((start, len(prompt) + len(target)))
+        answer_start = len(prompt) + len(target)
         target += self._answer(example)
-        return Sequence(prompt + target, [IGNORE_INDEX] * len(prompt) + target, spans)
+        return Sequence(prompt + target, [IGNORE_INDEX] * len(prompt) + target, spans,
+                        (answer_start, len(prompt) + len(target) - 1))
 
     def student_prompt(self, example: Example) -> list[int]:
         return self.question(example) + self.latent_ids + self._encode(ANSWER_SEPARATOR)
@@ -104,7 +107,8 @@ class Layout:
         answer = self._answer(example)
         start = len(question)
         spans = [(start + i, start + i + 1) for i in range(len(self.latent_ids))]
-        return Sequence(prompt + answer, [IGNORE_INDEX] * len(prompt) + answer, spans)
+        return Sequence(prompt + answer, [IGNORE_INDEX] * len(prompt) + answer, spans,
+                        (len(prompt), len(prompt) + len(answer) - 1))
 
     def decode_answer(self, generated: list[int], with_cot: bool) -> str:
         """The normalised answer in generated tokens (after ``####`` when the model wrote a CoT)."""

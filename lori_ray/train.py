@@ -33,12 +33,13 @@ class Stage:
 
     name: str
     model_dir: str  # initial HF model (and tokenizer)
-    data_path: str  # safetensors with input_ids, labels, attention_mask [, latent_positions, targets]
+    data_path: str  # safetensors: input_ids, labels, attention_mask [, latent_positions, targets, answer_*]
     train: dict  # TrainConfig fields
     seed: int = 0
     weights: dict = field(default_factory=lambda: {"ce": 1.0})
     student_layers: list[int] = field(default_factory=list)
     projection_path: str | None = None  # safetensors with weight, bias
+    readout_path: str | None = None  # safetensors with the answer readout's initial weight, bias
     gpus_per_worker: float = 0.0
     val_path: str | None = None  # safetensors with input_ids, labels, attention_mask of validation sequences
     teacher_dir: str | None = None  # frozen teacher run online for the ``kd`` term
@@ -145,9 +146,10 @@ def _build_objective(stage: Stage):
 
     model = load_student(stage.model_dir)
     projection = load_projection(load_file(stage.projection_path)) if stage.projection_path else None
+    readout = load_projection(load_file(stage.readout_path)) if stage.readout_path else None
     teacher = load_model(stage.teacher_dir) if stage.teacher_dir else None
     return LMObjective(model, stage.student_layers, projection, stage.weights, teacher, stage.kd_temperature,
-                       stage.target_scale)
+                       stage.target_scale, readout)
 
 
 def train_loop(config: dict) -> None:

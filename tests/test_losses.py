@@ -107,3 +107,20 @@ def test_trajectory_scale_is_the_rms_deviation_per_layer_or_over_all():
     overall = ((targets - targets.mean(0)) ** 2).mean().sqrt()
     torch.testing.assert_close(trajectory_scale(targets, per_layer=False), overall.expand(3))
     assert trajectory_scale(torch.ones(4, 2, 3)).min() > 0  # a constant layer does not divide by zero
+
+
+def test_readout_mse_averages_over_real_positions_like_a_loop():
+    from lori_ray.losses import readout_mse
+    predicted, targets = torch.randn(3, 2, 4, 5), torch.randn(3, 2, 5)
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0], [1, 0, 0, 0]], dtype=torch.bool)
+    errors = [(predicted[b, l, p] - targets[b, l]).pow(2).mean()
+              for b in range(3) for l in range(2) for p in range(4) if mask[b, p]]
+    torch.testing.assert_close(readout_mse(predicted, targets, mask), torch.stack(errors).mean())
+
+
+def test_standardize_gives_every_feature_zero_mean_and_unit_variance():
+    from lori_ray.losses import standardize
+    targets = torch.randn(200, 2, 6) * torch.tensor([100.0, 1.0, 0.01, 5.0, 3.0, 2.0]) + 7
+    scaled = standardize(targets)
+    torch.testing.assert_close(scaled.mean(0), torch.zeros(2, 6), atol=1e-5, rtol=0)
+    torch.testing.assert_close(scaled.std(0), torch.ones(2, 6), atol=1e-5, rtol=0)

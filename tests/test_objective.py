@@ -194,3 +194,48 @@ def test_ce_from_labelled_positions_only_equals_the_full_hf_loss(family):
     for mine, theirs in zip(grads, expected):
         if theirs is not None:
             torch.testing.assert_close(mine, theirs)
+
+
+def test_answer_readout_is_one_linear_map_per_layer_and_position():
+    from lori_ray.objective import AnswerReadout
+    readout = AnswerReadout(2, 3, 5, 8)
+    with torch.no_grad():
+        readout.bias.normal_()
+    states = torch.randn(4, 2, 3, 8)
+    expected = torch.stack([torch.stack([states[:, l, p] @ readout.weight[l, p].T + readout.bias[l, p]
+                                         for p in range(3)], 1) for l in range(2)], 1)
+    torch.testing.assert_close(readout(states), expected)
+
+
+def test_answer_alignment_reads_the_trajectory_at_the_answer_positions_only():
+    """The readout sees the states that write ``####`` and the answer digits, never the slots or the question;
+    padded positions (-1) count for nothing."""
+    from lori_ray.objective import AnswerReadout
+    from lori_ray.pipeline import answer_positions
+    tokenizer = arithmetic_tokenizer()
+    layout = Layout(tokenizer)  # no latent slots: the nocot layout, as with align_at=answer
+    model = build_model("llama", "tiny", len(tokenizer), 64, {"pad_token_id": layout.pad})
+    sequences = [layout.student(e) for e in generate_multiplication(3, 2, 2)]
+    batch = collate(sequences, layout.pad)
+    batch["answer_positions"] = answer_positions(sequences)
+    batch["answer_positions"][2, -2:] = -1  # a shorter answer
+    batch["answer_targets"] = torch.randn(3, 2, 6)
+    torch.manual_seed(1)
+    readout = AnswerReadout(2, batch["answer_positions"].shape[1], 6, 64)
+    loss, metrics = LMObjective(model, [1, 2], weights={"ce": 1.0, "answer_align": 0.5}, readout=readout)(batch)
+    hidden = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                   output_hidden_states=True).hidden_states
+    errors = []
+    for b in range(3):
+        for p in batch["answer_positions"][b].tolist():
+            if p < 0:
+                continue
+            assert tokenizer.convert_ids_to_tokens(batch["input_ids"][b, p].item()) != "<pad>"
+            for i, layer in enumerate((1, 2)):
+                index = batch["answer_positions"][b].tolist().index(p)
+                guess = hidden[layer][b, p] @ readout.weight[i, index].T + readout.bias[i, index]
+                errors.append((guess - batch["answer_targets"][b, i]).pow(2).mean())
+    assert metrics["answer_align"] == pytest.approx(torch.stack(errors).mean().item(), rel=1e-5)
+    assert metrics["loss"] == pytest.approx(metrics["ce"] + 0.5 * metrics["answer_align"], rel=1e-5)
+    loss.backward()
+    assert readout.weight.grad[:, -1].abs().sum() > 0  # the last position is real in two rows

@@ -70,3 +70,12 @@ def test_collate_and_left_pad():
     left = left_pad([[1, 2, 3], [4]], pad_id=0)
     assert left["input_ids"].tolist() == [[1, 2, 3], [0, 0, 4]]
     assert left["attention_mask"].tolist() == [[1, 1, 1], [0, 0, 1]]
+
+
+def test_answer_span_is_the_separator_and_the_answer_tokens_in_both_layouts():
+    lay = layout(2)
+    example = generate_multiplication(1, 3, 3, seed=0)[0]
+    for sequence in (lay.teacher(example), lay.student(example)):
+        start, end = sequence.answer
+        assert lay.tokenizer.decode(sequence.input_ids[start:end]) == f"#### {example.answer}"
+        assert sequence.input_ids[end] == lay.eos and end == len(sequence.input_ids) - 1
