@@ -1,15 +1,19 @@
-"""Accuracy of every method on one task under one budget, as one table.
+"""Accuracy of every method on one task under one budget, over several student seeds, as one table.
 
-    python bench/accuracy.py --config configs/accuracy-cpu.yaml [key=value ...] [--methods nocot icot_kd lori]
+    python bench/accuracy.py --config configs/implicit-3x3.yaml [key=value ...] [--methods nocot lori] [--seeds 3]
 
 (overrides go before --methods, which takes several values)
 
-The first method trains the teacher (explicit CoT) and builds the trajectory store; the others
-reuse both, so every student gets the same teacher, data, steps and batch. Prints: method,
-exact-match accuracy, generated tokens per answer, inference time and speedup over `explicit`;
-writes the table to <output_dir>/<name>/accuracy.md.
+The first run trains the teacher (explicit CoT) and builds the trajectory store; every other run
+reuses both, so every student gets the same teacher, data, steps and batch; seeds differ in the
+student's batch order and fresh weights (``student.seed``). Prints per method: held-out exact match
+(mean ± std over seeds, and each seed), exact match on as many training problems (memorisation
+shows as a gap), per-digit accuracy, generated tokens per answer, inference time and speedup over
+the CoT teacher. Writes <output_dir>/<name>/accuracy.md and curves.png (validation exact match
+against steps and minutes, one line per seed), and logs both to MLflow (run <name>-benchmark).
 """
 
+import statistics
 import sys
 from pathlib import Path
 
@@ -20,32 +24,82 @@ from lori_ray.cli import config_or_exit, configs_sharing_teacher, parser  # noqa
 METHODS = ("nocot", "icot_kd", "lori")
 
 
+def mean_std(values: list[float]) -> str:
+    spread = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.mean(values):.3f} ± {spread:.3f}"
+
+
+def table(base, reports: dict[tuple[str, int], object]) -> str:
+    """Markdown: the teacher, then one row per method aggregated over its seeds."""
+    teacher = next(iter(reports.values())).teacher
+    methods = dict.fromkeys(method for method, _ in reports)
+    lines = [f"task: {base.data.task} {base.data.eval_file or base.data.digits}, {teacher.examples} held-out "
+             f"problems, {base.data.train_size} training problems; student budget {base.student.train.steps} "
+             f"steps x batch {base.student.train.batch_size}; model {base.model.family}/"
+             f"{base.model.path or base.model.size}",
+             "", "| method | held-out exact match (mean ± std) | per seed | training problems | per-digit accuracy "
+             "| tokens/answer | inference s | speedup |", "|---|---|---|---|---|---|---|---|",
+             f"| explicit CoT teacher | {teacher.accuracy:.3f} | – | – | "
+             f"{' / '.join(f'{v:.2f}' for v in teacher.digit_accuracy)} | {teacher.tokens_per_answer:.1f} | "
+             f"{teacher.seconds:.2f} | 1.00x |"]
+    for method in methods:
+        runs = [r for (m, _), r in reports.items() if m == method]
+        held_out = [r.student.accuracy for r in runs]
+        train = [r.student_train.accuracy for r in runs if r.student_train]
+        digits = [statistics.mean(d) for d in zip(*(r.student.digit_accuracy for r in runs))]
+        seconds = statistics.mean(r.student.seconds for r in runs)
+        lines.append(f"| {method} | {mean_std(held_out)} | {', '.join(f'{v:.3f}' for v in held_out)} | "
+                     f"{mean_std(train) if train else '–'} | {' / '.join(f'{v:.2f}' for v in digits)} | "
+                     f"{statistics.mean(r.student.tokens_per_answer for r in runs):.1f} | {seconds:.2f} | "
+                     f"{teacher.seconds / max(seconds, 1e-9):.2f}x |")
+    return "\n".join(lines)
+
+
 def main() -> int:
     arguments = parser(__doc__)
     arguments.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    arguments.add_argument("--seeds", type=int, default=1, help="student seeds per method (student.seed = seed + i)")
     args = arguments.parse_args()
     base = config_or_exit(args.config, args.overrides)
-    configs = configs_sharing_teacher(args.config, {
-        m: [*args.overrides, f"name={base.name}-{m}", f"student.method={m}"] for m in args.methods})
+    if args.seeds < 1:
+        print("error: --seeds: at least 1", file=sys.stderr)
+        return 2
+    runs = {(m, i): [*args.overrides, f"name={base.name}-{m}" + (f"-s{i}" if args.seeds > 1 else ""),
+                     f"student.method={m}", f"student.seed={base.student_seed + i}"]
+            for m in args.methods for i in range(args.seeds)}
+    configs = configs_sharing_teacher(args.config, runs)
+
+    import mlflow
 
     from lori_ray.cluster import connect
     from lori_ray.pipeline import run_sharing_teacher
+    from lori_ray.plots import curves_figure
+    from lori_ray.tracking import stage_history
 
     connect(base)
     reports = run_sharing_teacher(configs)
-    explicit = next(iter(reports.values())).teacher
-    rows = [("explicit", explicit)] + [(m, r.student) for m, r in reports.items()]
-    lines = [f"task: {base.data.task} {base.data.eval_file or base.data.digits}, {explicit.examples} held-out examples; "
-             f"student budget {base.student.train.steps} steps x batch {base.student.train.batch_size}; "
-             f"model {base.model.family}/{base.model.path or base.model.size}",
-             "", "| method | accuracy | tokens/answer | inference s | speedup vs explicit |", "|---|---|---|---|---|"]
-    lines += [f"| {name} | {r.accuracy:.3f} | {r.tokens_per_answer:.1f} | {r.seconds:.2f} | "
-              f"{explicit.seconds / max(r.seconds, 1e-9):.2f}x |" for name, r in rows]
-    table = "\n".join(lines)
-    print("\n" + table, flush=True)
-    out = base.run_dir / "accuracy.md"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(table + "\n")
+    text = table(base, reports)
+    print("\n" + text, flush=True)
+    first = next(iter(configs.values()))
+    curves = {}
+    for (method, _), config in configs.items():
+        curves.setdefault(method, []).append(stage_history(first.tracking_uri(), config.tracking.experiment,
+                                                           config.name, "student", "val_accuracy"))
+    figure = curves_figure(curves)
+    out = base.run_dir
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "accuracy.md").write_text(text + "\n")
+    figure.savefig(out / "curves.png", dpi=120)
+    mlflow.set_tracking_uri(first.tracking_uri())
+    mlflow.set_experiment(first.tracking.experiment)
+    with mlflow.start_run(run_name=f"{base.name}-benchmark"):
+        mlflow.log_text(text, "accuracy.md")
+        mlflow.log_figure(figure, "curves.png")
+        for method, seeds in curves.items():
+            for i, curve in enumerate(seeds):
+                for step, _, value in curve:
+                    mlflow.log_metric(f"{method}_s{i}_val_accuracy", value, step=step)
+    print(f"table: {out / 'accuracy.md'}\ncurves: {out / 'curves.png'}", flush=True)
     return 0
 
 

@@ -163,6 +163,7 @@ class StudentConfig(Section):
     depth: int | None = Field(None, gt=0)  # kind=pruned: layers kept, evenly spaced (default: all)
     calibration_size: int = Field(256, gt=0)  # kind=pruned: training examples that score channels
     latent_slots: int = Field(3, gt=0)
+    seed: int | None = None  # batch order and fresh weights of the student; default: the run's seed
     train: TrainConfig = TrainConfig(steps=500)
 
     @model_validator(mode="after")
@@ -278,6 +279,10 @@ class Config(Section):
     @property
     def run_dir(self) -> Path:
         return Path(self.output_dir).absolute() / self.name
+
+    @property
+    def student_seed(self) -> int:
+        return self.seed if self.student.seed is None else self.student.seed
 
     @property
     def store_dir(self) -> str:

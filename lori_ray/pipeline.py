@@ -85,8 +85,9 @@ def write_tensors(sequences, pad_id: int, max_positions: int, path: Path, **extr
 
 
 def make_stage(config: Config, name: str, model_dir: Path, data_path: Path, train_config, **fields) -> Stage:
+    fields.setdefault("seed", config.seed)
     return Stage(name=f"{config.name}-{name}", model_dir=str(model_dir), data_path=str(data_path),
-                 train=train_config.model_dump(), seed=config.seed, tracking_uri=config.tracking_uri(),
+                 train=train_config.model_dump(), tracking_uri=config.tracking_uri(),
                  gpus_per_worker=gpus(config.cluster.gpus_per_worker), **fields)
 
 
@@ -145,7 +146,7 @@ def student_init(config: Config, teacher_dir: Path, slots: int, train: list[Exam
         with torch.no_grad():
             scores = channel_scores(teacher(**batch, output_hidden_states=True).hidden_states, batch["attention_mask"])
         model = PrunedModel.initial(teacher, student.width, student.depth, student.init, scores, len(tokenizer),
-                                    seed=config.seed + 2)
+                                    seed=config.student_seed + 2)
         model.save_init(directory, teacher_dir)
         tokenizer.save_pretrained(directory)
         return directory
@@ -155,7 +156,7 @@ def student_init(config: Config, teacher_dir: Path, slots: int, train: list[Exam
         teacher = json.loads((teacher_dir / "config.json").read_text())
         special = {f"{k}_token_id": teacher.get(f"{k}_token_id") for k in ("pad", "bos", "eos")}
         model = build_model(config.model.family, student.size or config.model.size, len(tokenizer),
-                            config.model.max_positions, special, seed=config.seed + 2)
+                            config.model.max_positions, special, seed=config.student_seed + 2)
     model.resize_token_embeddings(len(tokenizer))
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
@@ -201,8 +202,10 @@ def student_stage(config: Config, teacher_dir: Path, splits: Splits, store) -> t
     layout = Layout(tokenizer, add_latent_tokens(tokenizer, slots))
     build = layout.teacher if method == "explicit" else layout.student
     data_path = config.run_dir / "data" / "student.safetensors"
-    val = validation_tensors(config, [build(e) for e in splits.val], layout.pad, "student")
     kd = {"teacher_dir": str(teacher_dir), "kd_temperature": loss.kd_temperature} if loss.kd else {}
+    # the student's own seed (batch order, fresh weights): seeds of one method share teacher and data
+    common = {"seed": config.student_seed, **kd,
+              **validation_tensors(config, [build(e) for e in splits.val], layout.pad, "student")}
 
     def with_teacher(examples: list[Example]) -> dict[str, torch.Tensor]:
         """The teacher's own sequences for the kd term (an explicit student already trains on them)."""
@@ -214,7 +217,7 @@ def student_stage(config: Config, teacher_dir: Path, splits: Splits, store) -> t
     if method in ("nocot", "explicit"):
         data = write_tensors([build(e) for e in train], layout.pad, config.model.max_positions, data_path,
                              **with_teacher(train))
-        return init, data, {"weights": {"ce": loss.ce, "kd": loss.kd}, **val, **kd}
+        return init, data, {"weights": {"ce": loss.ce, "kd": loss.kd}, **common}
 
     stored_layers = store.manifest["layers"]
     student_config = json.loads((init / "config.json").read_text())
@@ -238,7 +241,7 @@ def student_stage(config: Config, teacher_dir: Path, splits: Splits, store) -> t
         targets = targets[:, rows]
     sequences = [layout.student(train[i]) for i in index]
     student_layers = [s for s, _ in pairs]
-    fields = {"student_layers": student_layers, **val, **kd}
+    fields = {"student_layers": student_layers, **common}
     weights = {"ce": loss.ce, "kd": loss.kd}
     align_at = config.loss.align_at if method == "lori" else "latents"
     tensors = with_teacher([train[i] for i in index])
@@ -249,7 +252,7 @@ def student_stage(config: Config, teacher_dir: Path, splits: Splits, store) -> t
         tensors.update(answer_positions=answer_positions(sequences),
                        answer_targets=standardize(whole) if loss.normalize else whole.float())
         positions = tensors["answer_positions"].shape[1]
-        torch.manual_seed(config.seed + 3)
+        torch.manual_seed(config.student_seed + 3)
         readout = AnswerReadout(len(pairs), positions, whole.shape[-1], student_config["hidden_size"])
         readout_path = config.run_dir / "data" / "readout.safetensors"
         save_file({k: v.detach().contiguous() for k, v in readout.state_dict().items()}, readout_path)

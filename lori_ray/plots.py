@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from matplotlib import rcParams
 from matplotlib.figure import Figure  # no pyplot: no global figure state, no display needed
 
 from .subspace import Subspace, effective_rank
@@ -42,5 +43,26 @@ def erank_figure(ranks: dict[str, list[float]]):
         axes.plot(range(len(values)), values, marker="o", label=label)
     axes.set(xlabel="layer (0 = embeddings)", ylabel="eRank", title="eRank of hidden states")
     axes.legend(fontsize="small")
+    figure.tight_layout()
+    return figure
+
+
+def curves_figure(curves: dict[str, list[list[tuple[int, float, float]]]], metric: str = "validation exact match"):
+    """Learning curves of each method (one colour, a line per seed) against steps and against minutes."""
+    figure = Figure(figsize=(11, 4))
+    by_step, by_time = figure.subplots(1, 2)
+    colours = rcParams["axes.prop_cycle"].by_key()["color"]
+    for number, (method, seeds) in enumerate(curves.items()):
+        colour = colours[number % len(colours)]
+        for i, curve in enumerate(seeds):
+            if not curve:
+                continue
+            steps, minutes, values = zip(*curve)
+            label = method if i == 0 else None
+            by_step.plot(steps, values, color=colour, marker=".", label=label)
+            by_time.plot(minutes, values, color=colour, marker=".", label=label)
+    by_step.set(xlabel="step", ylabel=metric, ylim=(-0.02, 1.02), title="Learning curves (one line per seed)")
+    by_time.set(xlabel="minutes of training", ylabel=metric, ylim=(-0.02, 1.02), title="Against wall-clock")
+    by_step.legend(fontsize="small")
     figure.tight_layout()
     return figure

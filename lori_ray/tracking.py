@@ -72,3 +72,22 @@ class StepLogger:
                 warnings.warn(f"MLflow logging to run {self.run_id} failed, training continues "
                               f"(further failures are counted, not shown): {error}")
                 print(f"[tracking] WARNING: MLflow logging failed: {error}", file=sys.stderr, flush=True)
+
+
+def stage_history(uri: str, experiment: str, run_name: str, stage: str, metric: str) -> list[tuple[int, float, float]]:
+    """``metric`` of the latest ``stage`` run under a pipeline run named ``run_name``, as (step, minutes since
+    the stage started, value): a learning curve against steps and against wall-clock."""
+    client = MlflowClient(uri)
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        return []
+    parents = {r.info.run_id for r in client.search_runs([found.experiment_id],
+                                                         f"tags.mlflow.runName = '{run_name}'")}
+    stages = [r for r in client.search_runs([found.experiment_id], f"tags.mlflow.runName = '{stage}'",
+                                            order_by=["attributes.start_time DESC"])
+              if r.data.tags.get("mlflow.parentRunId") in parents and metric in r.data.metrics]
+    if not stages:
+        return []
+    run = stages[0]
+    history = sorted(client.get_metric_history(run.info.run_id, metric), key=lambda m: m.step)
+    return [(m.step, (m.timestamp - run.info.start_time) / 60000, m.value) for m in history]

@@ -189,6 +189,9 @@ def train_loop(config: dict) -> None:
 
     logger = StepLogger(stage.tracking_uri, stage.run_id) if rank == 0 and stage.run_id else None
     num_examples, micro = data["input_ids"].shape[0], train["batch_size"] // world
+    if rank == 0:  # a student that sees its problems many times memorises them instead of learning to compute
+        print(f"[{stage.name}] {num_examples} training examples, {train['steps']} steps x batch "
+              f"{train['batch_size']} = {train['steps'] * train['batch_size'] / num_examples:.2f} epochs", flush=True)
     started, sums, count, last, bad_steps = time.time(), {}, 0, {"step": step}, 0
     engine.train()
     while step < train["steps"]:

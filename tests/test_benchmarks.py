@@ -51,3 +51,32 @@ def test_red_benchmark_prints_its_table_and_reruns_on_its_finished_stages(tmp_pa
     # the second student saved the first one's teacher as its teacher.path; an interrupted bench reruns
     rerun = run(*command)
     assert rerun.count("[teacher] finished model found") == 1 and rerun.count("[student] finished model found") == 2
+
+
+def test_accuracy_benchmark_aggregates_student_seeds_and_draws_their_curves(tmp_path):
+    """Two seeds of one method share the teacher and the store; the table shows both seeds, their mean,
+    training-problem accuracy and per-digit accuracy; the curves come from each seed's own student run."""
+    out = run("bench/accuracy.py", "--config", "configs/tiny.yaml", f"output_dir={tmp_path}", "cluster.num_cpus=2",
+              "loss.align_at=answer", "student.train.eval_every=3", "--methods", "lori", "--seeds", "2")
+    assert out.count("[teacher] done in") == 1 and out.count("[student] done in") == 2
+    assert "trajectory store" in out and "found, skipping extraction" in out  # the second seed reuses the store
+    (row,) = [line for line in out.splitlines() if line.startswith("| lori |")]
+    cells = [cell.strip() for cell in row.split("|")[1:-1]]
+    per_seed = [float(v) for v in cells[2].split(", ")]
+    assert len(per_seed) == 2 and cells[1].startswith(f"{sum(per_seed) / 2:.3f} ± ")
+    assert len(cells[4].split(" / ")) == 4  # 2x2 multiplication: four answer digits
+    assert "| explicit CoT teacher |" in out
+    assert (tmp_path / "tiny" / "accuracy.md").read_text().strip() in out
+    assert (tmp_path / "tiny" / "curves.png").stat().st_size > 0
+    # each seed trained with its own student seed, under its own name, logged to the first run's store
+    import mlflow
+    from lori_ray.tracking import stage_history
+    uri = f"sqlite:///{tmp_path / 'tiny-lori-s0' / 'mlflow.db'}"
+    for seed in (0, 1):
+        assert [step for step, _, _ in stage_history(uri, "lori-ray", f"tiny-lori-s{seed}", "student",
+                                                     "val_accuracy")] == [3, 6]
+        assert f"seed: {seed}" in (tmp_path / f"tiny-lori-s{seed}" / "config.yaml").read_text().split("student:")[1]
+    client = mlflow.MlflowClient(uri)
+    (bench,) = client.search_runs([client.get_experiment_by_name("lori-ray").experiment_id],
+                                  "tags.mlflow.runName = 'tiny-benchmark'")
+    assert {"accuracy.md", "curves.png"} <= {a.path for a in client.list_artifacts(bench.info.run_id)}

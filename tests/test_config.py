@@ -100,3 +100,9 @@ def test_a_student_sharing_another_runs_teacher_reruns_after_an_interruption(tmp
     with pytest.raises(SystemExit):
         configs_sharing_teacher(str(ROOT / "configs/tiny.yaml"),
                                 {**overrides, "nocot": [*overrides["nocot"], "name=other"]})
+
+
+def test_student_seed_defaults_to_the_run_seed_and_defines_the_run():
+    from lori_ray.config import Config
+    assert Config(seed=3).student_seed == 3
+    assert Config(seed=3, student={"seed": 7}).student_seed == 7

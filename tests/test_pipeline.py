@@ -31,6 +31,9 @@ def test_prints_the_result_table(tiny_run):
     _, stdout = tiny_run
     assert "| teacher (explicit CoT) |" in stdout and "| student (lori, no CoT) |" in stdout
     assert "explained variance of the rank-4 subspace" in stdout
+    # each stage says how many epochs its budget is over its training data, so memorisation can be foreseen
+    assert "[tiny-teacher] 256 training examples, 6 steps x batch 16 = 0.38 epochs" in stdout
+    assert "student (lori, no CoT) on 16 training problems:" in stdout
 
 
 def test_mlflow_holds_params_metrics_and_artifacts(tiny_run):
