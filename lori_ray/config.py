@@ -127,6 +127,10 @@ class TrajectoryConfig(Section):
     num_actors: int = Field(2, gt=0)
     batch_size: int = Field(64, gt=0)
     store_dir: str | None = None  # a path or URI (s3://, gs://, ...); default: <output_dir>/trajectories
+    # what one trajectory unit averages: each CoT step's tokens, or (multiplication) for each answer digit the
+    # states that write that digit's place in every CoT number; with loss.align_at answer, answer position p
+    # then reads unit p alone
+    segments: Literal["steps", "digits"] = "steps"
 
     @model_validator(mode="after")
     def _location(self):
@@ -378,6 +382,9 @@ def _check_against_model(config: Config) -> None:
             raise ConfigError(f"student.depth: {student.depth} is more than the teacher's {layers} layers")
     if student.method == "explicit" and not (config.loss.ce or config.loss.kd):
         raise ConfigError("loss: an explicit student needs loss.ce or loss.kd above 0")
+    if config.trajectory.segments == "digits" and (config.data.task != "multiplication" or config.model.path):
+        raise ConfigError("trajectory.segments: 'digits' needs the multiplication task and its one-token-per-digit "
+                          "tokenizer (no model.path)")
     if config.student.latent_slots >= config.model.max_positions:
         raise ConfigError(f"student.latent_slots: {config.student.latent_slots} does not fit in "
                           f"model.max_positions ({config.model.max_positions})")

@@ -45,9 +45,11 @@ class LoRiLoss(nn.Module):
 
 
 def readout_mse(predicted: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean squared error of answer-position readouts ``predicted`` [B, L, P, F] against each example's
-    trajectory ``targets`` [B, L, F], over the positions where ``mask`` [B, P] is set."""
-    error = (predicted.float() - targets.float()[:, :, None, :]).pow(2).mean(-1)  # [B, L, P]
+    """Mean squared error of answer-position readouts ``predicted`` [B, L, P, F] against each example's whole
+    trajectory ``targets`` [B, L, F] (the same for every position) or a target per position [B, L, P, F],
+    over the positions where ``mask`` [B, P] is set."""
+    per_position = targets if targets.dim() == 4 else targets[:, :, None, :]
+    error = (predicted.float() - per_position.float()).pow(2).mean(-1)  # [B, L, P]
     weights = mask.to(error.dtype)[:, None, :].expand_as(error)
     return (error * weights).sum() / weights.sum().clamp_min(1)
 

@@ -22,6 +22,7 @@ from .data import Example, generate_multiplication, read_examples
 from .evaluate import EvalResult, evaluate
 from .losses import standardize, trajectory_scale
 from .models import build_model, load_model
+from .subspace import resample_steps
 from .students import PrunedModel, channel_scores, hidden_erank, load_student
 from .objective import AnswerReadout, TrajectoryProjection, TuckerProjection, pair_layers, slot_states
 from .teacher import build_store, complete_missing_cots
@@ -225,7 +226,11 @@ def student_stage(config: Config, teacher_dir: Path, splits: Splits, store) -> t
     pairs = pair_layers(student_config["num_hidden_layers"], teacher_config["num_hidden_layers"],
                         config.loss.layers or stored_layers)
     rows = [stored_layers.index(t) for _, t in pairs]
-    steps = config.student.latent_slots  # teacher steps the student aligns with
+    align_at = config.loss.align_at if method == "lori" else "latents"
+    # digit segments (PCA): one trajectory unit per answer digit, read at the answer position that writes that
+    # digit (not resampled); a Tucker core mixes the units, so every position reads all of it
+    per_digit = config.trajectory.segments == "digits" and align_at != "latents" and config.subspace.kind == "pca"
+    steps = None if per_digit else config.student.latent_slots
     tucker = None
     if method == "lori" and config.subspace.kind == "tucker":
         if rows != list(range(len(stored_layers))):
@@ -243,23 +248,26 @@ def student_stage(config: Config, teacher_dir: Path, splits: Splits, store) -> t
     student_layers = [s for s, _ in pairs]
     fields = {"student_layers": student_layers, **common}
     weights = {"ce": loss.ce, "kd": loss.kd}
-    align_at = config.loss.align_at if method == "lori" else "latents"
     tensors = with_teacher([train[i] for i in index])
     if align_at != "latents":
-        # every paired layer reads the whole trajectory: its coordinates at each aligned layer (PCA), or the
-        # Tucker core (layers already mixed), flattened to [n, L, F]
-        whole = targets.flatten(1)[:, None].expand(-1, len(pairs), -1) if tucker is not None else targets.flatten(2)
-        tensors.update(answer_positions=answer_positions(sequences),
-                       answer_targets=standardize(whole) if loss.normalize else whole.float())
-        positions = tensors["answer_positions"].shape[1]
+        positions = answer_positions(sequences)
+        if per_digit:  # answer position p (which writes digit p) reads digit p's column
+            answer_targets, positions = targets, positions[:, :targets.shape[2]]
+        else:  # every position reads the whole trajectory: [n, L, F] (a Tucker core is one for all layers)
+            answer_targets = (targets.flatten(1)[:, None].expand(-1, len(pairs), -1) if tucker is not None
+                              else targets.flatten(2))
+        tensors.update(answer_positions=positions,
+                       answer_targets=standardize(answer_targets) if loss.normalize else answer_targets.float())
         torch.manual_seed(config.student_seed + 3)
-        readout = AnswerReadout(len(pairs), positions, whole.shape[-1], student_config["hidden_size"])
+        readout = AnswerReadout(len(pairs), positions.shape[1], answer_targets.shape[-1], student_config["hidden_size"])
         readout_path = config.run_dir / "data" / "readout.safetensors"
         save_file({k: v.detach().contiguous() for k, v in readout.state_dict().items()}, readout_path)
         fields["readout_path"] = str(readout_path)
         weights["answer_align"] = loss.answer
-        log(f"[student] answer alignment: {len(pairs)} layers x {positions} positions read "
-            f"{whole.shape[-1]} trajectory features")
+        log(f"[student] answer alignment: {len(pairs)} layers x {positions.shape[1]} positions read "
+            f"{answer_targets.shape[-1]} trajectory features {'of their digit' if answer_targets.dim() == 4 else ''}")
+        if align_at == "both" and per_digit:  # the latent slots still align with K resampled units
+            targets = resample_steps(targets, config.student.latent_slots)
     if align_at != "answer":
         tensors.update(latent_positions=torch.tensor([[start for start, _ in s.spans] for s in sequences]),
                        targets=targets.float())
@@ -369,7 +377,8 @@ def trajectory_stage(config: Config, teacher_dir: Path, train: list[Example]):
         store = build_store(teacher_dir, train, layers, config.subspace.max_rank, config.store_dir,
                             config.trajectory.num_actors, config.trajectory.batch_size,
                             trust_remote_code=config.model.trust_remote_code,
-                            gpus_per_actor=gpus(config.cluster.gpus_per_actor), log=log)
+                            gpus_per_actor=gpus(config.cluster.gpus_per_actor), log=log,
+                            segments=config.trajectory.segments)
         subspace = store.subspace()
         spectrum = spectrum_summary(subspace, layers)
         mlflow.log_dict(spectrum, "subspace_spectrum.json")
@@ -380,7 +389,8 @@ def trajectory_stage(config: Config, teacher_dir: Path, train: list[Example]):
     return store
 
 
-def evaluate_model(config: Config, model_dir: Path, held_out: list[Example], slots: int | None) -> EvalResult:
+def evaluate_model(config: Config, model_dir: Path, held_out: list[Example], slots: int | None,
+                   split: str = "held-out") -> EvalResult:
     """``slots=None``: the teacher, prompted with the question and writing its CoT."""
     tokenizer = load_tokenizer(str(model_dir), config.model.trust_remote_code)
     layout = Layout(tokenizer, add_latent_tokens(tokenizer, slots) if slots is not None else None)
@@ -391,7 +401,7 @@ def evaluate_model(config: Config, model_dir: Path, held_out: list[Example], slo
     started = time.perf_counter()
 
     def progress(done: int, total: int) -> None:
-        log(f"[eval] {role}: {done}/{total} held-out answers generated ({time.perf_counter() - started:.0f}s)")
+        log(f"[eval] {role}: {done}/{total} {split} answers generated ({time.perf_counter() - started:.0f}s)")
 
     return evaluate(model, layout, held_out,
                     with_cot=slots is None, batch_size=config.eval.batch_size,
@@ -421,7 +431,7 @@ def run(config: Config, teacher_result: EvalResult | None = None) -> Report:
             teacher_result = teacher_result or evaluate_model(config, teacher_dir, splits.held_out, slots=None)
             student_result = evaluate_model(config, student_dir, splits.held_out, slots=latent_slots(config))
             student_train = evaluate_model(config, student_dir, splits.train[:len(splits.held_out)],
-                                           slots=latent_slots(config))
+                                           slots=latent_slots(config), split="training")
             report = Report(teacher_result, student_result,
                             store.subspace().explained_variance(config.subspace.rank).mean().item(),
                             config.subspace.rank, config.student.method, erank, student_train)

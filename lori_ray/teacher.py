@@ -22,12 +22,14 @@ from .evaluate import greedy_generate
 from .models import load_model
 from .subspace import Moments, fit_pca
 from .tokens import Layout, collate, load_tokenizer
-from .trajectories import TrajectoryStore, file_fingerprint, pack, step_means, store_key, unpack
+from .trajectories import TrajectoryStore, file_fingerprint, pack, segment_means, store_key, unpack
 
 
 class TeacherWorker:
-    def __init__(self, model_dir: str, layers: list[int], batch_size: int, trust_remote_code: bool = False):
+    def __init__(self, model_dir: str, layers: list[int], batch_size: int, trust_remote_code: bool = False,
+                 segments: str = "steps"):
         self.layout = Layout(load_tokenizer(model_dir, trust_remote_code))
+        self.segments = segments
         # bf16 on a GPU (hidden states are averaged and accumulated in float32/float64 below)
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         dtype = torch.bfloat16 if self.device == "cuda" else torch.float32
@@ -41,7 +43,7 @@ class TeacherWorker:
 
     @torch.no_grad()
     def extract(self, store_uri: str, number: int, index: list[int], examples: list[Example]) -> Moments:
-        """Write shard ``number``'s step-mean trajectories to the store; return their moments."""
+        """Write shard ``number``'s trajectories (segment means) to the store; return their moments."""
         trajectories = []
         moments = Moments.zeros(len(self.layers), self.model.config.hidden_size)
         for start in range(0, len(examples), self.batch_size):
@@ -56,7 +58,7 @@ class TeacherWorker:
                     f"{batch['input_ids'].shape[1]} tokens: lower trajectory.batch_size (now {self.batch_size}) "
                     f"or give each actor more memory (cluster.gpus_per_actor)") from error
             hidden = torch.stack([output.hidden_states[layer] for layer in self.layers], dim=1).float().cpu()
-            for trajectory in step_means(hidden, [s.spans for s in sequences]):
+            for trajectory in segment_means(hidden, [self.layout.segments(s, self.segments) for s in sequences]):
                 trajectories.append(trajectory)
                 moments.update(trajectory.transpose(0, 1))  # every step is one sample per layer
         store = TrajectoryStore(store_uri)
@@ -94,10 +96,10 @@ def written_cots(model, layout: Layout, examples: list[Example], batch_size: int
 
 @contextmanager
 def teacher_pool(model_dir: str | Path, layers: list[int], batch_size: int, count: int,
-                 trust_remote_code: bool = False, gpus_per_actor: float = 0.0):
+                 trust_remote_code: bool = False, gpus_per_actor: float = 0.0, segments: str = "steps"):
     """``count`` teacher actors as an ``ActorPool``; a dead actor is restarted and its task retried."""
     worker = ray.remote(num_cpus=1, num_gpus=gpus_per_actor, max_restarts=2, max_task_retries=2)(TeacherWorker)
-    actors = [worker.remote(str(model_dir), layers, batch_size, trust_remote_code) for _ in range(count)]
+    actors = [worker.remote(str(model_dir), layers, batch_size, trust_remote_code, segments) for _ in range(count)]
     try:
         yield ActorPool(actors)
     finally:
@@ -134,10 +136,12 @@ def data_fingerprint(examples: list[Example]) -> str:
 
 def build_store(model_dir: str | Path, examples: list[Example], layers: list[int], max_rank: int,
                 store_dir: str | Path, num_actors: int = 2, batch_size: int = 64, shard_size: int = 512,
-                trust_remote_code: bool = False, gpus_per_actor: float = 0.0, log=print) -> TrajectoryStore:
+                trust_remote_code: bool = False, gpus_per_actor: float = 0.0, log=print,
+                segments: str = "steps") -> TrajectoryStore:
     """Extract, fit and project with a pool of teacher actors into ``store_dir`` (a shared path or an
-    object-store URI, see ``storage``); reuse the store if it is complete."""
-    key = store_key(file_fingerprint(model_dir), data_fingerprint(examples), layers, max_rank)
+    object-store URI, see ``storage``); reuse the store if it is complete. ``segments``: what one
+    trajectory unit averages (``Layout.segments``): each CoT step, or each answer digit's column."""
+    key = store_key(file_fingerprint(model_dir), data_fingerprint(examples), layers, max_rank, segments)
     store = TrajectoryStore(storage.join(str(store_dir), key))
     if store.complete:
         log(f"[teacher] trajectory store {store.uri} found, skipping extraction")
@@ -148,17 +152,20 @@ def build_store(model_dir: str | Path, examples: list[Example], layers: list[int
 
     started, moments = time.time(), None
     with teacher_pool(model_dir, layers, batch_size, min(num_actors, len(shards)), trust_remote_code,
-                      gpus_per_actor) as pool:
+                      gpus_per_actor, segments) as pool:
         jobs = [(store.uri, n, shard, [examples[i] for i in shard]) for n, shard in enumerate(shards)]
+        every = max(1, len(shards) // 50)  # about 50 progress lines however large the data
         for done, shard_moments in enumerate(pool.map_unordered(lambda a, job: a.extract.remote(*job), jobs), 1):
             moments = shard_moments if moments is None else moments.merge(shard_moments)
-            log(f"[teacher] extracted shard {done}/{len(shards)} ({moments.count} step vectors, "
-                f"{time.time() - started:.1f}s)")
+            if done % every == 0 or done == len(shards):
+                elapsed = time.time() - started
+                log(f"[teacher] extracted shard {done}/{len(shards)} ({moments.count} {segments[:-1]} vectors, "
+                    f"{elapsed:.1f}s, about {elapsed / done * (len(shards) - done):.0f}s left)")
         subspace = fit_pca(moments, max_rank)
         store.write_subspace(subspace)
         projected = sum(pool.map_unordered(lambda a, n: a.project.remote(store.uri, n), range(len(shards))))
     explained = subspace.explained_variance().tolist()
-    store.finish({"key": key, "teacher": str(model_dir), "layers": layers, "max_rank": max_rank,
+    store.finish({"key": key, "teacher": str(model_dir), "layers": layers, "max_rank": max_rank, "segments": segments,
                   "shards": len(shards), "examples": projected, "step_vectors": moments.count,
                   "skipped_without_cot": len(examples) - len(kept), "explained_variance": explained})
     log(f"[teacher] store {store.uri}: {projected} trajectories, explained variance at rank {max_rank}: "

@@ -70,6 +70,7 @@ class Layout:
         self.bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None and not self.chat else []
         self.eos = tokenizer.eos_token_id
         self.pad = tokenizer.pad_token_id
+        self._digit_ids: set[int] | None = None
 
     def _encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(" " + text, add_special_tokens=False)
@@ -97,6 +98,30 @@ class Layout:
         target += self._answer(example)
         return Sequence(prompt + target, [IGNORE_INDEX] * len(prompt) + target, spans,
                         (answer_start, len(prompt) + len(target) - 1))
+
+    def segments(self, sequence: Sequence, kind: str) -> list[list[int]]:
+        """Token positions whose hidden states form each unit of the teacher's trajectory. ``steps``: each CoT
+        step's tokens. ``digits``: for each answer digit p, the positions that write digit p of every number in
+        the CoT (the token before it): the partial products and running sums that feed that answer digit. Digits
+        must be single tokens, written in the answer's order (least significant first in the iCoT layout)."""
+        if kind == "steps":
+            return [list(range(start, end)) for start, end in sequence.spans]
+        if self._digit_ids is None:
+            self._digit_ids = {self.tokenizer.convert_tokens_to_ids(d) for d in "0123456789"}
+        columns = [[] for _ in range(sequence.answer[1] - sequence.answer[0] - 1)]  # answer tokens after ####
+        place = 0
+        for position in range(sequence.spans[0][0] if sequence.spans else 0, sequence.answer[0]):
+            if sequence.input_ids[position] in self._digit_ids:
+                if place < len(columns):
+                    columns[place].append(position - 1)
+                place += 1
+            else:
+                place = 0
+        empty = [p for p, column in enumerate(columns) if not column]
+        if empty:
+            raise ValueError(f"trajectory.segments=digits: answer digits {empty} have no digit in their place in "
+                             f"any CoT number of '{self.tokenizer.decode(sequence.input_ids)}'")
+        return columns
 
     def student_prompt(self, example: Example) -> list[int]:
         return self.question(example) + self.latent_ids + self._encode(ANSWER_SEPARATOR)

@@ -1,4 +1,4 @@
-"""Teacher trajectories (mean hidden state per CoT step × layer) and their store.
+"""Teacher trajectories (mean hidden state per CoT step, or per answer digit's column, × layer) and their store.
 
 A store is a directory (or object-store prefix, see ``storage``) named by a hash of (teacher
 weights, data, layer selection, max rank). Every file is written whole (``storage.write_whole``);
@@ -26,20 +26,20 @@ SUBSPACE = "subspace.safetensors"
 EXTRACTIONS = "extractions"
 
 
-def step_means(hidden_states: torch.Tensor, spans: list[list[tuple[int, int]]]) -> list[torch.Tensor]:
-    """Mean hidden state over each step's tokens.
+def segment_means(hidden_states: torch.Tensor, segments: list[list[list[int]]]) -> list[torch.Tensor]:
+    """Mean hidden state over each segment's token positions (a CoT step, or an answer digit's column).
 
-    hidden_states: [B, L, T, d] (selected layers); spans: per example, [start, end) of each step.
+    hidden_states: [B, L, T, d] (selected layers); segments: per example, the positions of each segment.
     Returns per example a [L, K_i, d] tensor.
     """
     batch, _, length, _ = hidden_states.shape
-    most = max((len(s) for s in spans), default=0)
+    most = max((len(s) for s in segments), default=0)
     weights = torch.zeros(batch, most, length, dtype=hidden_states.dtype)
-    for row, example_spans in enumerate(spans):
-        for k, (start, end) in enumerate(example_spans):
-            weights[row, k, start:end] = 1.0 / (end - start)
+    for row, example_segments in enumerate(segments):
+        for k, positions in enumerate(example_segments):
+            weights[row, k, positions] = 1.0 / len(positions)
     means = torch.einsum("bkt,bltd->blkd", weights.to(hidden_states.device), hidden_states)
-    return [means[row, :, : len(s)] for row, s in enumerate(spans)]
+    return [means[row, :, : len(s)] for row, s in enumerate(segments)]
 
 
 def file_fingerprint(path: str | Path) -> str:
@@ -56,8 +56,9 @@ def file_fingerprint(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def store_key(teacher: str, data: str, layers: list[int], max_rank: int) -> str:
-    payload = json.dumps({"teacher": teacher, "data": data, "layers": layers, "max_rank": max_rank})
+def store_key(teacher: str, data: str, layers: list[int], max_rank: int, segments: str = "steps") -> str:
+    payload = json.dumps({"teacher": teacher, "data": data, "layers": layers, "max_rank": max_rank,
+                          "segments": segments})
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
@@ -73,6 +74,17 @@ def pack(trajectories: list[torch.Tensor], index: list[int]) -> dict[str, torch.
 def unpack(shard: dict[str, torch.Tensor]) -> list[torch.Tensor]:
     offsets, steps = shard["offsets"].tolist(), shard["steps"]
     return [steps[a:b].transpose(0, 1) for a, b in zip(offsets[:-1], offsets[1:])]
+
+
+def stack(trajectories, steps: int | None) -> torch.Tensor:
+    """Trajectories [L, K_i, ·] resampled to ``steps`` units → [n, L, steps, ·]; ``steps=None`` keeps them as
+    extracted, which needs every K_i equal (digit columns of a fixed-width answer)."""
+    trajectories = [t if steps is None else resample_steps(t, steps) for t in trajectories]
+    lengths = {t.shape[1] for t in trajectories}
+    if len(lengths) > 1:
+        raise ValueError(f"trajectories have {sorted(lengths)} units; without resampling they must all be as long "
+                         "(trajectory.segments=digits needs answers of one length)")
+    return torch.stack(trajectories)
 
 
 class TrajectoryStore:
@@ -136,25 +148,26 @@ class TrajectoryStore:
             trajectories += unpack(shard)
         return index, trajectories
 
-    def coordinates(self, rank: int, steps: int) -> tuple[list[int], torch.Tensor]:
-        """Example indices and their teacher coordinates resampled to ``steps``: [n, L, steps, rank]."""
+    def coordinates(self, rank: int, steps: int | None) -> tuple[list[int], torch.Tensor]:
+        """Example indices and their teacher coordinates resampled to ``steps`` (``None``: as extracted, every
+        trajectory as long): [n, L, steps, rank]."""
         if rank > self.manifest["max_rank"]:
             raise ValueError(f"rank {rank} exceeds the store's max_rank {self.manifest['max_rank']}")
         index, trajectories = self._read("coords")
-        return index, torch.stack([resample_steps(t[..., :rank], steps) for t in trajectories])
+        return index, stack([t[..., :rank] for t in trajectories], steps)
 
     def tucker(self, steps: int, layer_rank: int, step_rank: int, rank: int) -> tuple[list[int], torch.Tensor, Tucker]:
         """Tucker fit of the full-width trajectories resampled to ``steps`` (moments accumulated shard by
         shard) and every example's core coordinates [n, layer_rank, step_rank, rank]. No teacher pass."""
         index, trajectories = self._read("hidden")
-        hidden = torch.stack([resample_steps(t, steps) for t in trajectories])
+        hidden = stack(trajectories, steps)
         moments = TuckerMoments.zeros(*hidden.shape[1:])
         for chunk in hidden.split(4096):  # bounds the einsum temporaries
             moments.update(chunk)
         tucker = fit_tucker(moments, layer_rank, step_rank, rank)
         return index, tucker.project(hidden), tucker
 
-    def hidden(self, steps: int) -> tuple[list[int], torch.Tensor]:
+    def hidden(self, steps: int | None) -> tuple[list[int], torch.Tensor]:
         """Example indices and full-width teacher step states resampled to ``steps``: [n, L, steps, d]."""
         index, trajectories = self._read("hidden")
-        return index, torch.stack([resample_steps(t, steps) for t in trajectories])
+        return index, stack(trajectories, steps)

@@ -124,3 +124,12 @@ def test_standardize_gives_every_feature_zero_mean_and_unit_variance():
     scaled = standardize(targets)
     torch.testing.assert_close(scaled.mean(0), torch.zeros(2, 6), atol=1e-5, rtol=0)
     torch.testing.assert_close(scaled.std(0), torch.ones(2, 6), atol=1e-5, rtol=0)
+
+
+def test_readout_mse_compares_each_position_with_its_own_target():
+    from lori_ray.losses import readout_mse
+    predicted, targets = torch.randn(2, 3, 4, 5), torch.randn(2, 3, 4, 5)
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]], dtype=torch.bool)
+    errors = [(predicted[b, l, p] - targets[b, l, p]).pow(2).mean()
+              for b in range(2) for l in range(3) for p in range(4) if mask[b, p]]
+    torch.testing.assert_close(readout_mse(predicted, targets, mask), torch.stack(errors).mean())

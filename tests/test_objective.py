@@ -6,7 +6,7 @@ from lori_ray.models import build_model
 from lori_ray.objective import LMObjective, TrajectoryProjection, pair_layers
 from lori_ray.subspace import Moments, fit_pca
 from lori_ray.tokens import Layout, add_latent_tokens, arithmetic_tokenizer, collate
-from lori_ray.trajectories import pack, step_means, unpack
+from lori_ray.trajectories import pack, segment_means, unpack
 
 
 def test_pair_layers_by_relative_depth():
@@ -16,13 +16,13 @@ def test_pair_layers_by_relative_depth():
     assert pair_layers(1, 6, [6]) == [(1, 6)]
 
 
-def test_step_means_match_a_loop():
+def test_segment_means_match_a_loop():
     hidden = torch.randn(2, 3, 10, 4)
-    spans = [[(1, 3), (3, 7)], [(2, 5)]]
-    means = step_means(hidden, spans)
+    segments = [[[1, 2], [3, 4, 5, 6]], [[2, 4, 9]]]  # a step span, or scattered positions (a digit's column)
+    means = segment_means(hidden, segments)
     assert means[0].shape == (3, 2, 4) and means[1].shape == (3, 1, 4)
     torch.testing.assert_close(means[0][:, 1], hidden[0, :, 3:7].mean(1))
-    torch.testing.assert_close(means[1][:, 0], hidden[1, :, 2:5].mean(1))
+    torch.testing.assert_close(means[1][:, 0], hidden[1, :, [2, 4, 9]].mean(1))
     restored = unpack(pack(means, [7, 9]))
     assert all(torch.equal(a, b) for a, b in zip(means, restored))
 

@@ -1,7 +1,7 @@
 import torch
 from transformers import AutoTokenizer
 
-from lori_ray.data import generate_multiplication, parse_line
+from lori_ray.data import generate_multiplication, multiplication_example, parse_line
 from lori_ray.tokens import IGNORE_INDEX, Layout, add_latent_tokens, arithmetic_tokenizer, collate, left_pad
 
 from test_data import GSM8K
@@ -79,3 +79,20 @@ def test_answer_span_is_the_separator_and_the_answer_tokens_in_both_layouts():
         start, end = sequence.answer
         assert lay.tokenizer.decode(sequence.input_ids[start:end]) == f"#### {example.answer}"
         assert sequence.input_ids[end] == lay.eos and end == len(sequence.input_ids) - 1
+
+
+def test_digit_segments_collect_the_writers_of_each_answer_digits_place():
+    """3x3: answer digit p (least significant first) is fed by digit p of each partial product and of the
+    running sum; its segment holds the positions that write those digits (the token before each)."""
+    lay = layout(0)
+    example = multiplication_example(123, 456, 3, 3)  # CoT: 8 3 7 0 + 0 5 1 6 0 ( 8 8 8 6 0 ) + 0 0 2 9 4 0
+    sequence = lay.teacher(example)
+    columns = lay.segments(sequence, "digits")
+    assert len(columns) == 6
+    tokens = lay.tokenizer.convert_ids_to_tokens(sequence.input_ids)
+    written = [[tokens[p + 1] for p in column] for column in columns]
+    assert written[0] == ["8", "0", "8", "0"]  # units digit of 738, 6150, their sum 6888, and 49200
+    assert written[4] == ["0", "0", "4"]  # ten-thousands: only the 5- and 6-digit numbers have that place
+    assert written[5] == ["0"]
+    assert all(tokens[p + 1].isdigit() for column in columns for p in column)
+    assert lay.segments(sequence, "steps") == [list(range(a, b)) for a, b in sequence.spans]
