@@ -62,7 +62,8 @@ class TrajectoryProjection(nn.Module):
 
     def forward(self, states: torch.Tensor) -> torch.Tensor:
         """states [B, L, K, d] → coordinates [B, L, K, r]."""
-        return torch.einsum("blkd,lrd->blkr", states, self.weight) + self.bias[:, None, :]
+        # in the weights' dtype: under bf16 DeepSpeed casts them while the caller's states may be fp32
+        return torch.einsum("blkd,lrd->blkr", states.to(self.weight.dtype), self.weight) + self.bias[:, None, :]
 
 
 class TuckerProjection(nn.Module):
@@ -94,7 +95,8 @@ class TuckerProjection(nn.Module):
         return cls(zeros, tucker.layer_factor, tucker.step_factor, solution[:-1].T.float(), solution[-1].float())
 
     def forward(self, states: torch.Tensor) -> torch.Tensor:
-        mixed = torch.einsum("nlki,la,kb->nabi", states - self.mean, self.layer_factor, self.step_factor)
+        mixed = torch.einsum("nlki,la,kb->nabi", states.to(self.weight.dtype) - self.mean, self.layer_factor,
+                             self.step_factor)
         return mixed @ self.weight.T + self.bias
 
 
@@ -109,7 +111,7 @@ class AnswerReadout(nn.Module):
         self.bias = nn.Parameter(torch.zeros(layers, positions, features))
 
     def forward(self, states: torch.Tensor) -> torch.Tensor:
-        return torch.einsum("blpd,lpfd->blpf", states, self.weight) + self.bias
+        return torch.einsum("blpd,lpfd->blpf", states.to(self.weight.dtype), self.weight) + self.bias
 
 
 def load_projection(tensors: dict[str, torch.Tensor]) -> nn.Module:

@@ -239,3 +239,19 @@ def test_answer_alignment_reads_the_trajectory_at_the_answer_positions_only():
     assert metrics["loss"] == pytest.approx(metrics["ce"] + 0.5 * metrics["answer_align"], rel=1e-5)
     loss.backward()
     assert readout.weight.grad[:, -1].abs().sum() > 0  # the last position is real in two rows
+
+
+def test_objective_runs_in_bf16_with_every_alignment_head():
+    """DeepSpeed's bf16 casts the projection and readout with the model; the caller's states may be fp32
+    (failed on the H100: 'expected scalar type Float but found BFloat16' in the projection's einsum)."""
+    from lori_ray.objective import AnswerReadout
+    _, model, batch = student_batch(4)
+    batch["targets"] = torch.randn(4, 2, 2, 3)
+    batch["answer_positions"] = torch.tensor([[5, 6, 7]] * 4)
+    batch["answer_targets"] = torch.randn(4, 2, 6)
+    objective = LMObjective(model, [1, 2], TrajectoryProjection(2, 64, 3),
+                            {"ce": 1.0, "first_order": 1.0, "second_order": 1.0, "answer_align": 1.0},
+                            readout=AnswerReadout(2, 3, 6, 64)).to(torch.bfloat16)
+    loss, metrics = objective(batch)
+    loss.backward()
+    assert torch.isfinite(loss) and {"first_order", "answer_align"} <= set(metrics)
