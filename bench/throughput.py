@@ -11,12 +11,19 @@ Prints one table:
     then coordinates; actor start included) vs a bare forward with hidden states on the same sequences;
   * teacher free generation: HF `generate` (dynamic cache) vs HF `generate` with a static cache.
 Runs on CPU with small sizes (what CI exercises) and on a GPU with the real ones.
+
+`--parts` picks the measurements (train, extract, generate); `--plain-compile` adds a torch.compile'd
+plain step; `--json PATH` also writes the figures as JSON. A measurement that fails is reported as
+failed (traceback on stderr) and the others still run; the exit status is then 1.
 """
 
 import argparse
+import gc
+import json
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -71,11 +78,20 @@ def synthetic_batch(layout: Layout, batch: int, seq: int, latents: int, layers: 
             "targets": torch.randn(batch, layers, latents, rank)}
 
 
-def plain_torch_step(model_dir: Path, batch: dict, steps: int) -> tuple[float, float]:
-    """(seconds per step, peak GB) of eager AdamW on CE, bf16 autocast on GPU."""
+def free_memory() -> None:
+    """Give cached GPU memory back, so the next measurement (or a Ray worker) has the whole card."""
+    gc.collect()
+    if CUDA:
+        torch.cuda.empty_cache()
+
+
+def plain_torch_step(model_dir: Path, batch: dict, steps: int, compile: bool = False) -> tuple[float, float]:
+    """(seconds per step, peak GB) of AdamW on CE, bf16 autocast on GPU; eager unless ``compile``."""
     from lori_ray.models import load_model
     model = load_model(model_dir).to(DEVICE).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=CUDA)
+    if compile:
+        model = torch.compile(model)
     batch = {k: batch[k].to(DEVICE) for k in ("input_ids", "labels", "attention_mask")}
     if CUDA:
         torch.cuda.reset_peak_memory_stats()
@@ -147,6 +163,22 @@ def generation(model_dir: Path, prompts: list[list[int]], pad: int, eos: int, ne
     return len(prompts) * new_tokens / (time.perf_counter() - started)
 
 
+PARTS = ("train", "extract", "generate")
+
+
+def json_text(value) -> str:
+    """Strict JSON: NaN/inf become null, anything else unknown becomes its string."""
+    def clean(v):
+        if isinstance(v, float) and v != v or v in (float("inf"), float("-inf")):
+            return None
+        if isinstance(v, dict):
+            return {str(k): clean(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [clean(x) for x in v]
+        return v if isinstance(v, (str, int, float, bool, type(None))) else str(v)
+    return json.dumps(clean(value), indent=2, allow_nan=False)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--family", default="llama")
@@ -157,16 +189,19 @@ def main() -> None:
     parser.add_argument("--zero", type=int, default=2)
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--compile", action="store_true", help="torch.compile our training step (train.compile)")
+    parser.add_argument("--plain-compile", action="store_true", help="also time a torch.compile'd plain step")
     parser.add_argument("--latents", type=int, default=4)
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--extract", type=int, default=512, help="examples for the extraction comparison")
     parser.add_argument("--generate", type=int, default=64, help="batch for the generation comparison")
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--peak-size", type=int, default=8192 if CUDA else 1024)
+    parser.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {','.join(PARTS)}")
+    parser.add_argument("--json", type=Path, help="also write the figures to this JSON file")
     args = parser.parse_args()
-
-    import ray
-    from lori_ray.teacher import build_store
+    parts = {p.strip() for p in args.parts.split(",") if p.strip()}
+    if not parts or parts - set(PARTS):
+        parser.error(f"--parts: choose from {','.join(PARTS)}")
 
     work = Path(tempfile.mkdtemp(prefix="lori-throughput-"))
     tokenizer = arithmetic_tokenizer()
@@ -178,47 +213,143 @@ def main() -> None:
     tokenizer.save_pretrained(model_dir)
     per_token = flops_per_token(model, args.seq)
     layers = model.config.num_hidden_layers
+    params = sum(p.numel() for p in model.parameters())
+    del model
     batch = synthetic_batch(layout, args.batch, args.seq, args.latents, layers, args.rank)
+    examples = generate_multiplication(max(args.extract, args.generate), 4, 4, seed=0)
+    teacher_layout = Layout(arithmetic_tokenizer())
 
     peak = matmul_peak(args.peak_size)
-    plain_seconds, plain_memory = plain_torch_step(model_dir, batch, args.steps)
-    plain_tokens = args.batch * args.seq / plain_seconds
-
-    ray.init(num_cpus=max(2, args.workers), dashboard_host="127.0.0.1", include_dashboard=False)
-    ours = our_training_step(work, model_dir, batch, args.steps, args.zero, args.workers, args.compile)
-    ours_tokens = ours["steps_per_s"] * args.batch * args.workers * args.seq
-
-    examples = generate_multiplication(args.extract, 4, 4, seed=0)
-    teacher_layout = Layout(arithmetic_tokenizer())
-    sequences = [teacher_layout.teacher(e) for e in examples]
-    tokens = sum(len(s.input_ids) for s in sequences)
-    started = time.perf_counter()
-    build_store(model_dir, examples, list(range(1, layers + 1)), args.rank, work / "store",
-                num_actors=1, batch_size=64, gpus_per_actor=1.0 if CUDA else 0.0, log=lambda _: None)
-    pool_tokens = tokens / (time.perf_counter() - started)
-    bare_tokens = bare_forward(model_dir, sequences, layout.pad, 64)
-    ray.shutdown()
-
-    prompts = [teacher_layout.question(e) for e in examples[:args.generate]]
-    dynamic = generation(model_dir, prompts, layout.pad, layout.eos, args.new_tokens, None)
-    static = generation(model_dir, prompts, layout.pad, layout.eos, args.new_tokens, "static")
-
+    free_memory()
     device = torch.cuda.get_device_name() if CUDA else f"CPU ({torch.get_num_threads()} threads)"
-    params = sum(p.numel() for p in model.parameters())
+    tokens_per_step = args.batch * args.seq
+    prompts = [teacher_layout.question(e) for e in examples[:args.generate]]
+    sequences = [teacher_layout.teacher(e) for e in examples[:args.extract]]
+    extract_tokens = sum(len(s.input_ids) for s in sequences)
+    results, failed, done = {}, [], []
+
+    def rows() -> dict:
+        """The table rows so far (or all, once ``done``): key -> label, tokens/s, MFU, peak GB, ratio."""
+        table = {}
+
+        def row(key, label, tokens=None, mfu=None, memory=None, ratio=None, suffix="x"):
+            if key in results or key in failed or done:
+                table[key] = dict(label=label, tokens_per_s=tokens if key in results else None, mfu=mfu,
+                                  peak_gb=memory, ratio=ratio, ratio_suffix=suffix)
+
+        plain = tokens_per_step / results["plain"][0] if "plain" in results else None
+        if "train" in parts:
+            row("plain", "plain PyTorch eager step (CE)", plain, plain and plain * per_token / peak,
+                results.get("plain", (0, None))[1], 1.0)
+            if args.plain_compile:
+                compiled = tokens_per_step / results["plain_compiled"][0] if "plain_compiled" in results else None
+                row("plain_compiled", "plain PyTorch step, torch.compile (CE)", compiled,
+                    compiled and compiled * per_token / peak, results.get("plain_compiled", (0, None))[1],
+                    compiled / plain if compiled and plain else None)
+            ours = results["ours"]["steps_per_s"] * tokens_per_step * args.workers if "ours" in results else None
+            row("ours", "Ray Train + DeepSpeed step (CE + LoRi)", ours, ours and ours * per_token / (peak * args.workers),
+                results["ours"].get("peak_memory_gb", float("nan")) if "ours" in results else None,
+                ours / (plain * args.workers) if ours and plain else None, "x per worker")
+        if "extract" in parts:
+            bare, pool = results.get("bare"), results.get("pool")
+            row("bare", "bare teacher forward with hidden states", bare, ratio=1.0 if bare else None)
+            row("pool", "trajectory extraction, actor pool (incl. start)", pool,
+                ratio=pool / bare if pool and bare else None)
+        if "generate" in parts:
+            dynamic, static = results.get("dynamic"), results.get("static")
+            row("dynamic", f"HF generate, batch {len(prompts)} (new tokens/s)", dynamic, ratio=1.0 if dynamic else None)
+            row("static", "HF generate + static cache (new tokens/s)", static,
+                ratio=static / dynamic if static and dynamic else None)
+        return table
+
+    def render(r: dict) -> str:
+        if r["tokens_per_s"] is None:
+            return f"| {r['label']} | failed | | | |"
+        mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else ""
+        memory = f"{r['peak_gb']:.2f}" if r["peak_gb"] is not None else ""
+        ratio = f"{r['ratio']:.2f}{r['ratio_suffix']}" if r["ratio"] is not None else ""
+        return f"| {r['label']} | {r['tokens_per_s']:,.0f} | {mfu} | {memory} | {ratio} |"
+
+    def write_json() -> None:
+        if not args.json:
+            return
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json_text({
+            "device": device, "family": args.family, "size": args.size, "parameters": params,
+            "micro_batch": args.batch, "seq": args.seq, "steps": args.steps, "workers": args.workers,
+            "zero": args.zero, "compile": args.compile, "dtype": "bf16" if CUDA else "fp32",
+            "matmul_peak_flops": peak, "flops_per_token": per_token, "parts": sorted(parts),
+            "complete": bool(done), "failed": failed,
+            "rows": {k: {f: v for f, v in r.items() if f != "ratio_suffix"} for k, r in rows().items()},
+            "ours_metrics": results.get("ours"),
+        }))
+
+    def measure(name: str, function):
+        """Run one measurement; a failure is recorded (traceback on stderr), not raised. Each result is
+        logged (and the JSON rewritten) at once, so a run cut off later keeps what it measured."""
+        print(f"[throughput] {name} ...", file=sys.stderr, flush=True)
+        started = time.perf_counter()
+        try:
+            results[name] = function()
+        except Exception:  # noqa: BLE001 - one broken measurement must not hide the others
+            failed.append(name)
+            traceback.print_exc()
+        finally:
+            free_memory()
+        line = render(rows()[name]) if name in rows() else ""
+        print(f"[throughput] {name} {'failed' if name in failed else 'done'} in "
+              f"{time.perf_counter() - started:.1f}s {line}", file=sys.stderr, flush=True)
+        write_json()
+
+    ray_started = False
+
+    def start_ray():
+        nonlocal ray_started
+        import ray
+        if not ray_started:
+            ray.init(num_cpus=max(2, args.workers), dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1",
+                     include_dashboard=False)
+            ray_started = True
+
+    def ours():
+        start_ray()
+        return our_training_step(work, model_dir, batch, args.steps, args.zero, args.workers, args.compile)
+
+    def pool():
+        from lori_ray.teacher import build_store
+        start_ray()
+        started = time.perf_counter()
+        build_store(model_dir, examples[:args.extract], list(range(1, layers + 1)), args.rank, work / "store",
+                    num_actors=1, batch_size=64, gpus_per_actor=1.0 if CUDA else 0.0, log=lambda _: None)
+        return extract_tokens / (time.perf_counter() - started)
+
+    if "train" in parts:
+        measure("plain", lambda: plain_torch_step(model_dir, batch, args.steps))
+        if args.plain_compile:
+            measure("plain_compiled", lambda: plain_torch_step(model_dir, batch, args.steps, compile=True))
+        measure("ours", ours)
+    if "extract" in parts:
+        measure("pool", pool)
+        measure("bare", lambda: bare_forward(model_dir, sequences, layout.pad, 64))
+    if ray_started:
+        import ray
+        ray.shutdown()
+    if "generate" in parts:
+        measure("dynamic", lambda: generation(model_dir, prompts, layout.pad, layout.eos, args.new_tokens, None))
+        measure("static", lambda: generation(model_dir, prompts, layout.pad, layout.eos, args.new_tokens, "static"))
+    done.append(True)
+
     print(f"\ndevice: {device}; model {args.family}/{args.size} ({params / 1e6:.1f}M parameters), "
           f"micro-batch {args.batch} x {args.seq} tokens, {args.workers} worker(s), ZeRO-{args.zero}"
           f"{', compiled' if args.compile else ''}, "
           f"{'bf16' if CUDA else 'fp32'}; matmul peak {peak / 1e12:.2f} TFLOP/s")
     print("\n| measurement | tokens/s | MFU | peak GPU GB | ratio |\n|---|---|---|---|---|")
-    print(f"| plain PyTorch eager step (CE) | {plain_tokens:,.0f} | {plain_tokens * per_token / peak:.1%} | "
-          f"{plain_memory:.2f} | 1.00x |")
-    print(f"| Ray Train + DeepSpeed step (CE + LoRi) | {ours_tokens:,.0f} | "
-          f"{ours_tokens * per_token / (peak * args.workers):.1%} | {ours.get('peak_memory_gb', float('nan')):.2f} | "
-          f"{ours_tokens / (plain_tokens * args.workers):.2f}x per worker |")
-    print(f"| bare teacher forward with hidden states | {bare_tokens:,.0f} | | | 1.00x |")
-    print(f"| trajectory extraction, actor pool (incl. start) | {pool_tokens:,.0f} | | | {pool_tokens / bare_tokens:.2f}x |")
-    print(f"| HF generate, batch {len(prompts)} (new tokens/s) | {dynamic:,.0f} | | | 1.00x |")
-    print(f"| HF generate + static cache (new tokens/s) | {static:,.0f} | | | {static / dynamic:.2f}x |")
+    for r in rows().values():
+        print(render(r))
+    write_json()
+    if failed:
+        print(f"\nfailed: {', '.join(failed)} (tracebacks on stderr)")
+        sys.exit(1)
 
 
 if __name__ == "__main__":
