@@ -58,15 +58,17 @@ def table(base, reports: dict[tuple[str, int], object]) -> str:
 def main() -> int:
     arguments = parser(__doc__)
     arguments.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
-    arguments.add_argument("--seeds", type=int, default=1, help="student seeds per method (student.seed = seed + i)")
+    arguments.add_argument("--seeds", type=int, default=1,
+                           help="student seeds per method: student.seed, student.seed + 1, ... (run names end -s<seed>)")
     args = arguments.parse_args()
     base = config_or_exit(args.config, args.overrides)
     if args.seeds < 1:
         print("error: --seeds: at least 1", file=sys.stderr)
         return 2
-    runs = {(m, i): [*args.overrides, f"name={base.name}-{m}" + (f"-s{i}" if args.seeds > 1 else ""),
-                     f"student.method={m}", f"student.seed={base.student_seed + i}"]
-            for m in args.methods for i in range(args.seeds)}
+    seeds = [base.student_seed + i for i in range(args.seeds)]
+    runs = {(m, seed): [*args.overrides, f"name={base.name}-{m}" + (f"-s{seed}" if args.seeds > 1 else ""),
+                        f"student.method={m}", f"student.seed={seed}"]
+            for m in args.methods for seed in seeds}
     configs = configs_sharing_teacher(args.config, runs)
 
     import mlflow
