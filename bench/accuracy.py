@@ -31,6 +31,7 @@ def mean_std(values: list[float]) -> str:
 
 def table(base, reports: dict[tuple[str, int], object]) -> str:
     """Markdown: the teacher, then one row per method aggregated over its seeds."""
+    from lori_ray.evaluate import format_digits  # torch: imported once the config is known to be valid
     teacher = next(iter(reports.values())).teacher
     methods = dict.fromkeys(method for method, _ in reports)
     lines = [f"task: {base.data.task} {base.data.eval_file or base.data.digits}, {teacher.examples} held-out "
@@ -40,7 +41,7 @@ def table(base, reports: dict[tuple[str, int], object]) -> str:
              "", "| method | held-out exact match (mean ± std) | per seed | training problems | per-digit accuracy "
              "| tokens/answer | inference s | speedup |", "|---|---|---|---|---|---|---|---|",
              f"| explicit CoT teacher | {teacher.accuracy:.3f} | – | – | "
-             f"{' / '.join(f'{v:.2f}' for v in teacher.digit_accuracy)} | {teacher.tokens_per_answer:.1f} | "
+             f"{format_digits(teacher.digit_accuracy)} | {teacher.tokens_per_answer:.1f} | "
              f"{teacher.seconds:.2f} | 1.00x |"]
     for method in methods:
         runs = [r for (m, _), r in reports.items() if m == method]
@@ -49,7 +50,7 @@ def table(base, reports: dict[tuple[str, int], object]) -> str:
         digits = [statistics.mean(d) for d in zip(*(r.student.digit_accuracy for r in runs))]
         seconds = statistics.mean(r.student.seconds for r in runs)
         lines.append(f"| {method} | {mean_std(held_out)} | {', '.join(f'{v:.3f}' for v in held_out)} | "
-                     f"{mean_std(train) if train else '–'} | {' / '.join(f'{v:.2f}' for v in digits)} | "
+                     f"{mean_std(train) if train else '–'} | {format_digits(digits)} | "
                      f"{statistics.mean(r.student.tokens_per_answer for r in runs):.1f} | {seconds:.2f} | "
                      f"{teacher.seconds / max(seconds, 1e-9):.2f}x |")
     return "\n".join(lines)

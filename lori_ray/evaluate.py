@@ -39,6 +39,11 @@ def digit_accuracy(predicted: list[str], gold: list[str]) -> tuple[float, ...]:
     return tuple(h / c for h, c in zip(hits, counts))
 
 
+def format_digits(values) -> str:
+    """Per-digit accuracies as ``1.00 / 0.87 / ...`` in the answer's own order (units first for multiplication)."""
+    return " / ".join(f"{v:.2f}" for v in values)
+
+
 @torch.no_grad()
 def greedy_generate(model, prompts: list[list[int]], pad: int, eos: int, batch_size: int, max_new_tokens: int,
                     static_cache: bool = False, progress: Callable[[int, int], None] | None = None,

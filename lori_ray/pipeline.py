@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 from .cluster import gpus
 from .config import Config, ConfigError, shared_teacher_path
 from .data import Example, generate_multiplication, read_examples
-from .evaluate import EvalResult, evaluate
+from .evaluate import EvalResult, evaluate, format_digits
 from .losses import standardize, trajectory_scale
 from .models import build_model, load_model
 from .subspace import resample_steps
@@ -265,7 +265,7 @@ def student_stage(config: Config, teacher_dir: Path, splits: Splits, store) -> t
         fields["readout_path"] = str(readout_path)
         weights["answer_align"] = loss.answer
         log(f"[student] answer alignment: {len(pairs)} layers x {positions.shape[1]} positions read "
-            f"{answer_targets.shape[-1]} trajectory features {'of their digit' if answer_targets.dim() == 4 else ''}")
+            f"{answer_targets.shape[-1]} trajectory features{' of their digit' if per_digit else ''}")
         if align_at == "both" and per_digit:  # the latent slots still align with K resampled units
             targets = resample_steps(targets, config.student.latent_slots)
     if align_at != "answer":
@@ -340,17 +340,12 @@ class Report:
         lines = ["| model | accuracy | tokens/answer | inference s | speedup | per-digit accuracy |",
                  "|---|---|---|---|---|---|"]
         lines += [f"| {name} | {r.accuracy:.3f} | {r.tokens_per_answer:.1f} | {r.seconds:.2f} | {s} | "
-                  f"{digits(r)} |" for name, r, s in rows]
+                  f"{format_digits(r.digit_accuracy)} |" for name, r, s in rows]
         if self.student_train:
             lines.append(f"\n{student} on {self.student_train.examples} training problems: "
                          f"{self.student_train.accuracy:.3f} (held-out {self.student.accuracy:.3f})")
         lines.append(f"\nexplained variance of the rank-{self.rank} subspace (mean over layers): {self.explained_variance:.3f}")
         return "\n".join(lines)
-
-
-def digits(result: EvalResult) -> str:
-    """Per-digit accuracy in the answer's own order (least significant first for multiplication)."""
-    return " / ".join(f"{v:.2f}" for v in result.digit_accuracy)
 
 
 def completed_train(config: Config, teacher_dir: Path, train: list[Example]) -> list[Example]:
@@ -389,23 +384,26 @@ def trajectory_stage(config: Config, teacher_dir: Path, train: list[Example]):
     return store
 
 
-def evaluate_model(config: Config, model_dir: Path, held_out: list[Example], slots: int | None,
-                   split: str = "held-out") -> EvalResult:
-    """``slots=None``: the teacher, prompted with the question and writing its CoT."""
+def evaluate_model(config: Config, model_dir: Path, splits: dict[str, list[Example]],
+                   slots: int | None) -> dict[str, EvalResult]:
+    """Each named split's result, the model loaded once; ``slots=None``: the teacher, prompted with the
+    question and writing its CoT."""
     tokenizer = load_tokenizer(str(model_dir), config.model.trust_remote_code)
     layout = Layout(tokenizer, add_latent_tokens(tokenizer, slots) if slots is not None else None)
     model = load_model(model_dir, trust_remote_code=config.model.trust_remote_code)
     if torch.cuda.is_available():
         model = model.to("cuda", torch.bfloat16)
     role = "teacher" if slots is None else "student"
-    started = time.perf_counter()
+    results = {}
+    for split, examples in splits.items():
+        started = time.perf_counter()
 
-    def progress(done: int, total: int) -> None:
-        log(f"[eval] {role}: {done}/{total} {split} answers generated ({time.perf_counter() - started:.0f}s)")
+        def progress(done: int, total: int) -> None:
+            log(f"[eval] {role}: {done}/{total} {split} answers generated ({time.perf_counter() - started:.0f}s)")
 
-    return evaluate(model, layout, held_out,
-                    with_cot=slots is None, batch_size=config.eval.batch_size,
-                    max_new_tokens=config.eval.max_new_tokens, progress=progress)
+        results[split] = evaluate(model, layout, examples, with_cot=slots is None, batch_size=config.eval.batch_size,
+                                  max_new_tokens=config.eval.max_new_tokens, progress=progress)
+    return results
 
 
 def run(config: Config, teacher_result: EvalResult | None = None) -> Report:
@@ -428,10 +426,12 @@ def run(config: Config, teacher_result: EvalResult | None = None) -> Report:
         init_dir, student_dir = distill_student(config, teacher_dir, splits, store)
         erank = erank_diagnostics(config, teacher_dir, init_dir, student_dir, splits.train)
         with stage_run("evaluate"):
-            teacher_result = teacher_result or evaluate_model(config, teacher_dir, splits.held_out, slots=None)
-            student_result = evaluate_model(config, student_dir, splits.held_out, slots=latent_slots(config))
-            student_train = evaluate_model(config, student_dir, splits.train[:len(splits.held_out)],
-                                           slots=latent_slots(config), split="training")
+            teacher_result = teacher_result or evaluate_model(config, teacher_dir, {"held-out": splits.held_out},
+                                                              slots=None)["held-out"]
+            student = evaluate_model(config, student_dir, {"held-out": splits.held_out,
+                                                           "training": splits.train[:len(splits.held_out)]},
+                                     slots=latent_slots(config))
+            student_result, student_train = student["held-out"], student["training"]
             report = Report(teacher_result, student_result,
                             store.subspace().explained_variance(config.subspace.rank).mean().item(),
                             config.subspace.rank, config.student.method, erank, student_train)

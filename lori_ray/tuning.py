@@ -130,8 +130,8 @@ def run_search(config: Config) -> dict:
         # the checkpoint path is on the storage filesystem (an object store: downloaded to a temp dir)
         checkpoint = Checkpoint(best["checkpoint"], storage.resolve(config.storage_path)[0])
         with checkpoint.as_directory() as directory:
-            held_out = evaluate_model(best_config, Path(directory) / "hf", splits.held_out,
-                                      slots=latent_slots(best_config))
+            held_out = evaluate_model(best_config, Path(directory) / "hf", {"held-out": splits.held_out},
+                                      slots=latent_slots(best_config))["held-out"]
         summary = {**best, "held_out_accuracy": held_out.accuracy, "trials": len(rows)}
         mlflow.log_dict(summary, "best_trial.json")
         mlflow.log_metrics({f"best_{metric}": best["metric"], "best_held_out_accuracy": held_out.accuracy})
