@@ -29,7 +29,7 @@ tune-demo: setup
 	JOB=jobs/tune.py CONFIG=configs/tune-demo.yaml bash scripts/demo.sh
 
 test: setup
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=15 tests
 
 clean:
 	rm -rf runs .pytest_cache

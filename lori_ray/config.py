@@ -155,9 +155,12 @@ class SubspaceConfig(Section):
 
 class StudentConfig(Section):
     # lori: CE + low-rank trajectory alignment; icot_kd: CE + full-width hidden-state MSE at the
-    # latent slots (weight loss.first_order); nocot: CE only, question -> answer with no latent slots;
-    # explicit: the student writes the CoT like the teacher (CE, plus loss.kd for logit distillation)
-    method: Literal["lori", "icot_kd", "nocot", "explicit"] = "lori"
+    # latent slots (weight loss.first_order); codi: no latent slots, CE + full-width hidden-state MSE
+    # between the student's and the teacher's states at `####`, the token before the answer (weight
+    # loss.first_order; CODI's self-distillation with the frozen teacher); nocot: CE only, question ->
+    # answer with no latent slots; explicit: the student writes the CoT like the teacher (CE, plus
+    # loss.kd for logit distillation)
+    method: Literal["lori", "icot_kd", "codi", "nocot", "explicit"] = "lori"
     # full: the teacher's shape (init teacher) or a preset (init scratch); pruned: RED, the teacher at
     # residual width `width` (and `depth` layers) through projections initialised by `init`
     kind: Literal["full", "pruned"] = "full"
@@ -385,6 +388,9 @@ def _check_against_model(config: Config) -> None:
     if config.trajectory.segments == "digits" and (config.data.task != "multiplication" or config.model.path):
         raise ConfigError("trajectory.segments: 'digits' needs the multiplication task and its one-token-per-digit "
                           "tokenizer (no model.path)")
+    if student.method == "codi" and config.trajectory.segments != "steps":
+        raise ConfigError(f"trajectory.segments: {config.trajectory.segments!r} does not apply to student.method "
+                          "codi, which aligns the teacher's state at `####` alone")
     if config.student.latent_slots >= config.model.max_positions:
         raise ConfigError(f"student.latent_slots: {config.student.latent_slots} does not fit in "
                           f"model.max_positions ({config.model.max_positions})")

@@ -169,9 +169,15 @@ def latent_slots(config: Config) -> int | None:
     method = config.student.method
     if method == "explicit":
         return None
-    if method == "nocot" or (method == "lori" and config.loss.align_at == "answer"):
+    if method in ("nocot", "codi") or (method == "lori" and config.loss.align_at == "answer"):
         return 0
     return config.student.latent_slots
+
+
+def trajectory_segments(config: Config) -> str:
+    """What one unit of the stored trajectories averages (``Layout.segments``): codi's target is the
+    teacher's state at ``####``; every other method reads ``trajectory.segments``."""
+    return "separator" if config.student.method == "codi" else config.trajectory.segments
 
 
 def answer_positions(sequences) -> torch.Tensor:
@@ -195,7 +201,8 @@ def calibrated_projection(model_dir: Path, data_path: Path, layers: list[int], f
 
 def student_stage(config: Config, teacher_dir: Path, splits: Splits, store) -> tuple[Path, Path, dict]:
     """Initial model, training tensors and stage fields of the configured method:
-    ``lori`` (CE + subspace alignment), ``icot_kd`` (CE + full-width hidden MSE), ``nocot`` (CE) or
+    ``lori`` (CE + subspace alignment), ``icot_kd`` (CE + full-width hidden MSE at the latent slots),
+    ``codi`` (CE + full-width hidden MSE at ``####``), ``nocot`` (CE) or
     ``explicit`` (CE on the CoT and answer); any of them plus ``kd`` with the teacher run online."""
     method, slots, loss, train = config.student.method, latent_slots(config) or 0, config.loss, splits.train
     init = student_init(config, teacher_dir, slots, train)
@@ -230,7 +237,7 @@ def student_stage(config: Config, teacher_dir: Path, splits: Splits, store) -> t
     # digit segments (PCA): one trajectory unit per answer digit, read at the answer position that writes that
     # digit (not resampled); a Tucker core mixes the units, so every position reads all of it
     per_digit = config.trajectory.segments == "digits" and align_at != "latents" and config.subspace.kind == "pca"
-    steps = None if per_digit else config.student.latent_slots
+    steps = None if per_digit or method == "codi" else config.student.latent_slots
     tucker = None
     if method == "lori" and config.subspace.kind == "tucker":
         if rows != list(range(len(stored_layers))):
@@ -268,13 +275,14 @@ def student_stage(config: Config, teacher_dir: Path, splits: Splits, store) -> t
             f"{answer_targets.shape[-1]} trajectory features{' of their digit' if per_digit else ''}")
         if align_at == "both" and per_digit:  # the latent slots still align with K resampled units
             targets = resample_steps(targets, config.student.latent_slots)
-    if align_at != "answer":
-        tensors.update(latent_positions=torch.tensor([[start for start, _ in s.spans] for s in sequences]),
+    if align_at != "answer":  # codi: the one aligned position is ``####``
+        aligned = [[s.answer[0]] if method == "codi" else [start for start, _ in s.spans] for s in sequences]
+        tensors.update(latent_positions=torch.tensor(aligned),
                        targets=targets.float())
         if loss.normalize:  # Tucker cores mix layers: one scale for all of them
             fields["target_scale"] = trajectory_scale(targets, per_layer=tucker is None).tolist()
     data = write_tensors(sequences, layout.pad, config.model.max_positions, data_path, **tensors)
-    if method == "icot_kd":
+    if method in ("icot_kd", "codi"):
         return init, data, {"weights": {**weights, "hidden_mse": loss.first_order}, **fields}
     if align_at == "answer":
         return init, data, {"weights": weights, **fields}
@@ -373,7 +381,7 @@ def trajectory_stage(config: Config, teacher_dir: Path, train: list[Example]):
                             config.trajectory.num_actors, config.trajectory.batch_size,
                             trust_remote_code=config.model.trust_remote_code,
                             gpus_per_actor=gpus(config.cluster.gpus_per_actor), log=log,
-                            segments=config.trajectory.segments)
+                            segments=trajectory_segments(config))
         subspace = store.subspace()
         spectrum = spectrum_summary(subspace, layers)
         mlflow.log_dict(spectrum, "subspace_spectrum.json")

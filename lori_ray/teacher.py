@@ -159,7 +159,7 @@ def build_store(model_dir: str | Path, examples: list[Example], layers: list[int
             moments = shard_moments if moments is None else moments.merge(shard_moments)
             if done % every == 0 or done == len(shards):
                 elapsed = time.time() - started
-                log(f"[teacher] extracted shard {done}/{len(shards)} ({moments.count} {segments[:-1]} vectors, "
+                log(f"[teacher] extracted shard {done}/{len(shards)} ({moments.count} vectors of {segments}, "
                     f"{elapsed:.1f}s, about {elapsed / done * (len(shards) - done):.0f}s left)")
         subspace = fit_pca(moments, max_rank)
         store.write_subspace(subspace)

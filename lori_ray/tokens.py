@@ -103,9 +103,12 @@ class Layout:
         """Token positions whose hidden states form each unit of the teacher's trajectory. ``steps``: each CoT
         step's tokens. ``digits``: for each answer digit p, the positions that write digit p of every number in
         the CoT (the token before it): the partial products and running sums that feed that answer digit. Digits
-        must be single tokens, written in the answer's order (least significant first in the iCoT layout)."""
+        must be single tokens, written in the answer's order (least significant first in the iCoT layout).
+        ``separator``: the ``####`` token alone, whose state predicts the answer (CODI's distillation token)."""
         if kind == "steps":
             return [list(range(start, end)) for start, end in sequence.spans]
+        if kind == "separator":
+            return [[sequence.answer[0]]]
         if self._digit_ids is None:
             self._digit_ids = {self.tokenizer.convert_tokens_to_ids(d) for d in "0123456789"}
         columns = [[] for _ in range(sequence.answer[1] - sequence.answer[0] - 1)]  # answer tokens after ####

@@ -108,10 +108,12 @@ def test_student_seed_defaults_to_the_run_seed_and_defines_the_run():
     assert Config(seed=3, student={"seed": 7}).student_seed == 7
 
 
-def test_digit_segments_need_the_multiplication_task(tmp_path):
+def test_digit_segments_need_the_multiplication_task_and_a_method_that_reads_them(tmp_path):
     train = tmp_path / "train.txt"
     train.write_text("1 2 * 3 4||3 6 + 0 4 #### 3 0 4\n" * 4)
     with pytest.raises(ConfigError, match="trajectory.segments: 'digits' needs the multiplication task"):
         load_config(None, ["trajectory.segments=digits", "data.task=file", f"data.train_file={train}",
                            f"data.eval_file={train}", "data.train_size=4", "data.val_size=0"])
     assert load_config(None, ["trajectory.segments=digits"]).trajectory.segments == "digits"
+    with pytest.raises(ConfigError, match="trajectory.segments: 'digits' does not apply to student.method codi"):
+        load_config(None, ["trajectory.segments=digits", "student.method=codi"])

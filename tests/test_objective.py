@@ -6,7 +6,8 @@ from lori_ray.models import build_model
 from lori_ray.objective import LMObjective, TrajectoryProjection, pair_layers
 from lori_ray.subspace import Moments, fit_pca
 from lori_ray.tokens import Layout, add_latent_tokens, arithmetic_tokenizer, collate
-from lori_ray.trajectories import pack, segment_means, unpack
+from lori_ray.teacher import TeacherWorker
+from lori_ray.trajectories import TrajectoryStore, pack, segment_means, unpack
 
 
 def test_pair_layers_by_relative_depth():
@@ -255,3 +256,32 @@ def test_objective_runs_in_bf16_with_every_alignment_head():
     loss, metrics = objective(batch)
     loss.backward()
     assert torch.isfinite(loss) and {"first_order", "answer_align"} <= set(metrics)
+
+
+def test_codi_aligns_the_students_state_at_the_separator_with_the_teachers(tmp_path):
+    """codi: the store unit is the teacher's own hidden state at ``####`` (padded batch = each sequence alone),
+    and the student's aligned position is its own ``####``, which predicts the first answer digit."""
+    tokenizer = arithmetic_tokenizer()
+    layout = Layout(tokenizer)
+    special = {"pad_token_id": layout.pad, "bos_token_id": tokenizer.bos_token_id, "eos_token_id": layout.eos}
+    model = build_model("llama", "tiny", len(tokenizer), 64, special, seed=0).eval()
+    model.save_pretrained(tmp_path / "teacher")
+    tokenizer.save_pretrained(tmp_path / "teacher")
+    examples = generate_multiplication(3, 2, 2, seed=1) + generate_multiplication(2, 3, 2, seed=2)  # ragged
+    worker = TeacherWorker(str(tmp_path / "teacher"), [1, 2], batch_size=5, segments="separator")
+    worker.extract(str(tmp_path / "store"), 0, [0, 1, 2, 3, 4], examples)
+    units = unpack(TrajectoryStore(tmp_path / "store").shard("hidden", 0))
+    separator = tokenizer.convert_tokens_to_ids("####")
+    for example, unit in zip(examples, units):
+        sequence = layout.teacher(example)
+        assert sequence.input_ids[sequence.answer[0]] == separator
+        with torch.no_grad():
+            alone = model(input_ids=torch.tensor([sequence.input_ids]), output_hidden_states=True).hidden_states
+        assert unit.shape == (2, 1, 64)
+        torch.testing.assert_close(unit[:, 0], torch.stack([alone[1][0, sequence.answer[0]],
+                                                            alone[2][0, sequence.answer[0]]]), atol=1e-5, rtol=1e-4)
+        student = layout.student(example)
+        assert student.input_ids[student.answer[0]] == separator
+        first_digit = student.input_ids[student.answer[0] + 1]  # what the state at ``####`` predicts (a label)
+        assert student.labels[student.answer[0] + 1] == first_digit
+        assert tokenizer.convert_ids_to_tokens(first_digit) == example.answer.split()[0]
