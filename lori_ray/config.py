@@ -158,9 +158,9 @@ class StudentConfig(Section):
     # latent slots (weight loss.first_order); codi: no latent slots, CE + full-width hidden-state MSE
     # between the student's and the teacher's states at `####`, the token before the answer (weight
     # loss.first_order; CODI's self-distillation with the frozen teacher); nocot: CE only, question ->
-    # answer with no latent slots; explicit: the student writes the CoT like the teacher (CE, plus
-    # loss.kd for logit distillation)
-    method: Literal["lori", "icot_kd", "codi", "nocot", "explicit"] = "lori"
+    # answer with no latent slots; icot_si: nocot with curriculum removal (ICoT-SI); explicit: the
+    # student writes the CoT like the teacher (CE, plus loss.kd for logit distillation)
+    method: Literal["lori", "icot_kd", "codi", "nocot", "icot_si", "explicit"] = "lori"
     # full: the teacher's shape (init teacher) or a preset (init scratch); pruned: RED, the teacher at
     # residual width `width` (and `depth` layers) through projections initialised by `init`
     kind: Literal["full", "pruned"] = "full"
@@ -170,6 +170,12 @@ class StudentConfig(Section):
     depth: int | None = Field(None, gt=0)  # kind=pruned: layers kept, evenly spaced (default: all)
     calibration_size: int = Field(256, gt=0)  # kind=pruned: training examples that score channels
     latent_slots: int = Field(3, gt=0)
+    # removal (ICoT-SI): train on the teacher's CoT sequences and remove their first CoT tokens,
+    # removal_tokens_per_epoch per pass over the training data, plus o more with probability ∝
+    # exp(-removal_smoothing·o) (0: none); for nocot and lori with loss.align_at answer. No optimizer reset.
+    curriculum: Literal["none", "removal"] = "none"
+    removal_tokens_per_epoch: float = Field(8.0, gt=0)
+    removal_smoothing: float = Field(4.0, ge=0)
     seed: int | None = None  # batch order and fresh weights of the student; default: the run's seed
     train: TrainConfig = TrainConfig(steps=500)
 
@@ -388,6 +394,12 @@ def _check_against_model(config: Config) -> None:
     if config.trajectory.segments == "digits" and (config.data.task != "multiplication" or config.model.path):
         raise ConfigError("trajectory.segments: 'digits' needs the multiplication task and its one-token-per-digit "
                           "tokenizer (no model.path)")
+    removing = student.method == "icot_si" or student.curriculum == "removal"
+    if removing and not (student.method in ("nocot", "icot_si") or
+                         (student.method == "lori" and config.loss.align_at == "answer")):
+        raise ConfigError(f"student.curriculum: removal trains nocot, icot_si and lori with loss.align_at answer, "
+                          f"not {student.method}" + (f" aligned at {config.loss.align_at}"
+                                                     if student.method == "lori" else ""))
     if student.method == "codi" and config.trajectory.segments != "steps":
         raise ConfigError(f"trajectory.segments: {config.trajectory.segments!r} does not apply to student.method "
                           "codi, which aligns the teacher's state at `####` alone")

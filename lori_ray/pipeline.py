@@ -7,6 +7,7 @@ run with the same name continues where it stopped.
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -169,9 +170,26 @@ def latent_slots(config: Config) -> int | None:
     method = config.student.method
     if method == "explicit":
         return None
-    if method in ("nocot", "codi") or (method == "lori" and config.loss.align_at == "answer"):
+    if method in ("nocot", "icot_si", "codi") or (method == "lori" and config.loss.align_at == "answer"):
         return 0
     return config.student.latent_slots
+
+
+def removal_curriculum(config: Config, sequences, pad_id: int) -> tuple[dict[str, torch.Tensor], dict]:
+    """ICoT-SI removal (``icot_si``, or ``student.curriculum: removal``): the CoT span of each teacher
+    sequence (its first CoT token, its length up to ``####``) and the worker's schedule; none otherwise."""
+    student = config.student
+    if student.method != "icot_si" and student.curriculum != "removal":
+        return {}, {}
+    starts = torch.tensor([s.spans[0][0] if s.spans else s.answer[0] for s in sequences])
+    lengths = torch.tensor([s.answer[0] for s in sequences]) - starts
+    steps_per_token = len(sequences) / student.train.batch_size / student.removal_tokens_per_epoch
+    log(f"[student] removal curriculum: {student.removal_tokens_per_epoch:g} CoT tokens per epoch (one every "
+        f"{steps_per_token:.3g} steps), all {int(lengths.max())} gone by step "
+        f"{math.ceil(int(lengths.max()) * steps_per_token)} of {student.train.steps}")
+    return ({"cot_start": starts, "cot_length": lengths},
+            {"removal": {"steps_per_token": steps_per_token,
+                         "smoothing": student.removal_smoothing, "pad_id": pad_id}})
 
 
 def trajectory_segments(config: Config) -> str:
@@ -222,10 +240,15 @@ def student_stage(config: Config, teacher_dir: Path, splits: Splits, store) -> t
         tensors = collate([Layout(tokenizer).teacher(e) for e in examples], layout.pad)
         return {f"teacher_{k}": v for k, v in tensors.items()}
 
-    if method in ("nocot", "explicit"):
-        data = write_tensors([build(e) for e in train], layout.pad, config.model.max_positions, data_path,
-                             **with_teacher(train))
-        return init, data, {"weights": {"ce": loss.ce, "kd": loss.kd}, **common}
+    removing = method == "icot_si" or config.student.curriculum == "removal"
+    if removing:  # it trains on the teacher's sequences and loses their CoT (validation above has none)
+        build = Layout(tokenizer).teacher
+    if method in ("nocot", "icot_si", "explicit"):
+        sequences = [build(e) for e in train]
+        removal, fields = removal_curriculum(config, sequences, layout.pad)
+        data = write_tensors(sequences, layout.pad, config.model.max_positions, data_path,
+                             **with_teacher(train), **removal)
+        return init, data, {"weights": {"ce": loss.ce, "kd": loss.kd}, **fields, **common}
 
     stored_layers = store.manifest["layers"]
     student_config = json.loads((init / "config.json").read_text())
@@ -251,11 +274,12 @@ def student_stage(config: Config, teacher_dir: Path, splits: Splits, store) -> t
     else:
         index, targets = store.hidden(steps)
         targets = targets[:, rows]
-    sequences = [layout.student(train[i]) for i in index]
+    sequences = [build(train[i]) for i in index]
     student_layers = [s for s, _ in pairs]
-    fields = {"student_layers": student_layers, **common}
+    tensors, fields = removal_curriculum(config, sequences, layout.pad)
+    fields.update(student_layers=student_layers, **common)
     weights = {"ce": loss.ce, "kd": loss.kd}
-    tensors = with_teacher([train[i] for i in index])
+    tensors.update(with_teacher([train[i] for i in index]))
     if align_at != "latents":
         positions = answer_positions(sequences)
         if per_digit:  # answer position p (which writes digit p) reads digit p's column

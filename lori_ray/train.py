@@ -47,6 +47,8 @@ class Stage:
     target_scale: list[float] | None = None  # per aligned layer: trajectories are divided by it in the loss
     tracking_uri: str | None = None
     run_id: str | None = None  # MLflow run that rank 0 logs step metrics to
+    # ICoT-SI removal curriculum (data has cot_start, cot_length): steps_per_token, smoothing, pad_id
+    removal: dict | None = None
 
 
 def batch_indices(step: int, num_examples: int, batch_size: int, seed: int) -> torch.Tensor:
@@ -156,6 +158,7 @@ def train_loop(config: dict) -> None:
     """Ray Train worker loop (also runs in-process with ``num_workers=0``)."""
     import ray.train
     from safetensors.torch import load_file
+    from .curriculum import remove_cot_tokens, sample_removals, scheduled_removal
     from .tracking import StepLogger
 
     stage = Stage(**config)
@@ -196,8 +199,15 @@ def train_loop(config: dict) -> None:
     engine.train()
     while step < train["steps"]:
         rows = batch_indices(step, num_examples, train["batch_size"], stage.seed)[rank * micro:(rank + 1) * micro]
-        batch = {k: v[rows].to(engine.device) for k, v in data.items()}
-        loss, metrics = engine(batch)
+        batch = {k: v[rows] for k, v in data.items()}
+        if stage.removal:  # seeded by step: a resumed run removes the same tokens
+            scheduled = scheduled_removal(step, stage.removal["steps_per_token"])
+            generator = torch.Generator().manual_seed(stage.seed * 1_000_003 + step * 7 + rank)
+            counts = sample_removals(scheduled, batch["cot_length"], stage.removal["smoothing"], generator)
+            batch = remove_cot_tokens(batch, counts, stage.removal["pad_id"])
+        loss, metrics = engine({k: v.to(engine.device) for k, v in batch.items()})
+        if stage.removal:
+            metrics["cot_removed"] = counts.float().mean().item()
         if not all_finite(loss):
             # skip the update on every rank together; the model and the last checkpoint stay clean
             bad_steps += 1
