@@ -179,6 +179,11 @@ class StudentConfig(Section):
     seed: int | None = None  # batch order and fresh weights of the student; default: the run's seed
     train: TrainConfig = TrainConfig(steps=500)
 
+    @property
+    def removes_cot(self) -> bool:
+        """Trained with the removal curriculum (``icot_si`` is nocot with it)."""
+        return self.method == "icot_si" or self.curriculum == "removal"
+
     @model_validator(mode="after")
     def _shape(self):
         if self.size is not None and self.size not in SIZES:
@@ -394,8 +399,7 @@ def _check_against_model(config: Config) -> None:
     if config.trajectory.segments == "digits" and (config.data.task != "multiplication" or config.model.path):
         raise ConfigError("trajectory.segments: 'digits' needs the multiplication task and its one-token-per-digit "
                           "tokenizer (no model.path)")
-    removing = student.method == "icot_si" or student.curriculum == "removal"
-    if removing and not (student.method in ("nocot", "icot_si") or
+    if student.removes_cot and not (student.method in ("nocot", "icot_si") or
                          (student.method == "lori" and config.loss.align_at == "answer")):
         raise ConfigError(f"student.curriculum: removal trains nocot, icot_si and lori with loss.align_at answer, "
                           f"not {student.method}" + (f" aligned at {config.loss.align_at}"

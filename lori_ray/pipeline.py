@@ -179,7 +179,7 @@ def removal_curriculum(config: Config, sequences, pad_id: int) -> tuple[dict[str
     """ICoT-SI removal (``icot_si``, or ``student.curriculum: removal``): the CoT span of each teacher
     sequence (its first CoT token, its length up to ``####``) and the worker's schedule; none otherwise."""
     student = config.student
-    if student.method != "icot_si" and student.curriculum != "removal":
+    if not student.removes_cot:
         return {}, {}
     starts = torch.tensor([s.spans[0][0] if s.spans else s.answer[0] for s in sequences])
     lengths = torch.tensor([s.answer[0] for s in sequences]) - starts
@@ -240,8 +240,7 @@ def student_stage(config: Config, teacher_dir: Path, splits: Splits, store) -> t
         tensors = collate([Layout(tokenizer).teacher(e) for e in examples], layout.pad)
         return {f"teacher_{k}": v for k, v in tensors.items()}
 
-    removing = method == "icot_si" or config.student.curriculum == "removal"
-    if removing:  # it trains on the teacher's sequences and loses their CoT (validation above has none)
+    if config.student.removes_cot:  # it trains on the teacher's sequences and loses their CoT (validation above has none)
         build = Layout(tokenizer).teacher
     if method in ("nocot", "icot_si", "explicit"):
         sequences = [build(e) for e in train]

@@ -33,7 +33,7 @@ class Stage:
 
     name: str
     model_dir: str  # initial HF model (and tokenizer)
-    data_path: str  # safetensors: input_ids, labels, attention_mask [, latent_positions, targets, answer_*]
+    data_path: str  # safetensors: input_ids, labels, attention_mask [, latent_positions, targets, answer_*, cot_*]
     train: dict  # TrainConfig fields
     seed: int = 0
     weights: dict = field(default_factory=lambda: {"ce": 1.0})
