@@ -1,11 +1,15 @@
 """The benchmark scripts run end to end on CPU at tiny sizes and print their tables (figures are theirs
 to report; these tests only prove the code paths work)."""
 
+import json
 import os
 import re
 import subprocess
 import sys
 from pathlib import Path
+
+import mlflow
+from transformers import AutoModelForCausalLM
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -39,8 +43,12 @@ def test_loss_overhead_benchmark():
 
 
 def test_red_benchmark_prints_its_table_and_reruns_on_its_finished_stages(tmp_path):
+    """RED students through the real pipeline: pruned to half width and one layer, explicit CoT, CE + logit KD,
+    on two DeepSpeed ZeRO-2 workers; each is a plain HF model and its eRank diagnostics reach MLflow."""
     command = ("bench/red.py", "--config", "configs/tiny.yaml", f"output_dir={tmp_path}", "cluster.num_cpus=2",
-               "student.method=explicit", "--widths", "0.5", "--inits", "random", "activation")
+               "student.method=explicit", "loss.kd=1.0", "student.kind=pruned", "student.width=32",
+               "student.init=activation", "student.depth=1", "--widths", "0.5",
+               "--inits", "random", "activation")
     out = run(*command)
     for init in ("random", "activation"):
         assert re.search(rf"\| width 32 \| {init} \| [\d.]+ \| [\d.]+ \| [\d.]+ \| [\d.]+ \|", out)
@@ -48,6 +56,22 @@ def test_red_benchmark_prints_its_table_and_reruns_on_its_finished_stages(tmp_pa
     # one MLflow store for the comparison: the first student's
     assert (tmp_path / "tiny-w32-random" / "mlflow.db").is_file()
     assert not (tmp_path / "tiny-w32-activation" / "mlflow.db").exists()
+
+    run_dir = tmp_path / "tiny-w32-activation"
+    student = AutoModelForCausalLM.from_pretrained(run_dir / "student")
+    assert student.config.hidden_size == 32 and student.config.num_hidden_layers == 1
+    erank = json.loads((run_dir / "erank.json").read_text())
+    assert set(erank) == {"teacher", "student init", "student trained"}
+    assert len(erank["teacher"]) == 3 and len(erank["student trained"]) == 2  # embeddings + layers
+    assert all(1.0 <= v <= 64 for values in erank.values() for v in values)
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'tiny-w32-random' / 'mlflow.db'}")
+    runs = mlflow.search_runs(experiment_names=["lori-ray"], output_format="list")
+    client = mlflow.MlflowClient()
+    students = [r for r in runs if r.info.run_name == "student"]
+    assert len(students) == 2 and all(client.get_metric_history(r.info.run_id, "kd") for r in students)
+    (diagnostics, _) = [r for r in runs if r.info.run_name == "erank"]
+    assert "erank_student_trained_layer_1" in diagnostics.data.metrics
+    assert {"erank.png", "erank.json"} <= {a.path for a in client.list_artifacts(diagnostics.info.run_id)}
     # the second student saved the first one's teacher as its teacher.path; an interrupted bench reruns
     rerun = run(*command)
     assert rerun.count("[teacher] finished model found") == 1 and rerun.count("[student] finished model found") == 2
