@@ -10,7 +10,15 @@ from __future__ import annotations
 
 import torch
 
+from .tokens import IGNORE_INDEX
+
 MAX_SMOOTHING_OFFSET = 64  # exp(-λ·o) beyond this is negligible for any useful λ
+
+
+def cot_spans(sequences) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each teacher sequence's CoT as (first CoT token, tokens up to ``####``): what removal may drop."""
+    starts = torch.tensor([s.spans[0][0] if s.spans else s.answer[0] for s in sequences])
+    return starts, torch.tensor([s.answer[0] for s in sequences]) - starts
 
 
 def scheduled_removal(step: int, steps_per_token: float) -> int:
@@ -42,7 +50,7 @@ def remove_cot_tokens(batch: dict[str, torch.Tensor], counts: torch.Tensor, pad_
     inside = source < length
     source = source.clamp(max=length - 1)
     shifted = dict(batch)
-    for key, fill in (("input_ids", pad_id), ("labels", -100), ("attention_mask", 0)):
+    for key, fill in (("input_ids", pad_id), ("labels", IGNORE_INDEX), ("attention_mask", 0)):
         shifted[key] = torch.where(inside, batch[key].gather(1, source), torch.full_like(batch[key], fill))
     if "answer_positions" in batch:
         positions = batch["answer_positions"]

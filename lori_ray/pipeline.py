@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 
 from .cluster import gpus
 from .config import Config, ConfigError, shared_teacher_path
+from .curriculum import cot_spans
 from .data import Example, generate_multiplication, read_examples
 from .evaluate import EvalResult, evaluate, format_digits
 from .losses import standardize, trajectory_scale
@@ -181,8 +182,7 @@ def removal_curriculum(config: Config, sequences, pad_id: int) -> tuple[dict[str
     student = config.student
     if not student.removes_cot:
         return {}, {}
-    starts = torch.tensor([s.spans[0][0] if s.spans else s.answer[0] for s in sequences])
-    lengths = torch.tensor([s.answer[0] for s in sequences]) - starts
+    starts, lengths = cot_spans(sequences)
     steps_per_token = len(sequences) / student.train.batch_size / student.removal_tokens_per_epoch
     log(f"[student] removal curriculum: {student.removal_tokens_per_epoch:g} CoT tokens per epoch (one every "
         f"{steps_per_token:.3g} steps), all {int(lengths.max())} gone by step "
@@ -240,7 +240,7 @@ def student_stage(config: Config, teacher_dir: Path, splits: Splits, store) -> t
         tensors = collate([Layout(tokenizer).teacher(e) for e in examples], layout.pad)
         return {f"teacher_{k}": v for k, v in tensors.items()}
 
-    if config.student.removes_cot:  # it trains on the teacher's sequences and loses their CoT (validation above has none)
+    if config.student.removes_cot:  # trained on the teacher's sequences, losing their CoT (validation above has none)
         build = Layout(tokenizer).teacher
     if method in ("nocot", "icot_si", "explicit"):
         sequences = [build(e) for e in train]

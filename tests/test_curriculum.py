@@ -4,7 +4,7 @@ import math
 
 import torch
 
-from lori_ray.curriculum import remove_cot_tokens, sample_removals, scheduled_removal
+from lori_ray.curriculum import cot_spans, remove_cot_tokens, sample_removals, scheduled_removal
 from lori_ray.data import generate_multiplication
 from lori_ray.pipeline import answer_positions
 from lori_ray.tokens import IGNORE_INDEX, Layout, arithmetic_tokenizer, collate
@@ -15,17 +15,18 @@ def teacher_batch(count: int = 6):
     examples = generate_multiplication(count // 2, 2, 2, seed=3) + generate_multiplication(count // 2, 3, 2, seed=4)
     sequences = [layout.teacher(e) for e in examples]
     batch = collate(sequences, layout.pad)
-    batch["cot_start"] = torch.tensor([s.spans[0][0] for s in sequences])
-    batch["cot_length"] = torch.tensor([s.answer[0] - s.spans[0][0] for s in sequences])
+    batch["cot_start"], batch["cot_length"] = cot_spans(sequences)
     batch["answer_positions"] = answer_positions(sequences)
     return layout, examples, sequences, batch
 
 
 def test_removal_drops_each_rows_first_cot_tokens_like_list_slicing():
     layout, _, sequences, batch = teacher_batch()
-    counts = torch.tensor([0, 3, 8, 1, 10, 5])  # CoT lengths: 8 (2x2) and 10 (3x2)
+    assert batch["cot_length"].tolist() == [8, 8, 8, 10, 10, 10]  # 2x2 and 3x2 CoTs, `+` included
+    counts = torch.tensor([0, 3, 8, 1, 10, 5])
     removed = remove_cot_tokens(batch, counts, layout.pad)
-    expected = [s.input_ids[:s.spans[0][0]] + s.input_ids[s.spans[0][0] + c:] for s, c in zip(sequences, counts.tolist())]
+    expected = [s.input_ids[:s.spans[0][0]] + s.input_ids[s.spans[0][0] + c:]
+                for s, c in zip(sequences, counts.tolist())]
     assert removed["input_ids"].shape[1] == max(len(e) for e in expected)  # all-padding columns are cut
     for row, (sequence, count, ids) in enumerate(zip(sequences, counts.tolist(), expected)):
         start = sequence.spans[0][0]
