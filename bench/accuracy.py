@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lori_ray.cli import config_or_exit, configs_sharing_teacher, parser  # noqa: E402
 
-METHODS = ("nocot", "icot_kd", "codi", "icot_si", "lori")
+METHODS = ("nocot", "icot_kd", "codi", "icot_si", "coconut", "lori")
 
 
 def mean_std(values: list[float]) -> str:

@@ -159,8 +159,9 @@ class StudentConfig(Section):
     # between the student's and the teacher's states at `####`, the token before the answer (weight
     # loss.first_order; CODI's self-distillation with the frozen teacher); nocot: CE only, question ->
     # answer with no latent slots; icot_si: nocot with curriculum removal (ICoT-SI); explicit: the
-    # student writes the CoT like the teacher (CE, plus loss.kd for logit distillation)
-    method: Literal["lori", "icot_kd", "codi", "nocot", "icot_si", "explicit"] = "lori"
+    # student writes the CoT like the teacher (CE, plus loss.kd for logit distillation); coconut: CE only,
+    # continuous latents and the stages curriculum (Coconut)
+    method: Literal["lori", "icot_kd", "codi", "nocot", "icot_si", "coconut", "explicit"] = "lori"
     # full: the teacher's shape (init teacher) or a preset (init scratch); pruned: RED, the teacher at
     # residual width `width` (and `depth` layers) through projections initialised by `init`
     kind: Literal["full", "pruned"] = "full"
@@ -170,12 +171,21 @@ class StudentConfig(Section):
     depth: int | None = Field(None, gt=0)  # kind=pruned: layers kept, evenly spaced (default: all)
     calibration_size: int = Field(256, gt=0)  # kind=pruned: training examples that score channels
     latent_slots: int = Field(3, gt=0)
+    # pause: the latent slots are trained input tokens (parallel positions); continuous: each slot's input is
+    # the last-layer state at the position before it (Coconut's continuous thoughts: K serial passes)
+    latent: Literal["pause", "continuous"] = "pause"
     # removal (ICoT-SI): train on the teacher's CoT sequences and remove their first CoT tokens,
     # removal_tokens_per_epoch per pass over the training data, plus o more with probability ∝
-    # exp(-removal_smoothing·o) (0: none); for nocot and lori with loss.align_at answer. No optimizer reset.
-    curriculum: Literal["none", "removal"] = "none"
+    # exp(-removal_smoothing·o) (0: none); for nocot and lori with loss.align_at answer.
+    # stages (Coconut; the coconut method): stage s replaces the first s CoT steps with s·latents_per_step
+    # latents, one more stage every steps_per_stage steps (default: the budget split evenly over the stages
+    # 0..latent_slots/latents_per_step), the last stage being the student's own layout
+    curriculum: Literal["none", "removal", "stages"] = "none"
     removal_tokens_per_epoch: float = Field(8.0, gt=0)
     removal_smoothing: float = Field(4.0, ge=0)
+    latents_per_step: int = Field(1, gt=0)
+    steps_per_stage: int | None = Field(None, gt=0)
+    reset_optimizer: bool = False  # clear AdamW's moments at each curriculum increment (ICoT-SI and Coconut do)
     seed: int | None = None  # batch order and fresh weights of the student; default: the run's seed
     train: TrainConfig = TrainConfig(steps=500)
 
@@ -183,6 +193,21 @@ class StudentConfig(Section):
     def removes_cot(self) -> bool:
         """Trained with the removal curriculum (``icot_si`` is nocot with it)."""
         return self.method == "icot_si" or self.curriculum == "removal"
+
+    @property
+    def staged(self) -> bool:
+        """Trained with Coconut's stages (``coconut`` is CE with them)."""
+        return self.method == "coconut" or self.curriculum == "stages"
+
+    @property
+    def continuous(self) -> bool:
+        """The latent slots are continuous thoughts."""
+        return self.method == "coconut" or self.latent == "continuous"
+
+    @property
+    def stages(self) -> int:
+        """The last stage of the stages curriculum: every CoT step replaced."""
+        return self.latent_slots // self.latents_per_step
 
     @model_validator(mode="after")
     def _shape(self):
@@ -404,6 +429,19 @@ def _check_against_model(config: Config) -> None:
         raise ConfigError(f"student.curriculum: removal trains nocot, icot_si and lori with loss.align_at answer, "
                           f"not {student.method}" + (f" aligned at {config.loss.align_at}"
                                                      if student.method == "lori" else ""))
+    if student.staged and student.method != "coconut":
+        raise ConfigError(f"student.curriculum: stages trains coconut (CE on what is left of the CoT), not "
+                          f"{student.method}")
+    if student.staged and student.latent_slots % student.latents_per_step:
+        raise ConfigError(f"student.latents_per_step: {student.latents_per_step} does not divide "
+                          f"student.latent_slots ({student.latent_slots}); the last stage has latent_slots latents")
+    has_slots = student.method in ("icot_kd", "coconut") or (student.method == "lori" and config.loss.align_at != "answer")
+    if student.continuous and not has_slots:
+        raise ConfigError(f"student.latent: continuous needs latent slots; student.method {student.method}"
+                          + (" with loss.align_at answer" if student.method == "lori" else "") + " has none")
+    if student.continuous and student.kind == "pruned":
+        raise ConfigError("student.latent: continuous is for kind full students (a pruned student's forward "
+                          "has no separate decoder to run in chunks)")
     if student.method == "codi" and config.trajectory.segments != "steps":
         raise ConfigError(f"trajectory.segments: {config.trajectory.segments!r} does not apply to student.method "
                           "codi, which aligns the teacher's state at `####` alone")

@@ -1,9 +1,12 @@
-"""ICoT-SI's removal curriculum (Deng et al. 2024): the student trains on the teacher's CoT sequences and
-loses their first CoT tokens step by step until it answers from the question alone.
+"""Curricula that take the student from the teacher's CoT sequences to answering without them, applied to each
+training batch on the fly (seeded by step, so a resumed run sees the same batches).
 
-The schedule removes ``tokens_per_epoch`` CoT tokens per pass over the training data; removal smoothing
-removes ``o`` extra tokens with probability ∝ exp(-λ·o), so the next increment is never a surprise. The
-removal itself is a left shift of each row's tokens after its CoT start, applied to a batch on the fly.
+``removal`` (ICoT-SI, Deng et al. 2024): the first CoT tokens go, ``tokens_per_epoch`` more per pass over the
+training data; removal smoothing removes ``o`` extra tokens with probability ∝ exp(-λ·o), so the next
+increment is never a surprise. The removal is a left shift of each row's tokens after its CoT start.
+
+``stages`` (Coconut, Hao et al. 2024): at stage s the first s CoT steps of every row give way to s·c latent
+tokens; the last stage has no language CoT left and is the student's own layout.
 """
 
 from __future__ import annotations
@@ -19,6 +22,14 @@ def cot_spans(sequences) -> tuple[torch.Tensor, torch.Tensor]:
     """Each teacher sequence's CoT as (first CoT token, tokens up to ``####``): what removal may drop."""
     starts = torch.tensor([s.spans[0][0] if s.spans else s.answer[0] for s in sequences])
     return starts, torch.tensor([s.answer[0] for s in sequences]) - starts
+
+
+def step_starts(sequences) -> torch.Tensor:
+    """The first token of each CoT step [n, S], -1 past a row's last step: where Coconut's stages cut."""
+    starts = torch.full((len(sequences), max(len(s.spans) for s in sequences)), -1, dtype=torch.long)
+    for row, sequence in enumerate(sequences):
+        starts[row, :len(sequence.spans)] = torch.tensor([start for start, _ in sequence.spans], dtype=torch.long)
+    return starts
 
 
 def scheduled_removal(step: int, steps_per_token: float) -> int:
@@ -59,3 +70,38 @@ def remove_cot_tokens(batch: dict[str, torch.Tensor], counts: torch.Tensor, pad_
     for key in ("input_ids", "labels", "attention_mask"):
         shifted[key] = shifted[key][:, :width]
     return shifted
+
+
+def latent_stage(step: int, steps_per_stage: int, last: int) -> int:
+    """Coconut's stage at ``step``: one more CoT step replaced every ``steps_per_stage`` steps, up to ``last``."""
+    return min(step // steps_per_stage, last)
+
+
+def replace_cot_steps(batch: dict[str, torch.Tensor], stage: int, latent_ids: list[int],
+                      pad_id: int) -> dict[str, torch.Tensor]:
+    """Coconut's stage ``stage``: each row's first ``stage`` CoT steps (with the separators after them; all of its
+    CoT when it has no more steps) are cut and ``latent_ids`` (the stage's s·c latents) take their place, unlabelled; the rest of the CoT and the answer stay. Needs ``cot_start``, ``cot_length`` and
+    ``step_starts``; ``answer_positions`` (-1 = none) move with their tokens; rows are right-padded anew."""
+    rows = []
+    for row in range(batch["input_ids"].shape[0]):
+        length, start = int(batch["attention_mask"][row].sum()), int(batch["cot_start"][row])
+        starts = [s for s in batch["step_starts"][row].tolist() if s >= 0]
+        cut = starts[stage] if stage < len(starts) else start + int(batch["cot_length"][row])
+        ids, labels = batch["input_ids"][row], batch["labels"][row]
+        rows.append((torch.cat([ids[:start], torch.tensor(latent_ids, dtype=ids.dtype), ids[cut:length]]),
+                     torch.cat([labels[:start], torch.full((len(latent_ids),), IGNORE_INDEX, dtype=labels.dtype),
+                                labels[cut:length]]),
+                     len(latent_ids) - (cut - start)))
+    width = max(len(ids) for ids, _, _ in rows)
+    replaced = dict(batch)
+    replaced["input_ids"] = torch.full((len(rows), width), pad_id, dtype=batch["input_ids"].dtype)
+    replaced["labels"] = torch.full((len(rows), width), IGNORE_INDEX, dtype=batch["labels"].dtype)
+    replaced["attention_mask"] = torch.zeros((len(rows), width), dtype=batch["attention_mask"].dtype)
+    for row, (ids, labels, _) in enumerate(rows):
+        replaced["input_ids"][row, :len(ids)], replaced["labels"][row, :len(ids)] = ids, labels
+        replaced["attention_mask"][row, :len(ids)] = 1
+    if "answer_positions" in batch:
+        positions, shift = batch["answer_positions"], torch.tensor([s for _, _, s in rows])[:, None]
+        replaced["answer_positions"] = torch.where(positions >= batch["cot_start"][:, None], positions + shift,
+                                                   positions)
+    return replaced

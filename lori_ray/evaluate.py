@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from .data import Example, normalize_answer
+from .latents import continuous_forward
 from .tokens import Layout, left_pad
 
 
@@ -47,11 +48,12 @@ def format_digits(values) -> str:
 @torch.no_grad()
 def greedy_generate(model, prompts: list[list[int]], pad: int, eos: int, batch_size: int, max_new_tokens: int,
                     static_cache: bool = False, progress: Callable[[int, int], None] | None = None,
-                    ) -> tuple[list[list[int]], float]:
+                    latent_ids: list[int] | None = None) -> tuple[list[list[int]], float]:
     """Greedy continuations (cut at ``eos``) of left-padded prompt batches, and the generation wall time.
 
     ``static_cache`` on a GPU: a preallocated KV cache, with which ``generate`` compiles the decoding step.
-    ``progress(done, total)`` is called after each batch.
+    ``progress(done, total)`` is called after each batch. With ``latent_ids`` those prompt tokens are continuous
+    thoughts: their serial passes fill the prompt's embeddings, then ``generate`` decodes from them.
     """
     model.eval()
     device = next(model.parameters()).device
@@ -60,10 +62,16 @@ def greedy_generate(model, prompts: list[list[int]], pad: int, eos: int, batch_s
     for start in range(0, len(prompts), batch_size):
         batch = {k: v.to(device) for k, v in left_pad(prompts[start:start + batch_size], pad).items()}
         began = time.perf_counter()
-        output = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad,
+        prompt = batch
+        if latent_ids:
+            filled = continuous_forward(model, batch["input_ids"], batch["attention_mask"], latent_ids,
+                                        compute_logits=False).inputs_embeds
+            prompt = {"inputs_embeds": filled, "attention_mask": batch["attention_mask"]}
+        output = model.generate(**prompt, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad,
                                 eos_token_id=eos, cache_implementation=cache)
         seconds += time.perf_counter() - began
-        for row in output[:, batch["input_ids"].shape[1]:].tolist():
+        new_tokens = output if latent_ids else output[:, batch["input_ids"].shape[1]:]  # from embeddings: only new
+        for row in new_tokens.tolist():
             outputs.append(row[:row.index(eos)] if eos in row else row)
         if progress:
             progress(len(outputs), len(prompts))
@@ -71,10 +79,12 @@ def greedy_generate(model, prompts: list[list[int]], pad: int, eos: int, batch_s
 
 
 def evaluate(model, layout: Layout, examples: list[Example], with_cot: bool, batch_size: int = 100,
-             max_new_tokens: int = 64, progress: Callable[[int, int], None] | None = None) -> EvalResult:
+             max_new_tokens: int = 64, progress: Callable[[int, int], None] | None = None,
+             continuous: bool = False) -> EvalResult:
+    """``continuous``: the student's latent slots are continuous thoughts (``student.latent: continuous``)."""
     prompts = [layout.question(e) if with_cot else layout.student_prompt(e) for e in examples]
     outputs, seconds = greedy_generate(model, prompts, layout.pad, layout.eos, batch_size, max_new_tokens,
-                                       progress=progress)
+                                       progress=progress, latent_ids=layout.latent_ids if continuous else None)
     predicted = [layout.decode_answer(row, with_cot) for row in outputs]
     gold = [normalize_answer(e.answer) for e in examples]
     correct = sum(p == g for p, g in zip(predicted, gold))

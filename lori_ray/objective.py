@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .latents import continuous_forward
 from .losses import AnswerKL, LoRiLoss, readout_mse
 from .subspace import Subspace
 
@@ -136,13 +137,17 @@ def slot_states(hidden_states: tuple[torch.Tensor, ...], layers: list[int], posi
 
 
 def labelled_logits(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
-                    **kwargs) -> tuple:
+                    latent_ids: list[int] | None = None, **kwargs) -> tuple:
     """(output, targets): logits only at positions where some row predicts a labelled token, and the
     tokens they predict ([B, P], -100 for none). The LM head over the whole vocabulary is the largest
-    activation of a step; a student trained on its answer needs it at a few positions only."""
+    activation of a step; a student trained on its answer needs it at a few positions only.
+    ``latent_ids``: those tokens are continuous thoughts (the output then always has hidden states)."""
     targets = labels[:, 1:]
     keep = (targets != -100).any(0).nonzero().squeeze(1)
-    output = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=keep, **kwargs)
+    if latent_ids:
+        output = continuous_forward(model, input_ids, attention_mask, latent_ids, logits_to_keep=keep)
+    else:
+        output = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=keep, **kwargs)
     return output, targets[:, keep]
 
 
@@ -156,14 +161,16 @@ class LMObjective(nn.Module):
     ``batch["teacher_*"]`` (the student's own sequences when absent) to the student's on the student's
     labelled tokens. With a ``readout`` the states at ``batch["answer_positions"]`` [B, P] (-1: none) are
     mapped to ``batch["answer_targets"]`` [B, L, F] (``answer_align``, MSE). ``weights`` maps each term to its factor.
+    With ``continuous_latents`` those tokens are continuous thoughts (``latents.continuous_forward``).
     """
 
     def __init__(self, model: nn.Module, student_layers: list[int] = (), projection: nn.Module | None = None,
                  weights: dict[str, float] | None = None, teacher: nn.Module | None = None,
                  kd_temperature: float = 1.0, target_scale: list[float] | None = None,
-                 readout: AnswerReadout | None = None):
+                 readout: AnswerReadout | None = None, continuous_latents: list[int] | None = None):
         super().__init__()
         self.model = model
+        self.continuous_latents = list(continuous_latents or [])
         self.student_layers = list(student_layers)
         self.projection = projection
         self.readout = readout
@@ -188,7 +195,7 @@ class LMObjective(nn.Module):
 
     def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
         output, targets = labelled_logits(self.model, batch["input_ids"], batch["attention_mask"], batch["labels"],
-                                          output_hidden_states=bool(self.student_layers))
+                                          self.continuous_latents, output_hidden_states=bool(self.student_layers))
         logits = output.logits
         terms = {"ce": F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)}
         if self.student_layers and "latent_positions" in batch:

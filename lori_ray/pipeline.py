@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 
 from .cluster import gpus
 from .config import Config, ConfigError, shared_teacher_path
-from .curriculum import cot_spans
+from .curriculum import cot_spans, step_starts
 from .data import Example, generate_multiplication, read_examples
 from .evaluate import EvalResult, evaluate, format_digits
 from .losses import standardize, trajectory_scale
@@ -176,20 +176,32 @@ def latent_slots(config: Config) -> int | None:
     return config.student.latent_slots
 
 
-def removal_curriculum(config: Config, sequences, pad_id: int) -> tuple[dict[str, torch.Tensor], dict]:
-    """ICoT-SI removal (``icot_si``, or ``student.curriculum: removal``): the CoT span of each teacher
-    sequence (its first CoT token, its length up to ``####``) and the worker's schedule; none otherwise."""
+def curriculum(config: Config, sequences, layout: Layout) -> tuple[dict[str, torch.Tensor], dict]:
+    """The curriculum's tensors and stage fields: the CoT span of each teacher sequence (its first CoT token,
+    its length up to ``####``) and the worker's schedule, for ICoT-SI removal (``icot_si``, or
+    ``student.curriculum: removal``) and Coconut's stages (``coconut``: also where each CoT step starts);
+    none otherwise."""
     student = config.student
-    if not student.removes_cot:
+    fields = {"reset_optimizer": student.reset_optimizer}
+    if not (student.removes_cot or student.staged):
         return {}, {}
     starts, lengths = cot_spans(sequences)
+    if student.staged:
+        steps_per_stage = student.steps_per_stage or max(student.train.steps // (student.stages + 1), 1)
+        log(f"[student] stages curriculum: one more CoT step becomes {student.latents_per_step} continuous "
+            f"latent(s) every {steps_per_stage} steps; no language CoT left from step "
+            f"{steps_per_stage * student.stages} of {student.train.steps}")
+        return ({"cot_start": starts, "cot_length": lengths, "step_starts": step_starts(sequences)},
+                {"stages": {"steps_per_stage": steps_per_stage, "last": student.stages,
+                            "latents_per_step": student.latents_per_step, "latent_ids": layout.latent_ids,
+                            "pad_id": layout.pad}, **fields})
     steps_per_token = len(sequences) / student.train.batch_size / student.removal_tokens_per_epoch
     log(f"[student] removal curriculum: {student.removal_tokens_per_epoch:g} CoT tokens per epoch (one every "
         f"{steps_per_token:.3g} steps), all {int(lengths.max())} gone by step "
         f"{math.ceil(int(lengths.max()) * steps_per_token)} of {student.train.steps}")
     return ({"cot_start": starts, "cot_length": lengths},
             {"removal": {"steps_per_token": steps_per_token,
-                         "smoothing": student.removal_smoothing, "pad_id": pad_id}})
+                         "smoothing": student.removal_smoothing, "pad_id": layout.pad}, **fields})
 
 
 def trajectory_segments(config: Config) -> str:
@@ -220,8 +232,8 @@ def calibrated_projection(model_dir: Path, data_path: Path, layers: list[int], f
 def student_stage(config: Config, teacher_dir: Path, splits: Splits, store) -> tuple[Path, Path, dict]:
     """Initial model, training tensors and stage fields of the configured method:
     ``lori`` (CE + subspace alignment), ``icot_kd`` (CE + full-width hidden MSE at the latent slots),
-    ``codi`` (CE + full-width hidden MSE at ``####``), ``nocot`` (CE) or
-    ``explicit`` (CE on the CoT and answer); any of them plus ``kd`` with the teacher run online."""
+    ``codi`` (CE + full-width hidden MSE at ``####``), ``nocot`` (CE), ``coconut`` (CE through Coconut's
+    stages) or ``explicit`` (CE on the CoT and answer); any of them plus ``kd`` with the teacher run online."""
     method, slots, loss, train = config.student.method, latent_slots(config) or 0, config.loss, splits.train
     init = student_init(config, teacher_dir, slots, train)
     tokenizer = load_tokenizer(str(init))
@@ -232,6 +244,8 @@ def student_stage(config: Config, teacher_dir: Path, splits: Splits, store) -> t
     # the student's own seed (batch order, fresh weights): seeds of one method share teacher and data
     common = {"seed": config.student_seed, **kd,
               **validation_tensors(config, [build(e) for e in splits.val], layout.pad, "student")}
+    if config.student.continuous:
+        common["continuous_latents"] = layout.latent_ids
 
     def with_teacher(examples: list[Example]) -> dict[str, torch.Tensor]:
         """The teacher's own sequences for the kd term (an explicit student already trains on them)."""
@@ -240,13 +254,13 @@ def student_stage(config: Config, teacher_dir: Path, splits: Splits, store) -> t
         tensors = collate([Layout(tokenizer).teacher(e) for e in examples], layout.pad)
         return {f"teacher_{k}": v for k, v in tensors.items()}
 
-    if config.student.removes_cot:  # trained on the teacher's sequences, losing their CoT (validation above has none)
-        build = Layout(tokenizer).teacher
-    if method in ("nocot", "icot_si", "explicit"):
+    if config.student.removes_cot or config.student.staged:
+        build = Layout(tokenizer).teacher  # trained on the teacher's sequences, losing their CoT (validation has none)
+    if method in ("nocot", "icot_si", "coconut", "explicit"):
         sequences = [build(e) for e in train]
-        removal, fields = removal_curriculum(config, sequences, layout.pad)
+        schedule, fields = curriculum(config, sequences, layout)
         data = write_tensors(sequences, layout.pad, config.model.max_positions, data_path,
-                             **with_teacher(train), **removal)
+                             **with_teacher(train), **schedule)
         return init, data, {"weights": {"ce": loss.ce, "kd": loss.kd}, **fields, **common}
 
     stored_layers = store.manifest["layers"]
@@ -275,7 +289,7 @@ def student_stage(config: Config, teacher_dir: Path, splits: Splits, store) -> t
         targets = targets[:, rows]
     sequences = [build(train[i]) for i in index]
     student_layers = [s for s, _ in pairs]
-    tensors, fields = removal_curriculum(config, sequences, layout.pad)
+    tensors, fields = curriculum(config, sequences, layout)
     fields.update(student_layers=student_layers, **common)
     weights = {"ce": loss.ce, "kd": loss.kd}
     tensors.update(with_teacher([train[i] for i in index]))
@@ -339,8 +353,11 @@ def erank_diagnostics(config: Config, teacher_dir: Path, init_dir: Path, student
     tokenizer = load_tokenizer(str(init_dir))
     slots = latent_slots(config)
     teacher_batch = calibration_batch(config, Layout(tokenizer), examples, student=False)
+    latents = add_latent_tokens(tokenizer, slots) if slots is not None else None
     student_batch = teacher_batch if slots is None else calibration_batch(
-        config, Layout(tokenizer, add_latent_tokens(tokenizer, slots)), examples, student=True)
+        config, Layout(tokenizer, latents), examples, student=True)
+    if slots is not None and config.student.continuous:
+        student_batch["latent_ids"] = latents
     code = config.model.trust_remote_code
     ranks = {"teacher": hidden_erank(load_model(teacher_dir, trust_remote_code=code).eval(), **teacher_batch),
              "student init": hidden_erank(load_student(init_dir, code).eval(), **student_batch),
@@ -421,6 +438,7 @@ def evaluate_model(config: Config, model_dir: Path, splits: dict[str, list[Examp
     question and writing its CoT."""
     tokenizer = load_tokenizer(str(model_dir), config.model.trust_remote_code)
     layout = Layout(tokenizer, add_latent_tokens(tokenizer, slots) if slots is not None else None)
+    continuous = slots is not None and config.student.continuous
     model = load_model(model_dir, trust_remote_code=config.model.trust_remote_code)
     if torch.cuda.is_available():
         model = model.to("cuda", torch.bfloat16)
@@ -433,7 +451,7 @@ def evaluate_model(config: Config, model_dir: Path, splits: dict[str, list[Examp
             log(f"[eval] {role}: {done}/{total} {split} answers generated ({time.perf_counter() - started:.0f}s)")
 
         results[split] = evaluate(model, layout, examples, with_cot=slots is None, batch_size=config.eval.batch_size,
-                                  max_new_tokens=config.eval.max_new_tokens, progress=progress)
+                                  max_new_tokens=config.eval.max_new_tokens, progress=progress, continuous=continuous)
     return results
 
 

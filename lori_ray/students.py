@@ -211,14 +211,16 @@ def load_student(directory: str | Path, trust_remote_code: bool = False) -> nn.M
 
 @torch.no_grad()
 def hidden_erank(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                 chunk: int = 32) -> list[float]:
+                 chunk: int = 32, latent_ids: list[int] | None = None) -> list[float]:
     """eRank of each layer's hidden states (embedding output first) over the real tokens, as a
     (tokens × d) matrix, centred. Streamed in chunks through second moments: the singular values of the
-    centred matrix are the square roots of its scatter matrix's eigenvalues."""
+    centred matrix are the square roots of its scatter matrix's eigenvalues. ``latent_ids``: continuous thoughts."""
+    from .latents import continuous_forward
     moments = None
     for start in range(0, len(input_ids), chunk):
-        mask = attention_mask[start:start + chunk]
-        output = model(input_ids=input_ids[start:start + chunk], attention_mask=mask, output_hidden_states=True)
+        mask, ids = attention_mask[start:start + chunk], input_ids[start:start + chunk]
+        output = (continuous_forward(model, ids, mask, latent_ids, compute_logits=False) if latent_ids else
+                  model(input_ids=ids, attention_mask=mask, output_hidden_states=True))
         states = torch.stack([h[mask.bool()] for h in output.hidden_states], 1)  # [tokens, L + 1, d]
         moments = moments or Moments.zeros(states.shape[1], states.shape[2])
         moments.update(states)

@@ -49,6 +49,11 @@ class Stage:
     run_id: str | None = None  # MLflow run that rank 0 logs step metrics to
     # ICoT-SI removal curriculum (data has cot_start, cot_length): steps_per_token, smoothing, pad_id
     removal: dict | None = None
+    # Coconut stages (data has cot_start, cot_length, step_starts): steps_per_stage, last, latents_per_step,
+    # latent_ids, pad_id
+    stages: dict | None = None
+    reset_optimizer: bool = False  # clear the optimizer's moments at each removal increment or stage
+    continuous_latents: list[int] | None = None  # token ids of the latent slots, when they are continuous thoughts
 
 
 def batch_indices(step: int, num_examples: int, batch_size: int, seed: int) -> torch.Tensor:
@@ -60,14 +65,16 @@ def batch_indices(step: int, num_examples: int, batch_size: int, seed: int) -> t
 
 
 @torch.no_grad()
-def exact_match(model, data: dict[str, torch.Tensor], rank: int, world: int, batch_size: int) -> float:
+def exact_match(model, data: dict[str, torch.Tensor], rank: int, world: int, batch_size: int,
+                latent_ids: list[int] | None = None) -> float:
     """Fraction of sequences whose every labelled token is the argmax given the gold prefix.
 
     For the answer (and CoT) tokens this equals exact match of greedy generation, in one forward
     pass. Rows are strided over ranks with the same number of forwards on each (ZeRO-3 gathers
-    parameters collectively).
+    parameters collectively). ``latent_ids``: those tokens are continuous thoughts.
     """
     import torch.distributed as dist
+    from .latents import continuous_forward
     device = next(model.parameters()).device
     total = data["input_ids"].shape[0]
     rows = torch.arange(rank, total, world)
@@ -76,8 +83,9 @@ def exact_match(model, data: dict[str, torch.Tensor], rank: int, world: int, bat
         part = rows[chunk * batch_size:(chunk + 1) * batch_size]
         counted = len(part) > 0
         part = part if counted else torch.tensor([0])  # a rank with fewer rows still joins the forward
-        logits = model(input_ids=data["input_ids"][part].to(device),
-                       attention_mask=data["attention_mask"][part].to(device)).logits
+        input_ids, attention_mask = data["input_ids"][part].to(device), data["attention_mask"][part].to(device)
+        logits = (continuous_forward(model, input_ids, attention_mask, latent_ids) if latent_ids else
+                  model(input_ids=input_ids, attention_mask=attention_mask)).logits
         gold = data["labels"][part, 1:].to(device)
         hits = ((logits[:, :-1].argmax(-1) == gold) | (gold == -100)).all(1)
         if counted:
@@ -151,14 +159,47 @@ def _build_objective(stage: Stage):
     readout = load_projection(load_file(stage.readout_path)) if stage.readout_path else None
     teacher = load_model(stage.teacher_dir) if stage.teacher_dir else None
     return LMObjective(model, stage.student_layers, projection, stage.weights, teacher, stage.kd_temperature,
-                       stage.target_scale, readout)
+                       stage.target_scale, readout, stage.continuous_latents)
+
+
+def curriculum_level(stage: Stage, step: int) -> int:
+    """How far the curriculum has gone at ``step`` (CoT tokens removed, or Coconut's stage); 0 without one."""
+    from .curriculum import latent_stage, scheduled_removal
+    if stage.removal:
+        return scheduled_removal(step, stage.removal["steps_per_token"])
+    if stage.stages:
+        return latent_stage(step, stage.stages["steps_per_stage"], stage.stages["last"])
+    return 0
+
+
+def curriculum_batch(stage: Stage, batch: dict[str, torch.Tensor], step: int,
+                     rank: int) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    """The batch as the curriculum shows it at ``step`` (seeded by step, so a resumed run sees the same), and
+    the curriculum's own metric (``cot_removed`` per row, or ``latent_stage``)."""
+    from .curriculum import remove_cot_tokens, replace_cot_steps, sample_removals
+    level = curriculum_level(stage, step)
+    if stage.removal:
+        generator = torch.Generator().manual_seed(stage.seed * 1_000_003 + step * 7 + rank)
+        counts = sample_removals(level, batch["cot_length"], stage.removal["smoothing"], generator)
+        return remove_cot_tokens(batch, counts, stage.removal["pad_id"]), {"cot_removed": counts.float().mean().item()}
+    if stage.stages:
+        latents = stage.stages["latent_ids"][:level * stage.stages["latents_per_step"]]
+        return replace_cot_steps(batch, level, latents, stage.stages["pad_id"]), {"latent_stage": float(level)}
+    return batch, {}
+
+
+def reset_optimizer_state(engine) -> None:
+    """Clear the moments of the torch optimizer inside DeepSpeed's wrappers; AdamW starts them afresh."""
+    optimizer = engine.optimizer
+    while hasattr(optimizer, "optimizer"):
+        optimizer = optimizer.optimizer
+    optimizer.state.clear()
 
 
 def train_loop(config: dict) -> None:
     """Ray Train worker loop (also runs in-process with ``num_workers=0``)."""
     import ray.train
     from safetensors.torch import load_file
-    from .curriculum import remove_cot_tokens, sample_removals, scheduled_removal
     from .tracking import StepLogger
 
     stage = Stage(**config)
@@ -199,15 +240,14 @@ def train_loop(config: dict) -> None:
     engine.train()
     while step < train["steps"]:
         rows = batch_indices(step, num_examples, train["batch_size"], stage.seed)[rank * micro:(rank + 1) * micro]
-        batch = {k: v[rows] for k, v in data.items()}
-        if stage.removal:  # seeded by step: a resumed run removes the same tokens
-            scheduled = scheduled_removal(step, stage.removal["steps_per_token"])
-            generator = torch.Generator().manual_seed(stage.seed * 1_000_003 + step * 7 + rank)
-            counts = sample_removals(scheduled, batch["cot_length"], stage.removal["smoothing"], generator)
-            batch = remove_cot_tokens(batch, counts, stage.removal["pad_id"])
+        batch, shown = curriculum_batch(stage, {k: v[rows] for k, v in data.items()}, step, rank)
+        if stage.reset_optimizer and step > 0 and curriculum_level(stage, step) != curriculum_level(stage, step - 1):
+            reset_optimizer_state(engine)
+            if rank == 0:
+                print(f"[{stage.name}] optimizer reset at step {step} (curriculum level "
+                      f"{curriculum_level(stage, step)})", flush=True)
         loss, metrics = engine({k: v.to(engine.device) for k, v in batch.items()})
-        if stage.removal:
-            metrics["cot_removed"] = counts.float().mean().item()
+        metrics.update(shown)
         if not all_finite(loss):
             # skip the update on every rank together; the model and the last checkpoint stay clean
             bad_steps += 1
@@ -233,7 +273,8 @@ def train_loop(config: dict) -> None:
             due = step == train["steps"] or (train["eval_every"] and step % train["eval_every"] == 0)
             if validation is not None and due:
                 engine.eval()
-                report["val_accuracy"] = exact_match(engine.module.model, validation, rank, world, micro)
+                report["val_accuracy"] = exact_match(engine.module.model, validation, rank, world, micro,
+                                                     stage.continuous_latents)
                 engine.train()
             sums, count, started, last = {}, 0, time.time(), report
             if logger:

@@ -117,3 +117,20 @@ def test_digit_segments_need_the_multiplication_task_and_a_method_that_reads_the
     assert load_config(None, ["trajectory.segments=digits"]).trajectory.segments == "digits"
     with pytest.raises(ConfigError, match="trajectory.segments: 'digits' does not apply to student.method codi"):
         load_config(None, ["trajectory.segments=digits", "student.method=codi"])
+
+
+def test_continuous_latents_and_stages_are_checked_against_the_method():
+    config = load_config(None, ["student.method=coconut", "student.latent_slots=4", "student.latents_per_step=2"])
+    assert config.student.continuous and config.student.staged and config.student.stages == 2
+    assert load_config(None, ["student.latent=continuous", "student.method=icot_kd"]).student.continuous
+    for overrides, message in [
+        (["student.latent=continuous", "student.method=nocot"], "student.latent: continuous needs latent slots"),
+        (["student.latent=continuous", "loss.align_at=answer"], "student.method lori with loss.align_at answer"),
+        (["student.curriculum=stages", "student.method=lori"], "student.curriculum: stages trains coconut"),
+        (["student.method=coconut", "student.latent_slots=3", "student.latents_per_step=2"],
+         "student.latents_per_step: 2 does not divide student.latent_slots"),
+        (["student.method=coconut", "student.kind=pruned", "student.width=32", "student.init=random"],
+         "student.latent: continuous is for kind full"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            load_config(None, overrides)

@@ -62,3 +62,46 @@ def test_smoothing_offsets_follow_exp_minus_lambda_and_never_exceed_the_cot():
         assert abs((smoothed == offset).float().mean().item() - expected) < 0.015
     capped = sample_removals(28, torch.tensor([30, 5, 29]), 0.5, torch.Generator().manual_seed(1))
     assert capped[1] == 5 and (capped <= torch.tensor([30, 5, 29])).all()
+
+
+def stage_batch():
+    from lori_ray.curriculum import step_starts
+    layout, examples, sequences, batch = teacher_batch()
+    batch["step_starts"] = step_starts(sequences)
+    return layout, examples, sequences, batch
+
+
+def test_the_last_coconut_stage_is_the_students_own_layout():
+    from lori_ray.curriculum import replace_cot_steps
+    from lori_ray.tokens import add_latent_tokens
+    layout, examples, sequences, batch = stage_batch()
+    tokenizer = layout.tokenizer
+    latents = add_latent_tokens(tokenizer, 4)  # 2 steps (2x2, 3x2 problems) x 2 latents per step
+    student = Layout(tokenizer, latents)
+    replaced = replace_cot_steps(batch, 2, latents, layout.pad)
+    expected = collate([student.student(e) for e in examples], layout.pad)
+    for key in ("input_ids", "labels", "attention_mask"):
+        assert torch.equal(replaced[key], expected[key]), key
+    assert torch.equal(replaced["answer_positions"], answer_positions([student.student(e) for e in examples]))
+
+
+def test_a_middle_coconut_stage_keeps_the_later_steps_in_language():
+    from lori_ray.curriculum import replace_cot_steps
+    layout, examples, sequences, batch = stage_batch()
+    latents = [100, 101]
+    replaced = replace_cot_steps(batch, 1, latents, layout.pad)
+    for row, sequence in enumerate(sequences):
+        (start, _), (second, _) = sequence.spans[:2]  # step 2 starts after step 1 and its `+`
+        ids = sequence.input_ids[:start] + latents + sequence.input_ids[second:]
+        labels = sequence.labels[:start] + [IGNORE_INDEX] * 2 + sequence.labels[second:]
+        assert replaced["input_ids"][row, :len(ids)].tolist() == ids
+        assert replaced["labels"][row, :len(ids)].tolist() == labels
+        assert replaced["attention_mask"][row].sum() == len(ids)
+        positions = [p for p in replaced["answer_positions"][row].tolist() if p >= 0]
+        assert [ids[p] for p in positions] == sequence.input_ids[sequence.answer[0]:sequence.answer[1]]
+    assert torch.equal(replace_cot_steps(batch, 0, [], layout.pad)["input_ids"], batch["input_ids"])
+
+
+def test_coconut_stages_advance_every_steps_per_stage_up_to_the_last():
+    from lori_ray.curriculum import latent_stage
+    assert [latent_stage(step, 3, 2) for step in range(10)] == [0, 0, 0, 1, 1, 1, 2, 2, 2, 2]

@@ -45,3 +45,56 @@ def test_schedule_and_deepspeed_config():
     assert config.get("zero_optimization", {}).get("overlap_comm", False) == torch.cuda.is_available()
     assert deepspeed_config({**train, "precision": "bf16"}, 2)["bf16"] == {"enabled": True}
     assert "bf16" not in deepspeed_config({**train, "precision": "fp32"}, 2)
+
+
+def test_curriculum_batch_shows_each_coconut_stage_at_its_steps():
+    from lori_ray.curriculum import cot_spans, step_starts
+    from lori_ray.tokens import add_latent_tokens, collate
+    from lori_ray.train import Stage, curriculum_batch, curriculum_level
+    tokenizer = arithmetic_tokenizer()
+    latents = add_latent_tokens(tokenizer, 2)
+    examples = generate_multiplication(4, 2, 2, seed=1)
+    sequences = [Layout(tokenizer).teacher(e) for e in examples]
+    batch = collate(sequences, tokenizer.pad_token_id)
+    batch["cot_start"], batch["cot_length"] = cot_spans(sequences)
+    batch["step_starts"] = step_starts(sequences)
+    stage = Stage(name="s", model_dir="", data_path="", train={},
+                  stages={"steps_per_stage": 5, "last": 2, "latents_per_step": 1, "latent_ids": latents,
+                          "pad_id": tokenizer.pad_token_id})
+    assert [curriculum_level(stage, step) for step in (0, 4, 5, 9, 10, 99)] == [0, 0, 1, 1, 2, 2]
+    first, shown = curriculum_batch(stage, batch, 0, rank=0)
+    assert shown == {"latent_stage": 0.0} and torch.equal(first["input_ids"], batch["input_ids"])
+    middle, _ = curriculum_batch(stage, batch, 7, rank=0)
+    assert (middle["input_ids"] == latents[0]).sum(1).tolist() == [1] * 4 and not (middle["input_ids"] == latents[1]).any()
+    last, shown = curriculum_batch(stage, batch, 12, rank=0)
+    expected = collate([Layout(tokenizer, latents).student(e) for e in examples], tokenizer.pad_token_id)
+    assert shown == {"latent_stage": 2.0} and torch.equal(last["input_ids"], expected["input_ids"])
+
+
+def test_optimizer_reset_clears_adam_moments_inside_a_deepspeed_zero2_engine():
+    import torch.distributed as dist
+    from lori_ray.train import _ensure_process_group, _import_deepspeed, reset_optimizer_state
+    deepspeed = _import_deepspeed()
+    started_group = not dist.is_initialized()
+    _ensure_process_group()
+    try:
+        model = torch.nn.Linear(4, 2)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+        train = {"batch_size": 2, "grad_clip": 1.0, "zero_stage": 2, "precision": "fp32"}
+        engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=deepspeed_config(train, 1))
+
+        def step():
+            engine.backward(engine(torch.ones(2, 4)).square().sum())
+            engine.step()
+
+        step(), step()
+        (state,) = optimizer.state.values()  # ZeRO-2 steps one flat fp32 partition
+        assert state["step"] == 2 and state["exp_avg"].abs().sum() > 0
+        reset_optimizer_state(engine)
+        assert not optimizer.state
+        step()
+        (state,) = optimizer.state.values()
+        assert state["step"] == 1  # the moments started afresh
+    finally:
+        if started_group:
+            dist.destroy_process_group()
