@@ -1,5 +1,6 @@
 """What every entry point in jobs/ and bench/ shares: ``--config`` plus ``key.sub=value`` overrides,
-validated before Ray starts; a bad config exits with status 2 and the field named."""
+validated with the data they name before Ray starts; a bad config or data line exits with status 2 and the
+field or file:line named."""
 
 from __future__ import annotations
 
@@ -17,13 +18,16 @@ def parser(doc: str) -> argparse.ArgumentParser:
 
 
 def config_or_exit(path: str, overrides: list[str], check=None, teacher_path: str | None = None) -> Config:
-    """The validated config (``check(config)`` may raise ConfigError too), or exit 2 with the message.
+    """The validated config (``check(config)`` may raise ConfigError too) whose data passed the preflight, or
+    exit 2 with the message; nothing is written and no cluster is started before.
     ``teacher_path``: the teacher another run will give this one (see ``check_rerun``)."""
+    from .preflight import preflight
     try:
         config = load_config(path, overrides)
         if check:
             check(config)
         check_rerun(config, teacher_path)
+        preflight(config)
         return config
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)

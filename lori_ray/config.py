@@ -9,14 +9,22 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError, field_validator, model_validator
 
 from . import storage
 from .data import HF_PREFIX
 from .models import FAMILIES, SIZES, model_shape
+
+
+# no bool or float where an integer is meant (YAML `true` or `8.0` is a mistake, not 1 or 8); ints pass as floats
+Int = Annotated[int, Strict()]
+Float = Annotated[float, Strict()]
+
+
+_PLAIN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
 class ConfigError(ValueError):
@@ -36,10 +44,10 @@ def _check_location(field: str, location: str | None) -> None:
 
 class DataConfig(Section):
     task: Literal["multiplication", "file"] = "multiplication"
-    digits: tuple[int, int] = (3, 3)  # multiplication: digits of each factor
-    train_size: int = Field(8000, gt=0)
-    val_size: int = Field(256, ge=0)  # taken from the training examples; validation accuracy during training
-    eval_size: int = Field(200, gt=0)
+    digits: tuple[Int, Int] = (3, 3)  # multiplication: digits of each factor
+    train_size: Int = Field(8000, gt=0)
+    val_size: Int = Field(256, ge=0)  # taken from the training examples; validation accuracy during training
+    eval_size: Int = Field(200, gt=0)
     train_file: str | None = None  # task=file: iCoT .txt or GSM8K .jsonl
     eval_file: str | None = None  # held-out split (any task); multiplication then trains on generated data
     on_bad_line: Literal["fail", "skip"] = "fail"  # a malformed line stops the run (file:line), or is skipped
@@ -64,7 +72,7 @@ class ModelConfig(Section):
     size: str = "small"
     path: str | None = None  # local HF directory of a pretrained model (its tokenizer is used)
     gguf_file: str | None = None
-    max_positions: int = Field(256, gt=0)
+    max_positions: Int = Field(256, gt=0)
     trust_remote_code: bool = False
 
     @field_validator("path")
@@ -84,20 +92,20 @@ class ModelConfig(Section):
 
 
 class TrainConfig(Section):
-    steps: int = Field(500, gt=0)
-    batch_size: int = Field(64, gt=0)  # global, split over workers
-    lr: float = Field(1e-3, gt=0)
-    warmup: int = Field(50, ge=0)
-    weight_decay: float = Field(0.0, ge=0)
-    grad_clip: float = Field(1.0, gt=0)
-    zero_stage: int = Field(2, ge=0, le=3)
+    steps: Int = Field(500, gt=0)
+    batch_size: Int = Field(64, gt=0)  # global, split over workers
+    lr: Float = Field(1e-3, gt=0)
+    warmup: Int = Field(50, ge=0)
+    weight_decay: Float = Field(0.0, ge=0)
+    grad_clip: Float = Field(1.0, gt=0)
+    zero_stage: Int = Field(2, ge=0, le=3)
     precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
     compile: bool = False  # torch.compile the objective (pays on GPU; minutes of compilation on CPU)
-    num_workers: int = Field(2, ge=0)  # 0 runs the loop in the driver process
-    checkpoint_every: int = Field(0, ge=0)  # 0: only at the end
-    log_every: int = Field(25, gt=0)
-    max_bad_steps: int = Field(10, gt=0)  # consecutive NaN/Inf losses (updates skipped) before the stage stops
-    eval_every: int = Field(0, ge=0)  # validation exact match every N steps (a multiple of log_every); 0: at the end
+    num_workers: Int = Field(2, ge=0)  # 0 runs the loop in the driver process
+    checkpoint_every: Int = Field(0, ge=0)  # 0: only at the end
+    log_every: Int = Field(25, gt=0)
+    max_bad_steps: Int = Field(10, gt=0)  # consecutive NaN/Inf losses (updates skipped) before the stage stops
+    eval_every: Int = Field(0, ge=0)  # validation exact match every N steps (a multiple of log_every); 0: at the end
 
     @model_validator(mode="after")
     def _batch(self):
@@ -123,9 +131,9 @@ class TeacherConfig(Section):
 
 
 class TrajectoryConfig(Section):
-    layers: list[int] | None = None  # teacher layers (1-based); None = all
-    num_actors: int = Field(2, gt=0)
-    batch_size: int = Field(64, gt=0)
+    layers: list[Int] | None = None  # teacher layers (1-based); None = all
+    num_actors: Int = Field(2, gt=0)
+    batch_size: Int = Field(64, gt=0)
     store_dir: str | None = None  # a path or URI (s3://, gs://, ...); default: <output_dir>/trajectories
     # what one trajectory unit averages: each CoT step's tokens, or (multiplication) for each answer digit the
     # states that write that digit's place in every CoT number; with loss.align_at answer, answer position p
@@ -139,12 +147,12 @@ class TrajectoryConfig(Section):
 
 
 class SubspaceConfig(Section):
-    rank: int = Field(8, gt=0)
-    max_rank: int = Field(16, gt=0)  # coordinates are stored at max_rank; any rank <= max_rank reuses them
+    rank: Int = Field(8, gt=0)
+    max_rank: Int = Field(16, gt=0)  # coordinates are stored at max_rank; any rank <= max_rank reuses them
     # pca: a basis per layer; tucker: shared layer × step × hidden factors (HOSVD), core ranks
     # (tucker_ranks[0], tucker_ranks[1], rank), fitted from the stored trajectories at K = student.latent_slots
     kind: Literal["pca", "tucker"] = "pca"
-    tucker_ranks: tuple[int, int] = (2, 2)
+    tucker_ranks: tuple[Int, Int] = (2, 2)
 
     @model_validator(mode="after")
     def _order(self):
@@ -167,10 +175,10 @@ class StudentConfig(Section):
     kind: Literal["full", "pruned"] = "full"
     init: Literal["teacher", "scratch", "activation", "random", "random_orthogonal"] = "teacher"
     size: str | None = None  # init=scratch: a size preset (another width → least-squares projection init)
-    width: int | None = Field(None, gt=0)  # kind=pruned: residual width d_s
-    depth: int | None = Field(None, gt=0)  # kind=pruned: layers kept, evenly spaced (default: all)
-    calibration_size: int = Field(256, gt=0)  # kind=pruned: training examples that score channels
-    latent_slots: int = Field(3, gt=0)
+    width: Int | None = Field(None, gt=0)  # kind=pruned: residual width d_s
+    depth: Int | None = Field(None, gt=0)  # kind=pruned: layers kept, evenly spaced (default: all)
+    calibration_size: Int = Field(256, gt=0)  # kind=pruned: training examples that score channels
+    latent_slots: Int = Field(3, gt=0)
     # pause: the latent slots are trained input tokens (parallel positions); continuous: each slot's input is
     # the last-layer state at the position before it (Coconut's continuous thoughts: K serial passes)
     latent: Literal["pause", "continuous"] = "pause"
@@ -181,12 +189,12 @@ class StudentConfig(Section):
     # latents, one more stage every steps_per_stage steps (default: the budget split evenly over the stages
     # 0..latent_slots/latents_per_step), the last stage being the student's own layout
     curriculum: Literal["none", "removal", "stages"] = "none"
-    removal_tokens_per_epoch: float = Field(8.0, gt=0)
-    removal_smoothing: float = Field(4.0, ge=0)
-    latents_per_step: int = Field(1, gt=0)
-    steps_per_stage: int | None = Field(None, gt=0)
+    removal_tokens_per_epoch: Float = Field(8.0, gt=0)
+    removal_smoothing: Float = Field(4.0, ge=0)
+    latents_per_step: Int = Field(1, gt=0)
+    steps_per_stage: Int | None = Field(None, gt=0)
     reset_optimizer: bool = False  # clear AdamW's moments at each curriculum increment (ICoT-SI and Coconut do)
-    seed: int | None = None  # batch order and fresh weights of the student; default: the run's seed
+    seed: Int | None = None  # batch order and fresh weights of the student; default: the run's seed
     train: TrainConfig = TrainConfig(steps=500)
 
     @property
@@ -233,26 +241,26 @@ class StudentConfig(Section):
 
 
 class LossConfig(Section):
-    ce: float = Field(1.0, ge=0)
+    ce: Float = Field(1.0, ge=0)
     # lori: where the student's states meet the teacher's trajectory. latents: slot k ↔ teacher step k
     # (first/second order in the subspace); answer: at ``####`` and each answer token a learned readout per
     # (layer, position) predicts the whole trajectory (student.latent_slots steps × subspace.rank), weight
     # ``answer``, and the student has no latent slots; both: the two together
     align_at: Literal["latents", "answer", "both"] = "latents"
-    answer: float = Field(0.5, ge=0)
-    first_order: float = Field(1.0, ge=0)
-    second_order: float = Field(1.0, ge=0)
-    layers: list[int] | None = None  # teacher layers to align (a subset of trajectory.layers); None = all stored
+    answer: Float = Field(0.5, ge=0)
+    first_order: Float = Field(1.0, ge=0)
+    second_order: Float = Field(1.0, ge=0)
+    layers: list[Int] | None = None  # teacher layers to align (a subset of trajectory.layers); None = all stored
     # divide student and teacher trajectories by the teacher's RMS deviation per layer (one value for Tucker
     # cores), so λ1/λ2 mean the same for a 1M-parameter model and a pretrained LLM with large hidden states
     normalize: bool = True
-    kd: float = Field(0.0, ge=0)  # KL(teacher ‖ student) on the student's labelled tokens, teacher run online
-    kd_temperature: float = Field(1.0, gt=0)
+    kd: Float = Field(0.0, ge=0)  # KL(teacher ‖ student) on the student's labelled tokens, teacher run online
+    kd_temperature: Float = Field(1.0, gt=0)
 
 
 class EvalConfig(Section):
-    batch_size: int = Field(100, gt=0)
-    max_new_tokens: int = Field(64, gt=0)
+    batch_size: Int = Field(100, gt=0)
+    max_new_tokens: Int = Field(64, gt=0)
 
 
 class TrackingConfig(Section):
@@ -267,13 +275,13 @@ class TuneConfig(Section):
     """A Ray Tune search over student hyperparameters; ``space`` maps config fields to distributions:
     ``subspace.rank: {choice: [2, 4, 8]}``, ``loss.first_order: {loguniform: [0.1, 10]}``."""
 
-    num_samples: int = Field(4, gt=0)
+    num_samples: Int = Field(4, gt=0)
     metric: str = "val_accuracy"
     mode: Literal["max", "min"] = "max"
     scheduler: Literal["asha", "fifo"] = "asha"
-    grace_period: int = Field(1, gt=0)  # reports (log_every steps) before ASHA may stop a trial
+    grace_period: Int = Field(1, gt=0)  # reports (log_every steps) before ASHA may stop a trial
     search: Literal["random", "optuna"] = "random"
-    max_concurrent_trials: int | None = Field(None, gt=0)  # default: cluster CPUs // workers per trial
+    max_concurrent_trials: Int | None = Field(None, gt=0)  # default: cluster CPUs // workers per trial
     space: dict[str, dict[str, list]] = {}
 
     @model_validator(mode="after")
@@ -291,10 +299,10 @@ class TuneConfig(Section):
 
 class ClusterConfig(Section):
     address: str | None = None  # None: $RAY_ADDRESS or a new local cluster bound to 127.0.0.1
-    num_cpus: int | None = None  # local cluster only
+    num_cpus: Int | None = None  # local cluster only
     # GPUs per train worker / teacher actor; None: 1 when the cluster has GPUs, else 0 (CPU)
-    gpus_per_worker: float | None = Field(None, ge=0)
-    gpus_per_actor: float | None = Field(None, ge=0)
+    gpus_per_worker: Float | None = Field(None, ge=0)
+    gpus_per_actor: Float | None = Field(None, ge=0)
     storage_path: str | None = None  # Ray Train checkpoints: a path or URI (s3://, gs://, ...); default: <run dir>/ray
 
     @model_validator(mode="after")
@@ -306,7 +314,7 @@ class ClusterConfig(Section):
 class Config(Section):
     name: str = "run"
     output_dir: str = "runs"
-    seed: int = 0
+    seed: Int = 0
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
     teacher: TeacherConfig = TeacherConfig()
@@ -318,6 +326,14 @@ class Config(Section):
     tracking: TrackingConfig = TrackingConfig()
     cluster: ClusterConfig = ClusterConfig()
     tune: TuneConfig = TuneConfig()
+
+    @field_validator("name")
+    @classmethod
+    def _plain_name(cls, name: str) -> str:
+        if not _PLAIN_NAME.match(name) or ".." in name:
+            raise ValueError(f"{name!r} is not a plain name (letters, digits, '.', '_', '-'; no '/' or '..'): it "
+                             "names the run directory under output_dir")
+        return name
 
     @property
     def run_dir(self) -> Path:
@@ -473,7 +489,8 @@ def with_overrides(config: Config, values: dict) -> Config:
     """A copy of ``config`` with dotted ``values`` applied, validated like a loaded file."""
     tree = config.model_dump(mode="json")
     for key, value in values.items():
-        _set_dotted(tree, key, value)
+        # a Tune sample may be a numpy scalar (randint): its Python value
+        _set_dotted(tree, key, value.item() if hasattr(value, "item") else value)
     return validate(tree)
 
 
@@ -481,7 +498,8 @@ def _check_search_space(config: Config) -> None:
     """Every key of tune.space is a config field and every value it can take is valid."""
     for key, spec in config.tune.space.items():
         (kind, values), = spec.items()
-        candidates = values if kind == "choice" else values[:2]  # range bounds
+        # range bounds, and a float inside a continuous range (an integer field cannot take it)
+        candidates = values if kind in ("choice", "randint") else [*values[:2], (values[0] + values[1]) / 2]
         for value in candidates:
             try:
                 with_overrides(config.model_copy(update={"tune": TuneConfig()}), {key: value})

@@ -77,11 +77,15 @@ def _read(path: str | Path, parse, skip_bad: bool) -> list[Example]:
     """Parse each non-empty line; a malformed one raises ``file:line: reason`` or, with
     ``skip_bad``, is skipped and counted in one warning."""
     examples, bad = [], []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
+    with open(path, "rb") as f:  # decoded line by line: a non-UTF-8 byte is a bad line with its number
+        for number, raw in enumerate(f, start=1):
             try:
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as error:
+                    raise DataFormatError(f"{path}:{number}: not UTF-8 text (byte {error.start + 1})") from None
+                if not line.strip():
+                    continue
                 examples.append(parse(line, f"{path}:{number}"))
             except DataFormatError:
                 if not skip_bad:
@@ -142,14 +146,25 @@ def generate_multiplication(n: int, a_digits: int, b_digits: int, seed: int = 0,
 
 def gsm8k_example(record: dict) -> Example:
     """openai GSM8K record → iCoT equation format (the ``<<expr=value>>`` annotations are the steps)."""
-    rationale, _, answer = record["answer"].rpartition(ANSWER_SEPARATOR)
+    rationale, separator, answer = record["answer"].rpartition(ANSWER_SEPARATOR)
+    if not separator or not answer.strip():
+        raise DataFormatError(f"the answer has no final '{ANSWER_SEPARATOR} <number>'")
     return Example(record["question"].strip(), tuple(_EQUATION.findall(rationale)), normalize_answer(answer))
 
 
 def parse_gsm8k_line(line: str, where: str = "<line>") -> Example:
     try:
-        return gsm8k_example(json.loads(line))
-    except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as error:
+        record = json.loads(line)
+    except json.JSONDecodeError as error:
+        raise DataFormatError(f"{where}: not JSON ({error.msg} at column {error.colno})") from None
+    missing = [key for key in ("question", "answer") if not isinstance(record, dict) or key not in record]
+    if missing:
+        raise DataFormatError(f"{where}: GSM8K record without {' and '.join(repr(k) for k in missing)}")
+    try:
+        return gsm8k_example(record)
+    except DataFormatError as error:
+        raise DataFormatError(f"{where}: {error}") from None
+    except (TypeError, AttributeError) as error:
         raise DataFormatError(f"{where}: not a GSM8K record ({error!r})") from error
 
 
@@ -192,9 +207,9 @@ def load_hf_gsm8k(spec: str = "hf:openai/gsm8k", skip_bad: bool = False) -> list
     for number, record in enumerate(rows):
         try:
             examples.append(gsm8k_example(dict(record)))
-        except (KeyError, TypeError, AttributeError) as error:
+        except (DataFormatError, KeyError, TypeError, AttributeError) as error:
             if not skip_bad:
-                raise DataFormatError(f"{spec}:{number}: not a GSM8K record ({error!r})") from error
+                raise DataFormatError(f"{spec}:{number}: not a GSM8K record ({error})") from error
             bad.append(number)
     if bad:
         warnings.warn(f"{spec}: skipped {len(bad)} malformed records", stacklevel=2)

@@ -11,7 +11,6 @@ import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import NamedTuple
 
 import mlflow
 import torch
@@ -20,7 +19,7 @@ from safetensors.torch import load_file, save_file
 from .cluster import gpus
 from .config import Config, ConfigError, shared_teacher_path
 from .curriculum import cot_spans, step_starts
-from .data import Example, generate_multiplication, read_examples
+from .data import Example
 from .evaluate import EvalResult, evaluate, format_digits
 from .losses import standardize, trajectory_scale
 from .models import build_model, load_model
@@ -30,35 +29,13 @@ from .objective import AnswerReadout, TrajectoryProjection, TuckerProjection, pa
 from .teacher import build_store, complete_missing_cots
 from .tokens import Layout, add_latent_tokens, arithmetic_tokenizer, collate, load_tokenizer
 from .plots import erank_figure, spectrum_figure, spectrum_summary
+from .preflight import Splits, load_data
 from .tracking import pipeline_run, stage_run
 from .train import Stage, fit
 
 
 def log(message: str) -> None:
     print(message, flush=True)
-
-
-class Splits(NamedTuple):
-    train: list[Example]
-    val: list[Example]  # from the training data: validation accuracy while training (and for Tune)
-    held_out: list[Example]  # never trained or tuned on: the reported accuracy
-
-
-def load_data(config: Config) -> Splits:
-    """Train, validation and held-out examples; no held-out question appears in the other two."""
-    data = config.data
-    if data.eval_file:
-        held_out = read_examples(data.eval_file, data.on_bad_line == "skip")[:data.eval_size]
-    else:
-        held_out = generate_multiplication(data.eval_size, *data.digits, seed=config.seed + 1)
-    questions = {e.question for e in held_out}
-    if data.task == "multiplication":
-        train = generate_multiplication(data.train_size, *data.digits, seed=config.seed, exclude=questions)
-    else:
-        train = [e for e in read_examples(data.train_file, data.on_bad_line == "skip")
-                 if e.question not in questions][:data.train_size]
-    cut = len(train) - data.val_size
-    return Splits(train[:cut], train[cut:], held_out)
 
 
 def initial_model_dir(config: Config) -> Path:

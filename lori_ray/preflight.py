@@ -1,0 +1,95 @@
+"""Preflight: every input a run consumes, read and checked before Ray starts or any file is written.
+
+Every entry point (``jobs/``, ``bench/``) calls :func:`preflight` through ``cli.config_or_exit``; a bad data
+line, too few examples for the splits or a sequence longer than the context is a :class:`ConfigError` naming
+the file:line or the field, and the run exits 2 with nothing written. The splits it reads are the ones the
+pipeline trains on (read once per process).
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import NamedTuple
+
+from .config import Config, ConfigError, DataConfig
+from .data import DataFormatError, Example, generate_multiplication, read_examples
+
+
+class Splits(NamedTuple):
+    train: list[Example]
+    val: list[Example]  # from the training data: validation accuracy while training (and for Tune)
+    held_out: list[Example]  # never trained or tuned on: the reported accuracy
+
+
+def load_data(config: Config) -> Splits:
+    """Train, validation and held-out examples; no held-out question appears in the other two."""
+    return _splits(config.data.model_dump_json(), config.seed)
+
+
+@lru_cache(maxsize=4)
+def _splits(data_json: str, seed: int) -> Splits:
+    data = DataConfig.model_validate_json(data_json)
+    skip = data.on_bad_line == "skip"
+    try:
+        if data.eval_file:
+            held_out = read_examples(data.eval_file, skip)[:data.eval_size]
+        else:
+            held_out = _generated("data.eval_size", data.eval_size, data.digits, seed + 1)
+        questions = {e.question for e in held_out}
+        if data.task == "multiplication":
+            train = _generated("data.train_size", data.train_size, data.digits, seed, exclude=questions)
+        else:
+            train = [e for e in read_examples(data.train_file, skip) if e.question not in questions][:data.train_size]
+    except DataFormatError as error:
+        raise ConfigError(str(error)) from None
+    if len(train) <= data.val_size:
+        source = data.train_file or f"{data.digits[0]}x{data.digits[1]} multiplication"
+        raise ConfigError(f"data.val_size: {data.val_size} validation examples leave none to train on: {source} "
+                          f"gives {len(train)} training examples once the held-out questions are removed")
+    cut = len(train) - data.val_size
+    return Splits(train[:cut], train[cut:], held_out)
+
+
+def _generated(field: str, count: int, digits: tuple[int, int], seed: int, exclude=frozenset()) -> list[Example]:
+    try:
+        return generate_multiplication(count, *digits, seed=seed, exclude=exclude)
+    except ValueError as error:
+        raise ConfigError(f"{field}: {error}") from None
+
+
+def check_lengths(config: Config, splits: Splits) -> None:
+    """Every teacher sequence (question, CoT, answer) and student sequence (question, latent slots, answer)
+    fits in ``model.max_positions``. Generated multiplication has one shape per task, so its held-out
+    problems stand for all; data files are checked line by line."""
+    from .tokens import Layout, arithmetic_tokenizer, load_tokenizer
+    model = config.model
+    tokenizer = (load_tokenizer(model.path, model.trust_remote_code, model.gguf_file) if model.path
+                 else arithmetic_tokenizer())
+    layout = Layout(tokenizer)
+    examples = splits.held_out if config.data.task == "multiplication" else [*splits.train, *splits.val,
+                                                                              *splits.held_out]
+    slots = config.student.latent_slots
+    longest, worst, too_long = 0, None, 0
+    for example in examples:
+        sequence = layout.teacher(example)
+        length = max(len(sequence.input_ids),
+                     len(sequence.input_ids) - (sequence.answer[0] - len(layout.question(example))) + slots)
+        too_long += length > model.max_positions
+        if length > longest:
+            longest, worst = length, example
+    if too_long:
+        raise ConfigError(f"model.max_positions: {model.max_positions} is shorter than {too_long} of the "
+                          f"{len(examples)} sequences checked (the longest, {longest} tokens: "
+                          f"'{worst.question[:60]}'); raise it or drop those examples")
+
+
+def preflight(config: Config) -> Splits:
+    """The run's splits, after every check that needs no cluster; raises ConfigError."""
+    splits = load_data(config)
+    for section in ("teacher", "student"):
+        batch = getattr(config, section).train.batch_size
+        if len(splits.train) < batch:
+            raise ConfigError(f"{section}.train.batch_size: {batch} is more than the {len(splits.train)} training "
+                              f"examples")
+    check_lengths(config, splits)
+    return splits

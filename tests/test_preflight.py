@@ -1,0 +1,94 @@
+"""Bad input is refused before Ray starts and before anything is written: one table of inputs, each with
+its exit status 2, a message naming the field or file:line, an empty output directory and no Ray."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import ray
+
+from lori_ray.cli import config_or_exit
+from lori_ray.data import generate_multiplication, write_icot
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = str(ROOT / "configs/tiny.yaml")
+
+
+def icot_lines(count: int, seed: int = 0) -> list[str]:
+    return [e.to_line() for e in generate_multiplication(count, 2, 2, seed=seed)]
+
+
+def write(path: Path, lines: list[str] | bytes) -> str:
+    path.write_bytes(lines if isinstance(lines, bytes) else ("\n".join(lines) + "\n").encode())
+    return str(path)
+
+
+def gsm8k(question: str = "q", answer: str = "a <<1+1=2>> 2\n#### 2") -> str:
+    return json.dumps({"question": question, "answer": answer})
+
+
+def file_task(tmp_path: Path, train: str) -> list[str]:
+    held_out = tmp_path / "eval.txt"
+    write_icot(generate_multiplication(16, 2, 2, seed=99), held_out)
+    return ["data.task=file", f"data.train_file={train}", f"data.eval_file={held_out}", "data.val_size=8"]
+
+
+CASES = {  # name: (overrides given tmp_path, message fragment)
+    "malformed line": (lambda t: file_task(t, write(t / "train.txt", icot_lines(36) + ["3 4 * 5 6 #### 1"] +
+                                                                    icot_lines(5, 1))),
+                       "train.txt:37: expected exactly one '||'"),
+    "empty file": (lambda t: file_task(t, write(t / "train.txt", b"")), "train.txt: no examples"),
+    "not UTF-8": (lambda t: file_task(t, write(t / "train.txt", "\n".join(icot_lines(2)).encode() + b"\n\xff\xfe 1\n")),
+                  "train.txt:3: not UTF-8 text"),
+    "GSM8K without answer": (lambda t: file_task(t, write(t / "train.jsonl", [gsm8k(), json.dumps({"question": "q"})])),
+                             "train.jsonl:2: GSM8K record without 'answer'"),
+    "GSM8K answer without ####": (lambda t: file_task(t, write(t / "train.jsonl", [gsm8k(answer="it is 2")])),
+                                  "train.jsonl:1: the answer has no final '####"),
+    "too few examples for the splits": (lambda t: file_task(t, write(t / "train.txt", icot_lines(20))) +
+                                        ["data.val_size=32"], "data.val_size: 32 validation examples leave none"),
+    "fewer examples than a batch": (lambda t: file_task(t, write(t / "train.txt", icot_lines(20))),
+                                    "teacher.train.batch_size: 16 is more than the 12 training examples"),
+    "sequence longer than the context": (lambda t: ["model.max_positions=20"],
+                                         "model.max_positions: 20 is shorter than 16 of the 16 sequences"),
+    "more problems than the task has": (lambda t: ["data.train_size=9000"], "data.train_size: cannot draw 9000"),
+    "bool for an int": (lambda t: ["subspace.rank=true"], "subspace.rank: Input should be a valid integer"),
+    "float for an int": (lambda t: ["student.train.steps=10.5"], "student.train.steps: Input should be a valid integer"),
+    "name with a path": (lambda t: ["name=../elsewhere"], "is not a plain name"),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_bad_input_exits_2_naming_it_with_nothing_written_and_no_ray(case, tmp_path, capsys):
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    overrides, message = CASES[case]
+    output = tmp_path / "runs"
+    started = time.time()
+    with pytest.raises(SystemExit) as exit:
+        config_or_exit(TINY, [f"output_dir={output}", *overrides(inputs)])
+    assert exit.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not output.exists() and not ray.is_initialized()
+    assert time.time() - started < 10
+
+
+def test_the_entry_point_prints_one_error_line_not_a_traceback(tmp_path):
+    overrides = file_task(tmp_path, write(tmp_path / "train.txt", icot_lines(3) + ["no separators here"]))
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
+    result = subprocess.run([sys.executable, "jobs/distill.py", "--config", TINY, f"output_dir={tmp_path / 'runs'}",
+                             *overrides], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [f"error: {tmp_path / 'train.txt'}:4: expected exactly one '||' "
+                                                  "between question and CoT"]
+    assert not (tmp_path / "runs").exists() and "Ray" not in result.stdout
+
+
+def test_skipping_bad_lines_is_the_users_choice(tmp_path):
+    overrides = file_task(tmp_path, write(tmp_path / "train.txt", "\n".join(icot_lines(40)).encode() + b"\n\xff\n"))
+    with pytest.warns(UserWarning, match="skipped 1 malformed lines"):
+        config = config_or_exit(TINY, [f"output_dir={tmp_path / 'runs'}", *overrides, "data.on_bad_line=skip"])
+    assert config.data.on_bad_line == "skip"
