@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lori_ray.cli import config_or_exit, configs_sharing_teacher, parser  # noqa: E402
+from lori_ray.cli import config_or_exit, configs_sharing_teacher, parser, user_errors  # noqa: E402
 
 METHODS = ("nocot", "icot_kd", "codi", "icot_si", "coconut", "lori")
 
@@ -75,12 +75,16 @@ def main() -> int:
     import mlflow
 
     from lori_ray.cluster import connect
-    from lori_ray.pipeline import run_sharing_teacher
+    from lori_ray.pipeline import forget_stages, run_sharing_teacher
     from lori_ray.plots import curves_figure
     from lori_ray.tracking import stage_history
 
     connect(base)
-    reports = run_sharing_teacher(configs)
+    if args.restart_from:
+        for config in configs.values():
+            forget_stages(config, args.restart_from)
+    with user_errors():
+        reports = run_sharing_teacher(configs)
     text = table(base, reports)
     print("\n" + text, flush=True)
     first = next(iter(configs.values()))

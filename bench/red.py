@@ -17,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lori_ray.cli import config_or_exit, configs_sharing_teacher, parser  # noqa: E402
+from lori_ray.cli import config_or_exit, configs_sharing_teacher, parser, user_errors  # noqa: E402
 from lori_ray.students import INITS  # noqa: E402
 
 
@@ -35,7 +35,7 @@ def main() -> int:
 
     from lori_ray.cluster import connect
     from lori_ray.models import model_shape
-    from lori_ray.pipeline import run_sharing_teacher
+    from lori_ray.pipeline import forget_stages, run_sharing_teacher
 
     hidden, _ = model_shape(base.model.family, base.model.size, base.teacher.path or base.model.path)
     students = [(round(fraction * hidden), init) for fraction in args.widths for init in args.inits]
@@ -44,7 +44,11 @@ def main() -> int:
         f"student.init={init}"] for width, init in students})
 
     connect(base)
-    reports = run_sharing_teacher(configs)
+    if args.restart_from:
+        for config in configs.values():
+            forget_stages(config, args.restart_from)
+    with user_errors():
+        reports = run_sharing_teacher(configs)
     teacher_result = next(iter(reports.values())).teacher
     teacher_erank = next(iter(reports.values())).erank["teacher"]
     lines = [f"task: {base.data.task} {base.data.eval_file or base.data.digits}, {teacher_result.examples} held-out "

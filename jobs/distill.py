@@ -9,7 +9,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from lori_ray.cli import config_or_exit, parser  # noqa: E402
+from lori_ray.cli import config_or_exit, parser, user_errors  # noqa: E402
 
 
 def main() -> int:
@@ -17,10 +17,13 @@ def main() -> int:
     config = config_or_exit(args.config, args.overrides)
 
     from lori_ray.cluster import connect
-    from lori_ray.pipeline import run
+    from lori_ray.pipeline import forget_stages, run
 
+    if args.restart_from:
+        forget_stages(config, args.restart_from)
     connect(config)
-    report = run(config)
+    with user_errors():
+        report = run(config)
     print("\n" + report.table(), flush=True)
     return 0
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from lori_ray.cli import config_or_exit, parser  # noqa: E402
+from lori_ray.cli import config_or_exit, parser, user_errors  # noqa: E402
 from lori_ray.config import ConfigError  # noqa: E402
 
 
@@ -26,10 +26,14 @@ def main() -> int:
     config = config_or_exit(args.config, args.overrides, searchable)
 
     from lori_ray.cluster import connect
+    from lori_ray.pipeline import forget_stages
     from lori_ray.tuning import run_search
 
+    if args.restart_from:
+        forget_stages(config, args.restart_from)
     connect(config)
-    run_search(config)
+    with user_errors():
+        run_search(config)
     return 0
 
 

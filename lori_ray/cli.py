@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from .config import Config, ConfigError, check_rerun, load_config, shared_teacher_path
 
@@ -14,7 +16,21 @@ def parser(doc: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("--config", required=True, help="YAML preset, e.g. configs/demo.yaml")
     parser.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+    parser.add_argument("--restart-from", choices=("teacher", "student"),
+                        help="train this stage and every later one again, although finished on disk")
     return parser
+
+
+@contextmanager
+def user_errors() -> Iterator[None]:
+    """Exit 2 with one line for a user error found once the run is under way: a finished stage under this
+    name that was trained on other inputs (see ``--restart-from``)."""
+    from .fingerprint import StageChanged
+    try:
+        yield
+    except StageChanged as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
 
 
 def config_or_exit(path: str, overrides: list[str], check=None, teacher_path: str | None = None) -> Config:

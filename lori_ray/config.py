@@ -358,8 +358,9 @@ class Config(Section):
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 
 
-# sections that change what a run computes; tracking, cluster and eval may differ on a rerun
-_RUN_DEFINING = ("seed", "data", "model", "teacher", "trajectory", "subspace", "student", "loss")
+# sections that change what a run computes (tune: a search restored under another space would mix two
+# searches); tracking, cluster and eval may differ on a rerun
+_RUN_DEFINING = ("seed", "data", "model", "teacher", "trajectory", "subspace", "student", "loss", "tune")
 
 
 def shared_teacher_path(first: Config) -> str:

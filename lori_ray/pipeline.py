@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -21,6 +22,8 @@ from .config import Config, ConfigError, shared_teacher_path
 from .curriculum import cot_spans, step_starts
 from .data import Example
 from .evaluate import EvalResult, evaluate, format_digits
+from .checkpoints import run_key
+from .fingerprint import finished, inputs_digest, stage_inputs
 from .losses import standardize, trajectory_scale
 from .models import build_model, load_model
 from .subspace import resample_steps
@@ -30,12 +33,15 @@ from .teacher import build_store, complete_missing_cots
 from .tokens import Layout, add_latent_tokens, arithmetic_tokenizer, collate, load_tokenizer
 from .plots import erank_figure, spectrum_figure, spectrum_summary
 from .preflight import Splits, load_data
+from . import storage
+from .storage import published_directory, write_local
 from .tracking import pipeline_run, stage_run
 from .train import Stage, fit
 
 
 def log(message: str) -> None:
-    print(message, flush=True)
+    """One line of the job's output, with the credentials of any URI in it replaced by ***."""
+    print(storage.redact(message), flush=True)
 
 
 def initial_model_dir(config: Config) -> Path:
@@ -43,13 +49,14 @@ def initial_model_dir(config: Config) -> Path:
     if config.model.path:
         return Path(config.model.path)
     directory = config.run_dir / "init"
-    if not (directory / "config.json").is_file():
+    if not directory.is_dir():
         tokenizer = arithmetic_tokenizer()
         special = {f"{k}_token_id": getattr(tokenizer, f"{k}_token_id") for k in ("pad", "bos", "eos")}
         model = build_model(config.model.family, config.model.size, len(tokenizer), config.model.max_positions,
                             special, seed=config.seed)
-        model.save_pretrained(directory)
-        tokenizer.save_pretrained(directory)
+        with published_directory(directory) as staging:
+            model.save_pretrained(staging)
+            tokenizer.save_pretrained(staging)
     return directory
 
 
@@ -72,15 +79,20 @@ def make_stage(config: Config, name: str, model_dir: Path, data_path: Path, trai
 
 
 def train_stage(config: Config, name: str, model_dir: Path, data_path: Path, train_config, **stage_fields) -> Path:
-    """Train under a nested MLflow run; a finished stage found on disk is skipped."""
+    """Train under a nested MLflow run. A stage found on disk is skipped when it was trained on the same inputs
+    (``fingerprint.stage_inputs``), refused (StageChanged) when on other ones, trained again when incomplete."""
     output = config.run_dir / name
-    if (output / "config.json").is_file():
-        log(f"[{name}] finished model found at {output}, skipping")
+    inputs = stage_inputs(make_stage(config, name, model_dir, data_path, train_config, **stage_fields))
+    if finished(output, inputs, name):
+        log(f"[{name}] finished model found at {output} (same inputs), skipping")
         return output
+    if output.exists():
+        log(f"[{name}] {output} has no record of its inputs (interrupted, or from an older version): training again")
     with stage_run(name, train_config.model_dump()) as run:
-        stage = make_stage(config, name, model_dir, data_path, train_config, run_id=run.info.run_id, **stage_fields)
+        stage = make_stage(config, name, model_dir, data_path, train_config, run_id=run.info.run_id,
+                           checkpoint_key=run_key(config.run_dir), inputs_digest=inputs_digest(inputs), **stage_fields)
         started = time.time()
-        fit(stage, output, config.storage_path)
+        fit(stage, output, config.storage_path, fingerprint=inputs)
         mlflow.log_metric("stage_seconds", time.time() - started)
     log(f"[{name}] done in {time.time() - started:.0f}s -> {output}")
     return output
@@ -127,8 +139,9 @@ def student_init(config: Config, teacher_dir: Path, slots: int, train: list[Exam
             scores = channel_scores(teacher(**batch, output_hidden_states=True).hidden_states, batch["attention_mask"])
         model = PrunedModel.initial(teacher, student.width, student.depth, student.init, scores, len(tokenizer),
                                     seed=config.student_seed + 2)
-        model.save_init(directory, teacher_dir)
-        tokenizer.save_pretrained(directory)
+        with published_directory(directory) as staging:
+            model.save_init(staging, teacher_dir)
+            tokenizer.save_pretrained(staging)
         return directory
     if student.init == "teacher":
         model = load_model(teacher_dir, trust_remote_code=config.model.trust_remote_code)
@@ -138,8 +151,9 @@ def student_init(config: Config, teacher_dir: Path, slots: int, train: list[Exam
         model = build_model(config.model.family, student.size or config.model.size, len(tokenizer),
                             config.model.max_positions, special, seed=config.student_seed + 2)
     model.resize_token_embeddings(len(tokenizer))
-    model.save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
+    with published_directory(directory) as staging:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
     return directory
 
 
@@ -344,7 +358,7 @@ def erank_diagnostics(config: Config, teacher_dir: Path, init_dir: Path, student
             mlflow.log_metrics({f"erank_{label.replace(' ', '_')}_layer_{i}": v for i, v in enumerate(values)})
         mlflow.log_dict(ranks, "erank.json")
         mlflow.log_figure(erank_figure(ranks), "erank.png")
-    (config.run_dir / "erank.json").write_text(json.dumps(ranks, indent=1))
+    write_local(config.run_dir / "erank.json", json.dumps(ranks, indent=1))
     return ranks
 
 
@@ -432,19 +446,35 @@ def evaluate_model(config: Config, model_dir: Path, splits: dict[str, list[Examp
     return results
 
 
+STAGES = ("teacher", "student")
+
+
+def forget_stages(config: Config, first: str) -> list[Path]:
+    """Delete the outputs of stage ``first`` and every later one (``--restart-from``), so they train again."""
+    names = STAGES[STAGES.index(first):]
+    outputs = [config.run_dir / name for name in names]
+    if not storage.scheme(config.storage_path):  # their checkpoints too, or the stage would resume from them
+        outputs += [Path(storage.join(config.storage_path, f"{config.name}-{name}")) for name in names]
+    removed = [directory for directory in outputs if directory.exists()]
+    for directory in removed:
+        shutil.rmtree(directory)
+        log(f"[{first}] --restart-from {first}: removed {directory}")
+    return removed
+
+
 def run(config: Config, teacher_result: EvalResult | None = None) -> Report:
     """All stages of one distillation run; Ray must already be initialised.
 
     ``teacher_result``: the teacher's evaluation when the caller already has it (same teacher, same split).
     """
     config.run_dir.mkdir(parents=True, exist_ok=True)
-    (config.run_dir / "config.yaml").write_text(config.to_yaml())
+    write_local(config.run_dir / "config.yaml", config.to_yaml())
     splits = load_data(config)
     log(f"[data] {len(splits.train)} training, {len(splits.val)} validation and {len(splits.held_out)} "
         "held-out examples")
     with pipeline_run(config.tracking_uri(), config.tracking.experiment, config.name,
-                      config.model_dump(mode="json"), config.to_yaml()) as parent:
-        log(f"[tracking] MLflow run {parent.info.run_id} at {config.tracking_uri()}")
+                      config.model_dump(mode="json"), config.to_yaml(), str(config.run_dir)) as parent:
+        log(f"[tracking] MLflow run {parent.info.run_id} at {storage.redact(config.tracking_uri())}")
         teacher_dir = teacher_sft(config, splits)
         if config.teacher.complete_cots:
             splits = splits._replace(train=completed_train(config, teacher_dir, splits.train))
@@ -466,7 +496,7 @@ def run(config: Config, teacher_result: EvalResult | None = None) -> Report:
             mlflow.log_metrics(metrics)
         mlflow.log_metrics(metrics)  # on the parent run too: one place to compare runs
         mlflow.log_text(report.table(), "results.md")
-        (config.run_dir / "results.md").write_text(report.table() + "\n")
+        write_local(config.run_dir / "results.md", report.table() + "\n")
     return report
 
 

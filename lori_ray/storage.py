@@ -9,6 +9,10 @@ trajectory store and the checkpoints accept the same locations and credentials (
 from __future__ import annotations
 
 import os
+import re
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
@@ -18,6 +22,17 @@ import pyarrow.fs as pafs
 FILESYSTEMS = {"file": "LocalFileSystem", "s3": "S3FileSystem", "gs": "GcsFileSystem", "gcs": "GcsFileSystem",
                "abfs": "AzureFileSystem", "abfss": "AzureFileSystem", "hdfs": "HadoopFileSystem",
                "viewfs": "HadoopFileSystem"}
+
+
+_USERINFO = re.compile(r"(?P<head>\b[a-zA-Z][a-zA-Z0-9+.-]*://[^/@\s:]*):[^/@\s]+@")
+_SECRET_PARAMETER = re.compile(r"(?i)(?P<head>[?&][^=&\s]*(?:secret|token|password|passwd|key|signature|credential)"
+                               r"[^=&\s]*=)[^&\s'\"]+")
+
+
+def redact(text: str) -> str:
+    """``text`` with the credentials of every URI in it replaced by ***: the password of ``user:password@``
+    and the values of query parameters that name a secret, token, password, key, signature or credential."""
+    return _SECRET_PARAMETER.sub(r"\g<head>***", _USERINFO.sub(r"\g<head>:***@", text))
 
 
 def scheme(location: str) -> str:
@@ -79,6 +94,24 @@ def write_whole(filesystem: pafs.FileSystem, path: str, data: bytes) -> None:
     with filesystem.open_output_stream(temporary) as stream:
         stream.write(data)
     filesystem.move(temporary, path)
+
+
+def write_local(path: str | Path, text: str) -> None:
+    """A local result file (config.yaml, results.md, ...) written whole: readers see the old or the new one."""
+    write_whole(pafs.LocalFileSystem(), str(Path(path).absolute()), text.encode())
+
+
+@contextmanager
+def published_directory(directory: str | Path) -> Iterator[Path]:
+    """A directory written under a temporary name and renamed into place whole when the block succeeds: a
+    reader (or a rerun deciding what is finished) never sees half of it."""
+    directory = Path(directory)
+    staging = directory.with_name(f".{directory.name}.partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    yield staging
+    shutil.rmtree(directory, ignore_errors=True)
+    os.replace(staging, directory)
 
 
 def remove_temporaries(filesystem: pafs.FileSystem, directory: str) -> int:

@@ -12,6 +12,8 @@ import mlflow
 from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 
+from .storage import redact
+
 
 def flatten(tree: dict, prefix: str = "") -> dict[str, str]:
     """Nested config → ``{"a.b": "value"}`` params (MLflow limits values to 6000 characters)."""
@@ -25,6 +27,11 @@ def flatten(tree: dict, prefix: str = "") -> dict[str, str]:
     return flat
 
 
+def redacted(params: dict[str, str]) -> dict[str, str]:
+    """Params with the credentials of any URI in them replaced by ***."""
+    return {k: redact(v) for k, v in params.items()}
+
+
 def artifact_location(uri: str) -> str | None:
     """Where a new experiment keeps its artifacts: next to a sqlite store (under the shared output_dir)
     rather than MLflow's default ``./mlruns`` in the driver's working directory, which is local to
@@ -34,15 +41,44 @@ def artifact_location(uri: str) -> str | None:
     return None
 
 
+RUN_KEY_TAG = "lori.run_dir"  # which logical run (its run directory) a parent run belongs to
+
+
+def previous_parent(client: MlflowClient, experiment_id: str, run_dir: str):
+    """The latest parent run of the logical run in ``run_dir``, if an earlier driver started one."""
+    runs = client.search_runs([experiment_id], f"tags.`{RUN_KEY_TAG}` = '{run_dir}'",
+                              order_by=["attributes.start_time DESC"], max_results=1)
+    return runs[0] if runs else None
+
+
+def close_stale_children(client: MlflowClient, experiment_id: str, parent_id: str) -> list[str]:
+    """Stage runs a dead driver left RUNNING under ``parent_id``, ended as KILLED (their ids)."""
+    stale = [r.info.run_id for r in client.search_runs(
+        [experiment_id], f"tags.mlflow.parentRunId = '{parent_id}' and attributes.status = 'RUNNING'")]
+    for run_id in stale:
+        client.set_tag(run_id, "lori.ended_by", "a rerun found it RUNNING after its driver died")
+        client.set_terminated(run_id, "KILLED")
+    return stale
+
+
 @contextlib.contextmanager
-def pipeline_run(uri: str, experiment: str, name: str, params: dict, config_yaml: str):
+def pipeline_run(uri: str, experiment: str, name: str, params: dict, config_yaml: str, run_dir: str):
+    """The parent run of the logical run in ``run_dir``: a rerun (after a dead driver, or to evaluate again)
+    continues it, and ends as KILLED the stage runs its dead driver left RUNNING."""
     mlflow.set_tracking_uri(uri)
     if mlflow.get_experiment_by_name(experiment) is None:
         mlflow.create_experiment(experiment, artifact_location=artifact_location(uri))
-    mlflow.set_experiment(experiment)
-    with mlflow.start_run(run_name=name) as run:
-        mlflow.log_params(flatten(params))
-        mlflow.log_text(config_yaml, "config.yaml")
+    experiment_id = mlflow.set_experiment(experiment).experiment_id
+    client = MlflowClient(uri)
+    previous = previous_parent(client, experiment_id, run_dir)
+    if previous:
+        close_stale_children(client, experiment_id, previous.info.run_id)
+    with mlflow.start_run(run_id=previous.info.run_id if previous else None,
+                          run_name=None if previous else name, tags={RUN_KEY_TAG: run_dir}) as run:
+        logged = previous.data.params if previous else {}
+        # a rerun may change eval, tracking or cluster settings; MLflow keeps a param's first value
+        mlflow.log_params({k: v for k, v in redacted(flatten(params)).items() if k not in logged})
+        mlflow.log_text(redact(config_yaml), "config.yaml")
         yield run
 
 
@@ -55,14 +91,22 @@ def stage_run(name: str, params: dict | None = None):
 
 
 class StepLogger:
-    """Logs step metrics to an existing run; a tracking failure warns once and training goes on."""
+    """Logs step metrics to an existing run; a tracking failure warns once and training goes on. Steps the run
+    already holds (logged before a worker died and replayed after its restart) are not logged twice."""
 
     def __init__(self, uri: str, run_id: str):
         self.client = MlflowClient(uri)
         self.run_id = run_id
         self.failed = 0
+        try:
+            self.logged_through = max((m.step for m in self.client.get_metric_history(run_id, "loss")), default=-1)
+        except Exception:  # tracking must never stop training
+            self.logged_through = -1
 
-    def log(self, metrics: dict[str, float], step: int) -> None:
+    def log(self, metrics: dict[str, float], step: int, replayed_too: bool = False) -> None:
+        """``replayed_too``: log even at a step the run already holds (the restart record itself)."""
+        if step <= self.logged_through and not replayed_too:
+            return
         timestamp = int(time.time() * 1000)
         try:
             self.client.log_batch(self.run_id, [Metric(k, float(v), timestamp, step) for k, v in metrics.items()])

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import math
 import os
+import secrets
 import shutil
 import tempfile
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -54,6 +55,11 @@ class Stage:
     stages: dict | None = None
     reset_optimizer: bool = False  # clear the optimizer's moments at each removal increment or stage
     continuous_latents: list[int] | None = None  # token ids of the latent slots, when they are continuous thoughts
+    # checkpoints (see ``checkpoints``): the HMAC key (a secret; never written to storage), the digest of the
+    # stage's inputs they must match, and their folder when storage is a filesystem path (set by ``fit``)
+    checkpoint_key: str | None = None
+    inputs_digest: str = ""
+    checkpoint_root: str | None = None
 
 
 def batch_indices(step: int, num_examples: int, batch_size: int, seed: int) -> torch.Tensor:
@@ -200,6 +206,7 @@ def train_loop(config: dict) -> None:
     """Ray Train worker loop (also runs in-process with ``num_workers=0``)."""
     import ray.train
     from safetensors.torch import load_file
+    from .checkpoints import verify
     from .tracking import StepLogger
 
     stage = Stage(**config)
@@ -222,16 +229,22 @@ def train_loop(config: dict) -> None:
     if train["compile"]:
         engine.compile()
 
-    step = 0
-    checkpoint = ray.train.get_checkpoint()
+    step, restarts, resumed = 0, 0, {}
+    checkpoint = resume_checkpoint(stage, world, ray.train.get_checkpoint())
     if checkpoint:
         with checkpoint.as_directory() as directory:
-            _, client_state = engine.load_checkpoint(os.path.join(directory, "ds"), tag="state")
-        step = client_state["step"]
+            if verify(Path(directory) / "ds", world, stage.inputs_digest, stage.checkpoint_key) is not None:
+                _, client_state = engine.load_checkpoint(os.path.join(directory, "ds"), tag="state")
+                step, restarts = client_state["step"], client_state.get("restarts", 0) + 1
+                resumed = {"restarts": restarts, "resumed_from_step": step}
         if rank == 0:
-            print(f"[{stage.name}] resumed from step {step}", flush=True)
+            print(f"[{stage.name}] " + (f"resumed from step {step} (restart {restarts})" if resumed else
+                                         f"{checkpoint.path} is incomplete or from other inputs: starting afresh"),
+                  flush=True)
 
     logger = StepLogger(stage.tracking_uri, stage.run_id) if rank == 0 and stage.run_id else None
+    if logger and resumed:
+        logger.log(resumed, step, replayed_too=True)
     num_examples, micro = data["input_ids"].shape[0], train["batch_size"] // world
     if rank == 0:  # a student that sees its problems many times memorises them instead of learning to compute
         print(f"[{stage.name}] {num_examples} training examples, {train['steps']} steps x batch "
@@ -267,7 +280,8 @@ def train_loop(config: dict) -> None:
         count += 1
         if step % train["log_every"] == 0 or step == train["steps"]:
             report = {k: v / count for k, v in sums.items()}
-            report.update(step=step, lr=scheduler.get_last_lr()[0], steps_per_s=count / (time.time() - started))
+            report.update(step=step, lr=scheduler.get_last_lr()[0], steps_per_s=count / (time.time() - started),
+                          **resumed)
             if torch.cuda.is_available():
                 report["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 1e9
             due = step == train["steps"] or (train["eval_every"] and step % train["eval_every"] == 0)
@@ -278,39 +292,67 @@ def train_loop(config: dict) -> None:
                 engine.train()
             sums, count, started, last = {}, 0, time.time(), report
             if logger:
-                logger.log(report, step)
+                logger.log({k: v for k, v in report.items() if k != "step"}, step)
             if rank == 0:
                 print(f"[{stage.name}] step {step}/{train['steps']} " +
                       " ".join(f"{k}={v:.4g}" for k, v in report.items() if k != "step"), flush=True)
             periodic = train["checkpoint_every"] and step % train["checkpoint_every"] == 0
             if periodic and step < train["steps"]:
-                _report_checkpoint(engine, objective, report, stage.model_dir, step, final=False)
+                _report_checkpoint(engine, objective, report, stage, step, restarts, final=False)
             elif step < train["steps"]:
                 ray.train.report(report)
-    _report_checkpoint(engine, objective, last, stage.model_dir, step, final=True)
+    _report_checkpoint(engine, objective, last, stage, step, restarts, final=True)
 
 
-def _report_checkpoint(engine, objective, metrics: dict, model_dir: str, step: int, final: bool) -> None:
-    """Every rank saves its DeepSpeed shards; with ``final``, rank 0 adds the HF model and tokenizer under ``hf/``."""
+def resume_checkpoint(stage: Stage, world: int, recorded):
+    """The checkpoint a (re)started stage resumes from: on a filesystem, the newest complete one of its inputs
+    in its folder, whatever Ray recorded (a worker killed between upload and record would otherwise lose it);
+    on an object store, the one Ray recorded. Raises TamperedCheckpoint for one that no worker of ours wrote."""
+    import ray.train
+    from .checkpoints import newest_complete
+    if stage.checkpoint_root and Path(stage.checkpoint_root).is_dir():
+        found = newest_complete(Path(stage.checkpoint_root), world, stage.inputs_digest, stage.checkpoint_key)
+        return ray.train.Checkpoint.from_directory(str(found[1])) if found else None
+    return recorded
+
+
+def _report_checkpoint(engine, objective, metrics: dict, stage: Stage, step: int, restarts: int,
+                       final: bool) -> None:
+    """Every rank saves and signs its DeepSpeed shards; with ``final``, rank 0 adds the HF model and tokenizer
+    under ``hf/``."""
     import ray.train
     from transformers import AutoTokenizer
+    from .checkpoints import sign
+    rank = ray.train.get_context().get_world_rank()
     directory = tempfile.mkdtemp(prefix="lori-ckpt-")
-    engine.save_checkpoint(os.path.join(directory, "ds"), tag="state", client_state={"step": step})
+    engine.save_checkpoint(os.path.join(directory, "ds"), tag="state",
+                           client_state={"step": step, "restarts": restarts})
+    sign(Path(directory) / "ds", rank, step, stage.inputs_digest, stage.checkpoint_key)
     if final:
         if engine.zero_optimization_stage() == 3:
             state = engine._zero3_consolidated_16bit_state_dict()  # collective: every rank calls it
         else:
             state = engine.module.state_dict()
-        if ray.train.get_context().get_world_rank() == 0:
+        if rank == 0:
             hf = os.path.join(directory, "hf")
             objective.model.save_pretrained(hf, state_dict=objective.model_state_dict(state))
-            AutoTokenizer.from_pretrained(model_dir).save_pretrained(hf)
+            AutoTokenizer.from_pretrained(stage.model_dir).save_pretrained(hf)
     ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory),
                      checkpoint_dir_name=f"step-{step:06d}", delete_local_checkpoint_after_upload=True)
 
 
-def fit(stage: Stage, output_dir: str | Path, storage_path: str | Path, callbacks: list | None = None) -> tuple[Path, dict]:
-    """Run the stage under Ray Train and copy the trained HF model to ``output_dir``."""
+def fit(stage: Stage, output_dir: str | Path, storage_path: str | Path, callbacks: list | None = None,
+        fingerprint: dict[str, str] | None = None) -> tuple[Path, dict]:
+    """Run the stage under Ray Train and publish the trained HF model at ``output_dir`` whole, with the
+    ``fingerprint`` of its inputs (``fingerprint.stage_inputs``) inside."""
+    from . import storage
+    from .fingerprint import stage_inputs, write_fingerprint
+    from .storage import published_directory
+
+    root = storage.join(storage.absolute(str(storage_path)), stage.name)
+    # the key lives in the driver's memory (or the run directory, see ``pipeline``); only the signatures travel
+    stage = replace(stage, checkpoint_key=stage.checkpoint_key or secrets.token_hex(32),
+                    checkpoint_root=root if storage.scheme(root) == "" else None)
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -328,11 +370,7 @@ def fit(stage: Stage, output_dir: str | Path, storage_path: str | Path, callback
     if result.checkpoint is None:
         raise RuntimeError(f"stage {stage.name} finished without a checkpoint")
     output_dir = Path(output_dir)
-    staging = output_dir.with_name(f".{output_dir.name}.partial")
-    with result.checkpoint.as_directory() as directory:
-        shutil.rmtree(staging, ignore_errors=True)
-        shutil.copytree(Path(directory) / "hf", staging)
-    # renamed into place whole: a reader (or a rerun's stage skipping) never sees half a model
-    shutil.rmtree(output_dir, ignore_errors=True)
-    os.replace(staging, output_dir)
+    with result.checkpoint.as_directory() as directory, published_directory(output_dir) as staging:
+        shutil.copytree(Path(directory) / "hf", staging, dirs_exist_ok=True)
+        write_fingerprint(staging, fingerprint or stage_inputs(stage))
     return output_dir, dict(result.metrics or {})

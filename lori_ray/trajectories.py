@@ -19,6 +19,7 @@ import torch
 from safetensors.torch import load, save
 
 from . import storage
+from .fingerprint import hash_files
 from .subspace import Subspace, Tucker, TuckerMoments, fit_tucker, resample_steps
 
 MANIFEST = "manifest.json"
@@ -48,12 +49,7 @@ def file_fingerprint(path: str | Path) -> str:
     files = sorted(path.glob("*.safetensors")) + sorted(path.glob("*.gguf")) if path.is_dir() else [path]
     if not files:
         raise FileNotFoundError(f"no weights (*.safetensors or *.gguf) in {path}")
-    digest = hashlib.sha256()
-    for file in files:
-        with open(file, "rb") as f:
-            for block in iter(lambda: f.read(1 << 22), b""):
-                digest.update(block)
-    return digest.hexdigest()
+    return hash_files(files)
 
 
 def store_key(teacher: str, data: str, layers: list[int], max_rank: int, segments: str = "steps") -> str:

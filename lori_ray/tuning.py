@@ -84,11 +84,11 @@ def accuracy_by_rank_figure(rows: list[dict], default_rank: int, metric: str) ->
 def run_search(config: Config) -> dict:
     """Teacher and store once, then the Tune search; returns the best trial's summary."""
     config.run_dir.mkdir(parents=True, exist_ok=True)
-    (config.run_dir / "config.yaml").write_text(config.to_yaml())
+    storage.write_local(config.run_dir / "config.yaml", config.to_yaml())
     splits = load_data(config)
     uri, metric = config.tracking_uri(), config.tune.metric
     with pipeline_run(uri, config.tracking.experiment, config.name, config.model_dump(mode="json"),
-                      config.to_yaml()) as parent:
+                      config.to_yaml(), str(config.run_dir)) as parent:
         teacher_dir = teacher_sft(config, splits)
         store = trajectory_stage(config, teacher_dir, splits.train)
 

@@ -4,6 +4,7 @@ import os
 import signal
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,7 @@ import ray
 from ray.util.state import list_actors
 from safetensors.torch import save_file
 
+from lori_ray.checkpoints import verify
 from lori_ray.config import load_config
 from lori_ray.data import generate_multiplication
 from lori_ray.teacher import build_store
@@ -76,8 +78,11 @@ def test_killed_train_worker_resumes_from_its_checkpoint_with_the_same_result(cl
     _, reference = fit(stage, base / "reference", base / "ray-reference")
 
     storage = base / "ray-killed"
-    thread, outcome = run_in_thread(fit, stage, base / "killed", storage)
-    wait_for(lambda: (storage / stage.name / "step-000010").is_dir(), 300, "first checkpoint")
+    key = "0f" * 32  # the test knows the key, so it can tell when the first checkpoint is complete
+    thread, outcome = run_in_thread(fit, replace(stage, checkpoint_key=key), base / "killed", storage)
+    first = storage / stage.name / "step-000010" / "ds"
+    # killed as soon as the upload is complete, before Ray may have recorded it
+    wait_for(lambda: first.is_dir() and verify(first, 2, "", key) == 10, 300, "first complete checkpoint")
     victim = alive_pids("RayTrainWorker")[0]
     os.kill(victim, signal.SIGKILL)
     thread.join(600)
@@ -85,6 +90,9 @@ def test_killed_train_worker_resumes_from_its_checkpoint_with_the_same_result(cl
         raise outcome["error"]
     _, metrics = outcome["result"]
 
+    # resumed from the checkpoint, not restarted from step 0, and it says so
+    assert metrics["resumed_from_step"] == 10 and metrics["restarts"] == 1
+    assert "resumed_from_step" not in reference
     assert metrics["step"] == reference["step"] == 40
     # deterministic data order and a restored optimizer: the same trajectory as without the fault
     assert abs(metrics["ce"] - reference["ce"]) < 1e-3 * max(1.0, reference["ce"])

@@ -136,3 +136,30 @@ def test_tokenizer_larger_than_the_model_vocabulary_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError, match=r"model.path: the tokenizer in .* has 50 tokens but the model's "
                                           r"vocabulary has 20 rows"):
         load_config(ROOT / "configs/tiny.yaml", [f"model.path={model_dir}"])
+
+
+def test_the_local_cluster_token_file_is_private(tmp_path, monkeypatch):
+    import os
+    import stat
+    from lori_ray.cluster import private_token_file
+    monkeypatch.delenv("RAY_AUTH_TOKEN", raising=False)
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(tmp_path / "ray" / "auth_token"))
+    created = private_token_file()
+    assert stat.S_IMODE(os.stat(created).st_mode) == 0o600 and len(created.read_text()) == 64
+    created.chmod(0o644)  # as Ray writes it
+    assert private_token_file() == created and stat.S_IMODE(os.stat(created).st_mode) == 0o600
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "from-the-environment")
+    assert private_token_file() is None
+
+
+@pytest.mark.parametrize("text, shown", [
+    ("s3://AKIAID:wJalrSECRET@bucket/runs", "s3://AKIAID:***@bucket/runs"),
+    ("http://alice:hunter2@mlflow:5000", "http://alice:***@mlflow:5000"),
+    ("s3://bucket/p?access_key=AKIAID&secret_key=wJalr&region=eu", "s3://bucket/p?access_key=***&secret_key=***&region=eu"),
+    ("gs://bucket/p?token=ya29.abc", "gs://bucket/p?token=***"),
+    ("[tracking] MLflow run 1 at sqlite:////tmp/mlflow.db", "[tracking] MLflow run 1 at sqlite:////tmp/mlflow.db"),
+])
+def test_credentials_in_uris_never_reach_the_log(text, shown, capsys):
+    from lori_ray.pipeline import log
+    log(f"[teacher] store {text}")
+    assert capsys.readouterr().out == f"[teacher] store {shown}\n"

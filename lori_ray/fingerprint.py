@@ -1,0 +1,76 @@
+"""What a training stage consumed, so a finished stage is reused only on identical inputs.
+
+A stage's fingerprint names each input: its settings (every ``Stage`` field that changes what it computes)
+and the content digest of every file it reads (initial model, training and validation tensors, projection,
+readout, online teacher). It is written into the stage's output before that output is renamed into place,
+so an output without one never counts as finished; a rerun compares fingerprints input by input.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+FINGERPRINT_FILE = "lori-stage.json"
+# where the stage reports, what it is called and how its checkpoints are signed do not change what it computes
+_NOT_INPUTS = ("name", "tracking_uri", "run_id", "checkpoint_key", "inputs_digest", "checkpoint_root")
+_FILE_INPUTS = ("model_dir", "data_path", "val_path", "projection_path", "readout_path", "teacher_dir")
+
+
+class StageChanged(RuntimeError):
+    """A finished stage whose inputs differ from this run's."""
+
+
+def hash_files(files: list[Path], root: Path | None = None) -> str:
+    """sha256 of the files' contents in order, each preceded by its name relative to ``root`` when given."""
+    hasher = hashlib.sha256()
+    for file in files:
+        if root is not None:
+            hasher.update(str(file.relative_to(root)).encode() + b"\0")
+        with open(file, "rb") as f:
+            for block in iter(lambda: f.read(1 << 22), b""):
+                hasher.update(block)
+    return hasher.hexdigest()
+
+
+def digest(path: str | Path) -> str:
+    """sha256 of a file, or of a directory's files (relative names and contents, in sorted order)."""
+    path = Path(path)
+    if not path.is_dir():
+        return hash_files([path])
+    return hash_files(sorted(p for p in path.rglob("*") if p.is_file()), root=path)
+
+
+def stage_inputs(stage) -> dict[str, str]:
+    """``settings`` (a digest of the stage's other fields) and one content digest per input file."""
+    fields = asdict(stage)
+    inputs = {name: digest(fields[name]) for name in _FILE_INPUTS if fields.get(name)}
+    settings = {k: v for k, v in fields.items() if k not in _NOT_INPUTS + _FILE_INPUTS}
+    inputs["settings"] = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
+    return inputs
+
+
+def inputs_digest(inputs: dict[str, str]) -> str:
+    """One digest of all of a stage's inputs (what its checkpoints must have been made from)."""
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
+
+
+def write_fingerprint(directory: Path, inputs: dict[str, str]) -> None:
+    (Path(directory) / FINGERPRINT_FILE).write_text(json.dumps(inputs, indent=1, sort_keys=True))
+
+
+def finished(output: Path, inputs: dict[str, str], label: str) -> bool:
+    """Whether ``output`` holds this stage finished on the same ``inputs``. An output without a fingerprint
+    (interrupted, or from an older version) is not finished; one with other inputs raises StageChanged
+    naming them."""
+    record = Path(output) / FINGERPRINT_FILE
+    if not record.is_file():
+        return False
+    before = json.loads(record.read_text())
+    changed = sorted(key for key in before.keys() | inputs.keys() if before.get(key) != inputs.get(key))
+    if changed:
+        raise StageChanged(f"stage {label}: {output} was trained on other inputs ({', '.join(changed)} changed); "
+                           f"rerun with --restart-from {label} to train it again, or pick another name=")
+    return True

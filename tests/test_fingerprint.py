@@ -1,0 +1,68 @@
+"""A finished stage is reused only when every input is identical: settings and the content of every file."""
+
+from pathlib import Path
+
+import pytest
+
+from lori_ray.config import load_config
+from lori_ray.fingerprint import FINGERPRINT_FILE, StageChanged, digest, finished, stage_inputs, write_fingerprint
+from lori_ray.pipeline import forget_stages, make_stage, train_stage
+from lori_ray.storage import published_directory, write_local
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def stage_files(tmp_path: Path) -> tuple[Path, Path]:
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    (model / "model.safetensors").write_bytes(b"weights")
+    data = tmp_path / "data.safetensors"
+    data.write_bytes(b"tensors")
+    return model, data
+
+
+def test_digest_follows_content_not_names_or_times(tmp_path):
+    model, data = stage_files(tmp_path)
+    before = digest(model)
+    (model / "model.safetensors").write_bytes(b"weights")  # rewritten, same bytes
+    assert digest(model) == before
+    (model / "model.safetensors").write_bytes(b"weightz")
+    assert digest(model) != before
+    assert digest(data) != digest(tmp_path / "model" / "config.json")
+
+
+def test_a_finished_stage_is_reused_only_on_identical_inputs(tmp_path):
+    config = load_config(ROOT / "configs/tiny.yaml", [f"output_dir={tmp_path / 'runs'}", "cluster.gpus_per_worker=0"])
+    model, data = stage_files(tmp_path)
+    train = config.teacher.train
+    output = config.run_dir / "teacher"
+    inputs = stage_inputs(make_stage(config, "teacher", model, data, train))
+    assert not finished(output, inputs, "teacher")  # nothing there
+    output.mkdir(parents=True)
+    (output / "config.json").write_text("{}")  # what an interrupted save_pretrained leaves: not finished
+    assert not finished(output, inputs, "teacher")
+    write_fingerprint(output, inputs)
+    # same inputs: train_stage returns the finished stage without starting Ray
+    assert train_stage(config, "teacher", model, data, train) == output
+    data.write_bytes(b"other tensors")  # same path, new content (e.g. an edited data.train_file)
+    with pytest.raises(StageChanged, match=r"stage teacher: .* trained on other inputs \(data_path changed\); "
+                                           r"rerun with --restart-from teacher"):
+        train_stage(config, "teacher", model, data, train)
+    other = config.teacher.train.model_copy(update={"lr": 1e-2})
+    with pytest.raises(StageChanged, match=r"\(data_path, settings changed\)"):
+        train_stage(config, "teacher", model, data, other)
+    assert forget_stages(config, "teacher") == [output] and not output.exists()
+
+
+def test_results_and_directories_appear_whole(tmp_path):
+    write_local(tmp_path / "results.md", "table\n")
+    assert (tmp_path / "results.md").read_text() == "table\n" and list(tmp_path.iterdir()) == [tmp_path / "results.md"]
+    with pytest.raises(RuntimeError):
+        with published_directory(tmp_path / "model") as staging:
+            (staging / "config.json").write_text("{}")
+            raise RuntimeError("killed while saving")
+    assert not (tmp_path / "model").exists()  # a failed save never appears under the real name
+    with published_directory(tmp_path / "model") as staging:
+        (staging / FINGERPRINT_FILE).write_text("{}")
+    assert (tmp_path / "model" / FINGERPRINT_FILE).is_file()

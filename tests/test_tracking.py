@@ -1,0 +1,54 @@
+"""MLflow as the runs happened: one parent run per logical run across driver deaths, stale stage runs
+closed, no step logged twice after a restart, no credentials in params."""
+
+import mlflow
+from mlflow.tracking import MlflowClient
+
+from lori_ray.tracking import RUN_KEY_TAG, StepLogger, pipeline_run
+
+
+def store(tmp_path) -> str:
+    return f"sqlite:///{tmp_path / 'mlflow.db'}"
+
+
+def test_a_restarted_worker_does_not_log_its_replayed_steps_twice(tmp_path):
+    uri = store(tmp_path)
+    client = MlflowClient(uri)
+    run_id = client.create_run(client.create_experiment("e")).info.run_id
+    before = StepLogger(uri, run_id)
+    for step in (5, 10, 15):  # logged, then the worker dies; the checkpoint was at step 10
+        before.log({"loss": 1.0 / step}, step)
+    after = StepLogger(uri, run_id)
+    after.log({"restarts": 1, "resumed_from_step": 10}, 10, replayed_too=True)
+    for step in (15, 20):
+        after.log({"loss": 0.5 / step}, step)
+    assert [m.step for m in sorted(client.get_metric_history(run_id, "loss"), key=lambda m: m.step)] == [5, 10, 15, 20]
+    assert [(m.step, m.value) for m in client.get_metric_history(run_id, "restarts")] == [(10, 1.0)]
+    assert client.get_metric_history(run_id, "loss")[2].value == 1.0 / 15  # the first record of step 15 stays
+
+
+def test_a_rerun_after_a_dead_driver_continues_its_parent_run_and_closes_what_it_left_running(tmp_path):
+    uri = store(tmp_path)
+    params = {"seed": 0, "tracking": {"uri": "http://alice:hunter2@mlflow.internal:5000"}}
+    with pipeline_run(uri, "lori-ray", "demo", params, "name: demo\n", "/runs/demo") as first:
+        with mlflow.start_run(run_name="teacher", nested=True):
+            pass
+        stale = mlflow.start_run(run_name="student", nested=True).info.run_id  # the driver dies here:
+        mlflow.end_run("RUNNING")  # nothing ends the runs (status stays RUNNING)
+    client = MlflowClient(uri)
+    client.set_terminated(first.info.run_id, "RUNNING")
+
+    with pipeline_run(uri, "lori-ray", "demo", {**params, "eval": {"batch_size": 8}}, "name: demo\n",
+                      "/runs/demo") as again:
+        pass
+    assert again.info.run_id == first.info.run_id  # one parent run for the logical run
+    assert client.get_run(stale).info.status == "KILLED"
+    experiment = client.get_experiment_by_name("lori-ray").experiment_id
+    parents = [r for r in client.search_runs([experiment]) if "mlflow.parentRunId" not in r.data.tags]
+    assert len(parents) == 1 and parents[0].data.tags[RUN_KEY_TAG] == "/runs/demo"
+    logged = client.get_run(first.info.run_id).data.params
+    assert logged["tracking.uri"] == "http://alice:***@mlflow.internal:5000" and logged["eval.batch_size"] == "8"
+    with pipeline_run(uri, "lori-ray", "demo", params, "name: demo\n", "/runs/other") as other:
+        pass
+    assert other.info.run_id != first.info.run_id  # another run directory is another logical run
+
