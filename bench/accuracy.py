@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lori_ray.cli import config_or_exit, configs_sharing_teacher, parser, user_errors  # noqa: E402
+from lori_ray.cli import config_or_exit, configs_sharing_teacher, inspected, parser, user_errors  # noqa: E402
 
 METHODS = ("nocot", "icot_kd", "codi", "icot_si", "coconut", "lori")
 
@@ -63,6 +63,8 @@ def main() -> int:
                            help="student seeds per method: student.seed, student.seed + 1, ... (run names end -s<seed>)")
     args = arguments.parse_args()
     base = config_or_exit(args.config, args.overrides)
+    if inspected(args, base):  # the first run's plan; every later one shares its teacher and data
+        return 0
     if args.seeds < 1:
         print("error: --seeds: at least 1", file=sys.stderr)
         return 2

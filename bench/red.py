@@ -17,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lori_ray.cli import config_or_exit, configs_sharing_teacher, parser, user_errors  # noqa: E402
+from lori_ray.cli import config_or_exit, configs_sharing_teacher, inspected, parser, user_errors  # noqa: E402
 from lori_ray.students import INITS  # noqa: E402
 
 
@@ -32,6 +32,8 @@ def main() -> int:
     arguments.add_argument("--inits", nargs="+", choices=INITS, default=["random", "activation"])
     args = arguments.parse_args()
     base = config_or_exit(args.config, args.overrides)
+    if inspected(args, base):  # the first run's plan; every later one shares its teacher and data
+        return 0
 
     from lori_ray.cluster import connect
     from lori_ray.models import model_shape

@@ -10,7 +10,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from lori_ray.cli import config_or_exit, parser, user_errors  # noqa: E402
+from lori_ray.cli import config_or_exit, inspected, parser, user_errors  # noqa: E402
 from lori_ray.config import ConfigError  # noqa: E402
 
 
@@ -24,6 +24,8 @@ def searchable(config) -> None:
 def main() -> int:
     args = parser(__doc__).parse_args()
     config = config_or_exit(args.config, args.overrides, searchable)
+    if inspected(args, config):
+        return 0
 
     from lori_ray.cluster import connect
     from lori_ray.pipeline import forget_stages

@@ -18,7 +18,20 @@ def parser(doc: str) -> argparse.ArgumentParser:
     parser.add_argument("overrides", nargs="*", help="key.sub=value overrides")
     parser.add_argument("--restart-from", choices=("teacher", "student"),
                         help="train this stage and every later one again, although finished on disk")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="check the config and the data, print what the run would do, and exit")
     return parser
+
+
+def inspected(args, config: Config) -> bool:
+    """``--print-config`` or ``--dry-run``: print the resolved config or the plan (nothing written, no Ray)."""
+    if args.print_config:
+        print(config.to_yaml(), end="")
+    if args.dry_run:
+        from .preflight import load_data, plan
+        print(plan(config, load_data(config)))
+    return args.print_config or args.dry_run
 
 
 @contextmanager

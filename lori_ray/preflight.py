@@ -93,3 +93,37 @@ def preflight(config: Config) -> Splits:
                               f"examples")
     check_lengths(config, splits)
     return splits
+
+
+def _stage_line(config: Config, name: str, section, splits: Splits) -> str:
+    output = config.run_dir / name
+    train = section.train
+    work = (f"{train.steps} steps x batch {train.batch_size} = {train.steps * train.batch_size / len(splits.train):.2f} "
+            f"epochs on {max(train.num_workers, 1)} worker(s), ZeRO-{train.zero_stage} -> {output}")
+    if (output / "lori-stage.json").is_file():
+        return f"{name}: finished on disk: reused if its inputs are unchanged (else refused: --restart-from {name}); {work}"
+    return f"{name}: to train, {work}"
+
+
+def plan(config: Config, splits: Splits) -> str:
+    """What a run will do (``--dry-run``): each stage, whether it is found finished or will run, its size and
+    where its outputs go."""
+    from .storage import redact
+    data = config.data
+    source = data.train_file or f"{data.digits[0]}x{data.digits[1]} multiplication, generated"
+    teacher = (f"teacher: given (teacher.path={config.teacher.path})" if config.teacher.path
+               else _stage_line(config, "teacher", config.teacher, splits))
+    student = config.student
+    return "\n".join([
+        f"run '{config.name}' in {config.run_dir}; MLflow {redact(config.tracking_uri())}; Ray "
+        f"{config.cluster.address or 'a new local cluster (or RAY_ADDRESS)'}",
+        f"data: {len(splits.train)} training, {len(splits.val)} validation, {len(splits.held_out)} held-out "
+        f"examples ({source})",
+        teacher,
+        f"trajectories: the teacher over {len(splits.train)} training examples, subspace rank "
+        f"{config.subspace.rank} of {config.subspace.max_rank} -> {config.store_dir} (a store of the same teacher "
+        f"and data is reused)",
+        _stage_line(config, "student", student, splits).replace("student:", f"student ({student.method}):", 1),
+        f"evaluate: {len(splits.held_out)} held-out problems (teacher with its CoT, student without) and as many "
+        f"training problems -> {config.run_dir / 'results.md'}",
+    ])

@@ -146,3 +146,11 @@ def test_killed_driver_resumes_with_the_same_run_name(tmp_path):
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert "[teacher] finished model found" in again.stdout
     assert (tmp_path / "tiny" / "results.md").is_file()
+    # one MLflow parent run for the run, holding every stage; nothing left RUNNING by the dead driver
+    from mlflow.tracking import MlflowClient
+    client = MlflowClient(f"sqlite:///{tmp_path / 'tiny' / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("lori-ray").experiment_id])
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert len(parents) == 1 and not [r for r in runs if r.info.status == "RUNNING"]
+    stages = {r.data.tags["mlflow.runName"] for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id}
+    assert {"teacher", "trajectories", "student", "evaluate"} <= stages

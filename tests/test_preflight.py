@@ -92,3 +92,16 @@ def test_skipping_bad_lines_is_the_users_choice(tmp_path):
     with pytest.warns(UserWarning, match="skipped 1 malformed lines"):
         config = config_or_exit(TINY, [f"output_dir={tmp_path / 'runs'}", *overrides, "data.on_bad_line=skip"])
     assert config.data.on_bad_line == "skip"
+
+
+def test_dry_run_prints_the_plan_and_print_config_the_resolved_yaml_with_nothing_written(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
+    result = subprocess.run([sys.executable, "jobs/distill.py", "--config", TINY, f"output_dir={tmp_path / 'runs'}",
+                             "student.method=nocot", "--dry-run", "--print-config"],
+                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "  method: nocot\n" in result.stdout  # the YAML, overrides applied
+    assert "data: 256 training, 32 validation, 16 held-out examples" in result.stdout
+    assert f"teacher: to train, 6 steps x batch 16 = 0.38 epochs on 2 worker(s), ZeRO-2 -> {tmp_path / 'runs'}" in result.stdout
+    assert "student (nocot): to train" in result.stdout
+    assert not (tmp_path / "runs").exists()
