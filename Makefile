@@ -6,7 +6,7 @@ TORCH  ?= torch==2.13.0
 DEEPSPEED ?= deepspeed==0.19.8
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo tune-demo test clean
+.PHONY: setup demo tune-demo test test-fast clean
 
 setup: $(STAMP)
 
@@ -30,6 +30,10 @@ tune-demo: setup
 
 test: setup
 	$(PY) -m pytest -q --durations=15 tests
+
+# the unit lane: everything but the tests that start a Ray cluster or run a pipeline
+test-fast: setup
+	$(PY) -m pytest -q --durations=5 -m "not cluster" tests
 
 clean:
 	rm -rf runs .pytest_cache

@@ -9,7 +9,10 @@ import sys
 from pathlib import Path
 
 import mlflow
+import pytest
 from transformers import AutoModelForCausalLM
+
+pytestmark = pytest.mark.cluster  # a real Ray cluster or a full pipeline: `make test-fast` skips it
 
 ROOT = Path(__file__).resolve().parents[1]
 

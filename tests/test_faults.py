@@ -22,6 +22,8 @@ from lori_ray.trajectories import EXTRACTIONS
 
 from test_reliability import tiny_model_dir
 
+pytestmark = pytest.mark.cluster  # a real Ray cluster or a full pipeline: `make test-fast` skips it
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

@@ -68,6 +68,7 @@ def local_ray():
     ray.shutdown()
 
 
+@pytest.mark.cluster
 def test_nan_loss_stops_the_stage_with_a_clear_error_and_keeps_the_checkpoint(local_ray, tmp_path):
     model_dir = tiny_model_dir(tmp_path / "model")
     layout = Layout(arithmetic_tokenizer())

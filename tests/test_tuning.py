@@ -13,6 +13,8 @@ from lori_ray.tokens import arithmetic_tokenizer
 from lori_ray.trajectories import TrajectoryStore
 from lori_ray.tuning import search_space, trial_config
 
+pytestmark = pytest.mark.cluster  # a real Ray cluster or a full pipeline: `make test-fast` skips it
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
