@@ -35,12 +35,17 @@ def hash_files(files: list[Path], root: Path | None = None) -> str:
     return hasher.hexdigest()
 
 
+# written into a model directory after its run (see ``predict.write_model_files``): not what the model is
+_MODEL_NOTES = ("README.md", "lori-model.json", FINGERPRINT_FILE)
+
+
 def digest(path: str | Path) -> str:
-    """sha256 of a file, or of a directory's files (relative names and contents, in sorted order)."""
+    """sha256 of a file, or of a directory's files (relative names and contents, in sorted order; a model's
+    card, prompt contract and fingerprint left out)."""
     path = Path(path)
     if not path.is_dir():
         return hash_files([path])
-    return hash_files(sorted(p for p in path.rglob("*") if p.is_file()), root=path)
+    return hash_files(sorted(p for p in path.rglob("*") if p.is_file() and p.name not in _MODEL_NOTES), root=path)
 
 
 def stage_inputs(stage) -> dict[str, str]:

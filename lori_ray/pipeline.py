@@ -32,6 +32,7 @@ from .objective import AnswerReadout, TrajectoryProjection, TuckerProjection, pa
 from .teacher import build_store, complete_missing_cots
 from .tokens import Layout, add_latent_tokens, arithmetic_tokenizer, collate, load_tokenizer
 from .plots import erank_figure, spectrum_figure, spectrum_summary
+from .predict import Contract, write_model_files
 from .preflight import Splits, load_data
 from . import storage
 from .storage import published_directory, write_local
@@ -446,6 +447,21 @@ def evaluate_model(config: Config, model_dir: Path, splits: dict[str, list[Examp
     return results
 
 
+def describe_models(config: Config, teacher_dir: Path, student_dir: Path, examples: int, results: str) -> None:
+    """The prompt contract and model card of the student, and of the teacher when this run trained it."""
+    data = config.data
+    source = (f"{examples:,} {data.digits[0]}x{data.digits[1]} multiplication problems" if data.task == "multiplication"
+              else f"{examples:,} examples of {Path(data.train_file).name}")
+    digits = list(data.digits) if data.task == "multiplication" else None
+    slots = latent_slots(config)
+    contract = Contract("student", config.student.method, data.task, digits, slots,
+                        slots is not None and config.student.continuous)
+    write_model_files(student_dir, contract, str(teacher_dir), source, results)
+    if not config.teacher.path:
+        write_model_files(teacher_dir, Contract("teacher", "explicit CoT", data.task, digits, None), "itself",
+                          source, results)
+
+
 STAGES = ("teacher", "student")
 
 
@@ -497,6 +513,7 @@ def run(config: Config, teacher_result: EvalResult | None = None) -> Report:
         mlflow.log_metrics(metrics)  # on the parent run too: one place to compare runs
         mlflow.log_text(report.table(), "results.md")
         write_local(config.run_dir / "results.md", report.table() + "\n")
+        describe_models(config, teacher_dir, student_dir, len(splits.train), report.table())
     return report
 
 

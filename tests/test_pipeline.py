@@ -72,6 +72,14 @@ def test_models_are_plain_hf_directories(tiny_run):
         tokenizer = AutoTokenizer.from_pretrained(run_dir / name)
         assert model.get_input_embeddings().weight.shape[0] == len(tokenizer)
     assert "<latent_0>" in AutoTokenizer.from_pretrained(run_dir / "student").get_vocab()
+    # each carries its prompt contract and a model card with the results and a usage example
+    card = (run_dir / "student" / "README.md").read_text()
+    assert "| student (lori, no CoT) |" in card and 'python -m lori_ray.predict' in card
+    assert json.loads((run_dir / "student" / "lori-model.json").read_text())["latent_slots"] == 2
+    assert json.loads((run_dir / "teacher" / "lori-model.json").read_text())["latent_slots"] is None
+    answer = subprocess.run([sys.executable, "-m", "lori_ray.predict", str(run_dir / "student"), "12 * 34"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert answer.returncode == 0 and answer.stdout.startswith("12 * 34 = "), answer.stderr
     # the checkpoint holds every worker's DeepSpeed shards next to the HF model
     checkpoint = run_dir / "ray" / "tiny-student" / "step-000006"
     assert (checkpoint / "hf" / "model.safetensors").is_file()
