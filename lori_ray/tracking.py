@@ -61,6 +61,17 @@ def close_stale_children(client: MlflowClient, experiment_id: str, parent_id: st
     return stale
 
 
+def git_commit() -> str | None:
+    """The commit of the lori-ray checkout this code runs from (None when installed without git)."""
+    import subprocess
+    try:
+        result = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                                text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return result.stdout.strip() if result.returncode == 0 else None
+
+
 @contextlib.contextmanager
 def pipeline_run(uri: str, experiment: str, name: str, params: dict, config_yaml: str, run_dir: str):
     """The parent run of the logical run in ``run_dir``: a rerun (after a dead driver, or to evaluate again)
@@ -73,8 +84,9 @@ def pipeline_run(uri: str, experiment: str, name: str, params: dict, config_yaml
     previous = previous_parent(client, experiment_id, run_dir)
     if previous:
         close_stale_children(client, experiment_id, previous.info.run_id)
+    tags = {RUN_KEY_TAG: run_dir, **({"mlflow.source.git.commit": commit} if (commit := git_commit()) else {})}
     with mlflow.start_run(run_id=previous.info.run_id if previous else None,
-                          run_name=None if previous else name, tags={RUN_KEY_TAG: run_dir}) as run:
+                          run_name=None if previous else name, tags=tags) as run:
         logged = previous.data.params if previous else {}
         # a rerun may change eval, tracking or cluster settings; MLflow keeps a param's first value
         mlflow.log_params({k: v for k, v in redacted(flatten(params)).items() if k not in logged})

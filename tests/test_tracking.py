@@ -46,6 +46,7 @@ def test_a_rerun_after_a_dead_driver_continues_its_parent_run_and_closes_what_it
     experiment = client.get_experiment_by_name("lori-ray").experiment_id
     parents = [r for r in client.search_runs([experiment]) if "mlflow.parentRunId" not in r.data.tags]
     assert len(parents) == 1 and parents[0].data.tags[RUN_KEY_TAG] == "/runs/demo"
+    assert len(parents[0].data.tags["mlflow.source.git.commit"]) == 40  # the checkout the tests run from
     logged = client.get_run(first.info.run_id).data.params
     assert logged["tracking.uri"] == "http://alice:***@mlflow.internal:5000" and logged["eval.batch_size"] == "8"
     with pipeline_run(uri, "lori-ray", "demo", params, "name: demo\n", "/runs/other") as other:
