@@ -13,7 +13,10 @@ from .config import Config, ConfigError, check_rerun, load_config, shared_teache
 
 
 def parser(doc: str) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    from .config import config_reference
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="config keys (set in the YAML preset or as key.sub=value):\n"
+                                            + "\n".join(config_reference()))
     parser.add_argument("--config", required=True, help="YAML preset, e.g. configs/demo.yaml")
     parser.add_argument("overrides", nargs="*", help="key.sub=value overrides")
     parser.add_argument("--restart-from", choices=("teacher", "student"),

@@ -526,3 +526,35 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
     config = validate(tree)
     _check_search_space(config)
     return config
+
+
+def _field_notes(section: type[BaseModel]) -> dict[str, str]:
+    """Each field's comment in this module's source (on its line, or the lines just above it)."""
+    import inspect
+    notes, above = {}, []
+    for line in inspect.getsource(section).splitlines()[1:]:
+        stripped = line.strip()
+        if stripped.startswith("#"):
+            above.append(stripped.lstrip("# "))
+            continue
+        match = re.match(r"^(\w+):.*?(?:#\s*(.*))?$", stripped)
+        if match and match[1] in section.model_fields:
+            notes[match[1]] = " ".join([*above, match[2] or ""]).strip()
+        above = []
+    return notes
+
+
+def config_reference(section: type[BaseModel] | None = None, prefix: str = "") -> list[str]:
+    """Every config key with its type, default and note, for ``--help``."""
+    section = section or Config
+    notes, lines = _field_notes(section), []
+    for name, field in section.model_fields.items():
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            lines += config_reference(annotation, f"{prefix}{name}.")
+            continue
+        kind = re.sub(r"typing\.|Annotated\[(\w+), Strict\(strict=True\)\]", r"\1", str(annotation))
+        kind = kind.replace("<class '", "").replace("'>", "")
+        default = field.default if field.default is not None else "none"
+        lines.append(f"  {prefix}{name} ({kind}, default {default})" + (f": {notes[name]}" if notes.get(name) else ""))
+    return lines

@@ -105,3 +105,14 @@ def test_dry_run_prints_the_plan_and_print_config_the_resolved_yaml_with_nothing
     assert f"teacher: to train, 6 steps x batch 16 = 0.38 epochs on 2 worker(s), ZeRO-2 -> {tmp_path / 'runs'}" in result.stdout
     assert "student (nocot): to train" in result.stdout
     assert not (tmp_path / "runs").exists()
+
+
+def test_help_lists_every_config_key_with_its_type_default_and_note():
+    from lori_ray.cli import parser
+    from lori_ray.config import Config, config_reference
+    text = parser("Run it.").format_help()
+    assert "  student.latent (Literal['pause', 'continuous'], default pause): pause: the latent slots are" in text
+    assert "  subspace.rank (int, default 8)" in text
+    keys = [line.split()[0] for line in config_reference()]
+    assert len(keys) == len(set(keys)) and "tune.space" in keys and "cluster.storage_path" in keys
+    assert len(keys) > 80 and all(key.split(".")[0] in Config.model_fields for key in keys)
