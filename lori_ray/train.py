@@ -25,6 +25,7 @@ WORKER_ENV = {  # DS_ACCELERATOR is not here: each worker sets it above, from th
     "HF_HUB_DISABLE_PROGRESS_BARS": "1",
     "TOKENIZERS_PARALLELISM": "false",
     "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",  # otherwise every worker print reaches the driver twice
+    **({"LORI_VERBOSE": "1"} if os.environ.get("LORI_VERBOSE") == "1" else {}),
 }
 
 
@@ -202,6 +203,17 @@ def reset_optimizer_state(engine) -> None:
     optimizer.state.clear()
 
 
+def quiet_ray_train() -> None:
+    """Ray Train's per-report and per-checkpoint INFO lines (a dict of every metric, from every rank, at every
+    log step) drowned the job's own progress lines; ``LORI_VERBOSE=1`` keeps them."""
+    if os.environ.get("LORI_VERBOSE") == "1":
+        return
+    import logging
+    from ray.train.v2._internal.execution import context, storage
+    for name in (context.__file__, storage.__name__):  # Ray names the first logger by its file path
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
 def train_loop(config: dict) -> None:
     """Ray Train worker loop (also runs in-process with ``num_workers=0``)."""
     import ray.train
@@ -211,6 +223,7 @@ def train_loop(config: dict) -> None:
 
     stage = Stage(**config)
     train = stage.train
+    quiet_ray_train()
     deepspeed = _import_deepspeed()
     _ensure_process_group()
     context = ray.train.get_context()
