@@ -41,6 +41,7 @@ def artifact_location(uri: str) -> str | None:
     return None
 
 
+EXPERIMENT_KIND = "mlflow.experimentKind"
 RUN_KEY_TAG = "lori.run_dir"  # which logical run (its run directory) a parent run belongs to
 
 
@@ -79,8 +80,11 @@ def pipeline_run(uri: str, experiment: str, name: str, params: dict, config_yaml
     mlflow.set_tracking_uri(uri)
     if mlflow.get_experiment_by_name(experiment) is None:
         mlflow.create_experiment(experiment, artifact_location=artifact_location(uri))
-    experiment_id = mlflow.set_experiment(experiment).experiment_id
+    found = mlflow.set_experiment(experiment)
+    experiment_id = found.experiment_id
     client = MlflowClient(uri)
+    if EXPERIMENT_KIND not in found.tags:  # MLflow 3 opens an untagged experiment in its GenAI view
+        client.set_experiment_tag(experiment_id, EXPERIMENT_KIND, "custom_model_development")
     previous = previous_parent(client, experiment_id, run_dir)
     if previous:
         close_stale_children(client, experiment_id, previous.info.run_id)

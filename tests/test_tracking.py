@@ -43,7 +43,9 @@ def test_a_rerun_after_a_dead_driver_continues_its_parent_run_and_closes_what_it
         pass
     assert again.info.run_id == first.info.run_id  # one parent run for the logical run
     assert client.get_run(stale).info.status == "KILLED"
-    experiment = client.get_experiment_by_name("lori-ray").experiment_id
+    found = client.get_experiment_by_name("lori-ray")
+    assert found.tags["mlflow.experimentKind"] == "custom_model_development"  # opens in the model-training view
+    experiment = found.experiment_id
     parents = [r for r in client.search_runs([experiment]) if "mlflow.parentRunId" not in r.data.tags]
     assert len(parents) == 1 and parents[0].data.tags[RUN_KEY_TAG] == "/runs/demo"
     assert len(parents[0].data.tags["mlflow.source.git.commit"]) == 40  # the checkout the tests run from
