@@ -243,10 +243,10 @@ def train_loop(config: dict) -> None:
         engine.compile()
 
     step, restarts, resumed = 0, 0, {}
-    checkpoint = resume_checkpoint(stage, world, ray.train.get_checkpoint())
+    checkpoint, verified = resume_checkpoint(stage, world, ray.train.get_checkpoint())
     if checkpoint:
         with checkpoint.as_directory() as directory:
-            if verify(Path(directory) / "ds", world, stage.inputs_digest, stage.checkpoint_key) is not None:
+            if verified or verify(Path(directory) / "ds", world, stage.inputs_digest, stage.checkpoint_key) is not None:
                 _, client_state = engine.load_checkpoint(os.path.join(directory, "ds"), tag="state")
                 step, restarts = client_state["step"], client_state.get("restarts", 0) + 1
                 resumed = {"restarts": restarts, "resumed_from_step": step}
@@ -320,13 +320,14 @@ def train_loop(config: dict) -> None:
 def resume_checkpoint(stage: Stage, world: int, recorded):
     """The checkpoint a (re)started stage resumes from: on a filesystem, the newest complete one of its inputs
     in its folder, whatever Ray recorded (a worker killed between upload and record would otherwise lose it);
-    on an object store, the one Ray recorded. Raises TamperedCheckpoint for one that no worker of ours wrote."""
+    on an object store, the one Ray recorded. Also whether it is verified already (the one found in the folder
+    is; Ray's must be, once downloaded). Raises TamperedCheckpoint for one that no worker of ours wrote."""
     import ray.train
     from .checkpoints import newest_complete
     if stage.checkpoint_root and Path(stage.checkpoint_root).is_dir():
         found = newest_complete(Path(stage.checkpoint_root), world, stage.inputs_digest, stage.checkpoint_key)
-        return ray.train.Checkpoint.from_directory(str(found[1])) if found else None
-    return recorded
+        return (ray.train.Checkpoint.from_directory(str(found[1])), True) if found else (None, False)
+    return recorded, False
 
 
 def _report_checkpoint(engine, objective, metrics: dict, stage: Stage, step: int, restarts: int,
