@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import os
 import secrets
+import socket
 import stat
 from pathlib import Path
 
+from unittest import mock
+
 import ray
+from ray._private import ray_constants
 
 from .config import Config
 
@@ -42,6 +46,22 @@ def connect(config: Config) -> None:
         ray.init(address=address, log_to_driver=True)
         return
     private_token_file()
-    # a private local cluster: everything bound to loopback
-    ray.init(num_cpus=config.cluster.num_cpus, dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1",
-             include_dashboard=True)
+    # A private local cluster, every server bound to loopback. Ray turns ``_node_ip_address="127.0.0.1"`` into the
+    # host's address so that other nodes could join, and its GCS, raylet, workers and agents then listen on all
+    # interfaces; it keeps loopback only where it believes multi-node clusters are off (its Windows/macOS default,
+    # ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``). Ray reads that setting at import, so it is switched off for this
+    # start only: the node address chosen here is what every Ray process is given.
+    # The GCS port is chosen here so that every worker can be told its own cluster's address: Ray Train's
+    # placement-group cleaner looks the cluster up without one and fails when another local cluster runs on the
+    # machine. tests/test_network.py checks both.
+    gcs_port = free_port()
+    with mock.patch.object(ray_constants, "ENABLE_RAY_CLUSTER", False), \
+            mock.patch.dict(os.environ, {ray_constants.GCS_PORT_ENVIRONMENT_VARIABLE: str(gcs_port)}):
+        ray.init(num_cpus=config.cluster.num_cpus, dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1",
+                 include_dashboard=True, runtime_env={"env_vars": {"RAY_ADDRESS": f"127.0.0.1:{gcs_port}"}})
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]

@@ -38,7 +38,7 @@ fi
 echo "[demo] starting a Ray head on 127.0.0.1:$GCS_PORT (dashboard http://127.0.0.1:$DASHBOARD_PORT)"
 # setsid: every process of this head shares one session id, so stop_head kills exactly them
 setsid bash -c 'echo $$ > "$0"; exec "$@"' "$STATE/session" \
-  ray start --head --node-ip-address 127.0.0.1 --port "$GCS_PORT" \
+  env RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 ray start --head --node-ip-address 127.0.0.1 --port "$GCS_PORT" \
   --dashboard-host 127.0.0.1 --dashboard-port "$DASHBOARD_PORT" \
   --dashboard-agent-listen-port $((DASHBOARD_PORT + 44100)) --ray-client-server-port $((GCS_PORT + 1)) \
   --num-cpus "${RAY_DEMO_CPUS:-2}" --num-gpus 0 --temp-dir "$TEMP_DIR" --disable-usage-stats \
