@@ -16,7 +16,8 @@ import yaml
 from lori_ray.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
-MANIFESTS = sorted((ROOT / "docker" / "kuberay").glob("*.yaml"))
+MANIFESTS = sorted(p for p in (ROOT / "docker" / "kuberay").glob("*.yaml") if p.name != "pvc.yaml")
+PVC = ROOT / "docker" / "kuberay" / "pvc.yaml"
 SCHEMAS = {kind: json.loads((ROOT / "tests" / "schemas" / f"{kind.lower()}.schema.json").read_text())
            for kind in ("RayJob", "RayCluster")}
 
@@ -85,6 +86,72 @@ def test_manifest_project_rules(path):
         overrides = [a for a in command[command.index("--config") + 2:] if "=" in a]
         config = load_config(ROOT / config_path, overrides)
         assert str(config.run_dir).startswith("/mnt/shared/"), "outputs must live on the shared volume"
+
+
+def restricted_violations(pod: dict) -> list[str]:
+    """What Kubernetes' Pod Security Standard "restricted" (v1.30 rules) rejects in a pod spec."""
+    found = []
+    pod_security = pod.get("securityContext", {})
+    for key in ("hostNetwork", "hostPID", "hostIPC"):
+        if pod.get(key):
+            found.append(f"{key} must be unset or false")
+    for volume in pod.get("volumes", []):
+        kinds = set(volume) - {"name"}
+        if not kinds <= {"configMap", "csi", "downwardAPI", "emptyDir", "ephemeral", "persistentVolumeClaim",
+                         "projected", "secret"}:
+            found.append(f"volume {volume['name']}: {sorted(kinds)} is not an allowed volume type")
+    for container in pod.get("initContainers", []) + pod["containers"]:
+        name, security = container["name"], container.get("securityContext", {})
+        if security.get("privileged"):
+            found.append(f"{name}: privileged")
+        if security.get("allowPrivilegeEscalation") is not False:
+            found.append(f"{name}: allowPrivilegeEscalation must be false")
+        capabilities = security.get("capabilities", {})
+        if "ALL" not in capabilities.get("drop", []):
+            found.append(f"{name}: capabilities must drop ALL")
+        if set(capabilities.get("add", [])) - {"NET_BIND_SERVICE"}:
+            found.append(f"{name}: only NET_BIND_SERVICE may be added")
+        if not security.get("runAsNonRoot", pod_security.get("runAsNonRoot")):
+            found.append(f"{name}: runAsNonRoot must be true")
+        if security.get("runAsUser", pod_security.get("runAsUser")) == 0:
+            found.append(f"{name}: runAsUser must not be 0")
+        seccomp = security.get("seccompProfile", pod_security.get("seccompProfile", {})).get("type")
+        if seccomp not in ("RuntimeDefault", "Localhost"):
+            found.append(f"{name}: seccompProfile must be RuntimeDefault or Localhost")
+        if any(port.get("hostPort") for port in container.get("ports", [])):
+            found.append(f"{name}: hostPort")
+    return found
+
+
+@pytest.mark.parametrize("path", MANIFESTS, ids=lambda p: p.name)
+def test_pods_pass_the_restricted_pod_security_standard(path):
+    for name, pod in pod_specs(load(path)):
+        assert not restricted_violations(pod), (name, restricted_violations(pod))
+
+
+@pytest.mark.parametrize("change, violation", [
+    (lambda pod: pod["containers"][0]["securityContext"].pop("allowPrivilegeEscalation"), "allowPrivilegeEscalation"),
+    (lambda pod: pod["containers"][0]["securityContext"].pop("capabilities"), "drop ALL"),
+    (lambda pod: pod["securityContext"].pop("seccompProfile"), "seccompProfile"),
+    (lambda pod: pod["securityContext"].update(runAsNonRoot=False), "runAsNonRoot"),
+    (lambda pod: pod["volumes"].append({"name": "host", "hostPath": {"path": "/"}}), "not an allowed volume"),
+    (lambda pod: pod.update(hostNetwork=True), "hostNetwork"),
+])
+def test_the_restricted_check_catches_each_rule(change, violation):
+    (_, pod), *_ = pod_specs(load(ROOT / "docker" / "kuberay" / "rayjob.yaml"))
+    change(pod)
+    assert any(violation in v for v in restricted_violations(pod))
+
+
+def test_the_shared_volume_claim_is_shipped_and_read_write_many():
+    claim = load(PVC)
+    assert claim["kind"] == "PersistentVolumeClaim" and claim["apiVersion"] == "v1"
+    assert claim["spec"]["accessModes"] == ["ReadWriteMany"]  # the head and every worker write to it
+    assert re.fullmatch(r"\d+(Gi|Ti)", claim["spec"]["resources"]["requests"]["storage"])
+    for path in MANIFESTS:  # every claim a manifest mounts is the shipped one
+        claims = {v["persistentVolumeClaim"]["claimName"] for _, pod in pod_specs(load(path))
+                  for v in pod.get("volumes", []) if "persistentVolumeClaim" in v}
+        assert claims == {claim["metadata"]["name"]}, path.name
 
 
 def image_user() -> int:
