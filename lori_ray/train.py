@@ -263,6 +263,7 @@ def train_loop(config: dict) -> None:
         print(f"[{stage.name}] {num_examples} training examples, {train['steps']} steps x batch "
               f"{train['batch_size']} = {train['steps'] * train['batch_size'] / num_examples:.2f} epochs", flush=True)
     started, sums, count, last, bad_steps = time.time(), {}, 0, {"step": step}, 0
+    began, first_step = started, step  # for the time left: this run's pace, validation and checkpoints included
     engine.train()
     while step < train["steps"]:
         rows = batch_indices(step, num_examples, train["batch_size"], stage.seed)[rank * micro:(rank + 1) * micro]
@@ -308,13 +309,21 @@ def train_loop(config: dict) -> None:
                 logger.log({k: v for k, v in report.items() if k != "step"}, step)
             if rank == 0:
                 print(f"[{stage.name}] step {step}/{train['steps']} " +
-                      " ".join(f"{k}={v:.4g}" for k, v in report.items() if k != "step"), flush=True)
+                      " ".join(f"{k}={v:.4g}" for k, v in report.items() if k != "step") +
+                      f" eta={time_left(time.time() - began, step - first_step, train['steps'] - step)}", flush=True)
             periodic = train["checkpoint_every"] and step % train["checkpoint_every"] == 0
             if periodic and step < train["steps"]:
                 _report_checkpoint(engine, objective, report, stage, step, restarts, final=False)
             elif step < train["steps"]:
                 ray.train.report(report)
     _report_checkpoint(engine, objective, last, stage, step, restarts, final=True)
+
+
+def time_left(elapsed: float, done: int, remaining: int) -> str:
+    """The time ``remaining`` steps take at the pace of the ``done`` ones so far, as 1h02m, 4m05s or 9s."""
+    seconds = round(elapsed / max(done, 1) * remaining)
+    hours, minutes = divmod(seconds // 60, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{seconds % 60:02d}s" if minutes else f"{seconds}s"
 
 
 def resume_checkpoint(stage: Stage, world: int, recorded):

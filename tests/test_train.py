@@ -1,9 +1,10 @@
+import pytest
 import torch
 
 from lori_ray.data import generate_multiplication
 from lori_ray.models import build_model
 from lori_ray.tokens import IGNORE_INDEX, Layout, arithmetic_tokenizer, left_pad
-from lori_ray.train import batch_indices, deepspeed_config, exact_match, lr_factor
+from lori_ray.train import batch_indices, deepspeed_config, exact_match, lr_factor, time_left
 
 
 def test_exact_match_equals_greedy_generation():
@@ -98,3 +99,10 @@ def test_optimizer_reset_clears_adam_moments_inside_a_deepspeed_zero2_engine():
     finally:
         if started_group:
             dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("elapsed, done, remaining, shown", [
+    (10.0, 100, 900, "1m30s"), (10.0, 100, 50, "5s"), (100.0, 1000, 37_000, "1h01m"), (5.0, 0, 10, "50s"),
+    (3.0, 30, 0, "0s")])
+def test_time_left_at_the_pace_so_far(elapsed, done, remaining, shown):
+    assert time_left(elapsed, done, remaining) == shown
