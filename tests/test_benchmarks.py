@@ -2,7 +2,6 @@
 to report; these tests only prove the code paths work)."""
 
 import json
-import os
 import re
 import subprocess
 import sys
@@ -10,6 +9,7 @@ from pathlib import Path
 
 import mlflow
 import pytest
+from conftest import job_env
 from transformers import AutoModelForCausalLM
 
 pytestmark = pytest.mark.cluster  # a real Ray cluster or a full pipeline: `make test-fast` skips it
@@ -18,9 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def run(*args: str, timeout: int = 900) -> str:
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
-    env["RAY_USAGE_STATS_ENABLED"] = "0"
-    result = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True,
+    result = subprocess.run([sys.executable, *args], cwd=ROOT, env=job_env(), capture_output=True, text=True,
                             timeout=timeout)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     return result.stdout
@@ -45,10 +43,13 @@ def test_loss_overhead_benchmark():
     assert re.search(r"LoRi overhead [+-][\d.]+%", out)
 
 
-def test_red_benchmark_prints_its_table_and_reruns_on_its_finished_stages(tmp_path):
+def test_red_benchmark_prints_its_table_and_reruns_on_its_finished_stages(tmp_path, tiny_run):
     """RED students through the real pipeline: pruned to half width and one layer, explicit CoT, CE + logit KD,
-    on two DeepSpeed ZeRO-2 workers; each is a plain HF model and its eRank diagnostics reach MLflow."""
+    on two DeepSpeed ZeRO-2 workers, from the tiny run's teacher; each is a plain HF model and its eRank
+    diagnostics reach MLflow."""
+    teacher = tiny_run[0] / "teacher"
     command = ("bench/red.py", "--config", "configs/tiny.yaml", f"output_dir={tmp_path}", "cluster.num_cpus=2",
+               f"teacher.path={teacher}",
                "student.method=explicit", "loss.kd=1.0", "student.kind=pruned", "student.width=32",
                "student.init=activation", "student.depth=1", "--widths", "0.5",
                "--inits", "random", "activation")
@@ -75,17 +76,19 @@ def test_red_benchmark_prints_its_table_and_reruns_on_its_finished_stages(tmp_pa
     (diagnostics, _) = [r for r in runs if r.info.run_name == "erank"]
     assert "erank_student_trained_layer_1" in diagnostics.data.metrics
     assert {"erank.png", "erank.json"} <= {a.path for a in client.list_artifacts(diagnostics.info.run_id)}
-    # the second student saved the first one's teacher as its teacher.path; an interrupted bench reruns
+    assert "[teacher] done in" not in out and f"Teacher: {teacher}." in (run_dir / "student" / "README.md").read_text()
+    # an interrupted bench reruns on its finished stages
     rerun = run(*command)
-    assert rerun.count("[teacher] finished model found") == 1 and rerun.count("[student] finished model found") == 2
+    assert rerun.count("[student] finished model found") == 2 and "[student] done in" not in rerun
 
 
-def test_accuracy_benchmark_aggregates_student_seeds_and_draws_their_curves(tmp_path):
-    """Two seeds of one method share the teacher and the store; the table shows both seeds, their mean,
-    training-problem accuracy and per-digit accuracy; the curves come from each seed's own student run."""
+def test_accuracy_benchmark_aggregates_student_seeds_and_draws_their_curves(tmp_path, tiny_run):
+    """Two seeds of one method share the teacher (the tiny run's) and the store; the table shows both seeds,
+    their mean, training-problem accuracy and per-digit accuracy; the curves come from each seed's own run."""
     out = run("bench/accuracy.py", "--config", "configs/tiny.yaml", f"output_dir={tmp_path}", "cluster.num_cpus=2",
-              "loss.align_at=answer", "student.train.eval_every=3", "--methods", "lori", "--seeds", "2")
-    assert out.count("[teacher] done in") == 1 and out.count("[student] done in") == 2
+              f"teacher.path={tiny_run[0] / 'teacher'}", "loss.align_at=answer", "student.train.eval_every=3",
+              "--methods", "lori", "--seeds", "2")
+    assert "[teacher] done in" not in out and out.count("[student] done in") == 2
     assert "trajectory store" in out and "found, skipping extraction" in out  # the second seed reuses the store
     (row,) = [line for line in out.splitlines() if line.startswith("| lori |")]
     cells = [cell.strip() for cell in row.split("|")[1:-1]]

@@ -8,6 +8,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from conftest import job_env
 import ray
 from ray.util.state import list_actors
 from safetensors.torch import save_file
@@ -20,7 +21,7 @@ from lori_ray.tokens import Layout, arithmetic_tokenizer, collate
 from lori_ray.train import Stage, fit
 from lori_ray.trajectories import EXTRACTIONS
 
-from test_reliability import tiny_model_dir
+from conftest import tiny_model_dir
 
 pytestmark = pytest.mark.cluster  # a real Ray cluster or a full pipeline: `make test-fast` skips it
 
@@ -131,7 +132,7 @@ def test_killed_driver_resumes_with_the_same_run_name(tmp_path):
     import subprocess
     import sys
 
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
+    env = job_env()
     command = [sys.executable, "jobs/distill.py", "--config", "configs/tiny.yaml", f"output_dir={tmp_path}",
                "cluster.num_cpus=2"]
     # its own session: the SIGKILL takes the driver and the local Ray it started, like a lost job

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from lori_ray.latents import continuous_forward, mask_positions
-from lori_ray.models import build_model
+from lori_ray.models import FAMILIES, build_model
 
 SPECIAL = {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}
 LATENTS = [20, 21, 22]
@@ -35,7 +35,7 @@ def unrolled(model, input_ids, attention_mask):
                  output_hidden_states=True)
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_chunked_forward_equals_one_full_pass_per_latent_column(family):
     model = build_model(family, "tiny", 32, 64, SPECIAL, seed=0).eval()
     input_ids, attention_mask = ragged_batch()

@@ -4,22 +4,18 @@ the pipeline runs across both and everything it keeps lives under the shared out
 import json
 import os
 import secrets
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from conftest import job_env
+
+from lori_ray.cluster import free_port
 
 pytestmark = pytest.mark.cluster  # a real Ray cluster or a full pipeline: `make test-fast` skips it
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -27,8 +23,7 @@ def cluster(tmp_path_factory):
     base = tmp_path_factory.mktemp("nodes")
     token = base / "token"
     token.write_text(secrets.token_hex(32))
-    env = {**{k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")},
-           "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token), "RAY_USAGE_STATS_ENABLED": "0"}
+    env = {**job_env(), "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)}
     ray_cli = str(Path(sys.executable).with_name("ray"))
     port, dashboard = free_port(), free_port()
     temp = {name: Path(f"/tmp/lr-{os.getpid()}-{name}") for name in ("head", "node")}

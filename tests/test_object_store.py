@@ -1,7 +1,6 @@
 """The trajectory store and Ray Train checkpoints on an object store: a real S3 API (moto's server on
 loopback) reached by the driver, the teacher actors and the train workers through pyarrow."""
 
-import socket
 from pathlib import Path
 
 import pyarrow.fs as pafs
@@ -11,6 +10,7 @@ from moto.server import ThreadedMotoServer
 from safetensors.torch import save_file
 
 from lori_ray import storage
+from lori_ray.cluster import free_port
 from lori_ray.config import load_config
 from lori_ray.data import generate_multiplication
 from lori_ray.teacher import build_store
@@ -18,18 +18,12 @@ from lori_ray.tokens import Layout, arithmetic_tokenizer, collate
 from lori_ray.train import Stage, fit
 from lori_ray.trajectories import MANIFEST, TrajectoryStore
 
-from test_reliability import tiny_model_dir
+from conftest import tiny_model_dir
 
 pytestmark = pytest.mark.cluster  # a real Ray cluster or a full pipeline: `make test-fast` skips it
 
 ROOT = Path(__file__).resolve().parents[1]
 BUCKET = "lori-ray"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

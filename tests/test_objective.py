@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from lori_ray.data import generate_multiplication
-from lori_ray.models import build_model
+from lori_ray.models import FAMILIES, build_model
 from lori_ray.objective import LMObjective, TrajectoryProjection, pair_layers
 from lori_ray.subspace import Moments, fit_pca
 from lori_ray.tokens import Layout, add_latent_tokens, arithmetic_tokenizer, collate
@@ -181,7 +181,7 @@ def test_kd_term_runs_the_frozen_teacher_on_its_own_sequences():
     assert same["kd"] == pytest.approx(0.0, abs=1e-6)
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_ce_from_labelled_positions_only_equals_the_full_hf_loss(family):
     tokenizer = arithmetic_tokenizer()
     layout = Layout(tokenizer, add_latent_tokens(tokenizer, 2))

@@ -2,7 +2,7 @@
 per training stage, and an MLflow sqlite store, on the tiny preset."""
 
 import json
-import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -17,24 +17,14 @@ pytestmark = pytest.mark.cluster  # a real Ray cluster or a full pipeline: `make
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    output = tmp_path_factory.mktemp("runs")
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
-    env["RAY_USAGE_STATS_ENABLED"] = "0"
-    result = subprocess.run([sys.executable, "jobs/distill.py", "--config", "configs/tiny.yaml",
-                             f"output_dir={output}", "cluster.num_cpus=2"],
-                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
-    return output / "tiny", result.stdout
-
-
 def test_prints_the_result_table(tiny_run):
     _, stdout = tiny_run
     assert "| teacher (explicit CoT) |" in stdout and "| student (lori, no CoT) |" in stdout
     assert "explained variance of the rank-4 subspace" in stdout
     # each stage says how many epochs its budget is over its training data, so memorisation can be foreseen
     assert "[tiny-teacher] 256 training examples, 6 steps x batch 16 = 0.38 epochs" in stdout
+    # each step line says how long the stage has left at its pace so far
+    assert re.search(r"\[tiny-student\] step 3/6 ce=.* eta=\d+s\n", stdout) and "[tiny-student] step 6/6 " in stdout
     assert "student (lori, no CoT) on 16 training problems:" in stdout
     # Ray Train's per-report lines (every metric, every rank, every log step) are not in the job's output
     assert "Reporting training result" not in stdout and "Checkpoint successfully created" not in stdout
@@ -109,3 +99,18 @@ def test_tucker_fit_from_the_store_without_a_teacher_pass(tiny_run):
     assert sorted(index) == list(range(256)) and coordinates.shape == (256, 2, 2, 4)
     assert set(tucker.explained_variance()) == {"layer", "step", "hidden"}
     assert store.extractions() == extractions_before
+
+
+def test_student_and_teacher_are_mlflow_models_that_answer_plain_questions(tiny_run):
+    run_dir, stdout = tiny_run
+    mlflow.set_tracking_uri(f"sqlite:///{run_dir / 'mlflow.db'}")
+    uris = dict(re.findall(r"\[tracking\] (\w+) logged as an MLflow model: (models:/\S+)", stdout))
+    assert set(uris) == {"student", "teacher"}
+    student = mlflow.pyfunc.load_model(uris["student"])
+    answer = subprocess.run([sys.executable, "-m", "lori_ray.predict", str(run_dir / "student"), "12 * 34"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=120).stdout
+    assert [f"12 * 34 = {a}\n" for a in student.predict(["12 * 34"])] == [answer]  # the same model, served
+    (parent,) = [r for r in mlflow.search_runs(experiment_names=["lori-ray"], output_format="list")
+                 if "mlflow.parentRunId" not in r.data.tags]
+    models = mlflow.search_logged_models(experiment_ids=[parent.info.experiment_id], output_format="list")
+    assert {m.name for m in models} == {"student", "teacher"} and {m.source_run_id for m in models} == {parent.info.run_id}

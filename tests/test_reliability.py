@@ -7,25 +7,19 @@ from pathlib import Path
 
 import pytest
 import ray
+from conftest import tiny_model_dir
 import torch
 from hypothesis import given, settings, strategies as st
 
 from lori_ray.config import Config, ConfigError, ModelConfig, load_config
 from lori_ray.data import DataFormatError, generate_multiplication, parse_gsm8k_line, parse_line, read_examples, write_icot
-from lori_ray.models import build_model, load_model
+from lori_ray.models import load_model
 from lori_ray.teacher import TeacherWorker
 from lori_ray.tokens import Layout, arithmetic_tokenizer, collate
 from lori_ray.tracking import StepLogger
 from lori_ray.train import Stage, fit
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def tiny_model_dir(path: Path) -> Path:
-    tokenizer = arithmetic_tokenizer()
-    build_model("llama", "tiny", len(tokenizer), 64, {"pad_token_id": tokenizer.pad_token_id}).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
 
 
 @pytest.mark.parametrize("suffix, bad", [(".txt", "no separators here"), (".jsonl", "{broken json")])

@@ -2,12 +2,12 @@
 with the model's chat template, trajectories from its hidden states, a LoRi student with logit KD, evaluation."""
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from conftest import job_env
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lori_ray.models import ensure_smollm2
@@ -33,14 +33,13 @@ def gsm8k_jsonl(path: Path, count: int, seed: int) -> Path:
 
 def test_gsm8k_preset_runs_every_stage_on_smollm2(tmp_path):
     model_dir = ensure_smollm2()
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
-    env["RAY_USAGE_STATS_ENABLED"] = "0"
-    tiny = {"steps": 2, "batch_size": 4, "num_workers": 2, "log_every": 1, "warmup": 1}
+    env = job_env()
+    tiny = {"steps": 2, "batch_size": 4, "num_workers": 1, "log_every": 1, "warmup": 1}  # ZeRO on 2 ranks: tiny
     overrides = [f"output_dir={tmp_path}", "cluster.num_cpus=2", f"model.path={model_dir}",
                  f"data.train_file={gsm8k_jsonl(tmp_path / 'train.jsonl', 24, 0)}",
                  f"data.eval_file={gsm8k_jsonl(tmp_path / 'test.jsonl', 4, 1)}",
                  "data.train_size=24", "data.val_size=4", "data.eval_size=4", "trajectory.layers=[10,20,30]",
-                 "trajectory.num_actors=2", "subspace.max_rank=8", "subspace.rank=4", "student.latent_slots=2",
+                 "trajectory.num_actors=1", "subspace.max_rank=8", "subspace.rank=4", "student.latent_slots=2",
                  "student.calibration_size=8", "eval.max_new_tokens=24", "eval.batch_size=4"]
     overrides += [f"{who}.train.{k}={v}" for who in ("teacher", "student") for k, v in tiny.items()]
     result = subprocess.run([sys.executable, "jobs/distill.py", "--config", "configs/gsm8k-smollm2.yaml", *overrides],

@@ -1,10 +1,10 @@
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import mlflow
 import pytest
+from conftest import job_env
 from ray import tune
 
 from lori_ray.config import ConfigError, load_config
@@ -52,10 +52,10 @@ def test_trial_config_applies_params_and_shares_teacher_and_store(tmp_path):
 
 
 def run_tune(output: Path) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
-    env["RAY_USAGE_STATS_ENABLED"] = "0"
+    env = job_env()
     # the demo search with shorter stages and two trials: the mechanics, not the accuracy, are under test
-    fast = ["data.train_size=1088", "teacher.train.steps=100", "student.train.steps=50", "tune.num_samples=2"]
+    fast = ["model.size=tiny", "data.train_size=544", "teacher.train.steps=30", "student.train.steps=12",
+            "student.train.log_every=4", "tune.num_samples=2"]
     return subprocess.run([sys.executable, "jobs/tune.py", "--config", "configs/tune-demo.yaml",
                            f"output_dir={output}", "cluster.num_cpus=2", *fast],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)

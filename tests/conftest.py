@@ -1,0 +1,40 @@
+"""Fixtures shared across test modules."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tiny_model_dir(path: Path) -> Path:
+    """A random-weight tiny Llama with the arithmetic tokenizer, saved as an HF directory at ``path``."""
+    from lori_ray.models import build_model
+    from lori_ray.tokens import arithmetic_tokenizer
+    tokenizer = arithmetic_tokenizer()
+    build_model("llama", "tiny", len(tokenizer), 64, {"pad_token_id": tokenizer.pad_token_id}).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def job_env() -> dict[str, str]:
+    """The test process's environment for a job subprocess, minus what would point it at another cluster or
+    tracking server."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
+    env["RAY_USAGE_STATS_ENABLED"] = "0"
+    return env
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory) -> tuple[Path, str]:
+    """`jobs/distill.py` on the tiny preset, once per session: (run directory, stdout). Tests that only need a
+    trained tiny teacher take ``<run directory>/teacher`` as their ``teacher.path``."""
+    output = tmp_path_factory.mktemp("runs")
+    result = subprocess.run([sys.executable, "jobs/distill.py", "--config", "configs/tiny.yaml",
+                             f"output_dir={output}", "cluster.num_cpus=2"],
+                            cwd=ROOT, env=job_env(), capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    return output / "tiny", result.stdout
