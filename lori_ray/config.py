@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError, fiel
 
 from . import storage
 from .data import HF_PREFIX
-from .models import FAMILIES, SIZES, model_shape
+from .models import FAMILIES, PRUNABLE, SIZES, model_shape
 
 
 # no bool or float where an integer is meant (YAML `true` or `8.0` is a mistake, not 1 or 8); ints pass as floats
@@ -266,6 +266,7 @@ class EvalConfig(Section):
 class TrackingConfig(Section):
     uri: str | None = None  # default: $MLFLOW_TRACKING_URI, else sqlite under the run directory
     experiment: str = "lori-ray"
+    log_models: bool = True  # the student (and a teacher the run trained) as MLflow pyfunc models on the parent run
 
 
 SEARCH_KINDS = ("choice", "uniform", "loguniform", "randint")
@@ -412,6 +413,9 @@ def _check_against_model(config: Config) -> None:
         if path:
             _check_vocabulary(field, path, config.model.trust_remote_code)
     hidden, layers = model_shape(config.model.family, config.model.size, source, config.model.trust_remote_code)
+    if config.student.kind == "pruned" and not source and config.model.family not in PRUNABLE:
+        raise ConfigError(f"student.kind: width-pruned (RED) students are built for the {list(PRUNABLE)} layouts, "
+                          f"not {config.model.family!r}")
     if config.subspace.max_rank > hidden:
         raise ConfigError(f"subspace.max_rank: {config.subspace.max_rank} is larger than the hidden size ({hidden})")
     bad = [layer for layer in config.trajectory.layers or [] if not 1 <= layer <= layers]

@@ -36,7 +36,7 @@ from .predict import Contract, write_model_files
 from .preflight import Splits, load_data
 from . import storage
 from .storage import published_directory, write_local
-from .tracking import pipeline_run, stage_run
+from .tracking import log_model, pipeline_run, stage_run
 from .train import Stage, fit
 
 
@@ -514,6 +514,11 @@ def run(config: Config, teacher_result: EvalResult | None = None) -> Report:
         mlflow.log_text(report.table(), "results.md")
         write_local(config.run_dir / "results.md", report.table() + "\n")
         describe_models(config, teacher_dir, student_dir, len(splits.train), report.table())
+        if config.tracking.log_models:
+            trained_here = [("student", student_dir)] + ([] if config.teacher.path else [("teacher", teacher_dir)])
+            for name, directory in trained_here:
+                logged = log_model(name, directory)
+                log(f"[tracking] {name} logged as an MLflow model: {logged.model_uri}")
     return report
 
 

@@ -98,6 +98,35 @@ def pipeline_run(uri: str, experiment: str, name: str, params: dict, config_yaml
         yield run
 
 
+class PlainQuestions(mlflow.pyfunc.PythonModel):
+    """A model directory a run wrote, served by MLflow: questions as people write them in (a list of strings,
+    or a one-column DataFrame), answers out, through ``lori_ray.predict.Predictor``."""
+
+    def load_context(self, context):
+        from .predict import Predictor
+        self.predictor = Predictor(context.artifacts["model"])
+
+    def predict(self, context, model_input, params=None):
+        questions = model_input.iloc[:, 0] if hasattr(model_input, "columns") else model_input
+        return self.predictor([str(q) for q in questions])
+
+
+def log_model(name: str, directory: Path):
+    """``directory`` (with its ``lori-model.json``) as a pyfunc model on the active run, carrying this package's
+    code so that ``mlflow.pyfunc.load_model`` works where lori-ray is not installed."""
+    from importlib.metadata import version
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, Schema
+    signature = ModelSignature(inputs=Schema([ColSpec("string")]), outputs=Schema([ColSpec("string")]))
+    requirements = [f"{package}=={version(package)}" for package in ("torch", "transformers", "safetensors",
+                                                                     "tokenizers", "numpy", "pandas")]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # pyfunc's notes on type hints and on the environment it cannot infer
+        return mlflow.pyfunc.log_model(name=name, python_model=PlainQuestions(), artifacts={"model": str(directory)},
+                                       code_paths=[str(Path(__file__).parent)], signature=signature,
+                                       pip_requirements=requirements)
+
+
 @contextlib.contextmanager
 def stage_run(name: str, params: dict | None = None):
     with mlflow.start_run(run_name=name, nested=True) as run:
