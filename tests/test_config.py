@@ -44,6 +44,8 @@ def test_overrides_are_typed_and_nested():
     (["student.kind=pruned", "student.init=random", "student.width=32", "student.depth=3"], "student.depth"),
     (["student.kind=pruned", "student.init=random", "student.width=32", "student.train.zero_stage=3"],
      "student.train.zero_stage"),
+    (["model.family=gpt2", "student.kind=pruned", "student.init=random", "student.width=32"], "student.kind"),
+    (["model.family=falcon"], "model.family"),
     (["trajectory.store_dir=ftp://host/trajectories"], "trajectory.store_dir"),
     (["cluster.storage_path=s3:///no-bucket"], "cluster.storage_path"),
 ])
