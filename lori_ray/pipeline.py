@@ -25,7 +25,7 @@ from .evaluate import EvalResult, evaluate, format_digits
 from .checkpoints import run_key
 from .fingerprint import finished, inputs_digest, stage_inputs
 from .losses import standardize, trajectory_scale
-from .models import build_model, load_model
+from .models import build_model, load_model, model_shape
 from .subspace import resample_steps
 from .students import PrunedModel, channel_scores, hidden_erank, load_student
 from .objective import AnswerReadout, TrajectoryProjection, TuckerProjection, pair_layers, slot_states
@@ -256,10 +256,9 @@ def student_stage(config: Config, teacher_dir: Path, splits: Splits, store) -> t
         return init, data, {"weights": {"ce": loss.ce, "kd": loss.kd}, **fields, **common}
 
     stored_layers = store.manifest["layers"]
-    student_config = json.loads((init / "config.json").read_text())
-    teacher_config = json.loads((teacher_dir / "config.json").read_text())
-    pairs = pair_layers(student_config["num_hidden_layers"], teacher_config["num_hidden_layers"],
-                        config.loss.layers or stored_layers)
+    student_width, student_layers = model_shape_of(init, config)
+    teacher_width, teacher_layers = model_shape_of(teacher_dir, config)
+    pairs = pair_layers(student_layers, teacher_layers, config.loss.layers or stored_layers)
     rows = [stored_layers.index(t) for _, t in pairs]
     align_at = config.loss.align_at if method == "lori" else "latents"
     # digit segments (PCA): one trajectory unit per answer digit, read at the answer position that writes that
@@ -295,7 +294,7 @@ def student_stage(config: Config, teacher_dir: Path, splits: Splits, store) -> t
         tensors.update(answer_positions=positions,
                        answer_targets=standardize(answer_targets) if loss.normalize else answer_targets.float())
         torch.manual_seed(config.student_seed + 3)
-        readout = AnswerReadout(len(pairs), positions.shape[1], answer_targets.shape[-1], student_config["hidden_size"])
+        readout = AnswerReadout(len(pairs), positions.shape[1], answer_targets.shape[-1], student_width)
         readout_path = config.run_dir / "data" / "readout.safetensors"
         save_file({k: v.detach().contiguous() for k, v in readout.state_dict().items()}, readout_path)
         fields["readout_path"] = str(readout_path)
@@ -316,7 +315,7 @@ def student_stage(config: Config, teacher_dir: Path, splits: Splits, store) -> t
     if align_at == "answer":
         return init, data, {"weights": weights, **fields}
 
-    same_width = student_config["hidden_size"] == teacher_config["hidden_size"]
+    same_width = student_width == teacher_width
     if tucker is not None:
         projection = (TuckerProjection.from_tucker(tucker) if same_width else calibrated_projection(
             init, data, student_layers, lambda states, targets: TuckerProjection.fit(tucker, states, targets)))
@@ -404,10 +403,14 @@ def completed_train(config: Config, teacher_dir: Path, train: list[Example]) -> 
     return completed
 
 
+def model_shape_of(directory: Path, config: Config) -> tuple[int, int]:
+    """(hidden size, layers) of a model directory, whatever its family calls them (GPT-2: n_embd, n_layer)."""
+    return model_shape(config.model.family, config.model.size, str(directory), config.model.trust_remote_code)
+
+
 def trajectory_stage(config: Config, teacher_dir: Path, train: list[Example]):
     """Build (or find) the trajectory store; log the spectrum, eRank and their plot."""
-    teacher_config = json.loads((teacher_dir / "config.json").read_text())
-    layers = config.trajectory.layers or list(range(1, teacher_config["num_hidden_layers"] + 1))
+    layers = config.trajectory.layers or list(range(1, model_shape_of(teacher_dir, config)[1] + 1))
     with stage_run("trajectories"):
         store = build_store(teacher_dir, train, layers, config.subspace.max_rank, config.store_dir,
                             config.trajectory.num_actors, config.trajectory.batch_size,
