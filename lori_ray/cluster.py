@@ -55,6 +55,9 @@ def connect(config: Config) -> None:
     # placement-group cleaner looks the cluster up without one and fails when another local cluster runs on the
     # machine. tests/test_network.py checks both.
     gcs_port = free_port()
+    # Nothing preempts a local machine; Ray Train's watcher would be one more actor per stage, and its start
+    # logs an error line in every job (KubeRay clusters keep it).
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     with mock.patch.object(ray_constants, "ENABLE_RAY_CLUSTER", False), \
             mock.patch.dict(os.environ, {ray_constants.GCS_PORT_ENVIRONMENT_VARIABLE: str(gcs_port)}):
         ray.init(num_cpus=config.cluster.num_cpus, dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1",

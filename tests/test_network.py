@@ -97,6 +97,9 @@ def test_a_local_cluster_listens_on_loopback_only_and_its_workers_find_it(tmp_pa
                      run_config=RunConfig(storage_path=str(tmp_path / "train"))).fit()
         during_training = json.loads(out.read_text())
         after_training = listening_sockets(os.getpid())
+        from ray.util.state import list_actors
+        actors = {actor.class_name for actor in list_actors(address=ray.get_runtime_context().gcs_address)}
+        assert "RayTrainWorker" in actors and "PreemptionWatcher" not in actors, actors  # nothing preempts a local run
     finally:
         ray.shutdown()
     sockets = [tuple(s) for s in during_training["sockets"]] + after_training
