@@ -40,6 +40,23 @@ def private_token_file() -> Path | None:
     return path
 
 
+# Ray Train settings for a cluster on one machine (KubeRay clusters keep Ray's defaults). Read from the driver's
+# environment when a trainer starts; scripts/demo.sh gives its head the same values.
+LOCAL_TRAIN_SETTINGS = {
+    # nothing preempts a local machine; the watcher would be one more actor per stage, and its start logs an
+    # error line in every job
+    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+    # how often the controller polls its workers (Ray's default 2 s): a stage's start and end wait on several
+    # polls, ~7 of a tiny stage's 23 s on the 2-core machine (16 s at 0.5)
+    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",
+}
+
+
+def use_local_train_settings() -> None:
+    for name, value in LOCAL_TRAIN_SETTINGS.items():
+        os.environ.setdefault(name, value)
+
+
 def connect(config: Config) -> None:
     address = config.cluster.address or os.environ.get("RAY_ADDRESS")
     if address:
@@ -55,9 +72,7 @@ def connect(config: Config) -> None:
     # placement-group cleaner looks the cluster up without one and fails when another local cluster runs on the
     # machine. tests/test_network.py checks both.
     gcs_port = free_port()
-    # Nothing preempts a local machine; Ray Train's watcher would be one more actor per stage, and its start
-    # logs an error line in every job (KubeRay clusters keep it).
-    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+    use_local_train_settings()
     with mock.patch.object(ray_constants, "ENABLE_RAY_CLUSTER", False), \
             mock.patch.dict(os.environ, {ray_constants.GCS_PORT_ENVIRONMENT_VARIABLE: str(gcs_port)}):
         ray.init(num_cpus=config.cluster.num_cpus, dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1",

@@ -36,9 +36,12 @@ if curl -sf "http://127.0.0.1:$DASHBOARD_PORT" >/dev/null 2>&1; then
 fi
 
 echo "[demo] starting a Ray head on 127.0.0.1:$GCS_PORT (dashboard http://127.0.0.1:$DASHBOARD_PORT)"
-# setsid: every process of this head shares one session id, so stop_head kills exactly them
+# setsid: every process of this head shares one session id, so stop_head kills exactly them.
+# Multi-node off: every Ray process on 127.0.0.1 (README "Failure handling"); Ray Train's settings for one
+# machine, as lori_ray/cluster.py LOCAL_TRAIN_SETTINGS gives a local cluster.
 setsid bash -c 'echo $$ > "$0"; exec "$@"' "$STATE/session" \
-  env RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 ray start --head --node-ip-address 127.0.0.1 --port "$GCS_PORT" \
+  env RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 RAY_TRAIN_ENABLE_PREEMPTION_WATCHER=0 RAY_TRAIN_HEALTH_CHECK_INTERVAL_S=0.5 \
+  ray start --head --node-ip-address 127.0.0.1 --port "$GCS_PORT" \
   --dashboard-host 127.0.0.1 --dashboard-port "$DASHBOARD_PORT" \
   --dashboard-agent-listen-port $((DASHBOARD_PORT + 44100)) --ray-client-server-port $((GCS_PORT + 1)) \
   --num-cpus "${RAY_DEMO_CPUS:-2}" --num-gpus 0 --temp-dir "$TEMP_DIR" --disable-usage-stats \

@@ -10,6 +10,12 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def pytest_configure(config):
+    """Tests that start Ray themselves run it as ``lori_ray.cluster.connect`` runs a local cluster."""
+    from lori_ray.cluster import use_local_train_settings
+    use_local_train_settings()
+
+
 def tiny_model_dir(path: Path) -> Path:
     """A random-weight tiny Llama with the arithmetic tokenizer, saved as an HF directory at ``path``."""
     from lori_ray.models import build_model

@@ -79,8 +79,7 @@ def test_a_local_cluster_listens_on_loopback_only_and_its_workers_find_it(tmp_pa
     while a stage trains (torch binds its server to the wildcard address; README "Security" says so). With
     another local cluster on the machine, a worker that looks its cluster up without an address (as Ray Train's
     placement-group cleaner does) still finds its own."""
-    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(tmp_path / "auth_token"))
-    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)  # the process's token file, as Ray caches the first it reads
     out = tmp_path / "sockets.json"
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the workers cannot import this test module
     connect(Config(cluster={"num_cpus": 2}))
