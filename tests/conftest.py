@@ -34,6 +34,24 @@ def job_env() -> dict[str, str]:
     return env
 
 
+def ray_start(env: dict[str, str], *args: str) -> int:
+    """``ray start *args`` in a session of its own (the node's daemons inherit its id); returns the session id,
+    for ``stop_ray_sessions``."""
+    process = subprocess.Popen([Path(sys.executable).with_name("ray"), "start", "--disable-usage-stats", *args],
+                               env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               start_new_session=True)
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode == 0, output
+    return process.pid
+
+
+def stop_ray_sessions(sessions: list[int]) -> None:
+    """Stop exactly the nodes ``ray_start`` started, never another Ray cluster on the machine."""
+    for signal in ("-TERM", "-KILL"):
+        for session in sessions:
+            subprocess.run(["pkill", signal, "-s", str(session)], check=False)
+
+
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory) -> tuple[Path, str]:
     """`jobs/distill.py` on the tiny preset, once per session: (run directory, stdout). Tests that only need a

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import job_env
+from conftest import job_env, ray_start, stop_ray_sessions
 
 from lori_ray.cluster import free_port
 
@@ -24,27 +24,15 @@ def cluster(tmp_path_factory):
     token = base / "token"
     token.write_text(secrets.token_hex(32))
     env = {**job_env(), "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)}
-    ray_cli = str(Path(sys.executable).with_name("ray"))
     port, dashboard = free_port(), free_port()
     temp = {name: Path(f"/tmp/lr-{os.getpid()}-{name}") for name in ("head", "node")}
-    sessions = []  # `ray start` leads a new session; the node's daemons inherit its id
-
-    def start(*args):
-        process = subprocess.Popen([ray_cli, "start", "--disable-usage-stats", *args], env=env, text=True,
-                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
-        sessions.append(process.pid)
-        output, _ = process.communicate(timeout=120)
-        assert process.returncode == 0, output
-
-    start("--head", "--node-ip-address", "127.0.0.1", "--port", str(port), "--num-cpus", "1", "--num-gpus", "0",
-          "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard), "--temp-dir", str(temp["head"]),
-          "--resources", '{"head": 1}')
-    start("--address", f"127.0.0.1:{port}", "--node-ip-address", "127.0.0.1", "--num-cpus", "2", "--num-gpus", "0",
-          "--temp-dir", str(temp["node"]))
+    sessions = [ray_start(env, "--head", "--node-ip-address", "127.0.0.1", "--port", str(port), "--num-cpus", "1",
+                          "--num-gpus", "0", "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard),
+                          "--temp-dir", str(temp["head"]), "--resources", '{"head": 1}')]
+    sessions.append(ray_start(env, "--address", f"127.0.0.1:{port}", "--node-ip-address", "127.0.0.1", "--num-cpus",
+                              "2", "--num-gpus", "0", "--temp-dir", str(temp["node"])))
     yield env, f"127.0.0.1:{port}", f"http://127.0.0.1:{dashboard}", temp
-    for signal in ("-TERM", "-KILL"):  # stop exactly these two nodes, never other Ray clusters
-        for session in sessions:
-            subprocess.run(["pkill", signal, "-s", str(session)], check=False)
+    stop_ray_sessions(sessions)
 
 
 def test_pipeline_spans_two_nodes_and_keeps_everything_under_output_dir(cluster, tmp_path):

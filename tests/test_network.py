@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import job_env, ray_start, stop_ray_sessions
 import ray
 from ray.train import RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
@@ -54,21 +55,13 @@ def record_sockets(config):
 @pytest.fixture
 def another_local_cluster(tmp_path):
     """A second Ray head on this machine, as when two runs or a run and a test share it."""
-    import subprocess
     token = tmp_path / "other_token"
     token.write_text(os.urandom(32).hex())
-    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token), "RAY_USAGE_STATS_ENABLED": "0"}
-    env.pop("RAY_ADDRESS", None)
-    head = subprocess.Popen([Path(sys.executable).with_name("ray"), "start", "--head", "--port", str(free_port()),
-                             "--num-cpus", "1", "--include-dashboard", "false", "--disable-usage-stats",
-                             "--temp-dir", f"/tmp/lr-{os.getpid()}-other"],  # short: Ray's unix sockets live there
-                            env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            start_new_session=True)
-    output, _ = head.communicate(timeout=120)
-    assert head.returncode == 0, output
+    env = {**job_env(), "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)}
+    session = ray_start(env, "--head", "--port", str(free_port()), "--num-cpus", "1", "--include-dashboard", "false",
+                        "--temp-dir", f"/tmp/lr-{os.getpid()}-other")  # short: Ray's unix sockets live there
     yield
-    for signal in ("-TERM", "-KILL"):  # stop exactly this head (its daemons share its session), no other cluster
-        subprocess.run(["pkill", signal, "-s", str(head.pid)], check=False)
+    stop_ray_sessions([session])
 
 
 @pytest.mark.cluster
