@@ -106,6 +106,10 @@ class TrainConfig(Section):
     log_every: Int = Field(25, gt=0)
     max_bad_steps: Int = Field(10, gt=0)  # consecutive NaN/Inf losses (updates skipped) before the stage stops
     eval_every: Int = Field(0, ge=0)  # validation exact match every N steps (a multiple of log_every); 0: at the end
+    # a wall-clock budget for this attempt: the stage ends at the first log interval past it (validated,
+    # checkpointed, published), the learning rate decaying over steps or minutes, whichever ends first. For
+    # learning curves in minutes (a ladder) on a machine of unknown pace, not for equal-step comparisons
+    max_minutes: Float | None = Field(None, gt=0)
 
     @model_validator(mode="after")
     def _batch(self):

@@ -7,13 +7,16 @@ last checkpoint holds the trained model as an HF directory under ``hf/``.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import secrets
 import shutil
 import tempfile
+import threading
 import time
 import warnings
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -67,8 +70,25 @@ def batch_indices(step: int, num_examples: int, batch_size: int, seed: int) -> t
     """The global batch of ``step``: a fresh permutation per epoch, so a resumed run sees the same data."""
     per_epoch = max(num_examples // batch_size, 1)
     epoch, offset = divmod(step, per_epoch)
-    order = torch.randperm(num_examples, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
-    return order[offset * batch_size:(offset + 1) * batch_size]
+    return epoch_order(num_examples, seed, epoch)[offset * batch_size:(offset + 1) * batch_size]
+
+
+@functools.lru_cache(maxsize=2)
+def epoch_order(num_examples: int, seed: int, epoch: int) -> torch.Tensor:
+    # once per epoch, not per step: a permutation of 300,000 rows costs milliseconds, a GPU step about as much
+    return torch.randperm(num_examples, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+
+
+def budget_spent(started: float, max_minutes: float | None) -> float:
+    """The fraction of the stage's wall-clock budget spent (0 without one), the same on every rank: they decay
+    their learning rate alike and stop at the same step."""
+    import torch.distributed as dist
+    if max_minutes is None:
+        return 0.0
+    spent = torch.tensor([(time.time() - started) / (max_minutes * 60)])
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(spent, op=dist.ReduceOp.MAX)
+    return spent.item()
 
 
 @torch.no_grad()
@@ -111,11 +131,11 @@ def all_finite(loss: torch.Tensor) -> bool:
     return bool(finite.item())
 
 
-def lr_factor(step: int, warmup: int, total: int) -> float:
-    """Linear warmup then linear decay to 10%."""
+def lr_factor(step: int, warmup: int, total: int, budget_spent: float = 0.0) -> float:
+    """Linear warmup then linear decay to 10%, over the steps or the wall-clock budget, whichever ends first."""
     if step < warmup:
         return (step + 1) / warmup
-    return max(0.1, 1.0 - 0.9 * (step - warmup) / max(total - warmup, 1))
+    return max(0.1, 1.0 - 0.9 * max((step - warmup) / max(total - warmup, 1), budget_spent))
 
 
 def deepspeed_config(train: dict, world_size: int) -> dict:
@@ -235,8 +255,9 @@ def train_loop(config: dict) -> None:
     validation = load_file(stage.val_path) if stage.val_path else None
     optimizer = torch.optim.AdamW([p for p in objective.parameters() if p.requires_grad], lr=train["lr"],
                                   weight_decay=train["weight_decay"], betas=(0.9, 0.95))
+    spent = [0.0]  # of train.max_minutes, as of the last log interval
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_factor(step, train["warmup"], train["steps"]))
+        optimizer, lambda step: lr_factor(step, train["warmup"], train["steps"], spent[0]))
     engine, *_ = deepspeed.initialize(model=objective, optimizer=optimizer, lr_scheduler=scheduler,
                                       config=deepspeed_config(train, world))
     if train["compile"]:
@@ -265,7 +286,8 @@ def train_loop(config: dict) -> None:
     started, sums, count, last, bad_steps = time.time(), {}, 0, {"step": step}, 0
     began, first_step = started, step  # for the time left: this run's pace, validation and checkpoints included
     engine.train()
-    while step < train["steps"]:
+    end = train["steps"]
+    while step < end:
         rows = batch_indices(step, num_examples, train["batch_size"], stage.seed)[rank * micro:(rank + 1) * micro]
         batch, shown = curriculum_batch(stage, {k: v[rows] for k, v in data.items()}, step, rank)
         if stage.reset_optimizer and step > 0 and curriculum_level(stage, step) != curriculum_level(stage, step - 1):
@@ -292,13 +314,19 @@ def train_loop(config: dict) -> None:
         for k, v in metrics.items():
             sums[k] = sums.get(k, 0.0) + v
         count += 1
-        if step % train["log_every"] == 0 or step == train["steps"]:
+        if step % train["log_every"] == 0 or step == end:
+            spent[0] = budget_spent(began, train["max_minutes"])
+            if step < end and spent[0] >= 1:
+                if rank == 0:
+                    print(f"[{stage.name}] stopped at step {step} of {train['steps']}: train.max_minutes "
+                          f"({train['max_minutes']:g}) spent", flush=True)
+                end = step  # this interval is the last: validated, checkpointed, published
             report = {k: v / count for k, v in sums.items()}
             report.update(step=step, lr=scheduler.get_last_lr()[0], steps_per_s=count / (time.time() - started),
                           **resumed)
             if torch.cuda.is_available():
                 report["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 1e9
-            due = step == train["steps"] or (train["eval_every"] and step % train["eval_every"] == 0)
+            due = step == end or (train["eval_every"] and step % train["eval_every"] == 0)
             if validation is not None and due:
                 engine.eval()
                 report["val_accuracy"] = exact_match(engine.module.model, validation, rank, world, micro,
@@ -312,9 +340,9 @@ def train_loop(config: dict) -> None:
                       " ".join(f"{k}={v:.4g}" for k, v in report.items() if k != "step") +
                       f" eta={time_left(time.time() - began, step - first_step, train['steps'] - step)}", flush=True)
             periodic = train["checkpoint_every"] and step % train["checkpoint_every"] == 0
-            if periodic and step < train["steps"]:
+            if periodic and step < end:
                 _report_checkpoint(engine, objective, report, stage, step, restarts, final=False)
-            elif step < train["steps"]:
+            elif step < end:
                 ray.train.report(report)
     _report_checkpoint(engine, objective, last, stage, step, restarts, final=True)
 
@@ -364,6 +392,41 @@ def _report_checkpoint(engine, objective, metrics: dict, stage: Stage, step: int
                      checkpoint_dir_name=f"step-{step:06d}", delete_local_checkpoint_after_upload=True)
 
 
+class DriverTurns:
+    """The driver-side work of runs sharing one driver (``pipeline.run_sharing_teacher``) one run at a time:
+    Hugging Face's model loading patches torch globally (its empty-weights context), so threads cannot build
+    models side by side. A run gives its turn away while Ray Train runs its stage, the long part."""
+
+    def __init__(self):
+        self._lock, self._mine = threading.Lock(), threading.local()
+
+    @contextmanager
+    def turn(self):
+        with self._lock:
+            self._mine.held = True
+            try:
+                yield
+            finally:
+                self._mine.held = False
+
+    @contextmanager
+    def away(self):
+        """Let another run have the turn meanwhile, if this thread holds it."""
+        if not getattr(self._mine, "held", False):
+            yield
+            return
+        self._mine.held = False
+        self._lock.release()
+        try:
+            yield
+        finally:
+            self._lock.acquire()
+            self._mine.held = True
+
+
+DRIVER_TURNS = DriverTurns()
+
+
 def fit(stage: Stage, output_dir: str | Path, storage_path: str | Path, callbacks: list | None = None,
         fingerprint: dict[str, str] | None = None) -> tuple[Path, dict]:
     """Run the stage under Ray Train and publish the trained HF model at ``output_dir`` whole, with the
@@ -389,7 +452,8 @@ def fit(stage: Stage, output_dir: str | Path, storage_path: str | Path, callback
                              failure_config=FailureConfig(max_failures=1),
                              checkpoint_config=CheckpointConfig(num_to_keep=2), callbacks=callbacks),
     )
-    result = trainer.fit()
+    with DRIVER_TURNS.away():
+        result = trainer.fit()
     if result.checkpoint is None:
         raise RuntimeError(f"stage {stage.name} finished without a checkpoint")
     output_dir = Path(output_dir)

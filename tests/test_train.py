@@ -39,6 +39,9 @@ def test_batches_are_deterministic_epoch_permutations():
 def test_schedule_and_deepspeed_config():
     assert lr_factor(0, 10, 100) == 0.1 and lr_factor(9, 10, 100) == 1.0
     assert lr_factor(100, 10, 100) == 0.1 and 0.1 < lr_factor(50, 10, 100) < 1.0
+    # a wall-clock budget half spent decays like half the steps; the steps still count when they are further on
+    assert lr_factor(10, 10, 100, budget_spent=0.5) == pytest.approx(0.55)
+    assert lr_factor(100, 10, 100, budget_spent=0.5) == 0.1 and lr_factor(5, 10, 100, budget_spent=0.9) == 0.6
     train = {"batch_size": 64, "grad_clip": 1.0, "zero_stage": 3, "precision": "auto"}
     config = deepspeed_config(train, world_size=2)
     assert config["train_micro_batch_size_per_gpu"] == 32 and config["zero_optimization"]["stage"] == 3
