@@ -10,7 +10,9 @@ step is known exactly, for any Hugging Face tokenizer.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import chain
 
+import numpy as np
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
@@ -20,6 +22,7 @@ from .data import ANSWER_SEPARATOR, COT_SEPARATOR, Example, normalize_answer
 SPECIAL_TOKENS = {"pad_token": "<pad>", "bos_token": "<bos>", "eos_token": "<eos>", "unk_token": "<unk>"}
 ARITHMETIC_SYMBOLS = [*"0123456789", "*", "+", "(", ")", COT_SEPARATOR, ANSWER_SEPARATOR]
 IGNORE_INDEX = -100
+ENCODE_CACHE_SIZE = 1 << 20  # texts whose token ids a Layout remembers
 
 
 def arithmetic_tokenizer() -> PreTrainedTokenizerFast:
@@ -71,9 +74,17 @@ class Layout:
         self.eos = tokenizer.eos_token_id
         self.pad = tokenizer.pad_token_id
         self._digit_ids: set[int] | None = None
+        self._encoded: dict[str, tuple[int, ...]] = {}
 
     def _encode(self, text: str) -> list[int]:
-        return self.tokenizer.encode(" " + text, add_special_tokens=False)
+        # memoised: a HF encode call costs ~40 us, and a data set of 300,000 problems makes millions of them,
+        # most of them the same separators and steps
+        ids = self._encoded.get(text)
+        if ids is None:
+            if len(self._encoded) >= ENCODE_CACHE_SIZE:
+                self._encoded.clear()
+            ids = self._encoded[text] = tuple(self.tokenizer.encode(" " + text, add_special_tokens=False))
+        return list(ids)
 
     def question(self, example: Example) -> list[int]:
         if self.chat:
@@ -152,18 +163,20 @@ class Layout:
 
 def collate(sequences: list[Sequence], pad_id: int, length: int | None = None) -> dict[str, torch.Tensor]:
     """Right-padded ``input_ids``/``labels``/``attention_mask`` tensors."""
-    length = length or max(len(s.input_ids) for s in sequences)
-    input_ids = torch.full((len(sequences), length), pad_id, dtype=torch.long)
-    labels = torch.full((len(sequences), length), IGNORE_INDEX, dtype=torch.long)
-    mask = torch.zeros((len(sequences), length), dtype=torch.long)
-    for row, s in enumerate(sequences):
-        n = len(s.input_ids)
-        if n > length:
-            raise ValueError(f"sequence of {n} tokens is longer than the context ({length})")
-        input_ids[row, :n] = torch.tensor(s.input_ids)
-        labels[row, :n] = torch.tensor(s.labels)
-        mask[row, :n] = 1
-    return {"input_ids": input_ids, "labels": labels, "attention_mask": mask}
+    lengths = np.array([len(s.input_ids) for s in sequences], dtype=np.int64)
+    length = length or int(lengths.max())
+    if len(lengths) and lengths.max() > length:
+        raise ValueError(f"sequence of {lengths.max()} tokens is longer than the context ({length})")
+    # one flat copy per field, then a boolean scatter: a tensor per row costs ~40 us, 12 s over 300,000 rows
+    mask = np.arange(length) < lengths[:, None]
+    tensors = {}
+    for name, fill in (("input_ids", pad_id), ("labels", IGNORE_INDEX)):
+        values = np.full((len(sequences), length), fill, dtype=np.int64)
+        values[mask] = np.fromiter(chain.from_iterable(getattr(s, name) for s in sequences), dtype=np.int64,
+                                   count=int(lengths.sum()))
+        tensors[name] = torch.from_numpy(values)
+    tensors["attention_mask"] = torch.from_numpy(mask.astype(np.int64))
+    return tensors
 
 
 def left_pad(prompts: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
