@@ -61,13 +61,17 @@ def main() -> int:
     arguments.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     arguments.add_argument("--seeds", type=int, default=1,
                            help="student seeds per method: student.seed, student.seed + 1, ... (run names end -s<seed>)")
+    arguments.add_argument("--parallel", type=int, default=1,
+                           help="students trained at once once the teacher and store exist (each stage must fit "
+                                "the cluster beside the others: student.train.num_workers, cluster.gpus_per_worker)")
     args = arguments.parse_args()
     base = config_or_exit(args.config, args.overrides)
     if inspected(args, base):  # the first run's plan; every later one shares its teacher and data
         return 0
-    if args.seeds < 1:
-        print("error: --seeds: at least 1", file=sys.stderr)
-        return 2
+    for flag in ("seeds", "parallel"):
+        if getattr(args, flag) < 1:
+            print(f"error: --{flag}: at least 1", file=sys.stderr)
+            return 2
     seeds = [base.student_seed + i for i in range(args.seeds)]
     runs = {(m, seed): [*args.overrides, f"name={base.name}-{m}" + (f"-s{seed}" if args.seeds > 1 else ""),
                         f"student.method={m}", f"student.seed={seed}"]
@@ -86,7 +90,7 @@ def main() -> int:
         for config in configs.values():
             forget_stages(config, args.restart_from)
     with user_errors():
-        reports = run_sharing_teacher(configs)
+        reports = run_sharing_teacher(configs, args.parallel)
     text = table(base, reports)
     print("\n" + text, flush=True)
     first = next(iter(configs.values()))

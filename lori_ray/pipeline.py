@@ -9,7 +9,9 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -37,7 +39,7 @@ from .preflight import Splits, load_data
 from . import storage
 from .storage import published_directory, write_local
 from .tracking import log_model, pipeline_run, stage_run
-from .train import Stage, fit
+from .train import DRIVER_TURNS, Stage, fit
 
 
 def log(message: str) -> None:
@@ -481,10 +483,11 @@ def forget_stages(config: Config, first: str) -> list[Path]:
     return removed
 
 
-def run(config: Config, teacher_result: EvalResult | None = None) -> Report:
+def run(config: Config, teacher_result: EvalResult | None = None, on_store=None) -> Report:
     """All stages of one distillation run; Ray must already be initialised.
 
     ``teacher_result``: the teacher's evaluation when the caller already has it (same teacher, same split).
+    ``on_store``: called once the teacher and the trajectory store are on disk (runs sharing them may start).
     """
     config.run_dir.mkdir(parents=True, exist_ok=True)
     write_local(config.run_dir / "config.yaml", config.to_yaml())
@@ -498,6 +501,8 @@ def run(config: Config, teacher_result: EvalResult | None = None) -> Report:
         if config.teacher.complete_cots:
             splits = splits._replace(train=completed_train(config, teacher_dir, splits.train))
         store = trajectory_stage(config, teacher_dir, splits.train)
+        if on_store:
+            on_store()
         init_dir, student_dir = distill_student(config, teacher_dir, splits, store)
         erank = erank_diagnostics(config, teacher_dir, init_dir, student_dir, splits.train)
         with stage_run("evaluate"):
@@ -525,17 +530,44 @@ def run(config: Config, teacher_result: EvalResult | None = None) -> Report:
     return report
 
 
-def run_sharing_teacher(configs: dict) -> dict:
-    """``run`` for each config in turn (benchmarks comparing students): the first run trains the teacher
-    (unless ``teacher.path`` is set); every later one reuses it and its held-out evaluation, and logs to the
-    first one's MLflow store, so one UI compares them all."""
+def run_sharing_teacher(configs: dict, parallel: int = 1) -> dict:
+    """``run`` for each config (benchmarks comparing students): the first run trains the teacher (unless
+    ``teacher.path`` is set) and builds the trajectory store; every other run reuses both and logs to the first
+    one's MLflow store, so one UI compares them all. ``parallel`` > 1: that many runs at once, the others
+    starting as soon as the first run's store is built (each Ray Train stage must fit the cluster beside the
+    others: fewer workers, or fractional ``cluster.gpus_per_worker``); one at a time, later runs also reuse the
+    first one's held-out evaluation of the teacher."""
     first = next(iter(configs.values()))
     tracking_uri = first.tracking_uri()
-    reports, teacher_result = {}, None
-    for key, config in configs.items():
+    for config in configs.values():
         config.tracking.uri = config.tracking.uri or tracking_uri
-        if config is not first:
-            config.teacher.path = shared_teacher_path(first)
-        reports[key] = run(config, teacher_result)
-        teacher_result = reports[key].teacher
-    return reports
+    if parallel <= 1:
+        reports, teacher_result = {}, None
+        for key, config in configs.items():
+            if config is not first:
+                config.teacher.path = shared_teacher_path(first)
+            reports[key] = run(config, teacher_result)
+            teacher_result = reports[key].teacher
+        return reports
+    shared_ready = threading.Event()
+
+    def after_first(config: Config) -> Report:
+        shared_ready.wait()
+        if not Path(shared_teacher_path(first)).is_dir():
+            raise RuntimeError(f"{config.name}: not started, the first run ({first.name}) failed before its teacher "
+                               f"and trajectory store were built")
+        config.teacher.path = shared_teacher_path(first)
+        with DRIVER_TURNS.turn():
+            return run(config)
+
+    def first_run() -> Report:
+        try:
+            with DRIVER_TURNS.turn():
+                return run(first, on_store=shared_ready.set)
+        finally:
+            shared_ready.set()
+
+    with ThreadPoolExecutor(max_workers=parallel) as pool:
+        futures = {key: pool.submit(first_run) if config is first else pool.submit(after_first, config)
+                   for key, config in configs.items()}
+        return {key: future.result() for key, future in futures.items()}

@@ -87,7 +87,7 @@ def test_accuracy_benchmark_aggregates_student_seeds_and_draws_their_curves(tmp_
     their mean, training-problem accuracy and per-digit accuracy; the curves come from each seed's own run."""
     out = run("bench/accuracy.py", "--config", "configs/tiny.yaml", f"output_dir={tmp_path}", "cluster.num_cpus=2",
               f"teacher.path={tiny_run[0] / 'teacher'}", "loss.align_at=answer", "student.train.eval_every=3",
-              "--methods", "lori", "--seeds", "2")
+              "student.train.num_workers=1", "--methods", "lori", "--seeds", "2", "--parallel", "2")
     assert "[teacher] done in" not in out and out.count("[student] done in") == 2
     assert "trajectory store" in out and "found, skipping extraction" in out  # the second seed reuses the store
     (row,) = [line for line in out.splitlines() if line.startswith("| lori |")]
