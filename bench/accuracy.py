@@ -81,7 +81,7 @@ def main() -> int:
     import mlflow
 
     from lori_ray.cluster import connect
-    from lori_ray.pipeline import forget_stages, run_sharing_teacher
+    from lori_ray.pipeline import RunsFailed, forget_stages, run_sharing_teacher
     from lori_ray.plots import curves_figure
     from lori_ray.tracking import stage_history
 
@@ -90,7 +90,12 @@ def main() -> int:
         for config in configs.values():
             forget_stages(config, args.restart_from)
     with user_errors():
-        reports = run_sharing_teacher(configs, args.parallel)
+        try:
+            reports, failed = run_sharing_teacher(configs, args.parallel), None
+        except RunsFailed as error:  # parallel runs: the table of those that finished, then exit 1
+            reports, failed = error.reports, error
+            if not reports:
+                raise
     text = table(base, reports)
     print("\n" + text, flush=True)
     first = next(iter(configs.values()))
@@ -113,6 +118,9 @@ def main() -> int:
                 for step, _, value in curve:
                     mlflow.log_metric(f"{method}_s{i}_val_accuracy", value, step=step)
     print(f"table: {out / 'accuracy.md'}\ncurves: {out / 'curves.png'}", flush=True)
+    if failed:
+        print(f"error: {failed}", file=sys.stderr)
+        return 1
     return 0
 
 

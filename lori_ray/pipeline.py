@@ -11,6 +11,7 @@ import math
 import shutil
 import threading
 import time
+import traceback
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -570,4 +571,26 @@ def run_sharing_teacher(configs: dict, parallel: int = 1) -> dict:
     with ThreadPoolExecutor(max_workers=parallel) as pool:
         futures = {key: pool.submit(first_run) if config is first else pool.submit(after_first, config)
                    for key, config in configs.items()}
-        return {key: future.result() for key, future in futures.items()}
+    reports, failed = {}, {}
+    for key, future in futures.items():
+        if future.exception() is None:
+            reports[key] = future.result()
+        else:  # the other runs' results stay: one failed student must not cost the whole benchmark
+            failed[key] = future.exception()
+            log("".join(traceback.format_exception(failed[key])).rstrip())
+    if failed:
+        raise RunsFailed(reports, failed)
+    return reports
+
+
+class RunsFailed(RuntimeError):
+    """Some of the runs sharing a teacher failed; ``reports`` holds the others'."""
+
+    def __init__(self, reports: dict, failed: dict):
+        self.reports, self.failed = reports, failed
+        super().__init__("; ".join(f"{configs_name(key)} failed: {type(error).__name__}: {error}"
+                                   for key, error in failed.items()))
+
+
+def configs_name(key) -> str:
+    return "-".join(map(str, key)) if isinstance(key, tuple) else str(key)
