@@ -70,13 +70,14 @@ def connect(config: Config) -> None:
     # start only: the node address chosen here is what every Ray process is given.
     # The GCS port is chosen here so that every worker can be told its own cluster's address: Ray Train's
     # placement-group cleaner looks the cluster up without one and fails when another local cluster runs on the
-    # machine. tests/test_network.py checks both.
+    # machine. tests/test_network.py checks both. The dashboard starts where ray[default] is installed (not on
+    # a minimal Ray, e.g. the GPU bundle).
     gcs_port = free_port()
     use_local_train_settings()
     with mock.patch.object(ray_constants, "ENABLE_RAY_CLUSTER", False), \
             mock.patch.dict(os.environ, {ray_constants.GCS_PORT_ENVIRONMENT_VARIABLE: str(gcs_port)}):
         ray.init(num_cpus=config.cluster.num_cpus, dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1",
-                 include_dashboard=True, runtime_env={"env_vars": {"RAY_ADDRESS": f"127.0.0.1:{gcs_port}"}})
+                 include_dashboard=None, runtime_env={"env_vars": {"RAY_ADDRESS": f"127.0.0.1:{gcs_port}"}})
 
 
 def free_port() -> int:
