@@ -70,6 +70,10 @@ EOF
         --target "$SITE" "$BUNDLE_DIR"/deepspeed-*.tar.gz
     fi
   fi
+  # extra pure wheels beside the bundle (MLflow's SQL store needs alembic, mako, markupsafe; mlflow-skinny has none)
+  for wheel in "$BUNDLE_DIR"/extra/*.whl; do
+    if [ -f "$wheel" ]; then step "unzip-$(basename "$wheel" | cut -d- -f1)" 60 "$PY" -m zipfile -e "$wheel" "$SITE"; fi
+  done
   ninja_bin=$(ls -d "$SITE"/ninja-*.data/scripts 2>/dev/null | head -1)
   if ! command -v ninja >/dev/null && [ -n "$ninja_bin" ]; then chmod +x "$ninja_bin/ninja"; export PATH="$PATH:$ninja_bin"; fi
 fi
@@ -82,7 +86,8 @@ import time
 started = time.time()
 failed = []
 for name in ("torch", "transformers", "ray", "deepspeed", "mlflow", "pydantic", "pyarrow.fs", "pandas", "msgpack",
-             "ray.train", "ray.train.torch", "lori_ray.train", "lori_ray.teacher", "lori_ray.tracking"):
+             "ray.train", "ray.train.torch", "lori_ray.train", "lori_ray.teacher", "lori_ray.tracking",
+             "mlflow.store.tracking.sqlalchemy_store"):
     try:
         module = importlib.import_module(name)
         print(f"import {name} OK {getattr(module, '__version__', '')} {getattr(module, '__file__', '')}", flush=True)
