@@ -99,6 +99,16 @@ if torch.cuda.is_available():
     from deepspeed.accelerator import get_accelerator
     print("deepspeed accelerator:", get_accelerator()._name, "| cuda", torch.version.cuda,
           "| device", torch.cuda.get_device_name(), "| capability", torch.cuda.get_device_capability())
+if not failed:  # the SQL tracking store our runs use, end to end (its migrations import more than the module)
+    import tempfile
+    import mlflow
+    try:
+        mlflow.set_tracking_uri(f"sqlite:///{tempfile.mkdtemp()}/probe.db")
+        mlflow.set_experiment("probe")
+        print("mlflow sqlite store OK", flush=True)
+    except Exception as error:  # noqa: BLE001
+        failed.append("mlflow sqlite store")
+        print(f"mlflow sqlite store FAILED: {type(error).__name__}: {error}", flush=True)
 print(f"IMPORTS {'FAILED: ' + ', '.join(failed) if failed else 'OK'} ({time.time() - started:.1f}s)")
 raise SystemExit(1 if failed else 0)
 EOF
