@@ -17,12 +17,16 @@ class Moments:
     outer: torch.Tensor  # [L, d, d]
 
     @classmethod
-    def zeros(cls, layers: int, dim: int) -> "Moments":
-        return cls(0, torch.zeros(layers, dim, dtype=torch.float64), torch.zeros(layers, dim, dim, dtype=torch.float64))
+    def zeros(cls, layers: int, dim: int, device: str | torch.device = "cpu") -> "Moments":
+        return cls(0, torch.zeros(layers, dim, dtype=torch.float64, device=device),
+                   torch.zeros(layers, dim, dim, dtype=torch.float64, device=device))
+
+    def to(self, device: str | torch.device) -> "Moments":
+        return Moments(self.count, self.total.to(device), self.outer.to(device))
 
     def update(self, vectors: torch.Tensor) -> None:
         """Add samples ``vectors`` [n, L, d] (one vector per layer per sample)."""
-        x = vectors.to(torch.float64)
+        x = vectors.to(self.total.device, torch.float64)
         self.count += x.shape[0]
         self.total += x.sum(0)
         self.outer += torch.einsum("nld,nle->lde", x, x)

@@ -45,7 +45,8 @@ class TeacherWorker:
     def extract(self, store_uri: str, number: int, index: list[int], examples: list[Example]) -> Moments:
         """Write shard ``number``'s trajectories (segment means) to the store; return their moments."""
         trajectories = []
-        moments = Moments.zeros(len(self.layers), self.model.config.hidden_size)
+        # accumulated where the teacher runs: float64 outer products of every step vector are a GPU's work
+        moments = Moments.zeros(len(self.layers), self.model.config.hidden_size, self.device)
         for start in range(0, len(examples), self.batch_size):
             sequences = [self.layout.teacher(e) for e in examples[start:start + self.batch_size]]
             batch = collate(sequences, self.layout.pad)
@@ -57,15 +58,16 @@ class TeacherWorker:
                     f"teacher out of memory on {self.device} with a batch of {len(sequences)} sequences of up to "
                     f"{batch['input_ids'].shape[1]} tokens: lower trajectory.batch_size (now {self.batch_size}) "
                     f"or give each actor more memory (cluster.gpus_per_actor)") from error
-            hidden = torch.stack([output.hidden_states[layer] for layer in self.layers], dim=1).float().cpu()
-            for trajectory in segment_means(hidden, [self.layout.segments(s, self.segments) for s in sequences]):
-                trajectories.append(trajectory)
-                moments.update(trajectory.transpose(0, 1))  # every step is one sample per layer
+            hidden = torch.stack([output.hidden_states[layer] for layer in self.layers], dim=1).float()
+            batch_trajectories = segment_means(hidden, [self.layout.segments(s, self.segments) for s in sequences])
+            trajectories += batch_trajectories
+            # every step is one sample per layer; one update per batch (an einsum per example costs more)
+            moments.update(torch.cat([t.transpose(0, 1) for t in batch_trajectories]).to(self.device))
         store = TrajectoryStore(store_uri)
         store.write_shard("hidden", number, pack(trajectories, index))
         # how often the teacher really ran (a rerun or a Tune search adds no extraction)
         store.record_extraction(number, len(index))
-        return moments
+        return moments.to("cpu")
 
     def project(self, store_uri: str, number: int) -> int:
         store = TrajectoryStore(store_uri)
