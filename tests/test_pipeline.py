@@ -114,3 +114,43 @@ def test_student_and_teacher_are_mlflow_models_that_answer_plain_questions(tiny_
                  if "mlflow.parentRunId" not in r.data.tags]
     models = mlflow.search_logged_models(experiment_ids=[parent.info.experiment_id], output_format="list")
     assert {m.name for m in models} == {"student", "teacher"} and {m.source_run_id for m in models} == {parent.info.run_id}
+
+
+def test_parallel_runs_start_after_the_shared_store_and_one_failure_keeps_the_others(tmp_path, monkeypatch):
+    """``run_sharing_teacher(parallel=3)``: the later runs wait for the first one's teacher and store, are pointed
+    at its teacher, overlap each other, and a failing one leaves the others' reports (``RunsFailed``)."""
+    import threading
+    import time
+
+    from lori_ray import pipeline
+    from lori_ray.config import load_config
+
+    configs = {m: load_config(ROOT / "configs/tiny.yaml", [f"output_dir={tmp_path}", f"name=tiny-{m}"])
+               for m in ("lori", "nocot", "icot_kd")}
+    events, running, overlapped = [], set(), threading.Event()
+
+    def fake_run(config, teacher_result=None, on_store=None):
+        method = config.name.removeprefix("tiny-")
+        if on_store:  # the first run: its teacher appears, then its store
+            time.sleep(0.2)
+            (config.run_dir / "teacher").mkdir(parents=True)
+            events.append("store")
+            on_store()
+        else:
+            events.append(f"start {method} from {Path(config.teacher.path).relative_to(tmp_path)}")
+        running.add(method)
+        if len(running) == 3:
+            overlapped.set()
+        overlapped.wait(timeout=5)
+        if method == "icot_kd":
+            raise ValueError("icot_kd broke")
+        return f"report {method}"
+
+    monkeypatch.setattr(pipeline, "run", fake_run)
+    with pytest.raises(pipeline.RunsFailed, match="icot_kd failed: ValueError: icot_kd broke") as failure:
+        pipeline.run_sharing_teacher(configs, parallel=3)
+    assert events[0] == "store" and sorted(events[1:]) == ["start icot_kd from tiny-lori/teacher",
+                                                           "start nocot from tiny-lori/teacher"]
+    assert overlapped.is_set()  # all three ran at once
+    assert failure.value.reports == {"lori": "report lori", "nocot": "report nocot"}
+    assert list(failure.value.failed) == ["icot_kd"]
