@@ -16,6 +16,22 @@ def pytest_configure(config):
     use_local_train_settings()
 
 
+def pytest_sessionfinish(session, exitstatus):
+    session.config._lori_exit_status = int(exitstatus)
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_unconfigure(config):
+    """Leave with the session's status once pytest has reported everything, without the interpreter's teardown:
+    the background threads of Ray's driver and torch crashed it once after every test had passed (a segfault
+    that turned "288 passed" into a failed `make test`)."""
+    status = getattr(config, "_lori_exit_status", None)
+    if status is not None:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+
+
 def tiny_model_dir(path: Path) -> Path:
     """A random-weight tiny Llama with the arithmetic tokenizer, saved as an HF directory at ``path``."""
     from lori_ray.models import build_model
