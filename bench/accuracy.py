@@ -56,6 +56,21 @@ def table(base, reports: dict[tuple[str, int], object]) -> str:
     return "\n".join(lines)
 
 
+def milestones(curves: dict[tuple[str, int], list[tuple[int, float, float]]], thresholds=(0.5, 0.9)) -> str:
+    """Markdown: for each (method, seed) validation curve of (step, minutes since its stage began, exact match),
+    the first point at or above each threshold, and where the curve ended."""
+    lines = ["| method | seed | " + " | ".join(f"reaches {t:g}" for t in thresholds) + " | last validation |",
+             "|---|---|" + "---|" * (len(thresholds) + 1)]
+    for (method, seed), curve in curves.items():
+        cells = []
+        for threshold in thresholds:
+            hit = next(((step, minutes) for step, minutes, value in curve if value >= threshold), None)
+            cells.append(f"step {hit[0]:,} ({hit[1]:.1f} min)" if hit else "not reached")
+        last = f"{curve[-1][2]:.3f} at step {curve[-1][0]:,} ({curve[-1][1]:.1f} min)" if curve else "–"
+        lines.append(f"| {method} | {seed} | {' | '.join(cells)} | {last} |")
+    return "\n".join(lines)
+
+
 def main() -> int:
     arguments = parser(__doc__)
     arguments.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
@@ -96,13 +111,15 @@ def main() -> int:
             reports, failed = error.reports, error
             if not reports:
                 raise
-    text = table(base, reports)
-    print("\n" + text, flush=True)
     first = next(iter(configs.values()))
+    histories = {key: stage_history(first.tracking_uri(), config.tracking.experiment, config.name, "student",
+                                    "val_accuracy") for key, config in configs.items()}
+    text = table(base, reports) + "\n\nValidation exact match while training (minutes since each student's stage " \
+        "began):\n\n" + milestones(histories)
+    print("\n" + text, flush=True)
     curves = {}
-    for (method, _), config in configs.items():
-        curves.setdefault(method, []).append(stage_history(first.tracking_uri(), config.tracking.experiment,
-                                                           config.name, "student", "val_accuracy"))
+    for (method, _), history in histories.items():
+        curves.setdefault(method, []).append(history)
     figure = curves_figure(curves)
     out = base.run_dir
     out.mkdir(parents=True, exist_ok=True)

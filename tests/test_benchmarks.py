@@ -82,6 +82,16 @@ def test_red_benchmark_prints_its_table_and_reruns_on_its_finished_stages(tmp_pa
     assert rerun.count("[student] finished model found") == 2 and "[student] done in" not in rerun
 
 
+def test_milestones_give_the_first_point_past_each_threshold_and_where_a_curve_ended():
+    sys.path.insert(0, str(ROOT / "bench"))
+    from accuracy import milestones
+    text = milestones({("lori", 0): [(500, 2.0, 0.3), (1000, 4.0, 0.55), (1500, 6.0, 0.91)],
+                       ("nocot", 0): [(500, 1.5, 0.1), (1000, 3.0, 0.2)], ("codi", 1): []})
+    assert "| lori | 0 | step 1,000 (4.0 min) | step 1,500 (6.0 min) | 0.910 at step 1,500 (6.0 min) |" in text
+    assert "| nocot | 0 | not reached | not reached | 0.200 at step 1,000 (3.0 min) |" in text
+    assert "| codi | 1 | not reached | not reached | – |" in text
+
+
 def test_accuracy_benchmark_aggregates_student_seeds_and_draws_their_curves(tmp_path, tiny_run):
     """Two seeds of one method share the teacher (the tiny run's) and the store; the table shows both seeds,
     their mean, training-problem accuracy and per-digit accuracy; the curves come from each seed's own run."""
@@ -95,7 +105,7 @@ def test_accuracy_benchmark_aggregates_student_seeds_and_draws_their_curves(tmp_
     per_seed = [float(v) for v in cells[2].split(", ")]
     assert len(per_seed) == 2 and cells[1].startswith(f"{sum(per_seed) / 2:.3f} ± ")
     assert len(cells[4].split(" / ")) == 4  # 2x2 multiplication: four answer digits
-    assert "| explicit CoT teacher |" in out
+    assert "| explicit CoT teacher |" in out and re.search(r"\| lori \| 1 \| (step|not reached).* at step 6 ", out)
     assert (tmp_path / "tiny" / "accuracy.md").read_text().strip() in out
     assert (tmp_path / "tiny" / "curves.png").stat().st_size > 0
     # each seed trained with its own student seed, under its own name, logged to the first run's store
