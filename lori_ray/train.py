@@ -324,6 +324,8 @@ def train_loop(config: dict) -> None:
             report = {k: v / count for k, v in sums.items()}
             report.update(step=step, lr=scheduler.get_last_lr()[0], steps_per_s=count / (time.time() - started),
                           **resumed)
+            if train["max_minutes"]:
+                report["budget_spent"] = spent[0]  # fraction of train.max_minutes
             if torch.cuda.is_available():
                 report["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 1e9
             due = step == end or (train["eval_every"] and step % train["eval_every"] == 0)

@@ -79,18 +79,18 @@ def test_nan_loss_stops_the_stage_with_a_clear_error_and_keeps_the_checkpoint(lo
 
 
 @pytest.mark.cluster
-def test_a_wall_clock_budget_ends_the_stage_at_a_log_interval_and_publishes_it(local_ray, tmp_path, capfd):
+def test_a_wall_clock_budget_ends_the_stage_at_a_log_interval_and_publishes_it(local_ray, tmp_path):
     model_dir = tiny_model_dir(tmp_path / "model")
     layout = Layout(arithmetic_tokenizer())
     data = tmp_path / "data.safetensors"
     from safetensors.torch import save_file
     save_file(collate([layout.teacher(e) for e in generate_multiplication(32, 2, 2)], layout.pad), data)
     train = {**load_config(ROOT / "configs/tiny.yaml").teacher.train.model_dump(),
-             "num_workers": 0, "steps": 10**6, "log_every": 4, "max_minutes": 1e-5}
+             "num_workers": 1, "steps": 10**6, "log_every": 4, "max_minutes": 1e-5}
     stage = Stage(name="budget", model_dir=str(model_dir), data_path=str(data), val_path=str(data), train=train)
-    out, metrics = fit(stage, tmp_path / "out", tmp_path / "ray")
-    assert "[budget] stopped at step 4 of 1000000: train.max_minutes (1e-05) spent" in capfd.readouterr().out
-    assert metrics["step"] == 4 and "val_accuracy" in metrics  # the last interval is validated like a last step
+    out, metrics = fit(stage, tmp_path / "out", tmp_path / "ray")  # a worker process: DeepSpeed's state stays there
+    assert metrics["step"] == 4 and metrics["budget_spent"] >= 1
+    assert "val_accuracy" in metrics  # the last interval is validated like a last step
     assert (out / "model.safetensors").is_file()
 
 
