@@ -1,7 +1,21 @@
-# Sourced by the GPU scripts (bench/gpu_suite.sh, bench/gpu_ladder.sh): on the offline GPU machine, unpack the
-# bundle built by ../shared/gpu/make-bundle.sh (ray, DeepSpeed, MLflow; see gpu_suite.sh's header for how .gpu is
-# built) and check the imports. Expects: ROOT, PY, BUNDLE (auto|1|0), BUNDLE_DIR, SITE, WORK, LOG and the
-# functions `log MESSAGE` and `step NAME TIMEOUT CMD...` of the sourcing script. Exports PYTHONPATH.
+# Sourced by the GPU scripts (bench/gpu_suite.sh, bench/gpu_ladder.sh) once they have defined ROOT, WORK, LOG and
+# the functions `log MESSAGE` and `step NAME TIMEOUT CMD...`: chooses PY (unless given) and the environment every
+# GPU script runs under, then, on the offline GPU machine, unpacks the bundle built by ../shared/gpu/make-bundle.sh
+# (ray, DeepSpeed, MLflow; see gpu_suite.sh's header for how .gpu is built) and checks the imports.
+# Knobs: PY, BUNDLE (auto|1|0), BUNDLE_DIR (.gpu), SITE (/tmp/gpusite).
+if [ -z "${PY:-}" ]; then
+  if [ -x "$ROOT/.venv/bin/python" ]; then PY=$ROOT/.venv/bin/python; else PY=$(command -v python3); fi
+fi
+BUNDLE=${BUNDLE:-auto}
+BUNDLE_DIR=${BUNDLE_DIR:-$ROOT/.gpu}
+SITE=${SITE:-/tmp/gpusite}
+export PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=9.0 TOKENIZERS_PARALLELISM=false
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_HUB_DISABLE_PROGRESS_BARS=1 HF_HUB_DISABLE_TELEMETRY=1
+export RAY_USAGE_STATS_ENABLED=0 RAY_AUTH_MODE=disabled RAY_DEDUP_LOGS=0 RAY_DISABLE_IMPORT_WARNING=1
+export MLFLOW_ENABLE_ASYNC_LOGGING=false
+unset RAY_ADDRESS MLFLOW_TRACKING_URI
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+
 # ---------------------------------------------------------------- bundle (GPU machine)
 if [ "$BUNDLE" = auto ]; then
   if [ -f "$BUNDLE_DIR/site.tar.xz" ] && ! "$PY" -c "import ray" 2>/dev/null; then BUNDLE=1; else BUNDLE=0; fi

@@ -26,12 +26,6 @@ WORK=${WORK:-/tmp/gl}  # short: Ray's socket paths live under it
 HELD_OUT=${HELD_OUT:-$ROOT/.gpu/data/4x4_valid.txt}
 rm -rf "$WORK" && mkdir -p "$WORK"
 : > "$LOG"
-if [ -z "${PY:-}" ]; then
-  if [ -x .venv/bin/python ]; then PY=$ROOT/.venv/bin/python; else PY=$(command -v python3); fi
-fi
-BUNDLE=${BUNDLE:-auto}
-BUNDLE_DIR=${BUNDLE_DIR:-$ROOT/.gpu}
-SITE=${SITE:-/tmp/gpusite}
 
 log() { echo "[ladder +$((SECONDS - START))s] $*" | tee -a "$LOG"; }
 step() {
@@ -44,12 +38,8 @@ step() {
   return $rc
 }
 
-export PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=9.0 TOKENIZERS_PARALLELISM=false
-export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_HUB_DISABLE_PROGRESS_BARS=1 HF_HUB_DISABLE_TELEMETRY=1
-export RAY_USAGE_STATS_ENABLED=0 RAY_AUTH_MODE=disabled RAY_DEDUP_LOGS=0 RAY_DISABLE_IMPORT_WARNING=1
-export MLFLOW_ENABLE_ASYNC_LOGGING=false TMPDIR=$WORK
-unset RAY_ADDRESS MLFLOW_TRACKING_URI
-export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+export TMPDIR=$WORK
+source "$ROOT/bench/gpu_env.sh"
 
 {
   echo "# gpu_ladder $(date -u +%FT%TZ) on $(hostname); TINY=$TINY BUDGET=$BUDGET"
@@ -58,8 +48,6 @@ export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
   nproc; "$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())" 2>&1
 } > "$OUT/env.txt"
 cat "$OUT/env.txt" >> "$LOG"
-
-source "$ROOT/bench/gpu_env.sh"
 grep -q "^IMPORTS OK" "$LOG" || { log "imports failed: see $LOG"; exit 1; }
 
 ARGS=(--config configs/implicit-4x4-gpu.yaml "output_dir=$WORK/runs")

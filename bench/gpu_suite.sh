@@ -56,22 +56,8 @@ RUN_TAG="gs$$"
 rm -rf "$WORK" && mkdir -p "$WORK/json" "$WORK/status"
 : > "$LOG"; rm -f "$FAILS"
 
-if [ -z "${PY:-}" ]; then
-  if [ -x .venv/bin/python ]; then PY=$ROOT/.venv/bin/python; else PY=$(command -v python3); fi
-fi
-BUNDLE=${BUNDLE:-auto}
-BUNDLE_DIR=${BUNDLE_DIR:-$ROOT/.gpu}
-SITE=${SITE:-/tmp/gpusite}
-
 log() { echo "[suite +$((SECONDS - START))s] $*" | tee -a "$LOG"; }
 left() { echo $((BUDGET - (SECONDS - START) - RESERVE)); }
-
-export PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=9.0 TOKENIZERS_PARALLELISM=false
-export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_HUB_DISABLE_PROGRESS_BARS=1 HF_HUB_DISABLE_TELEMETRY=1
-export RAY_USAGE_STATS_ENABLED=0 RAY_AUTH_MODE=disabled RAY_DEDUP_LOGS=0 RAY_DISABLE_IMPORT_WARNING=1
-export MLFLOW_ENABLE_ASYNC_LOGGING=false
-unset RAY_ADDRESS MLFLOW_TRACKING_URI
-export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 
 # Leftovers of a section (a Ray worker holding the GPU after a timeout): every process the section
 # started carries GPU_SUITE_SECTION=<tag> in its environment; kill those, by pid.
@@ -132,6 +118,9 @@ section() {
   rm -rf "$scratch"
 }
 
+# ---------------------------------------------------------------- Python, environment, bundle, import check
+source "$ROOT/bench/gpu_env.sh"
+
 # ---------------------------------------------------------------- environment
 {
   echo "# gpu_suite $(date -u +%FT%TZ) on $(hostname); TINY=$TINY BUDGET=$BUDGET PY=$PY"
@@ -148,9 +137,6 @@ print('transformers', transformers.__version__)" 2>&1
 } > "$OUT/env.txt" 2>&1
 cat "$OUT/env.txt" >> "$LOG"
 log "env: $(grep -E '^torch ' "$OUT/env.txt" | head -1)"
-
-# ---------------------------------------------------------------- bundle and import check
-source "$ROOT/bench/gpu_env.sh"
 
 # ---------------------------------------------------------------- benchmarks
 TP="$PY bench/throughput.py"
