@@ -3,6 +3,7 @@
 import json
 import re
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -62,17 +63,21 @@ def local_ray():
     ray.shutdown()
 
 
-@pytest.mark.cluster
-def test_nan_loss_stops_the_stage_with_a_clear_error_and_keeps_the_checkpoint(local_ray, tmp_path):
-    model_dir = tiny_model_dir(tmp_path / "model")
+def tiny_stage(tmp_path: Path, name: str, **train) -> Stage:
+    """A stage of the tiny model on 32 teacher sequences, the tiny preset's training settings with ``train``
+    overriding them."""
+    from safetensors.torch import save_file
     layout = Layout(arithmetic_tokenizer())
     data = tmp_path / "data.safetensors"
-    from safetensors.torch import save_file
     save_file(collate([layout.teacher(e) for e in generate_multiplication(32, 2, 2)], layout.pad), data)
-    train = {**load_config(ROOT / "configs/tiny.yaml").teacher.train.model_dump(),
-             "num_workers": 0, "steps": 12, "checkpoint_every": 3, "log_every": 3, "max_bad_steps": 3}
-    stage = Stage(name="nan", model_dir=str(model_dir), data_path=str(data), train=train,
-                  weights={"ce": float("nan")})
+    settings = {**load_config(ROOT / "configs/tiny.yaml").teacher.train.model_dump(), **train}
+    return Stage(name=name, model_dir=str(tiny_model_dir(tmp_path / "model")), data_path=str(data), train=settings)
+
+
+@pytest.mark.cluster
+def test_nan_loss_stops_the_stage_with_a_clear_error_and_keeps_the_checkpoint(local_ray, tmp_path):
+    stage = replace(tiny_stage(tmp_path, "nan", num_workers=0, steps=12, checkpoint_every=3, log_every=3,
+                               max_bad_steps=3), weights={"ce": float("nan")})
     with pytest.raises(Exception, match=r"loss was NaN/Inf for 3 consecutive steps"):
         fit(stage, tmp_path / "out", tmp_path / "ray")
     assert not (tmp_path / "out").exists()  # no model was published from a failed stage
@@ -80,14 +85,8 @@ def test_nan_loss_stops_the_stage_with_a_clear_error_and_keeps_the_checkpoint(lo
 
 @pytest.mark.cluster
 def test_a_wall_clock_budget_ends_the_stage_at_a_log_interval_and_publishes_it(local_ray, tmp_path):
-    model_dir = tiny_model_dir(tmp_path / "model")
-    layout = Layout(arithmetic_tokenizer())
-    data = tmp_path / "data.safetensors"
-    from safetensors.torch import save_file
-    save_file(collate([layout.teacher(e) for e in generate_multiplication(32, 2, 2)], layout.pad), data)
-    train = {**load_config(ROOT / "configs/tiny.yaml").teacher.train.model_dump(),
-             "num_workers": 1, "steps": 10**6, "log_every": 4, "max_minutes": 1e-5}
-    stage = Stage(name="budget", model_dir=str(model_dir), data_path=str(data), val_path=str(data), train=train)
+    stage = tiny_stage(tmp_path, "budget", num_workers=1, steps=10**6, log_every=4, max_minutes=1e-5)
+    stage = replace(stage, val_path=stage.data_path)
     out, metrics = fit(stage, tmp_path / "out", tmp_path / "ray")  # a worker process: DeepSpeed's state stays there
     assert metrics["step"] == 4 and metrics["budget_spent"] >= 1
     assert "val_accuracy" in metrics  # the last interval is validated like a last step
