@@ -59,10 +59,12 @@ class TeacherWorker:
                     f"{batch['input_ids'].shape[1]} tokens: lower trajectory.batch_size (now {self.batch_size}) "
                     f"or give each actor more memory (cluster.gpus_per_actor)") from error
             hidden = torch.stack([output.hidden_states[layer] for layer in self.layers], dim=1).float()
-            batch_trajectories = segment_means(hidden, [self.layout.segments(s, self.segments) for s in sequences])
-            trajectories += batch_trajectories
-            # every step is one sample per layer; one update per batch (an einsum per example costs more)
-            moments.update(torch.cat([t.transpose(0, 1) for t in batch_trajectories]).to(self.device))
+            means = segment_means(hidden, [self.layout.segments(s, self.segments) for s in sequences])
+            steps = torch.cat([t.transpose(0, 1) for t in means])  # [sum K_i, L, d]: a step is a sample per layer
+            moments.update(steps)  # once per batch, on the teacher's device (an einsum per example costs more)
+            # one copy back, of the means alone: a batch's hidden states are ~100x larger (copying them was most
+            # of an extraction's time on a GPU)
+            trajectories += [t.transpose(0, 1) for t in steps.cpu().split([t.shape[1] for t in means])]
         store = TrajectoryStore(store_uri)
         store.write_shard("hidden", number, pack(trajectories, index))
         # how often the teacher really ran (a rerun or a Tune search adds no extraction)

@@ -30,9 +30,8 @@ EXTRACTIONS = "extractions"
 def segment_means(hidden_states: torch.Tensor, segments: list[list[list[int]]]) -> list[torch.Tensor]:
     """Mean hidden state over each segment's token positions (a CoT step, or an answer digit's column).
 
-    hidden_states: [B, L, T, d] (selected layers), on any device; segments: per example, the positions of each
-    segment. Returns per example a [L, K_i, d] tensor on the CPU: only the means leave the device (the hidden
-    states of a batch are ~100x larger: copying them was most of an extraction's time on a GPU).
+    hidden_states: [B, L, T, d] (selected layers); segments: per example, the positions of each segment.
+    Returns per example a [L, K_i, d] tensor, on the device of ``hidden_states``.
     """
     batch, _, length, _ = hidden_states.shape
     most = max((len(s) for s in segments), default=0)
@@ -40,7 +39,7 @@ def segment_means(hidden_states: torch.Tensor, segments: list[list[list[int]]]) 
     for row, example_segments in enumerate(segments):
         for k, positions in enumerate(example_segments):
             weights[row, k, positions] = 1.0 / len(positions)
-    means = torch.einsum("bkt,bltd->blkd", weights.to(hidden_states.device), hidden_states).cpu()
+    means = torch.einsum("bkt,bltd->blkd", weights.to(hidden_states.device), hidden_states)
     return [means[row, :, : len(s)] for row, s in enumerate(segments)]
 
 
