@@ -305,10 +305,9 @@ def main() -> None:
 
     def start_ray():
         nonlocal ray_started
-        import ray
+        from lori_ray.cluster import start_local
         if not ray_started:
-            ray.init(num_cpus=max(2, args.workers), dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1",
-                     include_dashboard=False)
+            start_local(max(2, args.workers), include_dashboard=False)
             ray_started = True
 
     def ours():

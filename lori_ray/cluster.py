@@ -62,6 +62,11 @@ def connect(config: Config) -> None:
     if address:
         ray.init(address=address, log_to_driver=True)
         return
+    start_local(config.cluster.num_cpus)
+
+
+def start_local(num_cpus: int | None, **options) -> None:
+    """A private Ray cluster on this machine (``options``: more ``ray.init`` arguments)."""
     private_token_file()
     # A private local cluster, every server bound to loopback. Ray turns ``_node_ip_address="127.0.0.1"`` into the
     # host's address so that other nodes could join, and its GCS, raylet, workers and agents then listen on all
@@ -76,8 +81,9 @@ def connect(config: Config) -> None:
     use_local_train_settings()
     with mock.patch.object(ray_constants, "ENABLE_RAY_CLUSTER", False), \
             mock.patch.dict(os.environ, {ray_constants.GCS_PORT_ENVIRONMENT_VARIABLE: str(gcs_port)}):
-        ray.init(num_cpus=config.cluster.num_cpus, dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1",
-                 include_dashboard=None, runtime_env={"env_vars": {"RAY_ADDRESS": f"127.0.0.1:{gcs_port}"}})
+        ray.init(num_cpus=num_cpus, dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1",
+                 runtime_env={"env_vars": {"RAY_ADDRESS": f"127.0.0.1:{gcs_port}"}},
+                 **{"include_dashboard": None, **options})
 
 
 def free_port() -> int:

@@ -10,7 +10,7 @@ from moto.server import ThreadedMotoServer
 from safetensors.torch import save_file
 
 from lori_ray import storage
-from lori_ray.cluster import free_port
+from lori_ray.cluster import free_port, start_local
 from lori_ray.config import load_config
 from lori_ray.data import generate_multiplication
 from lori_ray.teacher import build_store
@@ -41,7 +41,7 @@ def s3():
             patch.setenv(name, value)
         pafs.S3FileSystem(endpoint_override=f"127.0.0.1:{port}", scheme="http",
                           allow_bucket_creation=True).create_dir(BUCKET)
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        start_local(2, include_dashboard=False, log_to_driver=False)
         try:
             yield f"s3://{BUCKET}"
         finally:

@@ -12,6 +12,7 @@ from conftest import tiny_model_dir
 import torch
 from hypothesis import given, settings, strategies as st
 
+from lori_ray.cluster import start_local
 from lori_ray.config import Config, ConfigError, ModelConfig, load_config
 from lori_ray.data import DataFormatError, generate_multiplication, parse_gsm8k_line, parse_line, read_examples, write_icot
 from lori_ray.models import load_model
@@ -58,7 +59,7 @@ def test_readers_raise_only_the_documented_error_on_random_lines(line):
 
 @pytest.fixture(scope="module")
 def local_ray():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    start_local(2, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
 

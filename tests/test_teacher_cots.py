@@ -5,6 +5,7 @@ import pytest
 import ray
 import torch
 
+from lori_ray.cluster import start_local
 from lori_ray.data import Example, generate_multiplication
 from lori_ray.models import build_model
 from lori_ray.teacher import complete_missing_cots, written_cots
@@ -48,7 +49,7 @@ def test_written_cots_parse_into_steps_and_reject_wrong_answers(memorising_teach
 
 def test_actor_pool_completes_only_the_missing_cots_in_order(memorising_teacher):
     _, _, examples, directory = memorising_teacher
-    ray.init(num_cpus=2, include_dashboard=False)
+    start_local(2, include_dashboard=False)
     try:
         inputs = [examples[0], without_cot(examples[1]), without_cot(examples[2], answer="9")]
         messages = []
