@@ -13,6 +13,7 @@ import ray
 from ray.util.state import list_actors
 from safetensors.torch import save_file
 
+from lori_ray.cluster import start_local
 from lori_ray.checkpoints import verify
 from lori_ray.config import load_config
 from lori_ray.data import generate_multiplication
@@ -30,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def cluster():
-    ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=False)
+    start_local(2, include_dashboard=True, log_to_driver=False)
     yield
     ray.shutdown()
 
@@ -133,8 +134,10 @@ def test_killed_driver_resumes_with_the_same_run_name(tmp_path):
     import sys
 
     env = job_env()
+    # one rank per stage and one teacher actor: what resumes is the run, which the workers' count does not change
     command = [sys.executable, "jobs/distill.py", "--config", "configs/tiny.yaml", f"output_dir={tmp_path}",
-               "cluster.num_cpus=2"]
+               "cluster.num_cpus=2", "teacher.train.num_workers=1", "student.train.num_workers=1",
+               "trajectory.num_actors=1"]
     # its own session: the SIGKILL takes the driver and the local Ray it started, like a lost job
     first = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                              start_new_session=True)

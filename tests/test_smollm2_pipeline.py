@@ -34,13 +34,14 @@ def gsm8k_jsonl(path: Path, count: int, seed: int) -> Path:
 def test_gsm8k_preset_runs_every_stage_on_smollm2(tmp_path):
     model_dir = ensure_smollm2()
     env = job_env()
-    tiny = {"steps": 2, "batch_size": 4, "num_workers": 1, "log_every": 1, "warmup": 1}  # ZeRO on 2 ranks: tiny
+    # one step of two examples per stage: the 135M model's forward and backward cost ~5 s a sequence on one core
+    tiny = {"steps": 1, "batch_size": 2, "num_workers": 1, "log_every": 1, "warmup": 1}
     overrides = [f"output_dir={tmp_path}", "cluster.num_cpus=2", f"model.path={model_dir}",
                  f"data.train_file={gsm8k_jsonl(tmp_path / 'train.jsonl', 24, 0)}",
                  f"data.eval_file={gsm8k_jsonl(tmp_path / 'test.jsonl', 4, 1)}",
                  "data.train_size=24", "data.val_size=4", "data.eval_size=4", "trajectory.layers=[10,20,30]",
                  "trajectory.num_actors=1", "subspace.max_rank=8", "subspace.rank=4", "student.latent_slots=2",
-                 "student.calibration_size=8", "eval.max_new_tokens=24", "eval.batch_size=4",
+                 "student.calibration_size=8", "eval.max_new_tokens=16", "eval.batch_size=4",
                  "tracking.log_models=false"]  # 2 x 540 MB into MLflow: logging is tested on the tiny model
     overrides += [f"{who}.train.{k}={v}" for who in ("teacher", "student") for k, v in tiny.items()]
     result = subprocess.run([sys.executable, "jobs/distill.py", "--config", "configs/gsm8k-smollm2.yaml", *overrides],

@@ -56,7 +56,8 @@ def run_tune(output: Path) -> subprocess.CompletedProcess:
     # the demo search with shorter stages and two trials: the mechanics, not the accuracy, are under test
     fast = ["model.size=tiny", "data.train_size=544", "teacher.train.steps=30", "student.train.steps=12",
             "student.train.log_every=4", "tune.num_samples=2",
-            "teacher.train.num_workers=1", "student.train.num_workers=1"]  # one worker each: both trials at once
+            "teacher.train.num_workers=1", "student.train.num_workers=1",  # one worker each: both trials at once
+            "trajectory.num_actors=1"]
     return subprocess.run([sys.executable, "jobs/tune.py", "--config", "configs/tune-demo.yaml",
                            f"output_dir={output}", "cluster.num_cpus=2", *fast],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
