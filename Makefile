@@ -6,7 +6,7 @@ TORCH  ?= torch==2.13.0
 DEEPSPEED ?= deepspeed==0.19.8
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo tune-demo test test-fast clean
+.PHONY: setup demo tune-demo test test-fast lint clean
 
 setup: $(STAMP)
 
@@ -34,6 +34,10 @@ test: setup
 # the unit lane: everything but the tests that start a Ray cluster or run a pipeline
 test-fast: setup
 	$(PY) -m pytest -q --durations=5 -m "not cluster" tests
+
+# ruff, configured in pyproject.toml (tests/test_lint.py runs the same check)
+lint: setup
+	$(PY) -m ruff check .
 
 clean:
 	rm -rf runs .pytest_cache

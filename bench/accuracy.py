@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lori_ray.cli import config_or_exit, configs_sharing_teacher, inspected, parser, user_errors  # noqa: E402
+from lori_ray.cli import config_or_exit, configs_sharing_teacher, inspected, parser, user_errors
 
 METHODS = ("nocot", "icot_kd", "codi", "icot_si", "coconut", "lori")
 
@@ -34,15 +34,15 @@ def table(base, reports: dict[tuple[str, int], object]) -> str:
     from lori_ray.evaluate import format_digits  # torch: imported once the config is known to be valid
     teacher = next(iter(reports.values())).teacher
     methods = dict.fromkeys(method for method, _ in reports)
-    lines = [f"task: {base.data.task} {base.data.eval_file or base.data.digits}, {teacher.examples} held-out "
+    lines = [(f"task: {base.data.task} {base.data.eval_file or base.data.digits}, {teacher.examples} held-out "
              f"problems, {base.data.train_size} training problems; student budget {base.student.train.steps} "
              f"steps x batch {base.student.train.batch_size}; model {base.model.family}/"
-             f"{base.model.path or base.model.size}",
-             "", "| method | held-out exact match (mean ± std) | per seed | training problems | per-digit accuracy "
-             "| tokens/answer | inference s | speedup |", "|---|---|---|---|---|---|---|---|",
-             f"| explicit CoT teacher | {teacher.accuracy:.3f} | – | – | "
+             f"{base.model.path or base.model.size}"),
+             "", ("| method | held-out exact match (mean ± std) | per seed | training problems | per-digit accuracy "
+             "| tokens/answer | inference s | speedup |"), "|---|---|---|---|---|---|---|---|",
+             (f"| explicit CoT teacher | {teacher.accuracy:.3f} | – | – | "
              f"{format_digits(teacher.digit_accuracy)} | {teacher.tokens_per_answer:.1f} | "
-             f"{teacher.seconds:.2f} | 1.00x |"]
+             f"{teacher.seconds:.2f} | 1.00x |")]
     for method in methods:
         runs = [r for (m, _), r in reports.items() if m == method]
         held_out = [r.student.accuracy for r in runs]

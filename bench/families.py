@@ -17,8 +17,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lori_ray.cli import config_or_exit, inspected, parser, user_errors  # noqa: E402
-from lori_ray.models import FAMILIES  # noqa: E402
+from lori_ray.cli import config_or_exit, inspected, parser, user_errors
+from lori_ray.models import FAMILIES
 
 
 def main() -> int:
@@ -36,9 +36,9 @@ def main() -> int:
     from lori_ray.pipeline import forget_stages, run
 
     connect(base)
-    lines = [f"task: {base.data.task} {base.data.eval_file or base.data.digits}; model size {base.model.size}; "
+    lines = [(f"task: {base.data.task} {base.data.eval_file or base.data.digits}; model size {base.model.size}; "
              f"teacher {base.teacher.train.steps} steps, student ({base.student.method}) {base.student.train.steps} "
-             f"steps x batch {base.student.train.batch_size}", "",
+             f"steps x batch {base.student.train.batch_size}"), "",
              "| family | parameters | teacher (CoT) | student (no CoT) | tokens/answer teacher / student | run |",
              "|---|---|---|---|---|---|"]
     for family, config in configs.items():

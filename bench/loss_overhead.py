@@ -15,12 +15,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
+import torch
 
-from lori_ray.data import generate_multiplication  # noqa: E402
-from lori_ray.models import build_model  # noqa: E402
-from lori_ray.objective import LMObjective, TrajectoryProjection  # noqa: E402
-from lori_ray.tokens import Layout, add_latent_tokens, arithmetic_tokenizer, collate  # noqa: E402
+from lori_ray.data import generate_multiplication
+from lori_ray.models import build_model
+from lori_ray.objective import LMObjective, TrajectoryProjection
+from lori_ray.tokens import Layout, add_latent_tokens, arithmetic_tokenizer, collate
 
 
 def step_ms(objective: LMObjective, batch: dict, steps: int) -> float:

@@ -20,6 +20,7 @@ failed (traceback on stderr) and the others still run; the exit status is then 1
 import argparse
 import gc
 import json
+import math
 import sys
 import tempfile
 import time
@@ -28,13 +29,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
-from safetensors.torch import save_file  # noqa: E402
+import torch
+from safetensors.torch import save_file
 
-from lori_ray.data import generate_multiplication  # noqa: E402
-from lori_ray.models import build_model  # noqa: E402
-from lori_ray.objective import TrajectoryProjection  # noqa: E402
-from lori_ray.tokens import Layout, add_latent_tokens, arithmetic_tokenizer, collate, left_pad  # noqa: E402
+from lori_ray.data import generate_multiplication
+from lori_ray.models import build_model
+from lori_ray.objective import TrajectoryProjection
+from lori_ray.tokens import Layout, add_latent_tokens, arithmetic_tokenizer, collate, left_pad
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -153,8 +154,8 @@ def generation(model_dir: Path, prompts: list[list[int]], pad: int, eos: int, ne
     from lori_ray.models import load_model
     model = load_model(model_dir).to(DEVICE, DTYPE).eval()
     batch = {k: v.to(DEVICE) for k, v in left_pad(prompts, pad).items()}
-    options = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=pad,
-                   eos_token_id=eos, cache_implementation=cache)
+    options = {"max_new_tokens": new_tokens, "min_new_tokens": new_tokens, "do_sample": False, "pad_token_id": pad,
+                   "eos_token_id": eos, "cache_implementation": cache}
     model.generate(**batch, **options)  # warm-up (and compilation for the static cache)
     sync()
     started = time.perf_counter()
@@ -169,7 +170,7 @@ PARTS = ("train", "extract", "generate")
 def json_text(value) -> str:
     """Strict JSON: NaN/inf become null, anything else unknown becomes its string."""
     def clean(v):
-        if isinstance(v, float) and v != v or v in (float("inf"), float("-inf")):
+        if isinstance(v, float) and not math.isfinite(v):
             return None
         if isinstance(v, dict):
             return {str(k): clean(x) for k, x in v.items()}
@@ -234,8 +235,8 @@ def main() -> None:
 
         def row(key, label, tokens=None, mfu=None, memory=None, ratio=None, suffix="x"):
             if key in results or key in failed or done:
-                table[key] = dict(label=label, tokens_per_s=tokens if key in results else None, mfu=mfu,
-                                  peak_gb=memory, ratio=ratio, ratio_suffix=suffix)
+                table[key] = {"label": label, "tokens_per_s": tokens if key in results else None, "mfu": mfu,
+                                  "peak_gb": memory, "ratio": ratio, "ratio_suffix": suffix}
 
         plain = tokens_per_step / results["plain"][0] if "plain" in results else None
         if "train" in parts:

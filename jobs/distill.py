@@ -9,7 +9,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from lori_ray.cli import config_or_exit, inspected, parser, user_errors  # noqa: E402
+from lori_ray.cli import config_or_exit, inspected, parser, user_errors
 
 
 def main() -> int:

@@ -10,8 +10,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from lori_ray.cli import config_or_exit, inspected, parser, user_errors  # noqa: E402
-from lori_ray.config import ConfigError  # noqa: E402
+from lori_ray.cli import config_or_exit, inspected, parser, user_errors
+from lori_ray.config import ConfigError
 
 
 def searchable(config) -> None:

@@ -7,7 +7,6 @@ import secrets
 import socket
 import stat
 from pathlib import Path
-
 from unittest import mock
 
 import ray

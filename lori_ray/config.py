@@ -18,7 +18,6 @@ from . import storage
 from .data import HF_PREFIX
 from .models import FAMILIES, PRUNABLE, SIZES, model_shape
 
-
 # no bool or float where an integer is meant (YAML `true` or `8.0` is a mistake, not 1 or 8); ints pass as floats
 Int = Annotated[int, Strict()]
 Float = Annotated[float, Strict()]
@@ -485,7 +484,7 @@ def validate(tree: dict) -> Config:
             field = ".".join(str(p) for p in e["loc"])
             message = e["msg"].removeprefix("Value error, ")
             # section validators name their own field as "field: ..."; fold it into the dotted path
-            own = re.match(r"([\w.]+): (.*)", message, re.S)
+            own = re.match(r"([\w.]+): (.*)", message, re.DOTALL)
             if own and e["type"] == "value_error":
                 field, message = f"{field}.{own[1]}" if field else own[1], own[2]
             lines.append(f"{field}: {message}")

@@ -37,7 +37,7 @@ class TrajectoryProjection(nn.Module):
         self.bias = nn.Parameter(torch.zeros(layers, rank))
 
     @classmethod
-    def from_subspace(cls, subspace: Subspace) -> "TrajectoryProjection":
+    def from_subspace(cls, subspace: Subspace) -> TrajectoryProjection:
         """P_l(x) = U_lᵀ(x − μ_l): exact when student and teacher widths match."""
         layers, dim, rank = subspace.basis.shape
         projection = cls(layers, dim, rank)
@@ -47,7 +47,7 @@ class TrajectoryProjection(nn.Module):
         return projection
 
     @classmethod
-    def fit(cls, states: torch.Tensor, targets: torch.Tensor) -> "TrajectoryProjection":
+    def fit(cls, states: torch.Tensor, targets: torch.Tensor) -> TrajectoryProjection:
         """Least squares per layer on a calibration batch: states [n, L, K, d] → targets [n, L, K, r]
         (the initialisation when student and teacher widths differ)."""
         layers, dim, rank = states.shape[1], states.shape[-1], targets.shape[-1]
@@ -81,12 +81,12 @@ class TuckerProjection(nn.Module):
         self.bias = nn.Parameter(bias.clone())  # [r]
 
     @classmethod
-    def from_tucker(cls, tucker) -> "TuckerProjection":
+    def from_tucker(cls, tucker) -> TuckerProjection:
         rank = tucker.hidden_factor.shape[1]
         return cls(tucker.mean, tucker.layer_factor, tucker.step_factor, tucker.hidden_factor.T, torch.zeros(rank))
 
     @classmethod
-    def fit(cls, tucker, states: torch.Tensor, targets: torch.Tensor) -> "TuckerProjection":
+    def fit(cls, tucker, states: torch.Tensor, targets: torch.Tensor) -> TuckerProjection:
         """Another student width: least squares for the hidden map on a calibration batch."""
         mixed = torch.einsum("nlki,la,kb->nabi", states, tucker.layer_factor, tucker.step_factor)
         x = mixed.reshape(-1, mixed.shape[-1]).double()

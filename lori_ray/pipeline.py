@@ -20,25 +20,25 @@ import mlflow
 import torch
 from safetensors.torch import load_file, save_file
 
+from . import storage
+from .checkpoints import run_key
 from .cluster import gpus
 from .config import Config, ConfigError, shared_teacher_path
 from .curriculum import cot_spans, step_starts
 from .data import Example
 from .evaluate import EvalResult, evaluate, format_digits
-from .checkpoints import run_key
 from .fingerprint import finished, inputs_digest, stage_inputs
 from .losses import standardize, trajectory_scale
 from .models import build_model, load_model, model_shape
-from .subspace import resample_steps
-from .students import PrunedModel, channel_scores, hidden_erank, load_student
 from .objective import AnswerReadout, TrajectoryProjection, TuckerProjection, pair_layers, slot_states
-from .teacher import build_store, complete_missing_cots
-from .tokens import Layout, add_latent_tokens, arithmetic_tokenizer, collate, load_tokenizer
 from .plots import erank_figure, spectrum_figure, spectrum_summary
 from .predict import Contract, write_model_files
 from .preflight import Splits, load_data
-from . import storage
 from .storage import published_directory, write_local
+from .students import PrunedModel, channel_scores, hidden_erank, load_student
+from .subspace import resample_steps
+from .teacher import build_store, complete_missing_cots
+from .tokens import Layout, add_latent_tokens, arithmetic_tokenizer, collate, load_tokenizer
 from .tracking import log_model, pipeline_run, stage_run
 from .train import DRIVER_TURNS, Stage, fit
 
@@ -445,7 +445,7 @@ def evaluate_model(config: Config, model_dir: Path, splits: dict[str, list[Examp
     for split, examples in splits.items():
         started = time.perf_counter()
 
-        def progress(done: int, total: int) -> None:
+        def progress(done: int, total: int, split: str = split, started: float = started) -> None:
             log(f"[eval] {role}: {done}/{total} {split} answers generated ({time.perf_counter() - started:.0f}s)")
 
         results[split] = evaluate(model, layout, examples, with_cot=slots is None, batch_size=config.eval.batch_size,

@@ -123,7 +123,7 @@ class PrunedModel(nn.Module):
 
     @classmethod
     def initial(cls, teacher: nn.Module, width: int, depth: int | None, init: str, scores: torch.Tensor,
-                vocab_size: int, seed: int = 0) -> "PrunedModel":
+                vocab_size: int, seed: int = 0) -> PrunedModel:
         layers = keep_layers(teacher.config.num_hidden_layers, depth)
         config = student_config(teacher.config, width, layers, vocab_size)
         teacher_state = {k: v.detach().float() for k, v in teacher.state_dict().items()}

@@ -17,11 +17,11 @@ class Moments:
     outer: torch.Tensor  # [L, d, d]
 
     @classmethod
-    def zeros(cls, layers: int, dim: int, device: str | torch.device = "cpu") -> "Moments":
+    def zeros(cls, layers: int, dim: int, device: str | torch.device = "cpu") -> Moments:
         return cls(0, torch.zeros(layers, dim, dtype=torch.float64, device=device),
                    torch.zeros(layers, dim, dim, dtype=torch.float64, device=device))
 
-    def to(self, device: str | torch.device) -> "Moments":
+    def to(self, device: str | torch.device) -> Moments:
         return Moments(self.count, self.total.to(device), self.outer.to(device))
 
     def update(self, vectors: torch.Tensor) -> None:
@@ -31,7 +31,7 @@ class Moments:
         self.total += x.sum(0)
         self.outer += torch.einsum("nld,nle->lde", x, x)
 
-    def merge(self, other: "Moments") -> "Moments":
+    def merge(self, other: Moments) -> Moments:
         return Moments(self.count + other.count, self.total + other.total, self.outer + other.outer)
 
     def mean(self) -> torch.Tensor:
@@ -60,7 +60,7 @@ class Subspace:
         spectrum = self.eigenvalues.clamp_min(0)
         return spectrum[:, :rank].sum(-1) / spectrum.sum(-1)
 
-    def truncate(self, rank: int) -> "Subspace":
+    def truncate(self, rank: int) -> Subspace:
         if rank > self.rank:
             raise ValueError(f"rank {rank} exceeds the stored rank {self.rank}")
         return Subspace(self.mean, self.basis[..., :rank], self.eigenvalues)
@@ -110,8 +110,8 @@ class TuckerMoments:
     hidden: torch.Tensor  # [d, d]
 
     @classmethod
-    def zeros(cls, layers: int, steps: int, dim: int) -> "TuckerMoments":
-        z = lambda *shape: torch.zeros(*shape, dtype=torch.float64)  # noqa: E731
+    def zeros(cls, layers: int, steps: int, dim: int) -> TuckerMoments:
+        z = lambda *shape: torch.zeros(*shape, dtype=torch.float64)
         return cls(0, z(layers, steps, dim), z(layers, layers), z(steps, steps), z(dim, dim))
 
     def update(self, x: torch.Tensor) -> None:
@@ -122,7 +122,7 @@ class TuckerMoments:
         self.step += torch.einsum("nlki,nlji->kj", x, x)
         self.hidden += torch.einsum("nlki,nlkj->ij", x, x)
 
-    def merge(self, other: "TuckerMoments") -> "TuckerMoments":
+    def merge(self, other: TuckerMoments) -> TuckerMoments:
         return TuckerMoments(self.count + other.count, self.total + other.total, self.layer + other.layer,
                              self.step + other.step, self.hidden + other.hidden)
 

@@ -67,7 +67,7 @@ def git_commit() -> str | None:
     import subprocess
     try:
         result = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
-                                text=True, timeout=10)
+                                text=True, timeout=10, check=False)
     except (OSError, subprocess.TimeoutExpired):
         return None
     return result.stdout.strip() if result.returncode == 0 else None
@@ -115,6 +115,7 @@ def log_model(name: str, directory: Path):
     """``directory`` (with its ``lori-model.json``) as a pyfunc model on the active run, carrying this package's
     code so that ``mlflow.pyfunc.load_model`` works where lori-ray is not installed."""
     from importlib.metadata import version
+
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, Schema
     signature = ModelSignature(inputs=Schema([ColSpec("string")]), outputs=Schema([ColSpec("string")]))
@@ -145,7 +146,7 @@ class StepLogger:
         self.failed = 0
         try:
             self.logged_through = max((m.step for m in self.client.get_metric_history(run_id, "loss")), default=-1)
-        except Exception:  # tracking must never stop training
+        except Exception:  # noqa: BLE001 - tracking must never stop training
             self.logged_through = -1
 
     def log(self, metrics: dict[str, float], step: int, replayed_too: bool = False) -> None:
@@ -155,7 +156,7 @@ class StepLogger:
         timestamp = int(time.time() * 1000)
         try:
             self.client.log_batch(self.run_id, [Metric(k, float(v), timestamp, step) for k, v in metrics.items()])
-        except Exception as error:  # tracking must never stop training
+        except Exception as error:  # noqa: BLE001 - tracking must never stop training
             self.failed += 1
             if self.failed == 1:
                 warnings.warn(f"MLflow logging to run {self.run_id} failed, training continues "

@@ -101,6 +101,7 @@ def exact_match(model, data: dict[str, torch.Tensor], rank: int, world: int, bat
     parameters collectively). ``latent_ids``: those tokens are continuous thoughts.
     """
     import torch.distributed as dist
+
     from .latents import continuous_forward
     device = next(model.parameters()).device
     total = data["input_ids"].shape[0]
@@ -177,6 +178,7 @@ def _ensure_process_group():
 
 def _build_objective(stage: Stage):
     from safetensors.torch import load_file
+
     from .models import load_model
     from .objective import LMObjective, load_projection
     from .students import load_student
@@ -229,6 +231,7 @@ def quiet_ray_train() -> None:
     if os.environ.get("LORI_VERBOSE") == "1":
         return
     import logging
+
     from ray.train.v2._internal.execution import context, storage
     for name in (context.__file__, storage.__name__):  # Ray names the first logger by its file path
         logging.getLogger(name).setLevel(logging.WARNING)
@@ -238,6 +241,7 @@ def train_loop(config: dict) -> None:
     """Ray Train worker loop (also runs in-process with ``num_workers=0``)."""
     import ray.train
     from safetensors.torch import load_file
+
     from .checkpoints import verify
     from .tracking import StepLogger
 
@@ -362,6 +366,7 @@ def resume_checkpoint(stage: Stage, world: int, recorded):
     on an object store, the one Ray recorded. Also whether it is verified already (the one found in the folder
     is; Ray's must be, once downloaded). Raises TamperedCheckpoint for one that no worker of ours wrote."""
     import ray.train
+
     from .checkpoints import newest_complete
     if stage.checkpoint_root and Path(stage.checkpoint_root).is_dir():
         found = newest_complete(Path(stage.checkpoint_root), world, stage.inputs_digest, stage.checkpoint_key)
@@ -375,6 +380,7 @@ def _report_checkpoint(engine, objective, metrics: dict, stage: Stage, step: int
     under ``hf/``."""
     import ray.train
     from transformers import AutoTokenizer
+
     from .checkpoints import sign
     rank = ray.train.get_context().get_world_rank()
     directory = tempfile.mkdtemp(prefix="lori-ckpt-")

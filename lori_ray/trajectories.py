@@ -10,6 +10,7 @@ append to a log): how often the teacher really ran.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import uuid
@@ -69,7 +70,7 @@ def pack(trajectories: list[torch.Tensor], index: list[int]) -> dict[str, torch.
 
 def unpack(shard: dict[str, torch.Tensor]) -> list[torch.Tensor]:
     offsets, steps = shard["offsets"].tolist(), shard["steps"]
-    return [steps[a:b].transpose(0, 1) for a, b in zip(offsets[:-1], offsets[1:])]
+    return [steps[a:b].transpose(0, 1) for a, b in itertools.pairwise(offsets)]
 
 
 def stack(trajectories, steps: int | None) -> torch.Tensor:

@@ -22,8 +22,7 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
 from . import storage
 from .config import Config, with_overrides
-from .pipeline import (evaluate_model, latent_slots, log, make_stage, student_stage, teacher_sft,
-                       trajectory_stage)
+from .pipeline import evaluate_model, latent_slots, log, make_stage, student_stage, teacher_sft, trajectory_stage
 from .preflight import load_data
 from .tracking import pipeline_run
 from .train import fit

@@ -17,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from lori_ray.models import DTYPES, convert_gguf, ensure_smollm2, smollm2_dir  # noqa: E402
+from lori_ray.models import DTYPES, convert_gguf, ensure_smollm2, smollm2_dir
 
 
 def main() -> int:
@@ -29,7 +29,7 @@ def main() -> int:
                         "(then --out is required)")
     parser.add_argument("--force", action="store_true", help="convert again even if the directory is finished")
     args = parser.parse_args()
-    log = lambda message: print(message, flush=True)  # noqa: E731
+    log = lambda message: print(message, flush=True)
     try:
         if args.gguf:
             if not args.out:

@@ -75,6 +75,6 @@ def tiny_run(tmp_path_factory) -> tuple[Path, str]:
     output = tmp_path_factory.mktemp("runs")
     result = subprocess.run([sys.executable, "jobs/distill.py", "--config", "configs/tiny.yaml",
                              f"output_dir={output}", "cluster.num_cpus=2"],
-                            cwd=ROOT, env=job_env(), capture_output=True, text=True, timeout=900)
+                            cwd=ROOT, env=job_env(), capture_output=True, text=True, timeout=900, check=False)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     return output / "tiny", result.stdout

@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def run(*args: str, timeout: int = 900) -> str:
     result = subprocess.run([sys.executable, *args], cwd=ROOT, env=job_env(), capture_output=True, text=True,
-                            timeout=timeout)
+                            timeout=timeout, check=False)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     return result.stdout
 
@@ -110,6 +110,7 @@ def test_accuracy_benchmark_aggregates_student_seeds_and_draws_their_curves(tmp_
     assert (tmp_path / "tiny" / "curves.png").stat().st_size > 0
     # each seed trained with its own student seed, under its own name, logged to the first run's store
     import mlflow
+
     from lori_ray.tracking import stage_history
     uri = f"sqlite:///{tmp_path / 'tiny-lori-s0' / 'mlflow.db'}"
     for seed in (0, 1):

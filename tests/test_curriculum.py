@@ -74,7 +74,7 @@ def stage_batch():
 def test_the_last_coconut_stage_is_the_students_own_layout():
     from lori_ray.curriculum import replace_cot_steps
     from lori_ray.tokens import add_latent_tokens
-    layout, examples, sequences, batch = stage_batch()
+    layout, examples, _sequences, batch = stage_batch()
     tokenizer = layout.tokenizer
     latents = add_latent_tokens(tokenizer, 4)  # 2 steps (2x2, 3x2 problems) x 2 latents per step
     student = Layout(tokenizer, latents)
@@ -87,7 +87,7 @@ def test_the_last_coconut_stage_is_the_students_own_layout():
 
 def test_a_middle_coconut_stage_keeps_the_later_steps_in_language():
     from lori_ray.curriculum import replace_cot_steps
-    layout, examples, sequences, batch = stage_batch()
+    layout, _examples, sequences, batch = stage_batch()
     latents = [100, 101]
     replaced = replace_cot_steps(batch, 1, latents, layout.pad)
     for row, sequence in enumerate(sequences):

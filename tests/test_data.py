@@ -8,9 +8,21 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from lori_ray.data import (DataFormatError, Example, generate_multiplication, load_hf_gsm8k, multiplication_example,
-                           normalize_answer, parse_hf_spec, parse_line, read_examples, read_gsm8k_jsonl, read_icot,
-                           split_steps, write_icot)
+from lori_ray.data import (
+    DataFormatError,
+    Example,
+    generate_multiplication,
+    load_hf_gsm8k,
+    multiplication_example,
+    normalize_answer,
+    parse_hf_spec,
+    parse_line,
+    read_examples,
+    read_gsm8k_jsonl,
+    read_icot,
+    split_steps,
+    write_icot,
+)
 
 GSM8K_TRAIN = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k" / "train.jsonl"
 
@@ -32,7 +44,7 @@ def test_line_round_trip(line):
 @pytest.mark.parametrize("line", [ICOT_4X4, ICOT_5X5])
 def test_generator_reproduces_published_lines(line):
     a, b = parse_line(line).question.split(" * ")
-    value = lambda digits: int("".join(reversed(digits.split())))  # noqa: E731
+    value = lambda digits: int("".join(reversed(digits.split())))
     assert multiplication_example(value(a), value(b), len(a.split()), len(b.split())).to_line() == line
 
 

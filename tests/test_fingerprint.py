@@ -58,10 +58,9 @@ def test_a_finished_stage_is_reused_only_on_identical_inputs(tmp_path):
 def test_results_and_directories_appear_whole(tmp_path):
     write_local(tmp_path / "results.md", "table\n")
     assert (tmp_path / "results.md").read_text() == "table\n" and list(tmp_path.iterdir()) == [tmp_path / "results.md"]
-    with pytest.raises(RuntimeError):
-        with published_directory(tmp_path / "model") as staging:
-            (staging / "config.json").write_text("{}")
-            raise RuntimeError("killed while saving")
+    with pytest.raises(RuntimeError), published_directory(tmp_path / "model") as staging:
+        (staging / "config.json").write_text("{}")
+        raise RuntimeError("killed while saving")
     assert not (tmp_path / "model").exists()  # a failed save never appears under the real name
     with published_directory(tmp_path / "model") as staging:
         (staging / FINGERPRINT_FILE).write_text("{}")

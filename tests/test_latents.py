@@ -98,6 +98,7 @@ def test_generation_decodes_from_the_filled_prompt_like_the_forward_token_by_tok
 
 def test_objective_trains_through_the_continuous_forward():
     import torch.nn.functional as F
+
     from lori_ray.objective import LMObjective, slot_states
     model = build_model("llama", "tiny", 32, 64, SPECIAL, seed=4)
     input_ids, attention_mask = ragged_batch()

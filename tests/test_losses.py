@@ -89,6 +89,7 @@ def test_answer_kl_matches_naive_reference_values_and_gradients():
 
 def test_answer_kl_zero_when_distributions_agree_and_error_on_short_teacher():
     import pytest
+
     from lori_ray.losses import AnswerKL
     targets = torch.tensor([[3, 4, -100, -100]])
     logits = torch.randn(1, 4, 6)

@@ -6,6 +6,7 @@ from pathlib import Path
 import pyarrow.fs as pafs
 import pytest
 import ray
+from conftest import tiny_model_dir
 from moto.server import ThreadedMotoServer
 from safetensors.torch import save_file
 
@@ -17,8 +18,6 @@ from lori_ray.teacher import build_store
 from lori_ray.tokens import Layout, arithmetic_tokenizer, collate
 from lori_ray.train import Stage, fit
 from lori_ray.trajectories import MANIFEST, TrajectoryStore
-
-from conftest import tiny_model_dir
 
 pytestmark = pytest.mark.cluster  # a real Ray cluster or a full pipeline: `make test-fast` skips it
 

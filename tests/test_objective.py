@@ -5,8 +5,8 @@ from lori_ray.data import generate_multiplication
 from lori_ray.models import FAMILIES, build_model
 from lori_ray.objective import LMObjective, TrajectoryProjection, pair_layers
 from lori_ray.subspace import Moments, fit_pca
-from lori_ray.tokens import Layout, add_latent_tokens, arithmetic_tokenizer, collate
 from lori_ray.teacher import TeacherWorker
+from lori_ray.tokens import Layout, add_latent_tokens, arithmetic_tokenizer, collate
 from lori_ray.trajectories import TrajectoryStore, pack, segment_means, unpack
 
 
@@ -188,7 +188,7 @@ def test_ce_from_labelled_positions_only_equals_the_full_hf_loss(family):
     model = build_model(family, "tiny", len(tokenizer), 64, {"pad_token_id": layout.pad}, seed=3)
     batch = collate([layout.student(e) for e in generate_multiplication(5, 3, 2, seed=1)], layout.pad)
     full = model(**batch)
-    loss, metrics = LMObjective(model)(batch)
+    loss, _metrics = LMObjective(model)(batch)
     torch.testing.assert_close(loss, full.loss)
     grads = torch.autograd.grad(loss, list(model.parameters()), allow_unused=True)
     expected = torch.autograd.grad(model(**batch).loss, list(model.parameters()), allow_unused=True)

@@ -70,7 +70,7 @@ def test_models_are_plain_hf_directories(tiny_run):
     assert json.loads((run_dir / "student" / "lori-model.json").read_text())["latent_slots"] == 2
     assert json.loads((run_dir / "teacher" / "lori-model.json").read_text())["latent_slots"] is None
     answer = subprocess.run([sys.executable, "-m", "lori_ray.predict", str(run_dir / "student"), "12 * 34"],
-                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+                            cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)
     assert answer.returncode == 0 and answer.stdout.startswith("12 * 34 = "), answer.stderr
     # the checkpoint holds every worker's DeepSpeed shards next to the HF model
     checkpoint = run_dir / "ray" / "tiny-student" / "step-000006"
@@ -108,7 +108,7 @@ def test_student_and_teacher_are_mlflow_models_that_answer_plain_questions(tiny_
     assert set(uris) == {"student", "teacher"}
     student = mlflow.pyfunc.load_model(uris["student"])
     answer = subprocess.run([sys.executable, "-m", "lori_ray.predict", str(run_dir / "student"), "12 * 34"],
-                            cwd=ROOT, capture_output=True, text=True, timeout=120).stdout
+                            cwd=ROOT, capture_output=True, text=True, timeout=120, check=False).stdout
     assert [f"12 * 34 = {a}\n" for a in student.predict(["12 * 34"])] == [answer]  # the same model, served
     (parent,) = [r for r in mlflow.search_runs(experiment_names=["lori-ray"], output_format="list")
                  if "mlflow.parentRunId" not in r.data.tags]

@@ -80,10 +80,10 @@ def test_the_entry_point_prints_one_error_line_not_a_traceback(tmp_path):
     overrides = file_task(tmp_path, write(tmp_path / "train.txt", icot_lines(3) + ["no separators here"]))
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
     result = subprocess.run([sys.executable, "jobs/distill.py", "--config", TINY, f"output_dir={tmp_path / 'runs'}",
-                             *overrides], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+                             *overrides], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120, check=False)
     assert result.returncode == 2
-    assert result.stderr.strip().splitlines() == [f"error: {tmp_path / 'train.txt'}:4: expected exactly one '||' "
-                                                  "between question and CoT"]
+    assert result.stderr.strip().splitlines() == [(f"error: {tmp_path / 'train.txt'}:4: expected exactly one '||' "
+                                                  "between question and CoT")]
     assert not (tmp_path / "runs").exists() and "Ray" not in result.stdout
 
 
@@ -98,7 +98,7 @@ def test_dry_run_prints_the_plan_and_print_config_the_resolved_yaml_with_nothing
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
     result = subprocess.run([sys.executable, "jobs/distill.py", "--config", TINY, f"output_dir={tmp_path / 'runs'}",
                              "student.method=nocot", "--dry-run", "--print-config"],
-                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=120, check=False)
     assert result.returncode == 0, result.stderr
     assert "  method: nocot\n" in result.stdout  # the YAML, overrides applied
     assert "data: 256 training, 32 validation, 16 held-out examples" in result.stdout

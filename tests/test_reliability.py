@@ -8,13 +8,21 @@ from pathlib import Path
 
 import pytest
 import ray
-from conftest import tiny_model_dir
 import torch
-from hypothesis import given, settings, strategies as st
+from conftest import tiny_model_dir
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from lori_ray.cluster import start_local
 from lori_ray.config import Config, ConfigError, ModelConfig, load_config
-from lori_ray.data import DataFormatError, generate_multiplication, parse_gsm8k_line, parse_line, read_examples, write_icot
+from lori_ray.data import (
+    DataFormatError,
+    generate_multiplication,
+    parse_gsm8k_line,
+    parse_line,
+    read_examples,
+    write_icot,
+)
 from lori_ray.models import load_model
 from lori_ray.teacher import TeacherWorker
 from lori_ray.tokens import Layout, arithmetic_tokenizer, collate
@@ -136,7 +144,7 @@ def test_security_defaults(tmp_path):
     assert "--host 127.0.0.1" in (ROOT / "README.md").read_text()
     # no credentials in presets
     for preset in (ROOT / "configs").glob("*.yaml"):
-        assert not re.search(r"(password|token|secret|api_key)\s*:", preset.read_text(), re.I)
+        assert not re.search(r"(password|token|secret|api_key)\s*:", preset.read_text(), re.IGNORECASE)
 
 
 def test_tokenizer_larger_than_the_model_vocabulary_is_a_config_error(tmp_path):
@@ -153,6 +161,7 @@ def test_tokenizer_larger_than_the_model_vocabulary_is_a_config_error(tmp_path):
 def test_the_local_cluster_token_file_is_private(tmp_path, monkeypatch):
     import os
     import stat
+
     from lori_ray.cluster import private_token_file
     monkeypatch.delenv("RAY_AUTH_TOKEN", raising=False)
     monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(tmp_path / "ray" / "auth_token"))

@@ -12,8 +12,19 @@ import torch
 from transformers import LlamaForCausalLM
 
 from lori_ray import models
-from lori_ray.models import (MARKER, SIZES, ModelSourceError, convert_gguf, ensure_smollm2, is_hub_id, load_model,
-                             model_shape, resolve_model_source, smollm2_dir, smollm2_gguf_path)
+from lori_ray.models import (
+    MARKER,
+    SIZES,
+    ModelSourceError,
+    convert_gguf,
+    ensure_smollm2,
+    is_hub_id,
+    load_model,
+    model_shape,
+    resolve_model_source,
+    smollm2_dir,
+    smollm2_gguf_path,
+)
 from lori_ray.tokens import load_tokenizer
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]

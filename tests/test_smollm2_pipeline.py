@@ -45,7 +45,7 @@ def test_gsm8k_preset_runs_every_stage_on_smollm2(tmp_path):
                  "tracking.log_models=false"]  # 2 x 540 MB into MLflow: logging is tested on the tiny model
     overrides += [f"{who}.train.{k}={v}" for who in ("teacher", "student") for k, v in tiny.items()]
     result = subprocess.run([sys.executable, "jobs/distill.py", "--config", "configs/gsm8k-smollm2.yaml", *overrides],
-                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=1500)
+                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=1500, check=False)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     assert "| teacher (explicit CoT) |" in result.stdout and "| student (lori, no CoT) |" in result.stdout
 

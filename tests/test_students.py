@@ -5,8 +5,15 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from lori_ray.models import build_model
-from lori_ray.students import (PrunedModel, channel_scores, hidden_erank, initial_projection, keep_layers,
-                               load_student, selection_matrix)
+from lori_ray.students import (
+    PrunedModel,
+    channel_scores,
+    hidden_erank,
+    initial_projection,
+    keep_layers,
+    load_student,
+    selection_matrix,
+)
 from lori_ray.subspace import effective_rank
 
 SPECIAL = {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}

@@ -11,7 +11,6 @@ from lori_ray.models import build_model
 from lori_ray.teacher import complete_missing_cots, written_cots
 from lori_ray.tokens import Layout, arithmetic_tokenizer, collate
 
-
 pytestmark = pytest.mark.cluster  # a real Ray cluster or a full pipeline: `make test-fast` skips it
 
 @pytest.fixture(scope="module")

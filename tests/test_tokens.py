@@ -1,10 +1,9 @@
 import torch
+from test_data import GSM8K
 from transformers import AutoTokenizer
 
 from lori_ray.data import generate_multiplication, multiplication_example, parse_line
 from lori_ray.tokens import IGNORE_INDEX, Layout, add_latent_tokens, arithmetic_tokenizer, collate, left_pad
-
-from test_data import GSM8K
 
 
 def layout(latents=3):

@@ -77,6 +77,7 @@ def test_curriculum_batch_shows_each_coconut_stage_at_its_steps():
 
 def test_optimizer_reset_clears_adam_moments_inside_a_deepspeed_zero2_engine():
     import torch.distributed as dist
+
     from lori_ray.train import _ensure_process_group, _import_deepspeed, reset_optimizer_state
     deepspeed = _import_deepspeed()
     started_group = not dist.is_initialized()
