@@ -167,13 +167,12 @@ def _import_deepspeed():
 
 
 def _ensure_process_group():
-    """``num_workers=0`` runs in the driver with no process group; give DeepSpeed a world of one."""
+    """``num_workers=0`` runs in the driver with no process group; give DeepSpeed a world of one. Its store is
+    in memory: a TCP store would listen on every interface for the rest of the driver's life."""
     import torch.distributed as dist
     if not dist.is_initialized():
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
-        dist.init_process_group("gloo", rank=0, world_size=1)
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
 
 
 def _build_objective(stage: Stage):
