@@ -35,14 +35,14 @@ def table(base, reports: dict[tuple[str, int], object]) -> str:
     teacher = next(iter(reports.values())).teacher
     methods = dict.fromkeys(method for method, _ in reports)
     lines = [(f"task: {base.data.task} {base.data.eval_file or base.data.digits}, {teacher.examples} held-out "
-             f"problems, {base.data.train_size} training problems; student budget {base.student.train.steps} "
-             f"steps x batch {base.student.train.batch_size}; model {base.model.family}/"
-             f"{base.model.path or base.model.size}"),
+              f"problems, {base.data.train_size} training problems; student budget {base.student.train.steps} "
+              f"steps x batch {base.student.train.batch_size}; model {base.model.family}/"
+              f"{base.model.path or base.model.size}"),
              "", ("| method | held-out exact match (mean ± std) | per seed | training problems | per-digit accuracy "
-             "| tokens/answer | inference s | speedup |"), "|---|---|---|---|---|---|---|---|",
+                  "| tokens/answer | inference s | speedup |"), "|---|---|---|---|---|---|---|---|",
              (f"| explicit CoT teacher | {teacher.accuracy:.3f} | – | – | "
-             f"{format_digits(teacher.digit_accuracy)} | {teacher.tokens_per_answer:.1f} | "
-             f"{teacher.seconds:.2f} | 1.00x |")]
+              f"{format_digits(teacher.digit_accuracy)} | {teacher.tokens_per_answer:.1f} | "
+              f"{teacher.seconds:.2f} | 1.00x |")]
     for method in methods:
         runs = [r for (m, _), r in reports.items() if m == method]
         held_out = [r.student.accuracy for r in runs]

@@ -37,8 +37,8 @@ def main() -> int:
 
     connect(base)
     lines = [(f"task: {base.data.task} {base.data.eval_file or base.data.digits}; model size {base.model.size}; "
-             f"teacher {base.teacher.train.steps} steps, student ({base.student.method}) {base.student.train.steps} "
-             f"steps x batch {base.student.train.batch_size}"), "",
+              f"teacher {base.teacher.train.steps} steps, student ({base.student.method}) {base.student.train.steps} "
+              f"steps x batch {base.student.train.batch_size}"), "",
              "| family | parameters | teacher (CoT) | student (no CoT) | tokens/answer teacher / student | run |",
              "|---|---|---|---|---|---|"]
     for family, config in configs.items():

@@ -54,12 +54,12 @@ def main() -> int:
     teacher_result = next(iter(reports.values())).teacher
     teacher_erank = next(iter(reports.values())).erank["teacher"]
     lines = [(f"task: {base.data.task} {base.data.eval_file or base.data.digits}, {teacher_result.examples} held-out "
-             f"examples; student method {base.student.method}, {base.student.train.steps} steps x batch "
-             f"{base.student.train.batch_size}, loss ce={base.loss.ce} kd={base.loss.kd}; teacher "
-             f"{base.model.family}/{base.model.path or base.model.size} (hidden {hidden})"), "",
+              f"examples; student method {base.student.method}, {base.student.train.steps} steps x batch "
+              f"{base.student.train.batch_size}, loss ce={base.loss.ce} kd={base.loss.kd}; teacher "
+              f"{base.model.family}/{base.model.path or base.model.size} (hidden {hidden})"), "",
              "| student | init | accuracy | tokens/answer | eRank at init | eRank trained |", "|---|---|---|---|---|---|",
              (f"| teacher ({hidden}) | - | {teacher_result.accuracy:.3f} | {teacher_result.tokens_per_answer:.1f} | "
-             f"{mean(teacher_erank):.2f} | {mean(teacher_erank):.2f} |")]
+              f"{mean(teacher_erank):.2f} | {mean(teacher_erank):.2f} |")]
     for (width, init), report in reports.items():
         r = report.student
         lines.append(f"| width {width} | {init} | {r.accuracy:.3f} | {r.tokens_per_answer:.1f} | "

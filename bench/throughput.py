@@ -155,7 +155,7 @@ def generation(model_dir: Path, prompts: list[list[int]], pad: int, eos: int, ne
     model = load_model(model_dir).to(DEVICE, DTYPE).eval()
     batch = {k: v.to(DEVICE) for k, v in left_pad(prompts, pad).items()}
     options = {"max_new_tokens": new_tokens, "min_new_tokens": new_tokens, "do_sample": False, "pad_token_id": pad,
-                   "eos_token_id": eos, "cache_implementation": cache}
+               "eos_token_id": eos, "cache_implementation": cache}
     model.generate(**batch, **options)  # warm-up (and compilation for the static cache)
     sync()
     started = time.perf_counter()
@@ -236,7 +236,7 @@ def main() -> None:
         def row(key, label, tokens=None, mfu=None, memory=None, ratio=None, suffix="x"):
             if key in results or key in failed or done:
                 table[key] = {"label": label, "tokens_per_s": tokens if key in results else None, "mfu": mfu,
-                                  "peak_gb": memory, "ratio": ratio, "ratio_suffix": suffix}
+                              "peak_gb": memory, "ratio": ratio, "ratio_suffix": suffix}
 
         plain = tokens_per_step / results["plain"][0] if "plain" in results else None
         if "train" in parts:

@@ -64,7 +64,7 @@ def connect(config: Config) -> None:
     start_local(config.cluster.num_cpus)
 
 
-def start_local(num_cpus: int | None, **options) -> None:
+def start_local(num_cpus: int | None, include_dashboard: bool | None = None, **options) -> None:
     """A private Ray cluster on this machine (``options``: more ``ray.init`` arguments)."""
     private_token_file()
     # A private local cluster, every server bound to loopback. Ray turns ``_node_ip_address="127.0.0.1"`` into the
@@ -81,8 +81,8 @@ def start_local(num_cpus: int | None, **options) -> None:
     with mock.patch.object(ray_constants, "ENABLE_RAY_CLUSTER", False), \
             mock.patch.dict(os.environ, {ray_constants.GCS_PORT_ENVIRONMENT_VARIABLE: str(gcs_port)}):
         ray.init(num_cpus=num_cpus, dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1",
-                 runtime_env={"env_vars": {"RAY_ADDRESS": f"127.0.0.1:{gcs_port}"}},
-                 **{"include_dashboard": None, **options})
+                 include_dashboard=include_dashboard,
+                 runtime_env={"env_vars": {"RAY_ADDRESS": f"127.0.0.1:{gcs_port}"}}, **options)
 
 
 def free_port() -> int:

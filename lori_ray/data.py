@@ -199,7 +199,7 @@ def load_hf_gsm8k(spec: str = "hf:openai/gsm8k", skip_bad: bool = False) -> list
                           "(pip install datasets), or give a local GSM8K train.jsonl") from None
     try:
         rows = datasets.load_dataset(name, config, split=split)
-    except Exception as error:
+    except Exception as error:  # hub errors come in many types (ConnectionError, HfHubHTTPError, ...)
         raise DataFormatError(f"{spec}: could not load {name} ({config}, split {split}) from the Hugging Face hub "
                               f"(unreachable, or no such dataset/split); a local train.jsonl works offline: "
                               f"{type(error).__name__}: {error}") from error

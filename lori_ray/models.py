@@ -34,11 +34,16 @@ PRUNABLE = ("llama", "qwen2")
 
 # hidden, layers, heads, kv heads, mlp; "135m" and "1b" match SmolLM2-135M and TinyLlama-1.1B shapes.
 SIZES = {
-    "tiny": {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 256},
-    "small": {"hidden_size": 128, "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 512},
-    "base": {"hidden_size": 256, "num_hidden_layers": 6, "num_attention_heads": 8, "num_key_value_heads": 4, "intermediate_size": 1024},
-    "135m": {"hidden_size": 576, "num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3, "intermediate_size": 1536},
-    "1b": {"hidden_size": 2048, "num_hidden_layers": 22, "num_attention_heads": 32, "num_key_value_heads": 4, "intermediate_size": 5632},
+    "tiny": {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+             "num_key_value_heads": 2, "intermediate_size": 256},
+    "small": {"hidden_size": 128, "num_hidden_layers": 4, "num_attention_heads": 4,
+              "num_key_value_heads": 2, "intermediate_size": 512},
+    "base": {"hidden_size": 256, "num_hidden_layers": 6, "num_attention_heads": 8,
+             "num_key_value_heads": 4, "intermediate_size": 1024},
+    "135m": {"hidden_size": 576, "num_hidden_layers": 30, "num_attention_heads": 9,
+             "num_key_value_heads": 3, "intermediate_size": 1536},
+    "1b": {"hidden_size": 2048, "num_hidden_layers": 22, "num_attention_heads": 32,
+           "num_key_value_heads": 4, "intermediate_size": 5632},
 }
 
 

@@ -116,14 +116,14 @@ def plan(config: Config, splits: Splits) -> str:
     student = config.student
     return "\n".join([
         (f"run '{config.name}' in {config.run_dir}; MLflow {redact(config.tracking_uri())}; Ray "
-        f"{config.cluster.address or 'a new local cluster (or RAY_ADDRESS)'}"),
+         f"{config.cluster.address or 'a new local cluster (or RAY_ADDRESS)'}"),
         (f"data: {len(splits.train)} training, {len(splits.val)} validation, {len(splits.held_out)} held-out "
-        f"examples ({source})"),
+         f"examples ({source})"),
         teacher,
         (f"trajectories: the teacher over {len(splits.train)} training examples, subspace rank "
-        f"{config.subspace.rank} of {config.subspace.max_rank} -> {config.store_dir} (a store of the same teacher "
-        f"and data is reused)"),
+         f"{config.subspace.rank} of {config.subspace.max_rank} -> {config.store_dir} (a store of the same teacher "
+         f"and data is reused)"),
         _stage_line(config, "student", student, splits).replace("student:", f"student ({student.method}):", 1),
         (f"evaluate: {len(splits.held_out)} held-out problems (teacher with its CoT, student without) and as many "
-        f"training problems -> {config.run_dir / 'results.md'}"),
+         f"training problems -> {config.run_dir / 'results.md'}"),
     ])

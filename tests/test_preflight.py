@@ -83,7 +83,7 @@ def test_the_entry_point_prints_one_error_line_not_a_traceback(tmp_path):
                              *overrides], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120, check=False)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [(f"error: {tmp_path / 'train.txt'}:4: expected exactly one '||' "
-                                                  "between question and CoT")]
+                                                   "between question and CoT")]
     assert not (tmp_path / "runs").exists() and "Ray" not in result.stdout
 
 
