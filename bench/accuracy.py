@@ -16,12 +16,15 @@ against steps and minutes, one line per seed), and logs both to MLflow (run <nam
 import statistics
 import sys
 from pathlib import Path
+from typing import get_args
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lori_ray.cli import config_or_exit, configs_sharing_teacher, inspected, parser, user_errors
+from lori_ray.config import Method
 
-METHODS = ("nocot", "icot_kd", "codi", "icot_si", "coconut", "lori")
+# every student method that answers without a CoT (``explicit`` writes one)
+METHODS = tuple(m for m in get_args(Method) if m != "explicit")
 
 
 def mean_std(values: list[float]) -> str:

@@ -18,7 +18,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lori_ray.cli import config_or_exit, configs_sharing_teacher, inspected, parser, user_errors
-from lori_ray.students import INITS
+from lori_ray.config import PRUNED_INITS
 
 
 def mean(values: list[float]) -> float:
@@ -29,7 +29,7 @@ def main() -> int:
     arguments = parser(__doc__)
     arguments.add_argument("--widths", nargs="+", type=float, default=[0.5, 0.25],
                            help="student width as a fraction of the teacher's hidden size")
-    arguments.add_argument("--inits", nargs="+", choices=INITS, default=["random", "activation"])
+    arguments.add_argument("--inits", nargs="+", choices=PRUNED_INITS, default=["random", "activation"])
     args = arguments.parse_args()
     base = config_or_exit(args.config, args.overrides)
     if inspected(args, base):  # the first run's plan; every later one shares its teacher and data

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError, field_validator, model_validator
@@ -21,6 +21,13 @@ from .models import FAMILIES, PRUNABLE, SIZES, model_shape
 # no bool or float where an integer is meant (YAML `true` or `8.0` is a mistake, not 1 or 8); ints pass as floats
 Int = Annotated[int, Strict()]
 Float = Annotated[float, Strict()]
+
+
+# the student methods (see StudentConfig.method) and RED's projection inits (``students.initial_projection``),
+# declared once: benchmarks and the pruned students take their lists from here
+Method = Literal["nocot", "icot_kd", "codi", "icot_si", "coconut", "lori", "explicit"]
+PrunedInit = Literal["activation", "random", "random_orthogonal"]
+PRUNED_INITS: tuple[str, ...] = get_args(PrunedInit)
 
 
 _PLAIN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -172,11 +179,11 @@ class StudentConfig(Section):
     # answer with no latent slots; icot_si: nocot with curriculum removal (ICoT-SI); explicit: the
     # student writes the CoT like the teacher (CE, plus loss.kd for logit distillation); coconut: CE only,
     # continuous latents and the stages curriculum (Coconut)
-    method: Literal["lori", "icot_kd", "codi", "nocot", "icot_si", "coconut", "explicit"] = "lori"
+    method: Method = "lori"
     # full: the teacher's shape (init teacher) or a preset (init scratch); pruned: RED, the teacher at
     # residual width `width` (and `depth` layers) through projections initialised by `init`
     kind: Literal["full", "pruned"] = "full"
-    init: Literal["teacher", "scratch", "activation", "random", "random_orthogonal"] = "teacher"
+    init: Literal["teacher", "scratch"] | PrunedInit = "teacher"
     size: str | None = None  # init=scratch: a size preset (another width → least-squares projection init)
     width: Int | None = Field(None, gt=0)  # kind=pruned: residual width d_s
     depth: Int | None = Field(None, gt=0)  # kind=pruned: layers kept, evenly spaced (default: all)
@@ -226,17 +233,16 @@ class StudentConfig(Section):
             raise ValueError(f"size: must be one of {sorted(SIZES)}")
         if self.size is not None and self.init != "scratch":
             raise ValueError("size: only with init 'scratch' (init 'teacher' copies the teacher's shape)")
-        pruned_inits = ("activation", "random", "random_orthogonal")
         if self.kind == "pruned":
-            if self.init not in pruned_inits:
-                raise ValueError(f"init: a pruned student starts from projections: one of {list(pruned_inits)}")
+            if self.init not in PRUNED_INITS:
+                raise ValueError(f"init: a pruned student starts from projections: one of {list(PRUNED_INITS)}")
             if self.width is None:
                 raise ValueError("width: required when kind is 'pruned'")
             if self.train.zero_stage == 3:
                 raise ValueError("train.zero_stage: a pruned student computes its weights from frozen teacher "
                                  "weights in its forward; use ZeRO stage 0-2")
         else:
-            if self.init in pruned_inits:
+            if self.init in PRUNED_INITS:
                 raise ValueError(f"init: '{self.init}' initialises projections; set kind: pruned")
             if self.width is not None or self.depth is not None:
                 raise ValueError("width: only with kind 'pruned'")

@@ -47,6 +47,17 @@ SIZES = {
 }
 
 
+def keep_layers(teacher_layers: int, depth: int | None) -> list[int]:
+    """The teacher layers (0-based) that a model of ``depth`` layers matches by relative depth, evenly spaced with
+    first and last kept: student layer i ↔ teacher layer round(i·(L_t−1)/(L_s−1)). The one pairing rule of
+    RED's layer pruning and of LoRi's layer alignment."""
+    if depth is None or depth == teacher_layers:
+        return list(range(teacher_layers))
+    if depth == 1:
+        return [teacher_layers - 1]
+    return [round(i * (teacher_layers - 1) / (depth - 1)) for i in range(depth)]
+
+
 def preset_config(family: str, size: str, vocab_size: int, max_positions: int, special_ids: dict[str, int]):
     if family not in FAMILIES:
         raise ValueError(f"model.family must be one of {FAMILIES}, got {family!r}")

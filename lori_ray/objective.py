@@ -11,21 +11,15 @@ from torch import nn
 
 from .latents import continuous_forward
 from .losses import AnswerKL, LoRiLoss, readout_mse
+from .models import keep_layers
 from .subspace import Subspace
 
 
 def pair_layers(student_layers: int, teacher_layers: int, teacher_selected: list[int]) -> list[tuple[int, int]]:
-    """(student, teacher) hidden-state indices (1-based) paired by relative depth.
-
-    Student layer i ↔ teacher layer round(i·(L_t−1)/(L_s−1)) (0-based); only pairs whose teacher
-    layer is in ``teacher_selected`` are kept.
-    """
-    pairs = []
-    for i in range(student_layers):
-        t = round(i * (teacher_layers - 1) / (student_layers - 1)) if student_layers > 1 else teacher_layers - 1
-        if t + 1 in teacher_selected:
-            pairs.append((i + 1, t + 1))
-    return pairs
+    """(student, teacher) hidden-state indices (1-based) paired by relative depth (``models.keep_layers``); only
+    pairs whose teacher layer is in ``teacher_selected`` are kept."""
+    return [(i + 1, t + 1) for i, t in enumerate(keep_layers(teacher_layers, student_layers))
+            if t + 1 in teacher_selected]
 
 
 class TrajectoryProjection(nn.Module):

@@ -22,10 +22,10 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from .models import load_model
+from .config import PRUNED_INITS
+from .models import keep_layers, load_model
 from .subspace import Moments, effective_rank
 
-INITS = ("activation", "random", "random_orthogonal")
 READS_RESIDUAL = ("embed_tokens.weight", "q_proj.weight", "k_proj.weight", "v_proj.weight", "gate_proj.weight",
                   "up_proj.weight", "lm_head.weight")
 WRITES_RESIDUAL = ("o_proj.weight", "down_proj.weight")
@@ -58,7 +58,7 @@ def initial_projection(init: str, scores: torch.Tensor, width: int, generator: t
         return torch.randn(dim, width, generator=generator) * 0.02
     if init == "random_orthogonal":
         return torch.linalg.qr(torch.randn(dim, width, generator=generator)).Q
-    raise ValueError(f"student.init: unknown projection init {init!r}; expected one of {INITS}")
+    raise ValueError(f"student.init: unknown projection init {init!r}; expected one of {PRUNED_INITS}")
 
 
 def _side(name: str) -> str | None:
@@ -73,15 +73,6 @@ def _side(name: str) -> str | None:
 
 def _slot(name: str) -> str:
     return name.replace(".", "__")  # parameter names cannot contain dots
-
-
-def keep_layers(teacher_layers: int, depth: int | None) -> list[int]:
-    """Evenly spaced teacher layers (0-based) for a student of ``depth`` layers; first and last kept."""
-    if depth is None or depth == teacher_layers:
-        return list(range(teacher_layers))
-    if depth == 1:
-        return [teacher_layers - 1]
-    return [round(i * (teacher_layers - 1) / (depth - 1)) for i in range(depth)]
 
 
 def _teacher_name(name: str, layers: list[int]) -> str:

@@ -10,7 +10,6 @@ from lori_ray.students import (
     channel_scores,
     hidden_erank,
     initial_projection,
-    keep_layers,
     load_student,
     selection_matrix,
 )
@@ -102,12 +101,6 @@ def test_saved_initial_student_reloads_with_its_trained_parameters(tmp_path):
                                    student(input_ids=ids, attention_mask=mask).logits)
     plain = load_student(tmp_path / "teacher")  # a plain HF directory loads as itself
     assert isinstance(plain, type(teacher))
-
-
-def test_keep_layers_spaces_layers_evenly_and_keeps_the_ends():
-    assert keep_layers(6, None) == [0, 1, 2, 3, 4, 5]
-    assert keep_layers(6, 3) == [0, 2, 5]
-    assert keep_layers(6, 1) == [5]
 
 
 def test_erank_matches_a_direct_svd_and_its_bounds():
