@@ -108,7 +108,7 @@ class TrainConfig(Section):
     precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
     compile: bool = False  # torch.compile the objective (pays on GPU; minutes of compilation on CPU)
     num_workers: Int = Field(2, ge=0)  # 0 runs the loop in the driver process
-    checkpoint_every: Int = Field(0, ge=0)  # 0: only at the end
+    checkpoint_every: Int = Field(0, ge=0)  # resumable (DeepSpeed) checkpoints; 0: none, only the final model
     log_every: Int = Field(25, gt=0)
     max_bad_steps: Int = Field(10, gt=0)  # consecutive NaN/Inf losses (updates skipped) before the stage stops
     eval_every: Int = Field(0, ge=0)  # validation exact match every N steps (a multiple of log_every); 0: at the end

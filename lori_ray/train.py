@@ -375,27 +375,32 @@ def resume_checkpoint(stage: Stage, world: int, recorded):
 
 def _report_checkpoint(engine, objective, metrics: dict, stage: Stage, step: int, restarts: int,
                        final: bool) -> None:
-    """Every rank saves and signs its DeepSpeed shards; with ``final``, rank 0 adds the HF model and tokenizer
-    under ``hf/``."""
+    """A periodic checkpoint: every rank saves and signs its DeepSpeed shards (weights and optimizer state, what a
+    restart resumes from). The ``final`` one: the HF model and tokenizer under ``hf/``, from rank 0, and no
+    DeepSpeed state — nothing resumes after the last step, and for a 1B model that state is ~12 GB written for
+    nothing (a restart after it resumes from the newest periodic checkpoint)."""
     import ray.train
     from transformers import AutoTokenizer
 
     from .checkpoints import sign
     rank = ray.train.get_context().get_world_rank()
-    directory = tempfile.mkdtemp(prefix="lori-ckpt-")
-    engine.save_checkpoint(os.path.join(directory, "ds"), tag="state",
-                           client_state={"step": step, "restarts": restarts})
-    sign(Path(directory) / "ds", rank, step, stage.inputs_digest, stage.checkpoint_key)
-    if final:
+    directory = None
+    if not final:
+        directory = tempfile.mkdtemp(prefix="lori-ckpt-")
+        engine.save_checkpoint(os.path.join(directory, "ds"), tag="state",
+                               client_state={"step": step, "restarts": restarts})
+        sign(Path(directory) / "ds", rank, step, stage.inputs_digest, stage.checkpoint_key)
+    else:
         if engine.zero_optimization_stage() == 3:
             state = engine._zero3_consolidated_16bit_state_dict()  # collective: every rank calls it
         else:
             state = engine.module.state_dict()
         if rank == 0:
+            directory = tempfile.mkdtemp(prefix="lori-ckpt-")
             hf = os.path.join(directory, "hf")
             objective.model.save_pretrained(hf, state_dict=objective.model_state_dict(state))
             AutoTokenizer.from_pretrained(stage.model_dir).save_pretrained(hf)
-    ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory),
+    ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory) if directory else None,
                      checkpoint_dir_name=f"step-{step:06d}", delete_local_checkpoint_after_upload=True)
 
 

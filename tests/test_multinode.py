@@ -39,7 +39,8 @@ def test_pipeline_spans_two_nodes_and_keeps_everything_under_output_dir(cluster,
     env, address, dashboard, temp = cluster
     output = tmp_path / "shared"
     result = subprocess.run([sys.executable, "jobs/distill.py", "--config", "configs/tiny.yaml",
-                             f"output_dir={output}", f"cluster.address={address}"],
+                             f"output_dir={output}", f"cluster.address={address}",
+                             "teacher.train.checkpoint_every=3", "student.train.checkpoint_every=3"],
                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=900, check=False)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
 
@@ -54,9 +55,10 @@ def test_pipeline_spans_two_nodes_and_keeps_everything_under_output_dir(cluster,
 
     run_dir = output / "tiny"
     for stage in ("teacher", "student"):
-        (checkpoint,) = (run_dir / "ray" / f"tiny-{stage}").glob("step-*")
-        # every rank's ZeRO shard reached the shared checkpoint, wherever the rank ran
-        assert len(list((checkpoint / "ds" / "state").glob("*optim_states.pt"))) == 2
+        periodic, final = sorted((run_dir / "ray" / f"tiny-{stage}").glob("step-*"))
+        # every rank's ZeRO shard reached the shared (periodic) checkpoint, wherever the rank ran
+        assert len(list((periodic / "ds" / "state").glob("*optim_states.pt"))) == 2
+        assert (final / "hf" / "model.safetensors").is_file()
         assert (run_dir / stage / "model.safetensors").is_file()
     assert list((output / "trajectories").glob("*/manifest.json"))
     for directory in temp.values():  # nothing of ours stayed in a node's local temp dir

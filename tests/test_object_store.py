@@ -114,16 +114,19 @@ def test_train_checkpoints_land_in_the_bucket_and_the_model_is_copied_out(s3, tm
     layout = Layout(arithmetic_tokenizer())
     save_file(collate([layout.teacher(e) for e in generate_multiplication(64, 2, 2)], layout.pad),
               tmp_path / "data.safetensors")
-    train = {**load_config(ROOT / "configs/tiny.yaml").teacher.train.model_dump(), "steps": 4, "log_every": 2}
+    train = {**load_config(ROOT / "configs/tiny.yaml").teacher.train.model_dump(), "steps": 4, "log_every": 2,
+             "checkpoint_every": 2}
     assert train["num_workers"] == 2
     stage = Stage(name="on-s3", model_dir=str(model_dir), data_path=str(tmp_path / "data.safetensors"), train=train)
 
     _, metrics = fit(stage, tmp_path / "out", f"{s3}/ray")
 
     assert metrics["step"] == 4
-    checkpoint = {path.removeprefix("on-s3/step-000004/") for path in files_under(f"{s3}/ray")
-                  if path.startswith("on-s3/step-000004/")}
-    # both ranks' ZeRO shards were uploaded from their own worker processes, and rank 0's HF model
-    assert len([p for p in checkpoint if p.startswith("ds/state/") and p.endswith("optim_states.pt")]) == 2
-    assert "hf/model.safetensors" in checkpoint
+    def checkpoint(step: int) -> set[str]:
+        prefix = f"on-s3/step-{step:06d}/"
+        return {path.removeprefix(prefix) for path in files_under(f"{s3}/ray") if path.startswith(prefix)}
+    # both ranks' ZeRO shards of the periodic checkpoint were uploaded from their own worker processes; the final
+    # checkpoint is rank 0's HF model alone
+    assert len([p for p in checkpoint(2) if p.startswith("ds/state/") and p.endswith("optim_states.pt")]) == 2
+    assert "hf/model.safetensors" in checkpoint(4) and not [p for p in checkpoint(4) if p.startswith("ds/")]
     assert (tmp_path / "out" / "model.safetensors").is_file()  # fit downloaded hf/ from the bucket
