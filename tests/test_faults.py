@@ -134,20 +134,21 @@ def test_killed_teacher_actor_is_replaced_and_every_example_is_stored_exactly_on
     assert not list(Path(store.uri).rglob("*.tmp"))  # no partial shard left behind
 
 
-def test_killed_driver_resumes_with_the_same_run_name(tmp_path):
+def test_killed_driver_resumes_with_the_same_run_name(tmp_path, tiny_run):
     import subprocess
     import sys
 
     env = job_env()
-    # one rank per stage and one teacher actor: what resumes is the run, which the workers' count does not change
+    # the session's trained teacher, one rank and one teacher actor: what resumes is the run, which neither
+    # training the teacher here nor the workers' count changes
     command = [sys.executable, "jobs/distill.py", "--config", "configs/tiny.yaml", f"output_dir={tmp_path}",
-               "cluster.num_cpus=2", "teacher.train.num_workers=1", "student.train.num_workers=1",
+               "cluster.num_cpus=2", f"teacher.path={tiny_run[0] / 'teacher'}", "student.train.num_workers=1",
                "trajectory.num_actors=1"]
     # its own session: the SIGKILL takes the driver and the local Ray it started, like a lost job
     first = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                              start_new_session=True)
-    try:
-        wait_for(lambda: (tmp_path / "tiny" / "teacher" / "model.safetensors").is_file(), 600, "teacher stage")
+    try:  # killed once the trajectory store is published (its manifest is written last), as the student starts
+        wait_for(lambda: list((tmp_path / "trajectories").glob("*/manifest.json")), 600, "trajectory stage")
     finally:
         os.killpg(first.pid, signal.SIGKILL)
         first.wait()
@@ -155,7 +156,7 @@ def test_killed_driver_resumes_with_the_same_run_name(tmp_path):
 
     again = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900, check=False)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
-    assert "[teacher] finished model found" in again.stdout
+    assert "found, skipping extraction" in again.stdout and "[teacher] extracted" not in again.stdout
     assert (tmp_path / "tiny" / "results.md").is_file()
     # one MLflow parent run for the run, holding every stage; nothing left RUNNING by the dead driver
     from mlflow.tracking import MlflowClient
@@ -164,4 +165,4 @@ def test_killed_driver_resumes_with_the_same_run_name(tmp_path):
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     assert len(parents) == 1 and not [r for r in runs if r.info.status == "RUNNING"]
     stages = {r.data.tags["mlflow.runName"] for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id}
-    assert {"teacher", "trajectories", "student", "evaluate"} <= stages
+    assert {"trajectories", "student", "evaluate"} <= stages
