@@ -20,7 +20,15 @@ from typing import get_args
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lori_ray.cli import config_or_exit, configs_sharing_teacher, inspected, parser, user_errors
+from lori_ray.cli import (
+    add_parallel,
+    at_least_one,
+    config_or_exit,
+    configs_sharing_teacher,
+    inspected,
+    parser,
+    user_errors,
+)
 from lori_ray.config import Method
 
 # every student method that answers without a CoT (``explicit`` writes one)
@@ -77,19 +85,13 @@ def milestones(curves: dict[tuple[str, int], list[tuple[int, float, float]]], th
 def main() -> int:
     arguments = parser(__doc__)
     arguments.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
-    arguments.add_argument("--seeds", type=int, default=1,
+    arguments.add_argument("--seeds", type=at_least_one, default=1,
                            help="student seeds per method: student.seed, student.seed + 1, ... (run names end -s<seed>)")
-    arguments.add_argument("--parallel", type=int, default=1,
-                           help="students trained at once once the teacher and store exist (each stage must fit "
-                                "the cluster beside the others: student.train.num_workers, cluster.gpus_per_worker)")
+    add_parallel(arguments)
     args = arguments.parse_args()
     base = config_or_exit(args.config, args.overrides)
     if inspected(args, base):  # the first run's plan; every later one shares its teacher and data
         return 0
-    for flag in ("seeds", "parallel"):
-        if getattr(args, flag) < 1:
-            print(f"error: --{flag}: at least 1", file=sys.stderr)
-            return 2
     seeds = [base.student_seed + i for i in range(args.seeds)]
     runs = {(m, seed): [*args.overrides, f"name={base.name}-{m}" + (f"-s{seed}" if args.seeds > 1 else ""),
                         f"student.method={m}", f"student.seed={seed}"]

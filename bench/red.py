@@ -1,6 +1,7 @@
 """RED: width-pruned students from `random` vs `activation` (channel-selection) projections, one table.
 
     python bench/red.py --config configs/red-cpu.yaml [key=value ...] [--widths 0.5 0.25] [--inits random activation]
+        [--parallel 2]
 
 (overrides go before --widths/--inits, which take several values)
 
@@ -17,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lori_ray.cli import config_or_exit, configs_sharing_teacher, inspected, parser, user_errors
+from lori_ray.cli import add_parallel, config_or_exit, configs_sharing_teacher, inspected, parser, user_errors
 from lori_ray.config import PRUNED_INITS
 
 
@@ -30,6 +31,7 @@ def main() -> int:
     arguments.add_argument("--widths", nargs="+", type=float, default=[0.5, 0.25],
                            help="student width as a fraction of the teacher's hidden size")
     arguments.add_argument("--inits", nargs="+", choices=PRUNED_INITS, default=["random", "activation"])
+    add_parallel(arguments)
     args = arguments.parse_args()
     base = config_or_exit(args.config, args.overrides)
     if inspected(args, base):  # the first run's plan; every later one shares its teacher and data
@@ -50,7 +52,7 @@ def main() -> int:
         for config in configs.values():
             forget_stages(config, args.restart_from)
     with user_errors():
-        reports = run_sharing_teacher(configs)
+        reports = run_sharing_teacher(configs, args.parallel)
     teacher_result = next(iter(reports.values())).teacher
     teacher_erank = next(iter(reports.values())).erank["teacher"]
     lines = [(f"task: {base.data.task} {base.data.eval_file or base.data.digits}, {teacher_result.examples} held-out "

@@ -12,6 +12,24 @@ from contextlib import contextmanager
 from .config import Config, ConfigError, check_rerun, load_config, shared_teacher_path
 
 
+def at_least_one(text: str) -> int:
+    """An argparse type: a positive integer (``--seeds``, ``--parallel``), else exit 2 naming the flag."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"at least 1, got {text!r}")
+    return value
+
+
+def add_parallel(parser: argparse.ArgumentParser) -> None:
+    """``--parallel`` of the drivers that train several students from one teacher (``run_sharing_teacher``)."""
+    parser.add_argument("--parallel", type=at_least_one, default=1,
+                        help="students trained at once once the teacher and store exist (each stage must fit the "
+                             "cluster beside the others: student.train.num_workers, cluster.gpus_per_worker)")
+
+
 def parser(doc: str) -> argparse.ArgumentParser:
     from .config import config_reference
     parser = argparse.ArgumentParser(description=doc.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter,

@@ -45,14 +45,14 @@ def test_loss_overhead_benchmark():
 
 def test_red_benchmark_prints_its_table_and_reruns_on_its_finished_stages(tmp_path, tiny_run):
     """RED students through the real pipeline: pruned to half width and one layer, explicit CoT, CE + logit KD,
-    on a DeepSpeed ZeRO-2 worker, from the tiny run's teacher; each is a plain HF model and its eRank
-    diagnostics reach MLflow."""
+    on a DeepSpeed ZeRO-2 worker each, both at once, from the tiny run's teacher; each is a plain HF model and its
+    eRank diagnostics reach MLflow."""
     teacher = tiny_run[0] / "teacher"
     command = ("bench/red.py", "--config", "configs/tiny.yaml", f"output_dir={tmp_path}", "cluster.num_cpus=2",
                f"teacher.path={teacher}",
                "student.method=explicit", "loss.kd=1.0", "student.kind=pruned", "student.width=32",
                "student.init=activation", "student.depth=1", "student.train.num_workers=1", "--widths", "0.5",
-               "--inits", "random", "activation")
+               "--inits", "random", "activation", "--parallel", "2")
     out = run(*command)
     for init in ("random", "activation"):
         assert re.search(rf"\| width 32 \| {init} \| [\d.]+ \| [\d.]+ \| [\d.]+ \| [\d.]+ \|", out)

@@ -116,3 +116,11 @@ def test_help_lists_every_config_key_with_its_type_default_and_note():
     keys = [line.split()[0] for line in config_reference()]
     assert len(keys) == len(set(keys)) and "tune.space" in keys and "cluster.storage_path" in keys
     assert len(keys) > 80 and all(key.split(".")[0] in Config.model_fields for key in keys)
+
+
+@pytest.mark.parametrize("driver, flag", [("bench/accuracy.py", "--seeds"), ("bench/accuracy.py", "--parallel"),
+                                          ("bench/red.py", "--parallel")])
+def test_a_benchmark_count_below_one_exits_2_naming_its_flag(driver, flag):
+    result = subprocess.run([sys.executable, driver, "--config", TINY, flag, "0"], cwd=ROOT, capture_output=True,
+                            text=True, timeout=120, check=False)
+    assert result.returncode == 2 and f"argument {flag}: at least 1, got '0'" in result.stderr
