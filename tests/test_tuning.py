@@ -51,12 +51,13 @@ def test_trial_config_applies_params_and_shares_teacher_and_store(tmp_path):
     assert settings.student.train.eval_every == settings.student.train.log_every
 
 
-def run_tune(output: Path) -> subprocess.CompletedProcess:
+def run_tune(output: Path, teacher: Path) -> subprocess.CompletedProcess:
     env = job_env()
-    # the demo search with shorter stages and two trials: the mechanics, not the accuracy, are under test
-    fast = ["model.size=tiny", "data.train_size=544", "teacher.train.steps=30", "student.train.steps=12",
+    # the demo search with shorter stages and two trials, from the session's trained tiny teacher (same task and
+    # shape; teacher SFT is the distillation job's code path): the mechanics, not the accuracy, are under test
+    fast = ["model.size=tiny", "data.train_size=544", f"teacher.path={teacher}", "student.train.steps=12",
             "student.train.log_every=4", "tune.num_samples=2",
-            "teacher.train.num_workers=1", "student.train.num_workers=1",  # one worker each: both trials at once
+            "student.train.num_workers=1",  # one worker each: both trials at once
             "trajectory.num_actors=1"]
     return subprocess.run([sys.executable, "jobs/tune.py", "--config", "configs/tune-demo.yaml",
                            f"output_dir={output}", "cluster.num_cpus=2", *fast],
@@ -64,11 +65,11 @@ def run_tune(output: Path) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def search(tmp_path_factory):
-    output = tmp_path_factory.mktemp("tune")
-    result = run_tune(output)
+def search(tmp_path_factory, tiny_run):
+    output, teacher = tmp_path_factory.mktemp("tune"), tiny_run[0] / "teacher"
+    result = run_tune(output, teacher)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
-    return output, result.stdout
+    return output, result.stdout, teacher
 
 
 def extractions(output: Path) -> tuple[int, int]:
@@ -78,7 +79,7 @@ def extractions(output: Path) -> tuple[int, int]:
 
 
 def test_every_trial_is_an_mlflow_run_with_params_and_metrics(search):
-    output, stdout = search
+    output, stdout, _ = search
     mlflow.set_tracking_uri(f"sqlite:///{output / 'tune-demo' / 'mlflow.db'}")
     runs = mlflow.search_runs(experiment_names=["lori-ray"], output_format="list")
     parent = next(r for r in runs if r.info.run_name == "tune-demo")
@@ -97,10 +98,10 @@ def test_every_trial_is_an_mlflow_run_with_params_and_metrics(search):
 
 
 def test_teacher_ran_once_for_all_trials_and_a_rerun_resumes(search):
-    output, _ = search
+    output, _, teacher = search
     passes, shards = extractions(output)
     assert passes == shards  # one extraction per shard: a single teacher pass for both trials
-    again = run_tune(output)
+    again = run_tune(output, teacher)
     assert again.returncode == 0, again.stdout[-4000:] + again.stderr[-4000:]
     assert "resuming the search" in again.stdout
     assert extractions(output)[0] == shards
