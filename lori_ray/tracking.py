@@ -102,6 +102,10 @@ class PlainQuestions(mlflow.pyfunc.PythonModel):
     """A model directory a run wrote, served by MLflow: questions as people write them in (a list of strings,
     or a one-column DataFrame), answers out, through ``lori_ray.predict.Predictor``."""
 
+    # the inputs are checked by the signature log_model gives; without this pyfunc wraps predict for type-hint
+    # validation and warns, in every process that imports this module (each Ray worker's log), that it has none
+    _skip_type_hint_validation = True
+
     def load_context(self, context):
         from .predict import Predictor
         self.predictor = Predictor(context.artifacts["model"])
