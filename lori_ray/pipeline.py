@@ -29,7 +29,7 @@ from .data import Example
 from .evaluate import EvalResult, evaluate, format_digits
 from .fingerprint import finished, inputs_digest, stage_inputs
 from .losses import standardize, trajectory_scale
-from .models import build_model, load_model, model_shape
+from .models import build_model, load_model, local_model_dir, model_shape
 from .objective import AnswerReadout, TrajectoryProjection, TuckerProjection, pair_layers, slot_states
 from .plots import erank_figure, spectrum_figure, spectrum_summary
 from .predict import Contract, write_model_files
@@ -51,7 +51,7 @@ def log(message: str) -> None:
 def initial_model_dir(config: Config) -> Path:
     """The model the teacher starts from: a pretrained directory, or a preset saved with our tokenizer."""
     if config.model.path:
-        return Path(config.model.path)
+        return local_model_dir(config.model.path, config.model.gguf_file, config.model.trust_remote_code, log)
     directory = config.run_dir / "init"
     if not directory.is_dir():
         tokenizer = arithmetic_tokenizer()

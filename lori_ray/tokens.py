@@ -34,7 +34,12 @@ def arithmetic_tokenizer() -> PreTrainedTokenizerFast:
 
 
 def load_tokenizer(path: str, trust_remote_code: bool = False, gguf_file: str | None = None):
-    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, gguf_file=gguf_file)
+    """The tokenizer of a model directory, a GGUF file (or its directory plus ``gguf_file``) or a hub id."""
+    from .models import hub_errors, resolve_model_source
+
+    source, gguf_file = resolve_model_source(path, gguf_file)
+    with hub_errors(source):
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, gguf_file=gguf_file)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer

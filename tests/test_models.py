@@ -1,10 +1,19 @@
 """Model presets of every family, and reading a saved model's shape whatever its family names it."""
 
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
+from conftest import job_env, tiny_model_dir
 
 from lori_ray.config import Config
-from lori_ray.models import FAMILIES, SIZES, build_model, keep_layers
+from lori_ray.models import FAMILIES, MARKER, SIZES, build_model, keep_layers
 from lori_ray.pipeline import model_shape_of
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -21,3 +30,49 @@ def test_keep_layers_spaces_layers_evenly_and_keeps_the_ends():
     assert keep_layers(6, None) == [0, 1, 2, 3, 4, 5]
     assert keep_layers(6, 3) == [0, 2, 5]
     assert keep_layers(6, 1) == [5]
+
+
+def hub_cache(root: Path, repo_id: str, model_dir: Path) -> Path:
+    """A Hugging Face hub cache holding ``model_dir`` as ``repo_id`` at its main revision, in the layout
+    huggingface_hub writes when it downloads one (what an offline machine with a warm cache has)."""
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = root / f"models--{repo_id.replace('/', '--')}"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    shutil.copytree(model_dir, repo / "snapshots" / commit)
+    return root
+
+
+def offline_hub_env(tmp_path: Path) -> dict[str, str]:
+    """The job environment with the hub offline: a hub model resolves from ``tmp_path/hub`` or not at all."""
+    return {**job_env(), "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hub"),
+            "LORI_RAY_CACHE": str(tmp_path / "cache")}
+
+
+def test_a_hub_id_is_checked_before_any_work_and_an_unreachable_hub_says_so(tmp_path):
+    result = subprocess.run([sys.executable, "jobs/distill.py", "--config", "configs/tiny.yaml",
+                             f"output_dir={tmp_path}", "model.path=someone/no-such-model", "--dry-run"],
+                            cwd=ROOT, env=offline_hub_env(tmp_path), capture_output=True, text=True, check=False)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert ("error: model.path: someone/no-such-model: not a local path, and loading it as a Hugging Face hub id "
+            "failed (hub unreachable, or no such repo)") in result.stderr
+    assert "Traceback" not in result.stderr and not any(tmp_path.glob("tiny*"))
+
+
+def test_a_hub_model_is_saved_once_as_the_local_directory_every_stage_reads(tmp_path):
+    hub_cache(tmp_path / "hub", "lori-test/tiny-llama", tiny_model_dir(tmp_path / "model"))
+    env = offline_hub_env(tmp_path)
+    plan = subprocess.run([sys.executable, "jobs/distill.py", "--config", "configs/tiny.yaml", f"output_dir={tmp_path}",
+                           "model.path=lori-test/tiny-llama", "--dry-run"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, check=False)
+    assert plan.returncode == 0, plan.stdout + plan.stderr
+    materialise = ("from lori_ray.models import local_model_dir; "
+                   "print(local_model_dir('lori-test/tiny-llama', log=lambda m: print('log:', m)))")
+    first, second = (subprocess.run([sys.executable, "-c", materialise], cwd=ROOT, env=env, capture_output=True,
+                                    text=True, check=True).stdout for _ in range(2))
+    local = tmp_path / "cache" / "models" / "hub--lori-test--tiny-llama"
+    assert first.splitlines()[-1] == second.splitlines()[-1] == str(local)
+    assert "saving LlamaForCausalLM" in first and "nothing to do" in second
+    assert json.loads((local / MARKER).read_text())["hub_id"] == "lori-test/tiny-llama"
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in local.iterdir()}
+    assert model_shape_of(local, Config()) == (SIZES["tiny"]["hidden_size"], SIZES["tiny"]["num_hidden_layers"])

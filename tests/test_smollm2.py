@@ -12,6 +12,7 @@ import torch
 from transformers import LlamaForCausalLM
 
 from lori_ray import models
+from lori_ray.config import ConfigError, load_config
 from lori_ray.models import (
     MARKER,
     SIZES,
@@ -157,3 +158,14 @@ def test_an_unrelated_directory_is_never_overwritten(tmp_path):
     with pytest.raises(FileExistsError, match="not a conversion made here"):
         convert_gguf(smollm2_gguf_path(), tmp_path, force=True, log=lambda _: None)
     assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+def test_a_gguf_file_is_a_model_path_the_config_checks_before_any_work():
+    gguf = smollm2_gguf_path()
+    # accepted as a source, and its width read from the GGUF's metadata
+    with pytest.raises(ConfigError, match=r"subspace.max_rank: 600 is larger than the hidden size \(576\)"):
+        load_config("configs/tiny.yaml", [f"model.path={gguf}", "subspace.max_rank=600"])  # the GGUF's width
+    with pytest.raises(ConfigError, match="model.path: .*no GGUF file 'missing.gguf'"):
+        load_config("configs/tiny.yaml", [f"model.path={gguf.parent}", "model.gguf_file=missing.gguf"])
+    with pytest.raises(ConfigError, match="model.gguf_file: needs model.path"):
+        load_config("configs/tiny.yaml", [f"model.gguf_file={gguf.name}"])
