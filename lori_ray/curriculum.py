@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from .tokens import IGNORE_INDEX
+from .tokens import IGNORE_INDEX, trim_padding
 
 MAX_SMOOTHING_OFFSET = 64  # exp(-λ·o) beyond this is negligible for any useful λ
 
@@ -66,10 +66,7 @@ def remove_cot_tokens(batch: dict[str, torch.Tensor], counts: torch.Tensor, pad_
     if "answer_positions" in batch:
         positions = batch["answer_positions"]
         shifted["answer_positions"] = torch.where(positions >= starts, positions - counts, positions)
-    width = int(shifted["attention_mask"].sum(1).max())
-    for key in ("input_ids", "labels", "attention_mask"):
-        shifted[key] = shifted[key][:, :width]
-    return shifted
+    return trim_padding(shifted)
 
 
 def latent_stage(step: int, steps_per_stage: int, last: int) -> int:

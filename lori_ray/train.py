@@ -242,6 +242,7 @@ def train_loop(config: dict) -> None:
     from safetensors.torch import load_file
 
     from .checkpoints import verify
+    from .tokens import trim_padding
     from .tracking import StepLogger
 
     stage = Stage(**config)
@@ -293,6 +294,7 @@ def train_loop(config: dict) -> None:
     while step < end:
         rows = batch_indices(step, num_examples, train["batch_size"], stage.seed)[rank * micro:(rank + 1) * micro]
         batch, shown = curriculum_batch(stage, {k: v[rows] for k, v in data.items()}, step, rank)
+        batch = trim_padding(batch)
         if stage.reset_optimizer and step > 0 and curriculum_level(stage, step) != curriculum_level(stage, step - 1):
             reset_optimizer_state(engine)
             if rank == 0:

@@ -6,7 +6,7 @@ from lori_ray.models import FAMILIES, build_model
 from lori_ray.objective import LMObjective, TrajectoryProjection, pair_layers
 from lori_ray.subspace import Moments, fit_pca
 from lori_ray.teacher import TeacherWorker
-from lori_ray.tokens import Layout, add_latent_tokens, arithmetic_tokenizer, collate
+from lori_ray.tokens import Layout, add_latent_tokens, arithmetic_tokenizer, collate, trim_padding
 from lori_ray.trajectories import TrajectoryStore, pack, segment_means, unpack
 
 
@@ -285,3 +285,20 @@ def test_codi_aligns_the_students_state_at_the_separator_with_the_teachers(tmp_p
         first_digit = student.input_ids[student.answer[0] + 1]  # what the state at ``####`` predicts (a label)
         assert student.labels[student.answer[0] + 1] == first_digit
         assert tokenizer.convert_ids_to_tokens(first_digit) == example.answer.split()[0]
+
+
+def test_per_batch_padding_leaves_the_loss_and_its_gradients_unchanged():
+    tokenizer = arithmetic_tokenizer()
+    layout = Layout(tokenizer, add_latent_tokens(tokenizer, 2))
+    model = build_model("llama", "tiny", len(tokenizer), 64, {"pad_token_id": layout.pad}, seed=3)
+    sequences = [layout.student(e) for e in [*generate_multiplication(3, 3, 2, seed=1),
+                                              *generate_multiplication(3, 2, 2, seed=1)]]  # two lengths
+    padded = collate(sequences, layout.pad, length=40)  # as stored: padded to a longer data set's longest
+    trimmed = trim_padding(padded)
+    assert trimmed["input_ids"].shape[1] == max(len(s.input_ids) for s in sequences) < 40
+    losses = [LMObjective(model)(batch)[0] for batch in (padded, trimmed)]
+    torch.testing.assert_close(losses[0], losses[1])
+    grads = [torch.autograd.grad(loss, list(model.parameters()), allow_unused=True) for loss in losses]
+    for mine, theirs in zip(*grads):
+        if theirs is not None:
+            torch.testing.assert_close(mine, theirs)
