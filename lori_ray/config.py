@@ -49,6 +49,13 @@ def _check_location(field: str, location: str | None) -> None:
         raise ValueError(f"{field}: {problem}")
 
 
+class TableFields(Section):
+    """The columns of a table data file that hold each part of an example."""
+    question: str = "question"
+    cot: str | None = "cot"  # None: no CoT column (answer-only data; the teacher can write CoTs: complete_cots)
+    answer: str = "answer"
+
+
 class DataConfig(Section):
     task: Literal["multiplication", "file"] = "multiplication"
     digits: tuple[Int, Int] = (3, 3)  # multiplication: digits of each factor
@@ -58,6 +65,10 @@ class DataConfig(Section):
     train_file: str | None = None  # task=file: iCoT .txt or GSM8K .jsonl
     eval_file: str | None = None  # held-out split (any task); multiplication then trains on generated data
     on_bad_line: Literal["fail", "skip"] = "fail"  # a malformed line stops the run (file:line), or is skipped
+    # read train_file/eval_file as tables through Hugging Face datasets (.jsonl, .json, .csv, .parquet, or hf:
+    # OWNER/NAME[/CONFIG][@SPLIT]; a .txt stays iCoT lines) with these columns, e.g. {question: q, cot: why}
+    fields: TableFields | None = None
+    step_separator: str | None = None  # with fields: a regex between CoT steps; unset: '<<..>>' equations, else ' + '
 
     @model_validator(mode="after")
     def _files(self):
@@ -67,6 +78,15 @@ class DataConfig(Section):
                 raise ValueError(f"{field}: required when task is 'file'")
             if path and not path.startswith(HF_PREFIX) and not Path(path).is_file():
                 raise ValueError(f"{field}: no such file: {path}")
+        if self.step_separator is not None:
+            if not self.fields:
+                raise ValueError("step_separator: applies to table data only (set data.fields)")
+            try:
+                re.compile(self.step_separator)
+            except re.error as error:
+                raise ValueError(f"step_separator: not a regular expression ({error})") from None
+        if self.fields and not (self.train_file or self.eval_file):
+            raise ValueError("fields: applies to data files (data.train_file, data.eval_file)")
         if self.val_size >= self.train_size:
             raise ValueError(f"val_size: {self.val_size} leaves no training examples (train_size {self.train_size})")
         if min(self.digits) < 1:
@@ -571,8 +591,11 @@ def config_reference(section: type[BaseModel] | None = None, prefix: str = "") -
         if isinstance(annotation, type) and issubclass(annotation, BaseModel):
             lines += config_reference(annotation, f"{prefix}{name}.")
             continue
+        optional = [arg for arg in get_args(annotation) if isinstance(arg, type) and issubclass(arg, BaseModel)]
         kind = re.sub(r"typing\.|Annotated\[(\w+), Strict\(strict=True\)\]", r"\1", str(annotation))
-        kind = kind.replace("<class '", "").replace("'>", "")
+        kind = re.sub(r"<class '(?:\w+\.)*(\w+)'>|(?:\w+\.)+(\w+)", r"\1\2", kind)
         default = field.default if field.default is not None else "none"
         lines.append(f"  {prefix}{name} ({kind}, default {default})" + (f": {notes[name]}" if notes.get(name) else ""))
+        for section_type in optional:  # an optional section (unset by default): its keys, set one to use it
+            lines += config_reference(section_type, f"{prefix}{name}.")
     return lines

@@ -218,12 +218,71 @@ def load_hf_gsm8k(spec: str = "hf:openai/gsm8k", skip_bad: bool = False) -> list
     return examples
 
 
-def read_examples(path: str | Path, skip_bad: bool = False) -> list[Example]:
-    """iCoT ``.txt`` or openai GSM8K ``.jsonl`` by extension, or ``hf:openai/gsm8k[@split]``."""
+def read_examples(path: str | Path, skip_bad: bool = False, fields: dict[str, str | None] | None = None,
+                  step_separator: str | None = None) -> list[Example]:
+    """With ``fields``, a table file or ``hf:`` dataset (see :func:`read_table`); else (and for any ``.txt``)
+    iCoT ``.txt`` or openai GSM8K ``.jsonl`` by extension, or ``hf:openai/gsm8k[@split]``."""
+    if fields and (str(path).startswith(HF_PREFIX) or Path(path).suffix.lower() in TABLE_FORMATS):
+        return read_table(path, fields, step_separator, skip_bad)
     if str(path).startswith(HF_PREFIX):
         return load_hf_gsm8k(str(path), skip_bad)
     reader = read_gsm8k_jsonl if str(path).endswith(".jsonl") else read_icot
     return reader(path, skip_bad)
+
+
+# the datasets builder for each table file a column mapping reads
+TABLE_FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+
+
+def read_table(path: str | Path, fields: dict[str, str | None], step_separator: str | None = None,
+               skip_bad: bool = False) -> list[Example]:
+    """The rows of a table through Hugging Face ``datasets`` (a local ``.jsonl``/``.json``/``.csv``/``.parquet``
+    file, cached as Arrow by ``datasets``, or ``hf:OWNER/NAME[/CONFIG][@SPLIT]``), one example per row:
+    ``fields`` names the ``question``, ``answer`` and (optional) ``cot`` columns; the CoT splits into steps at
+    ``step_separator`` (a regular expression), else by :func:`split_steps`. A missing column, or a row with an
+    empty question or answer, raises :class:`DataFormatError` naming the file and the row (1-based, header not
+    counted), or with ``skip_bad`` the row is skipped and counted in one warning."""
+    rows = _load_table(str(path))
+    wanted = {role: column for role, column in fields.items() if column}
+    missing = {role: column for role, column in wanted.items() if column not in rows.column_names}
+    if missing:
+        raise DataFormatError(f"{path}: no column " + ", ".join(f"{c!r} (data.fields.{r})" for r, c in missing.items())
+                              + f"; its columns: {', '.join(rows.column_names)}")
+    splitter = re.compile(step_separator) if step_separator else None
+    examples, bad = [], []
+    for number, row in enumerate(rows.select_columns(list(dict.fromkeys(wanted.values()))), start=1):
+        values = {role: "" if row[column] is None else str(row[column]).strip() for role, column in wanted.items()}
+        empty = [role for role in ("question", "answer") if not values[role]]
+        if empty:
+            if not skip_bad:
+                raise DataFormatError(f"{path}: row {number}: empty {empty[0]} (column {wanted[empty[0]]!r})")
+            bad.append(number)
+            continue
+        cot = values.get("cot", "")
+        steps = tuple(s.strip() for s in splitter.split(cot) if s.strip()) if splitter else split_steps(cot)
+        examples.append(Example(values["question"], steps, values["answer"]))
+    if bad:
+        warnings.warn(f"{path}: skipped {len(bad)} rows with an empty question or answer (rows "
+                      f"{', '.join(map(str, bad[:10]))}{', ...' if len(bad) > 10 else ''})", stacklevel=2)
+    if not examples:
+        raise DataFormatError(f"{path}: no examples")
+    return examples
+
+
+def _load_table(spec: str):
+    import datasets
+
+    datasets.disable_progress_bars()  # one bar per file and split from every process would flood the job log
+    if spec.startswith(HF_PREFIX):
+        name, config, split = parse_hf_spec(spec)
+        options, where = {"path": name, "name": config, "split": split}, "from the Hugging Face hub"
+    else:
+        builder = TABLE_FORMATS[Path(spec).suffix.lower()]
+        options, where = {"path": builder, "data_files": str(Path(spec).resolve()), "split": "train"}, "as a table"
+    try:
+        return datasets.load_dataset(**options)
+    except Exception as error:  # hub and parser errors come in many types (ConnectionError, ArrowInvalid, ...)
+        raise DataFormatError(f"{spec}: could not be read {where}: {type(error).__name__}: {error}") from error
 
 
 # digit groups split by spaces or thousands commas ("1 5 0 0", "1,500") are one number

@@ -29,17 +29,21 @@ def load_data(config: Config) -> Splits:
 @lru_cache(maxsize=4)
 def _splits(data_json: str, seed: int) -> Splits:
     data = DataConfig.model_validate_json(data_json)
-    skip = data.on_bad_line == "skip"
+    fields = data.fields.model_dump() if data.fields else None
+
+    def read(path: str) -> list[Example]:
+        return read_examples(path, data.on_bad_line == "skip", fields, data.step_separator)
+
     try:
         if data.eval_file:
-            held_out = read_examples(data.eval_file, skip)[:data.eval_size]
+            held_out = read(data.eval_file)[:data.eval_size]
         else:
             held_out = _generated("data.eval_size", data.eval_size, data.digits, seed + 1)
         questions = {e.question for e in held_out}
         if data.task == "multiplication":
             train = _generated("data.train_size", data.train_size, data.digits, seed, exclude=questions)
         else:
-            train = [e for e in read_examples(data.train_file, skip) if e.question not in questions][:data.train_size]
+            train = [e for e in read(data.train_file) if e.question not in questions][:data.train_size]
     except DataFormatError as error:
         raise ConfigError(str(error)) from None
     if len(train) <= data.val_size:

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -48,6 +49,17 @@ CASES = {  # name: (overrides given tmp_path, message fragment)
                              "train.jsonl:2: GSM8K record without 'answer'"),
     "GSM8K answer without ####": (lambda t: file_task(t, write(t / "train.jsonl", [gsm8k(answer="it is 2")])),
                                   "train.jsonl:1: the answer has no final '####"),
+    "table without the mapped column": (lambda t: file_task(t, write(t / "train.jsonl", [json.dumps({"q": "1", "a": "2"})]))
+                                        + ["data.fields.question=q"],
+                                        "train.jsonl: no column 'cot' (data.fields.cot), 'answer' (data.fields.answer); its columns: q, a"),
+    "table row with an empty answer": (lambda t: file_task(t, write(t / "train.csv", ["q,cot,answer", "1 * 2,,2",
+                                                                                        "3 * 4,,"]))
+                                       + ["data.fields.question=q"], "train.csv: row 2: empty answer (column 'answer')"),
+    "step separator that is not a regex": (lambda t: file_task(t, write(t / "train.csv", ["q,cot,answer"]))
+                                           + ["data.fields.question=q", "data.step_separator=(;"],
+                                           "data.step_separator: not a regular expression"),
+    "column mapping for generated data": (lambda t: ["data.fields.question=q"],
+                                          "data.fields: applies to data files"),
     "too few examples for the splits": (lambda t: file_task(t, write(t / "train.txt", icot_lines(20))) +
                                         ["data.val_size=32"], "data.val_size: 32 validation examples leave none"),
     "fewer examples than a batch": (lambda t: file_task(t, write(t / "train.txt", icot_lines(20))),
@@ -113,6 +125,8 @@ def test_help_lists_every_config_key_with_its_type_default_and_note():
     text = parser("Run it.").format_help()
     assert "  student.latent (Literal['pause', 'continuous'], default pause): pause: the latent slots are" in text
     assert "  subspace.rank (int, default 8)" in text
+    assert "  data.fields (TableFields | None, default none): read train_file" in text
+    assert "  data.fields.cot (str | None, default cot)" in text  # an optional section's own keys
     keys = [line.split()[0] for line in config_reference()]
     assert len(keys) == len(set(keys)) and "tune.space" in keys and "cluster.storage_path" in keys
     assert len(keys) > 80 and all(key.split(".")[0] in Config.model_fields for key in keys)
@@ -124,3 +138,24 @@ def test_a_benchmark_count_below_one_exits_2_naming_its_flag(driver, flag):
     result = subprocess.run([sys.executable, driver, "--config", TINY, flag, "0"], cwd=ROOT, capture_output=True,
                             text=True, timeout=120, check=False)
     assert result.returncode == 2 and f"argument {flag}: at least 1, got '0'" in result.stderr
+
+
+def test_table_data_is_read_through_datasets_with_a_column_mapping(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from lori_ray.preflight import load_data
+    problems, held_out = generate_multiplication(48, 2, 2, seed=3), generate_multiplication(16, 2, 2, seed=99)
+    table = {"problem": [e.question for e in problems], "steps": [" ; ".join(e.steps) for e in problems],
+             "solution": [e.answer for e in problems]}
+    train = tmp_path / "train.parquet"
+    pq.write_table(pa.table(table), train)
+    eval_file = write(tmp_path / "eval.jsonl", [json.dumps({"problem": e.question, "solution": e.answer, "steps": ""})
+                                                for e in held_out])  # answer-only rows: no steps
+    config = config_or_exit(TINY, [f"output_dir={tmp_path / 'runs'}", "data.task=file", f"data.train_file={train}",
+                                   f"data.eval_file={eval_file}", "data.val_size=8", "data.fields.question=problem",
+                                   "data.fields.cot=steps", "data.fields.answer=solution", r"data.step_separator=\s*;\s*"])
+    splits = load_data(config)
+    kept = [e for e in problems if e.question not in {h.question for h in held_out}]
+    assert [*splits.train, *splits.val] == kept[:config.data.train_size]  # the steps split at the separator
+    assert splits.held_out == [replace(e, steps=()) for e in held_out]
