@@ -22,6 +22,17 @@ def gpus(requested: float | None) -> float:
     return 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
 
 
+def on_a_gpu(gpus_per_task: float | None, function, *args):
+    """``function(*args)``, as a Ray task holding ``gpus_per_task`` GPUs (one where the cluster has GPUs) when it
+    needs any, else in this process. Model loading, evaluation and diagnostics run where the GPUs are: on KubeRay
+    the driver runs on the head pod, which has none. The task reserves no CPU, as the driver's own work does not:
+    one waiting for a CPU that running trials hold would never start."""
+    count = gpus(gpus_per_task)
+    if not count:
+        return function(*args)
+    return ray.get(ray.remote(num_cpus=0, num_gpus=count)(function).remote(*args))
+
+
 def private_token_file() -> Path | None:
     """The token file a local Ray cluster uses (``RAY_AUTH_TOKEN_PATH``, else ``~/.ray/auth_token``), readable by
     its owner only: created with mode 0600 before Ray would create it world-readable, or tightened when it

@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 
 from . import storage
 from .checkpoints import run_key
-from .cluster import gpus
+from .cluster import gpus, on_a_gpu
 from .config import Config, ConfigError, shared_teacher_path
 from .curriculum import cot_spans, step_starts
 from .data import Example
@@ -230,7 +230,8 @@ def student_stage(config: Config, teacher_dir: Path, splits: Splits, store) -> t
     ``codi`` (CE + full-width hidden MSE at ``####``), ``nocot`` (CE), ``coconut`` (CE through Coconut's
     stages) or ``explicit`` (CE on the CoT and answer); any of them plus ``kd`` with the teacher run online."""
     method, slots, loss, train = config.student.method, latent_slots(config) or 0, config.loss, splits.train
-    init = student_init(config, teacher_dir, slots, train)
+    init = on_a_gpu(config.cluster.gpus_per_actor, student_init, config, teacher_dir, slots,
+                    train[:config.student.calibration_size])
     tokenizer = load_tokenizer(str(init))
     layout = Layout(tokenizer, add_latent_tokens(tokenizer, slots))
     build = layout.teacher if method == "explicit" else layout.student
@@ -344,6 +345,19 @@ def erank_diagnostics(config: Config, teacher_dir: Path, init_dir: Path, student
                       examples: list[Example]) -> dict[str, list[float]]:
     """eRank per layer of hidden states on calibration examples: teacher, initial and trained student
     (each on its own sequences); saved as erank.json and logged to MLflow with a plot."""
+    ranks = on_a_gpu(config.cluster.gpus_per_actor, hidden_eranks, config, teacher_dir, init_dir, student_dir,
+                     examples[:config.student.calibration_size])
+    with stage_run("erank"):
+        for label, values in ranks.items():
+            mlflow.log_metrics({f"erank_{label.replace(' ', '_')}_layer_{i}": v for i, v in enumerate(values)})
+        mlflow.log_dict(ranks, "erank.json")
+        mlflow.log_figure(erank_figure(ranks), "erank.png")
+    write_local(config.run_dir / "erank.json", json.dumps(ranks, indent=1))
+    return ranks
+
+
+def hidden_eranks(config: Config, teacher_dir: Path, init_dir: Path, student_dir: Path,
+                  examples: list[Example]) -> dict[str, list[float]]:
     tokenizer = load_tokenizer(str(init_dir))
     slots = latent_slots(config)
     teacher_batch = calibration_batch(config, Layout(tokenizer), examples, student=False)
@@ -353,16 +367,9 @@ def erank_diagnostics(config: Config, teacher_dir: Path, init_dir: Path, student
     if slots is not None and config.student.continuous:
         student_batch["latent_ids"] = latents
     code = config.model.trust_remote_code
-    ranks = {"teacher": hidden_erank(load_model(teacher_dir, trust_remote_code=code).eval(), **teacher_batch),
-             "student init": hidden_erank(load_student(init_dir, code).eval(), **student_batch),
-             "student trained": hidden_erank(load_model(student_dir, trust_remote_code=code).eval(), **student_batch)}
-    with stage_run("erank"):
-        for label, values in ranks.items():
-            mlflow.log_metrics({f"erank_{label.replace(' ', '_')}_layer_{i}": v for i, v in enumerate(values)})
-        mlflow.log_dict(ranks, "erank.json")
-        mlflow.log_figure(erank_figure(ranks), "erank.png")
-    write_local(config.run_dir / "erank.json", json.dumps(ranks, indent=1))
-    return ranks
+    return {"teacher": hidden_erank(load_model(teacher_dir, trust_remote_code=code).eval(), **teacher_batch),
+            "student init": hidden_erank(load_student(init_dir, code).eval(), **student_batch),
+            "student trained": hidden_erank(load_model(student_dir, trust_remote_code=code).eval(), **student_batch)}
 
 
 @dataclass
@@ -432,8 +439,13 @@ def trajectory_stage(config: Config, teacher_dir: Path, train: list[Example]):
 
 def evaluate_model(config: Config, model_dir: Path, splits: dict[str, list[Example]],
                    slots: int | None) -> dict[str, EvalResult]:
-    """Each named split's result, the model loaded once; ``slots=None``: the teacher, prompted with the
-    question and writing its CoT."""
+    """Each named split's result, the model loaded once (on a GPU where the cluster has them); ``slots=None``:
+    the teacher, prompted with the question and writing its CoT."""
+    return on_a_gpu(config.cluster.gpus_per_actor, generate_and_score, config, model_dir, splits, slots)
+
+
+def generate_and_score(config: Config, model_dir: Path, splits: dict[str, list[Example]],
+                       slots: int | None) -> dict[str, EvalResult]:
     tokenizer = load_tokenizer(str(model_dir), config.model.trust_remote_code)
     layout = Layout(tokenizer, add_latent_tokens(tokenizer, slots) if slots is not None else None)
     continuous = slots is not None and config.student.continuous
