@@ -5,7 +5,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from conftest import job_env
+
+pytestmark = pytest.mark.cluster  # starts a Ray cluster: `make test-fast` leaves it out
 
 ROOT = Path(__file__).resolve().parents[1]
 
