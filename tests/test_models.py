@@ -11,7 +11,7 @@ from conftest import job_env, tiny_model_dir
 
 from lori_ray.config import Config
 from lori_ray.models import FAMILIES, MARKER, SIZES, build_model, keep_layers
-from lori_ray.pipeline import model_shape_of
+from lori_ray.stages.training import model_shape_of
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -61,18 +61,17 @@ def test_a_hub_id_is_checked_before_any_work_and_an_unreachable_hub_says_so(tmp_
 
 def test_a_hub_model_is_saved_once_as_the_local_directory_every_stage_reads(tmp_path):
     hub_cache(tmp_path / "hub", "lori-test/tiny-llama", tiny_model_dir(tmp_path / "model"))
-    env = offline_hub_env(tmp_path)
-    plan = subprocess.run([sys.executable, "jobs/distill.py", "--config", "configs/tiny.yaml", f"output_dir={tmp_path}",
-                           "model.path=lori-test/tiny-llama", "--dry-run"],
-                          cwd=ROOT, env=env, capture_output=True, text=True, check=False)
-    assert plan.returncode == 0, plan.stdout + plan.stderr
-    materialise = ("from lori_ray.models import local_model_dir; "
-                   "print(local_model_dir('lori-test/tiny-llama', log=lambda m: print('log:', m)))")
-    first, second = (subprocess.run([sys.executable, "-c", materialise], cwd=ROOT, env=env, capture_output=True,
-                                    text=True, check=True).stdout for _ in range(2))
+    # the config accepts the id (its shape and vocabulary read through the hub cache), then the stages' directory
+    # is saved once and found by the next call
+    script = ("from lori_ray.config import load_config; from lori_ray.models import local_model_dir; "
+              "load_config('configs/tiny.yaml', ['model.path=lori-test/tiny-llama']); "
+              "print(local_model_dir('lori-test/tiny-llama', log=lambda m: print('first:', m))); "
+              "print(local_model_dir('lori-test/tiny-llama', log=lambda m: print('second:', m)))")
+    out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=offline_hub_env(tmp_path), capture_output=True,
+                         text=True, check=True).stdout
     local = tmp_path / "cache" / "models" / "hub--lori-test--tiny-llama"
-    assert first.splitlines()[-1] == second.splitlines()[-1] == str(local)
-    assert "saving LlamaForCausalLM" in first and "nothing to do" in second
+    assert out.splitlines()[-1] == out.splitlines()[-3] == str(local)
+    assert "first: saving LlamaForCausalLM" in out and "second: found" in out and "nothing to do" in out
     assert json.loads((local / MARKER).read_text())["hub_id"] == "lori-test/tiny-llama"
     assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in local.iterdir()}
     assert model_shape_of(local, Config()) == (SIZES["tiny"]["hidden_size"], SIZES["tiny"]["num_hidden_layers"])
