@@ -101,8 +101,8 @@ def main() -> int:
     import mlflow
 
     from lori_ray.cluster import connect
-    from lori_ray.pipeline import RunsFailed, forget_stages, run_sharing_teacher
     from lori_ray.plots import curves_figure
+    from lori_ray.recipe import RunsFailed, forget_stages, run_sharing_teacher
     from lori_ray.tracking import stage_history
 
     connect(base)

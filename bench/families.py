@@ -33,7 +33,7 @@ def main() -> int:
 
     from lori_ray.cluster import connect
     from lori_ray.models import load_model
-    from lori_ray.pipeline import forget_stages, run
+    from lori_ray.recipe import forget_stages, run
 
     connect(base)
     lines = [(f"task: {base.data.task} {base.data.eval_file or base.data.digits}; model size {base.model.size}; "

@@ -100,7 +100,7 @@ import time
 started = time.time()
 failed = []
 for name in ("torch", "transformers", "ray", "deepspeed", "mlflow", "pydantic", "pyarrow.fs", "pandas", "msgpack",
-             "ray.train", "ray.train.torch", "lori_ray.train", "lori_ray.teacher", "lori_ray.tracking",
+             "ray.train", "ray.train.torch", "lori_ray.train", "lori_ray.teacher_pool", "lori_ray.tracking",
              "mlflow.store.tracking.sqlalchemy_store"):
     try:
         module = importlib.import_module(name)

@@ -39,7 +39,7 @@ def main() -> int:
 
     from lori_ray.cluster import connect
     from lori_ray.models import model_shape
-    from lori_ray.pipeline import forget_stages, run_sharing_teacher
+    from lori_ray.recipe import forget_stages, run_sharing_teacher
 
     hidden, _ = model_shape(base.model.family, base.model.size, base.teacher.path or base.model.path)
     students = [(round(fraction * hidden), init) for fraction in args.widths for init in args.inits]

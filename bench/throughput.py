@@ -121,7 +121,7 @@ def our_training_step(work: Path, model_dir: Path, batch: dict, steps: int, zero
     rows = {k: v.repeat(workers, *[1] * (v.dim() - 1)) for k, v in batch.items()}  # the same micro-batch per worker
     save_file({k: v.contiguous() for k, v in rows.items()}, work / "data.safetensors")
     train = TrainConfig(steps=2 * steps, batch_size=len(rows["input_ids"]), lr=1e-4, warmup=1, zero_stage=zero,
-                        num_workers=workers, log_every=steps, compile=compile).model_dump()
+                        num_workers=workers, log_every=steps, compile=compile)
     stage = Stage(name="throughput", model_dir=str(model_dir), data_path=str(work / "data.safetensors"), train=train,
                   weights={"ce": 1.0, "first_order": 1.0, "second_order": 1.0}, student_layers=layers,
                   projection_path=str(work / "projection.safetensors"), gpus_per_worker=1.0 if CUDA else 0.0)
@@ -316,7 +316,7 @@ def main() -> None:
         return our_training_step(work, model_dir, batch, args.steps, args.zero, args.workers, args.compile)
 
     def pool():
-        from lori_ray.teacher import build_store
+        from lori_ray.teacher_pool import build_store
         start_ray()
         started = time.perf_counter()
         build_store(model_dir, examples[:args.extract], list(range(1, layers + 1)), args.rank, work / "store",

@@ -19,7 +19,7 @@ def main() -> int:
         return 0
 
     from lori_ray.cluster import connect
-    from lori_ray.pipeline import forget_stages, run
+    from lori_ray.recipe import forget_stages, run
 
     if args.restart_from:
         forget_stages(config, args.restart_from)

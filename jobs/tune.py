@@ -28,7 +28,7 @@ def main() -> int:
         return 0
 
     from lori_ray.cluster import connect
-    from lori_ray.pipeline import forget_stages
+    from lori_ray.recipe import forget_stages
     from lori_ray.tuning import run_search
 
     if args.restart_from:

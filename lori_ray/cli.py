@@ -86,7 +86,7 @@ def config_or_exit(path: str, overrides: list[str], check=None, teacher_path: st
 
 def configs_sharing_teacher(path: str, overrides: dict) -> dict:
     """One validated config per key of ``overrides`` (key → its override list), to run with
-    ``pipeline.run_sharing_teacher``: every later one is checked against the first one's teacher."""
+    ``recipe.run_sharing_teacher``: every later one is checked against the first one's teacher."""
     (first_key, first_overrides), *later = overrides.items()
     first = config_or_exit(path, first_overrides)
     teacher = shared_teacher_path(first)

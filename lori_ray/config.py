@@ -24,7 +24,7 @@ Int = Annotated[int, Strict()]
 Float = Annotated[float, Strict()]
 
 
-# the student methods (see StudentConfig.method) and RED's projection inits (``students.initial_projection``),
+# the student methods (see StudentConfig.method) and RED's projection inits (``pruned.initial_projection``),
 # declared once: benchmarks and the pruned students take their lists from here
 Method = Literal["nocot", "icot_kd", "codi", "icot_si", "coconut", "lori", "explicit"]
 PrunedInit = Literal["activation", "random", "random_orthogonal"]

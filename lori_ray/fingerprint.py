@@ -52,7 +52,9 @@ def stage_inputs(stage) -> dict[str, str]:
     """``settings`` (a digest of the stage's other fields) and one content digest per input file."""
     fields = asdict(stage)
     inputs = {name: digest(fields[name]) for name in _FILE_INPUTS if fields.get(name)}
-    settings = {k: v for k, v in fields.items() if k not in _NOT_INPUTS + _FILE_INPUTS}
+    # typed settings (the stage's TrainConfig) digest as their fields, as they did when they travelled as dicts
+    settings = {k: v.model_dump() if hasattr(v, "model_dump") else v for k, v in fields.items()
+                if k not in _NOT_INPUTS + _FILE_INPUTS}
     inputs["settings"] = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
     return inputs
 

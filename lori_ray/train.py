@@ -22,6 +22,8 @@ from pathlib import Path
 
 import torch
 
+from .config import TrainConfig
+
 # must be set before deepspeed is imported anywhere in the process
 os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
 WORKER_ENV = {  # DS_ACCELERATOR is not here: each worker sets it above, from the GPUs Ray gave it
@@ -34,12 +36,12 @@ WORKER_ENV = {  # DS_ACCELERATOR is not here: each worker sets it above, from th
 
 @dataclass
 class Stage:
-    """Everything a worker needs, as plain data (it travels in ``train_loop_config``)."""
+    """Everything a worker needs (it travels in ``train_loop_config``; the typed settings pickle as they are)."""
 
     name: str
     model_dir: str  # initial HF model (and tokenizer)
     data_path: str  # safetensors: input_ids, labels, attention_mask [, latent_positions, targets, answer_*, cot_*]
-    train: dict  # TrainConfig fields
+    train: TrainConfig
     seed: int = 0
     weights: dict = field(default_factory=lambda: {"ce": 1.0})
     student_layers: list[int] = field(default_factory=list)
@@ -139,21 +141,21 @@ def lr_factor(step: int, warmup: int, total: int, budget_spent: float = 0.0) -> 
     return max(0.1, 1.0 - 0.9 * max((step - warmup) / max(total - warmup, 1), budget_spent))
 
 
-def deepspeed_config(train: dict, world_size: int) -> dict:
-    micro = train["batch_size"] // world_size
+def deepspeed_config(train: TrainConfig, world_size: int) -> dict:
+    micro = train.batch_size // world_size
     config = {
         "train_batch_size": micro * world_size,
         "train_micro_batch_size_per_gpu": micro,
         "gradient_accumulation_steps": 1,
-        "gradient_clipping": train["grad_clip"],
-        "zero_optimization": {"stage": train["zero_stage"],
+        "gradient_clipping": train.grad_clip,
+        "zero_optimization": {"stage": train.zero_stage,
                               # on GPU: overlap gradient reduction with backward, no fragmentation
                               **({"overlap_comm": True, "contiguous_gradients": True} if torch.cuda.is_available()
                                  else {})},
         "zero_allow_untested_optimizer": True,  # torch AdamW: identical math on CPU and GPU
         "steps_per_print": 10**9,
     }
-    if train["precision"] == "bf16" or (train["precision"] == "auto" and torch.cuda.is_available()):
+    if train.precision == "bf16" or (train.precision == "auto" and torch.cuda.is_available()):
         config["bf16"] = {"enabled": True}
     return config
 
@@ -180,7 +182,7 @@ def _build_objective(stage: Stage):
 
     from .models import load_model
     from .objective import LMObjective, load_projection
-    from .students import load_student
+    from .pruned import load_student
 
     model = load_student(stage.model_dir)
     projection = load_projection(load_file(stage.projection_path)) if stage.projection_path else None
@@ -257,14 +259,14 @@ def train_loop(config: dict) -> None:
     objective = _build_objective(stage)
     data = load_file(stage.data_path)
     validation = load_file(stage.val_path) if stage.val_path else None
-    optimizer = torch.optim.AdamW([p for p in objective.parameters() if p.requires_grad], lr=train["lr"],
-                                  weight_decay=train["weight_decay"], betas=(0.9, 0.95))
+    optimizer = torch.optim.AdamW([p for p in objective.parameters() if p.requires_grad], lr=train.lr,
+                                  weight_decay=train.weight_decay, betas=(0.9, 0.95))
     spent = [0.0]  # of train.max_minutes, as of the last log interval
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_factor(step, train["warmup"], train["steps"], spent[0]))
+        optimizer, lambda step: lr_factor(step, train.warmup, train.steps, spent[0]))
     engine, *_ = deepspeed.initialize(model=objective, optimizer=optimizer, lr_scheduler=scheduler,
                                       config=deepspeed_config(train, world))
-    if train["compile"]:
+    if train.compile:
         engine.compile()
 
     step, restarts, resumed = 0, 0, {}
@@ -283,16 +285,16 @@ def train_loop(config: dict) -> None:
     logger = StepLogger(stage.tracking_uri, stage.run_id) if rank == 0 and stage.run_id else None
     if logger and resumed:
         logger.log(resumed, step, replayed_too=True)
-    num_examples, micro = data["input_ids"].shape[0], train["batch_size"] // world
+    num_examples, micro = data["input_ids"].shape[0], train.batch_size // world
     if rank == 0:  # a student that sees its problems many times memorises them instead of learning to compute
-        print(f"[{stage.name}] {num_examples} training examples, {train['steps']} steps x batch "
-              f"{train['batch_size']} = {train['steps'] * train['batch_size'] / num_examples:.2f} epochs", flush=True)
+        print(f"[{stage.name}] {num_examples} training examples, {train.steps} steps x batch "
+              f"{train.batch_size} = {train.steps * train.batch_size / num_examples:.2f} epochs", flush=True)
     started, sums, count, last, bad_steps = time.time(), {}, 0, {"step": step}, 0
     began, first_step = started, step  # for the time left: this run's pace, validation and checkpoints included
     engine.train()
-    end = train["steps"]
+    end = train.steps
     while step < end:
-        rows = batch_indices(step, num_examples, train["batch_size"], stage.seed)[rank * micro:(rank + 1) * micro]
+        rows = batch_indices(step, num_examples, train.batch_size, stage.seed)[rank * micro:(rank + 1) * micro]
         batch, shown = curriculum_batch(stage, {k: v[rows] for k, v in data.items()}, step, rank)
         batch = trim_padding(batch)
         if stage.reset_optimizer and step > 0 and curriculum_level(stage, step) != curriculum_level(stage, step - 1):
@@ -306,7 +308,7 @@ def train_loop(config: dict) -> None:
             # skip the update on every rank together; the model and the last checkpoint stay clean
             bad_steps += 1
             step += 1
-            if bad_steps >= train["max_bad_steps"]:
+            if bad_steps >= train.max_bad_steps:
                 raise FloatingPointError(
                     f"[{stage.name}] loss was NaN/Inf for {bad_steps} consecutive steps (last: step {step}, "
                     f"{metrics}); no update was applied, the last checkpoint is intact. Lower the learning rate "
@@ -319,21 +321,21 @@ def train_loop(config: dict) -> None:
         for k, v in metrics.items():
             sums[k] = sums.get(k, 0.0) + v
         count += 1
-        if step % train["log_every"] == 0 or step == end:
-            spent[0] = budget_spent(began, train["max_minutes"])
+        if step % train.log_every == 0 or step == end:
+            spent[0] = budget_spent(began, train.max_minutes)
             if step < end and spent[0] >= 1:
                 if rank == 0:
-                    print(f"[{stage.name}] stopped at step {step} of {train['steps']}: train.max_minutes "
-                          f"({train['max_minutes']:g}) spent", flush=True)
+                    print(f"[{stage.name}] stopped at step {step} of {train.steps}: train.max_minutes "
+                          f"({train.max_minutes:g}) spent", flush=True)
                 end = step  # this interval is the last: validated, checkpointed, published
             report = {k: v / count for k, v in sums.items()}
             report.update(step=step, lr=scheduler.get_last_lr()[0], steps_per_s=count / (time.time() - started),
                           **resumed)
-            if train["max_minutes"]:
+            if train.max_minutes:
                 report["budget_spent"] = spent[0]  # fraction of train.max_minutes
             if torch.cuda.is_available():
                 report["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 1e9
-            due = step == end or (train["eval_every"] and step % train["eval_every"] == 0)
+            due = step == end or (train.eval_every and step % train.eval_every == 0)
             if validation is not None and due:
                 engine.eval()
                 report["val_accuracy"] = exact_match(engine.module.model, validation, rank, world, micro,
@@ -343,10 +345,10 @@ def train_loop(config: dict) -> None:
             if logger:
                 logger.log({k: v for k, v in report.items() if k != "step"}, step)
             if rank == 0:
-                print(f"[{stage.name}] step {step}/{train['steps']} " +
+                print(f"[{stage.name}] step {step}/{train.steps} " +
                       " ".join(f"{k}={v:.4g}" for k, v in report.items() if k != "step") +
-                      f" eta={time_left(time.time() - began, step - first_step, train['steps'] - step)}", flush=True)
-            periodic = train["checkpoint_every"] and step % train["checkpoint_every"] == 0
+                      f" eta={time_left(time.time() - began, step - first_step, train.steps - step)}", flush=True)
+            periodic = train.checkpoint_every and step % train.checkpoint_every == 0
             if periodic and step < end:
                 _report_checkpoint(engine, objective, report, stage, step, restarts, final=False)
             elif step < end:
@@ -407,7 +409,7 @@ def _report_checkpoint(engine, objective, metrics: dict, stage: Stage, step: int
 
 
 class DriverTurns:
-    """The driver-side work of runs sharing one driver (``pipeline.run_sharing_teacher``) one run at a time:
+    """The driver-side work of runs sharing one driver (``recipe.run_sharing_teacher``) one run at a time:
     Hugging Face's model loading patches torch globally (its empty-weights context), so threads cannot build
     models side by side. A run gives its turn away while Ray Train runs its stage, the long part."""
 
@@ -450,7 +452,7 @@ def fit(stage: Stage, output_dir: str | Path, storage_path: str | Path, callback
     from .storage import published_directory
 
     root = storage.join(storage.absolute(str(storage_path)), stage.name)
-    # the key lives in the driver's memory (or the run directory, see ``pipeline``); only the signatures travel
+    # the key lives in the driver's memory (or the run directory, see ``checkpoints.run_key``); only the signatures travel
     stage = replace(stage, checkpoint_key=stage.checkpoint_key or secrets.token_hex(32),
                     checkpoint_root=root if storage.scheme(root) == "" else None)
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -459,7 +461,7 @@ def fit(stage: Stage, output_dir: str | Path, storage_path: str | Path, callback
     trainer = TorchTrainer(
         train_loop,
         train_loop_config=asdict(stage),
-        scaling_config=ScalingConfig(num_workers=stage.train["num_workers"], use_gpu=stage.gpus_per_worker > 0,
+        scaling_config=ScalingConfig(num_workers=stage.train.num_workers, use_gpu=stage.gpus_per_worker > 0,
                                      resources_per_worker={"CPU": 1, "GPU": stage.gpus_per_worker}
                                      if stage.gpus_per_worker > 0 else None),
         run_config=RunConfig(name=stage.name, storage_path=str(storage_path), worker_runtime_env={"env_vars": WORKER_ENV},

@@ -22,8 +22,13 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
 from . import storage
 from .config import Config, with_overrides
-from .pipeline import evaluate_model, latent_slots, log, make_stage, student_stage, teacher_sft, trajectory_stage
 from .preflight import load_data
+from .stages import log
+from .stages.evaluate import evaluate_model
+from .stages.student import latent_slots, student_stage
+from .stages.teacher_sft import teacher_sft
+from .stages.training import make_stage
+from .stages.trajectories import trajectory_stage
 from .tracking import pipeline_run
 from .train import fit
 from .trajectories import TrajectoryStore

@@ -17,7 +17,7 @@ from lori_ray.checkpoints import verify
 from lori_ray.cluster import start_local
 from lori_ray.config import load_config
 from lori_ray.data import generate_multiplication
-from lori_ray.teacher import build_store
+from lori_ray.teacher_pool import build_store
 from lori_ray.tokens import Layout, arithmetic_tokenizer, collate
 from lori_ray.train import Stage, fit
 from lori_ray.trajectories import EXTRACTIONS
@@ -70,8 +70,8 @@ def teacher_stage(tmp_path_factory):
     layout = Layout(arithmetic_tokenizer())
     save_file(collate([layout.teacher(e) for e in generate_multiplication(256, 2, 2)], layout.pad),
               base / "data.safetensors")
-    train = {**load_config(ROOT / "configs/tiny.yaml").teacher.train.model_dump(),
-             "steps": 40, "checkpoint_every": 10, "log_every": 5}
+    train = load_config(ROOT / "configs/tiny.yaml").teacher.train.model_copy(
+        update={"steps": 40, "checkpoint_every": 10, "log_every": 5})
     return base, Stage(name="faults", model_dir=str(model_dir), data_path=str(base / "data.safetensors"), train=train)
 
 

@@ -6,7 +6,8 @@ import pytest
 
 from lori_ray.config import load_config
 from lori_ray.fingerprint import FINGERPRINT_FILE, StageChanged, digest, finished, stage_inputs, write_fingerprint
-from lori_ray.pipeline import forget_stages, make_stage, train_stage
+from lori_ray.recipe import forget_stages
+from lori_ray.stages.training import make_stage, train_stage
 from lori_ray.storage import published_directory, write_local
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -65,3 +66,20 @@ def test_results_and_directories_appear_whole(tmp_path):
     with published_directory(tmp_path / "model") as staging:
         (staging / FINGERPRINT_FILE).write_text("{}")
     assert (tmp_path / "model" / FINGERPRINT_FILE).is_file()
+
+
+def test_a_stage_carries_its_typed_settings_across_ray_and_digests_them_as_before(tmp_path):
+    import pickle
+    from dataclasses import asdict
+
+    from lori_ray.config import TrainConfig
+    from lori_ray.train import Stage
+    (tmp_path / "model").write_text("m")
+    (tmp_path / "data").write_text("d")
+    stage = Stage(name="s", model_dir=str(tmp_path / "model"), data_path=str(tmp_path / "data"),
+                  train=TrainConfig(steps=7, lr=2e-3))
+    travelled = Stage(**pickle.loads(pickle.dumps(asdict(stage))))  # as train_loop_config reaches a worker
+    assert isinstance(travelled.train, TrainConfig) and travelled.train.steps == 7
+    # the digest of a stage whose settings travelled as a dict: finished stages of earlier runs are still found
+    as_dict = Stage(name="s", model_dir=stage.model_dir, data_path=stage.data_path, train=stage.train.model_dump())
+    assert stage_inputs(travelled) == stage_inputs(stage) == stage_inputs(as_dict)

@@ -14,7 +14,7 @@ from lori_ray import storage
 from lori_ray.cluster import free_port, start_local
 from lori_ray.config import load_config
 from lori_ray.data import generate_multiplication
-from lori_ray.teacher import build_store
+from lori_ray.teacher_pool import build_store
 from lori_ray.tokens import Layout, arithmetic_tokenizer, collate
 from lori_ray.train import Stage, fit
 from lori_ray.trajectories import MANIFEST, TrajectoryStore
@@ -114,9 +114,9 @@ def test_train_checkpoints_land_in_the_bucket_and_the_model_is_copied_out(s3, tm
     layout = Layout(arithmetic_tokenizer())
     save_file(collate([layout.teacher(e) for e in generate_multiplication(64, 2, 2)], layout.pad),
               tmp_path / "data.safetensors")
-    train = {**load_config(ROOT / "configs/tiny.yaml").teacher.train.model_dump(), "steps": 4, "log_every": 2,
-             "checkpoint_every": 2}
-    assert train["num_workers"] == 2
+    train = load_config(ROOT / "configs/tiny.yaml").teacher.train.model_copy(
+        update={"steps": 4, "log_every": 2, "checkpoint_every": 2})
+    assert train.num_workers == 2
     stage = Stage(name="on-s3", model_dir=str(model_dir), data_path=str(tmp_path / "data.safetensors"), train=train)
 
     _, metrics = fit(stage, tmp_path / "out", f"{s3}/ray")

@@ -120,7 +120,7 @@ def test_parallel_runs_start_after_the_shared_store_and_one_failure_keeps_the_ot
     import threading
     import time
 
-    from lori_ray import pipeline
+    from lori_ray import recipe
     from lori_ray.config import load_config
 
     configs = {m: load_config(ROOT / "configs/tiny.yaml", [f"output_dir={tmp_path}", f"name=tiny-{m}"])
@@ -144,9 +144,9 @@ def test_parallel_runs_start_after_the_shared_store_and_one_failure_keeps_the_ot
             raise ValueError("icot_kd broke")
         return f"report {method}"
 
-    monkeypatch.setattr(pipeline, "run", fake_run)
-    with pytest.raises(pipeline.RunsFailed, match="icot_kd failed: ValueError: icot_kd broke") as failure:
-        pipeline.run_sharing_teacher(configs, parallel=3)
+    monkeypatch.setattr(recipe, "run", fake_run)
+    with pytest.raises(recipe.RunsFailed, match="icot_kd failed: ValueError: icot_kd broke") as failure:
+        recipe.run_sharing_teacher(configs, parallel=3)
     assert events[0] == "store" and sorted(events[1:]) == ["start icot_kd from tiny-lori/teacher",
                                                            "start nocot from tiny-lori/teacher"]
     assert overlapped.is_set()  # all three ran at once

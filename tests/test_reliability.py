@@ -24,7 +24,7 @@ from lori_ray.data import (
     write_icot,
 )
 from lori_ray.models import load_model
-from lori_ray.teacher import TeacherWorker
+from lori_ray.teacher_pool import TeacherWorker
 from lori_ray.tokens import Layout, arithmetic_tokenizer, collate
 from lori_ray.tracking import StepLogger
 from lori_ray.train import Stage, fit
@@ -79,7 +79,7 @@ def tiny_stage(tmp_path: Path, name: str, **train) -> Stage:
     layout = Layout(arithmetic_tokenizer())
     data = tmp_path / "data.safetensors"
     save_file(collate([layout.teacher(e) for e in generate_multiplication(32, 2, 2)], layout.pad), data)
-    settings = {**load_config(ROOT / "configs/tiny.yaml").teacher.train.model_dump(), **train}
+    settings = load_config(ROOT / "configs/tiny.yaml").teacher.train.model_copy(update=train)
     return Stage(name=name, model_dir=str(tiny_model_dir(tmp_path / "model")), data_path=str(data), train=settings)
 
 
@@ -181,7 +181,7 @@ def test_the_local_cluster_token_file_is_private(tmp_path, monkeypatch):
     ("[tracking] MLflow run 1 at sqlite:////tmp/mlflow.db", "[tracking] MLflow run 1 at sqlite:////tmp/mlflow.db"),
 ])
 def test_credentials_in_uris_never_reach_the_log(text, shown, capsys):
-    from lori_ray.pipeline import log
+    from lori_ray.stages import log
     log(f"[teacher] store {text}")
     assert capsys.readouterr().out == f"[teacher] store {shown}\n"
 

@@ -8,7 +8,7 @@ import torch
 from lori_ray.cluster import start_local
 from lori_ray.data import Example, generate_multiplication
 from lori_ray.models import build_model
-from lori_ray.teacher import complete_missing_cots, written_cots
+from lori_ray.teacher_pool import complete_missing_cots, written_cots
 from lori_ray.tokens import Layout, arithmetic_tokenizer, collate
 
 pytestmark = pytest.mark.cluster  # a real Ray cluster or a full pipeline: `make test-fast` skips it

@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+from lori_ray.config import TrainConfig
 from lori_ray.data import generate_multiplication
 from lori_ray.models import build_model
 from lori_ray.tokens import IGNORE_INDEX, Layout, arithmetic_tokenizer, left_pad
@@ -42,13 +43,13 @@ def test_schedule_and_deepspeed_config():
     # a wall-clock budget half spent decays like half the steps; the steps still count when they are further on
     assert lr_factor(10, 10, 100, budget_spent=0.5) == pytest.approx(0.55)
     assert lr_factor(100, 10, 100, budget_spent=0.5) == 0.1 and lr_factor(5, 10, 100, budget_spent=0.9) == 0.6
-    train = {"batch_size": 64, "grad_clip": 1.0, "zero_stage": 3, "precision": "auto"}
+    train = TrainConfig(batch_size=64, grad_clip=1.0, zero_stage=3, precision="auto")
     config = deepspeed_config(train, world_size=2)
     assert config["train_micro_batch_size_per_gpu"] == 32 and config["zero_optimization"]["stage"] == 3
     assert ("bf16" in config) == torch.cuda.is_available()  # auto: bf16 on GPU only
     assert config.get("zero_optimization", {}).get("overlap_comm", False) == torch.cuda.is_available()
-    assert deepspeed_config({**train, "precision": "bf16"}, 2)["bf16"] == {"enabled": True}
-    assert "bf16" not in deepspeed_config({**train, "precision": "fp32"}, 2)
+    assert deepspeed_config(train.model_copy(update={"precision": "bf16"}), 2)["bf16"] == {"enabled": True}
+    assert "bf16" not in deepspeed_config(train.model_copy(update={"precision": "fp32"}), 2)
 
 
 def test_curriculum_batch_shows_each_coconut_stage_at_its_steps():
@@ -85,7 +86,7 @@ def test_optimizer_reset_clears_adam_moments_inside_a_deepspeed_zero2_engine():
     try:
         model = torch.nn.Linear(4, 2)
         optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
-        train = {"batch_size": 2, "grad_clip": 1.0, "zero_stage": 2, "precision": "fp32"}
+        train = TrainConfig(batch_size=2, grad_clip=1.0, zero_stage=2, precision="fp32")
         engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=deepspeed_config(train, 1))
 
         def step():

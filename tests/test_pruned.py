@@ -5,7 +5,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from lori_ray.models import build_model
-from lori_ray.students import (
+from lori_ray.pruned import (
     PrunedModel,
     channel_scores,
     hidden_erank,

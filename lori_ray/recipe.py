@@ -1,0 +1,155 @@
+"""The distillation recipe: data → teacher SFT → trajectory store → LoRi student → evaluation.
+
+Each stage is a plain function; finished stages are found on disk and skipped, so rerunning a
+run with the same name continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import shutil
+import threading
+import traceback
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import mlflow
+
+from . import storage
+from .config import Config, shared_teacher_path
+from .evaluate import EvalResult
+from .preflight import load_data
+from .storage import write_local
+from .tracking import log_model, pipeline_run, stage_run
+from .train import DRIVER_TURNS
+
+STAGES = ("teacher", "student")
+from .stages import log
+from .stages.evaluate import Report, describe_models, erank_diagnostics, evaluate_model
+from .stages.student import distill_student, latent_slots
+from .stages.teacher_sft import completed_train, teacher_sft
+from .stages.trajectories import trajectory_stage
+
+
+def forget_stages(config: Config, first: str) -> list[Path]:
+    """Delete the outputs of stage ``first`` and every later one (``--restart-from``), so they train again."""
+    names = STAGES[STAGES.index(first):]
+    outputs = [config.run_dir / name for name in names]
+    if not storage.scheme(config.storage_path):  # their checkpoints too, or the stage would resume from them
+        outputs += [Path(storage.join(config.storage_path, f"{config.name}-{name}")) for name in names]
+    removed = [directory for directory in outputs if directory.exists()]
+    for directory in removed:
+        shutil.rmtree(directory)
+        log(f"[{first}] --restart-from {first}: removed {directory}")
+    return removed
+
+
+def run(config: Config, teacher_result: EvalResult | None = None, on_store=None) -> Report:
+    """All stages of one distillation run; Ray must already be initialised.
+
+    ``teacher_result``: the teacher's evaluation when the caller already has it (same teacher, same split).
+    ``on_store``: called once the teacher and the trajectory store are on disk (runs sharing them may start).
+    """
+    config.run_dir.mkdir(parents=True, exist_ok=True)
+    write_local(config.run_dir / "config.yaml", config.to_yaml())
+    splits = load_data(config)
+    log(f"[data] {len(splits.train)} training, {len(splits.val)} validation and {len(splits.held_out)} "
+        "held-out examples")
+    with pipeline_run(config.tracking_uri(), config.tracking.experiment, config.name,
+                      config.model_dump(mode="json"), config.to_yaml(), str(config.run_dir)) as parent:
+        log(f"[tracking] MLflow run {parent.info.run_id} at {storage.redact(config.tracking_uri())}")
+        teacher_dir = teacher_sft(config, splits)
+        if config.teacher.complete_cots:
+            splits = splits._replace(train=completed_train(config, teacher_dir, splits.train))
+        store = trajectory_stage(config, teacher_dir, splits.train)
+        if on_store:
+            on_store()
+        init_dir, student_dir = distill_student(config, teacher_dir, splits, store)
+        erank = erank_diagnostics(config, teacher_dir, init_dir, student_dir, splits.train)
+        with stage_run("evaluate"):
+            teacher_result = teacher_result or evaluate_model(config, teacher_dir, {"held-out": splits.held_out},
+                                                              slots=None)["held-out"]
+            student = evaluate_model(config, student_dir, {"held-out": splits.held_out,
+                                                           "training": splits.train[:len(splits.held_out)]},
+                                     slots=latent_slots(config))
+            student_result, student_train = student["held-out"], student["training"]
+            report = Report(teacher_result, student_result,
+                            store.subspace().explained_variance(config.subspace.rank).mean().item(),
+                            config.subspace.rank, config.student.method, erank, student_train)
+            metrics = {**teacher_result.as_metrics("teacher"), **student_result.as_metrics("student"),
+                       **student_train.as_metrics("student_train"), "explained_variance": report.explained_variance}
+            mlflow.log_metrics(metrics)
+        mlflow.log_metrics(metrics)  # on the parent run too: one place to compare runs
+        mlflow.log_text(report.table(), "results.md")
+        write_local(config.run_dir / "results.md", report.table() + "\n")
+        describe_models(config, teacher_dir, student_dir, len(splits.train), report.table())
+        if config.tracking.log_models:
+            trained_here = [("student", student_dir)] + ([] if config.teacher.path else [("teacher", teacher_dir)])
+            for name, directory in trained_here:
+                logged = log_model(name, directory)
+                log(f"[tracking] {name} logged as an MLflow model: {logged.model_uri}")
+    return report
+
+
+def run_sharing_teacher(configs: dict, parallel: int = 1) -> dict:
+    """``run`` for each config (benchmarks comparing students): the first run trains the teacher (unless
+    ``teacher.path`` is set) and builds the trajectory store; every other run reuses both and logs to the first
+    one's MLflow store, so one UI compares them all. ``parallel`` > 1: that many runs at once, the others
+    starting as soon as the first run's store is built (each Ray Train stage must fit the cluster beside the
+    others: fewer workers, or fractional ``cluster.gpus_per_worker``); one at a time, later runs also reuse the
+    first one's held-out evaluation of the teacher."""
+    first = next(iter(configs.values()))
+    tracking_uri = first.tracking_uri()
+    for config in configs.values():
+        config.tracking.uri = config.tracking.uri or tracking_uri
+    if parallel <= 1:
+        reports, teacher_result = {}, None
+        for key, config in configs.items():
+            if config is not first:
+                config.teacher.path = shared_teacher_path(first)
+            reports[key] = run(config, teacher_result)
+            teacher_result = reports[key].teacher
+        return reports
+    shared_ready = threading.Event()
+
+    def after_first(config: Config) -> Report:
+        shared_ready.wait()
+        if not Path(shared_teacher_path(first)).is_dir():
+            raise RuntimeError(f"{config.name}: not started, the first run ({first.name}) failed before its teacher "
+                               f"and trajectory store were built")
+        config.teacher.path = shared_teacher_path(first)
+        with DRIVER_TURNS.turn():
+            return run(config)
+
+    def first_run() -> Report:
+        try:
+            with DRIVER_TURNS.turn():
+                return run(first, on_store=shared_ready.set)
+        finally:
+            shared_ready.set()
+
+    with ThreadPoolExecutor(max_workers=parallel) as pool:
+        futures = {key: pool.submit(first_run) if config is first else pool.submit(after_first, config)
+                   for key, config in configs.items()}
+    reports, failed = {}, {}
+    for key, future in futures.items():
+        if future.exception() is None:
+            reports[key] = future.result()
+        else:  # the other runs' results stay: one failed student must not cost the whole benchmark
+            failed[key] = future.exception()
+            log("".join(traceback.format_exception(failed[key])).rstrip())
+    if failed:
+        raise RunsFailed(reports, failed)
+    return reports
+
+
+class RunsFailed(RuntimeError):
+    """Some of the runs sharing a teacher failed; ``reports`` holds the others'."""
+
+    def __init__(self, reports: dict, failed: dict):
+        self.reports, self.failed = reports, failed
+        super().__init__("; ".join(f"{configs_name(key)} failed: {type(error).__name__}: {error}"
+                                   for key, error in failed.items()))
+
+
+def configs_name(key) -> str:
+    return "-".join(map(str, key)) if isinstance(key, tuple) else str(key)

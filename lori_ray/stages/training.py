@@ -1,0 +1,80 @@
+"""What the training stages share: tensors on disk, a Ray Train stage that is skipped when finished."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import mlflow
+import torch
+from safetensors.torch import save_file
+
+from ..checkpoints import run_key
+from ..cluster import gpus
+from ..config import Config, ConfigError
+from ..data import Example
+from ..fingerprint import finished, inputs_digest, stage_inputs
+from ..models import model_shape
+from ..tokens import Layout, collate
+from ..tracking import stage_run
+from ..train import Stage, fit
+from . import log
+
+
+def write_tensors(sequences, pad_id: int, max_positions: int, path: Path, **extra: torch.Tensor) -> Path:
+    longest = max(len(s.input_ids) for s in sequences)
+    if longest > max_positions:
+        raise ConfigError(f"model.max_positions: {max_positions} is shorter than the longest sequence ({longest})")
+    tensors = collate(sequences, pad_id)
+    tensors.update(extra)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, path)
+    return path
+
+
+def make_stage(config: Config, name: str, model_dir: Path, data_path: Path, train_config, **fields) -> Stage:
+    fields.setdefault("seed", config.seed)
+    return Stage(name=f"{config.name}-{name}", model_dir=str(model_dir), data_path=str(data_path),
+                 train=train_config, tracking_uri=config.tracking_uri(),
+                 gpus_per_worker=gpus(config.cluster.gpus_per_worker), **fields)
+
+
+def train_stage(config: Config, name: str, model_dir: Path, data_path: Path, train_config, **stage_fields) -> Path:
+    """Train under a nested MLflow run. A stage found on disk is skipped when it was trained on the same inputs
+    (``fingerprint.stage_inputs``), refused (StageChanged) when on other ones, trained again when incomplete."""
+    output = config.run_dir / name
+    inputs = stage_inputs(make_stage(config, name, model_dir, data_path, train_config, **stage_fields))
+    if finished(output, inputs, name):
+        log(f"[{name}] finished model found at {output} (same inputs), skipping")
+        return output
+    if output.exists():
+        log(f"[{name}] {output} has no record of its inputs (interrupted, or from an older version): training again")
+    with stage_run(name, train_config.model_dump()) as run:
+        stage = make_stage(config, name, model_dir, data_path, train_config, run_id=run.info.run_id,
+                           checkpoint_key=run_key(config.run_dir), inputs_digest=inputs_digest(inputs), **stage_fields)
+        started = time.time()
+        fit(stage, output, config.storage_path, fingerprint=inputs)
+        mlflow.log_metric("stage_seconds", time.time() - started)
+    log(f"[{name}] done in {time.time() - started:.0f}s -> {output}")
+    return output
+
+
+def validation_tensors(config: Config, sequences, pad_id: int, name: str) -> dict:
+    """``val_path`` for a stage, when there is a validation split."""
+    if not sequences:
+        return {}
+    path = config.run_dir / "data" / f"{name}-val.safetensors"
+    return {"val_path": str(write_tensors(sequences, pad_id, config.model.max_positions, path))}
+
+
+def calibration_batch(config: Config, layout: Layout, examples: list[Example], student: bool) -> dict:
+    """Input tensors of the first ``student.calibration_size`` examples, as the teacher or the student sees them."""
+    examples = examples[:config.student.calibration_size]
+    build = layout.student if student else layout.teacher
+    tensors = collate([build(e) for e in examples], layout.pad)
+    return {k: tensors[k] for k in ("input_ids", "attention_mask")}
+
+
+def model_shape_of(directory: Path, config: Config) -> tuple[int, int]:
+    """(hidden size, layers) of a model directory, whatever its family calls them (GPT-2: n_embd, n_layer)."""
+    return model_shape(config.model.family, config.model.size, str(directory), config.model.trust_remote_code)
