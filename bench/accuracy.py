@@ -27,6 +27,7 @@ from lori_ray.cli import (
     configs_sharing_teacher,
     inspected,
     parser,
+    start,
     user_errors,
 )
 from lori_ray.config import Method
@@ -100,15 +101,11 @@ def main() -> int:
 
     import mlflow
 
-    from lori_ray.cluster import connect
     from lori_ray.plots import curves_figure
-    from lori_ray.recipe import RunsFailed, forget_stages, run_sharing_teacher
+    from lori_ray.recipe import RunsFailed, run_sharing_teacher
     from lori_ray.tracking import stage_history
 
-    connect(base)
-    if args.restart_from:
-        for config in configs.values():
-            forget_stages(config, args.restart_from)
+    start(args, list(configs.values()))
     with user_errors():
         try:
             reports, failed = run_sharing_teacher(configs, args.parallel), None

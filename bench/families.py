@@ -17,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lori_ray.cli import config_or_exit, inspected, parser, user_errors
+from lori_ray.cli import config_or_exit, inspected, parser, start, user_errors
 from lori_ray.models import FAMILIES
 
 
@@ -31,19 +31,16 @@ def main() -> int:
     if inspected(args, next(iter(configs.values()))):
         return 0
 
-    from lori_ray.cluster import connect
     from lori_ray.models import load_model
-    from lori_ray.recipe import forget_stages, run
+    from lori_ray.recipe import run
 
-    connect(base)
+    start(args, list(configs.values()))
     lines = [(f"task: {base.data.task} {base.data.eval_file or base.data.digits}; model size {base.model.size}; "
               f"teacher {base.teacher.train.steps} steps, student ({base.student.method}) {base.student.train.steps} "
               f"steps x batch {base.student.train.batch_size}"), "",
              "| family | parameters | teacher (CoT) | student (no CoT) | tokens/answer teacher / student | run |",
              "|---|---|---|---|---|---|"]
     for family, config in configs.items():
-        if args.restart_from:
-            forget_stages(config, args.restart_from)
         started = time.perf_counter()
         with user_errors():
             report = run(config)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lori_ray.cli import add_parallel, config_or_exit, configs_sharing_teacher, inspected, parser, user_errors
+from lori_ray.cli import add_parallel, config_or_exit, configs_sharing_teacher, inspected, parser, start, user_errors
 from lori_ray.config import PRUNED_INITS
 
 
@@ -37,9 +37,8 @@ def main() -> int:
     if inspected(args, base):  # the first run's plan; every later one shares its teacher and data
         return 0
 
-    from lori_ray.cluster import connect
     from lori_ray.models import model_shape
-    from lori_ray.recipe import forget_stages, run_sharing_teacher
+    from lori_ray.recipe import run_sharing_teacher
 
     hidden, _ = model_shape(base.model.family, base.model.size, base.teacher.path or base.model.path)
     students = [(round(fraction * hidden), init) for fraction in args.widths for init in args.inits]
@@ -47,10 +46,7 @@ def main() -> int:
         *args.overrides, f"name={base.name}-w{width}-{init}", "student.kind=pruned", f"student.width={width}",
         f"student.init={init}"] for width, init in students})
 
-    connect(base)
-    if args.restart_from:
-        for config in configs.values():
-            forget_stages(config, args.restart_from)
+    start(args, list(configs.values()))
     with user_errors():
         reports = run_sharing_teacher(configs, args.parallel)
     teacher_result = next(iter(reports.values())).teacher

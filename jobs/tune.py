@@ -10,7 +10,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from lori_ray.cli import config_or_exit, inspected, parser, user_errors
+from lori_ray.cli import config_or_exit, inspected, parser, start, user_errors
 from lori_ray.config import ConfigError
 
 
@@ -27,13 +27,9 @@ def main() -> int:
     if inspected(args, config):
         return 0
 
-    from lori_ray.cluster import connect
-    from lori_ray.recipe import forget_stages
     from lori_ray.tuning import run_search
 
-    if args.restart_from:
-        forget_stages(config, args.restart_from)
-    connect(config)
+    start(args, [config])
     with user_errors():
         run_search(config)
     return 0

@@ -55,6 +55,17 @@ def inspected(args, config: Config) -> bool:
     return args.print_config or args.dry_run
 
 
+def start(args, configs: list[Config]) -> None:
+    """Before the runs of an entry point: ``--restart-from`` forgets each one's stages from that one on, then Ray
+    is joined (or a local cluster started) for the first."""
+    from .cluster import connect
+    from .recipe import forget_stages
+    if args.restart_from:
+        for config in configs:
+            forget_stages(config, args.restart_from)
+    connect(configs[0])
+
+
 @contextmanager
 def user_errors() -> Iterator[None]:
     """Exit 2 with one line for a user error found once the run is under way: a finished stage under this

@@ -91,9 +91,14 @@ def _read(path: str | Path, parse, skip_bad: bool) -> list[Example]:
                 if not skip_bad:
                     raise
                 bad.append(number)
+    return _kept(path, examples, bad, "malformed lines (lines")
+
+
+def _kept(path, examples: list[Example], bad: list[int], skipped: str) -> list[Example]:
+    """The examples read, with one warning for the ``bad`` line or row numbers skipped; none at all is an error."""
     if bad:
-        warnings.warn(f"{path}: skipped {len(bad)} malformed lines (lines {', '.join(map(str, bad[:10]))}"
-                      f"{', ...' if len(bad) > 10 else ''})", stacklevel=3)
+        warnings.warn(f"{path}: skipped {len(bad)} {skipped} {', '.join(map(str, bad[:10]))}"
+                      f"{', ...' if len(bad) > 10 else ''})", stacklevel=4)
     if not examples:
         raise DataFormatError(f"{path}: no examples")
     return examples
@@ -261,12 +266,7 @@ def read_table(path: str | Path, fields: dict[str, str | None], step_separator: 
         cot = values.get("cot", "")
         steps = tuple(s.strip() for s in splitter.split(cot) if s.strip()) if splitter else split_steps(cot)
         examples.append(Example(values["question"], steps, values["answer"]))
-    if bad:
-        warnings.warn(f"{path}: skipped {len(bad)} rows with an empty question or answer (rows "
-                      f"{', '.join(map(str, bad[:10]))}{', ...' if len(bad) > 10 else ''})", stacklevel=2)
-    if not examples:
-        raise DataFormatError(f"{path}: no examples")
-    return examples
+    return _kept(path, examples, bad, "rows with an empty question or answer (rows")
 
 
 def _load_table(spec: str):

@@ -42,6 +42,22 @@ def tiny_model_dir(path: Path) -> Path:
     return path
 
 
+def tiny_stage(directory: Path, name: str, examples: int = 32, **train):
+    """A training stage of a tiny model (written under ``directory``) on ``examples`` teacher sequences, the tiny
+    preset's training settings with ``train`` overriding them."""
+    from safetensors.torch import save_file
+
+    from lori_ray.config import load_config
+    from lori_ray.data import generate_multiplication
+    from lori_ray.tokens import Layout, arithmetic_tokenizer, collate
+    from lori_ray.train import Stage
+    layout = Layout(arithmetic_tokenizer())
+    data = directory / "data.safetensors"
+    save_file(collate([layout.teacher(e) for e in generate_multiplication(examples, 2, 2)], layout.pad), data)
+    settings = load_config(Path(__file__).parents[1] / "configs/tiny.yaml").teacher.train.model_copy(update=train)
+    return Stage(name=name, model_dir=str(tiny_model_dir(directory / "model")), data_path=str(data), train=settings)
+
+
 def job_env() -> dict[str, str]:
     """The test process's environment for a job subprocess, minus what would point it at another cluster or
     tracking server."""

@@ -9,17 +9,14 @@ from pathlib import Path
 
 import pytest
 import ray
-from conftest import job_env, tiny_model_dir
+from conftest import job_env, tiny_model_dir, tiny_stage
 from ray.util.state import list_actors
-from safetensors.torch import save_file
 
 from lori_ray.checkpoints import verify
 from lori_ray.cluster import start_local
-from lori_ray.config import load_config
 from lori_ray.data import generate_multiplication
 from lori_ray.teacher_pool import build_store
-from lori_ray.tokens import Layout, arithmetic_tokenizer, collate
-from lori_ray.train import Stage, fit
+from lori_ray.train import fit
 from lori_ray.trajectories import EXTRACTIONS
 
 pytestmark = pytest.mark.cluster  # a real Ray cluster or a full pipeline: `make test-fast` skips it
@@ -66,13 +63,7 @@ def wait_for(condition, timeout: float, what: str):
 @pytest.fixture(scope="module")
 def teacher_stage(tmp_path_factory):
     base = tmp_path_factory.mktemp("stage")
-    model_dir = tiny_model_dir(base / "model")
-    layout = Layout(arithmetic_tokenizer())
-    save_file(collate([layout.teacher(e) for e in generate_multiplication(256, 2, 2)], layout.pad),
-              base / "data.safetensors")
-    train = load_config(ROOT / "configs/tiny.yaml").teacher.train.model_copy(
-        update={"steps": 40, "checkpoint_every": 10, "log_every": 5})
-    return base, Stage(name="faults", model_dir=str(model_dir), data_path=str(base / "data.safetensors"), train=train)
+    return base, tiny_stage(base, "faults", examples=256, steps=40, checkpoint_every=10, log_every=5)
 
 
 def test_killed_train_worker_resumes_from_its_checkpoint_with_the_same_result(cluster, teacher_stage):

@@ -6,17 +6,15 @@ from pathlib import Path
 import pyarrow.fs as pafs
 import pytest
 import ray
-from conftest import tiny_model_dir
+from conftest import tiny_model_dir, tiny_stage
 from moto.server import ThreadedMotoServer
-from safetensors.torch import save_file
 
 from lori_ray import storage
 from lori_ray.cluster import free_port, start_local
 from lori_ray.config import load_config
 from lori_ray.data import generate_multiplication
 from lori_ray.teacher_pool import build_store
-from lori_ray.tokens import Layout, arithmetic_tokenizer, collate
-from lori_ray.train import Stage, fit
+from lori_ray.train import fit
 from lori_ray.trajectories import MANIFEST, TrajectoryStore
 
 pytestmark = pytest.mark.cluster  # a real Ray cluster or a full pipeline: `make test-fast` skips it
@@ -110,14 +108,8 @@ def test_trajectory_store_on_s3_holds_every_example_once_and_is_found_again(s3, 
 
 
 def test_train_checkpoints_land_in_the_bucket_and_the_model_is_copied_out(s3, tmp_path):
-    model_dir = tiny_model_dir(tmp_path / "model")
-    layout = Layout(arithmetic_tokenizer())
-    save_file(collate([layout.teacher(e) for e in generate_multiplication(64, 2, 2)], layout.pad),
-              tmp_path / "data.safetensors")
-    train = load_config(ROOT / "configs/tiny.yaml").teacher.train.model_copy(
-        update={"steps": 4, "log_every": 2, "checkpoint_every": 2})
-    assert train.num_workers == 2
-    stage = Stage(name="on-s3", model_dir=str(model_dir), data_path=str(tmp_path / "data.safetensors"), train=train)
+    stage = tiny_stage(tmp_path, "on-s3", examples=64, steps=4, log_every=2, checkpoint_every=2)
+    assert stage.train.num_workers == 2
 
     _, metrics = fit(stage, tmp_path / "out", f"{s3}/ray")
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import ray
 import torch
-from conftest import tiny_model_dir
+from conftest import tiny_model_dir, tiny_stage
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -25,9 +25,9 @@ from lori_ray.data import (
 )
 from lori_ray.models import load_model
 from lori_ray.teacher_pool import TeacherWorker
-from lori_ray.tokens import Layout, arithmetic_tokenizer, collate
+from lori_ray.tokens import arithmetic_tokenizer
 from lori_ray.tracking import StepLogger
-from lori_ray.train import Stage, fit
+from lori_ray.train import fit
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -70,17 +70,6 @@ def local_ray():
     start_local(2, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
-
-
-def tiny_stage(tmp_path: Path, name: str, **train) -> Stage:
-    """A stage of the tiny model on 32 teacher sequences, the tiny preset's training settings with ``train``
-    overriding them."""
-    from safetensors.torch import save_file
-    layout = Layout(arithmetic_tokenizer())
-    data = tmp_path / "data.safetensors"
-    save_file(collate([layout.teacher(e) for e in generate_multiplication(32, 2, 2)], layout.pad), data)
-    settings = load_config(ROOT / "configs/tiny.yaml").teacher.train.model_copy(update=train)
-    return Stage(name=name, model_dir=str(tiny_model_dir(tmp_path / "model")), data_path=str(data), train=settings)
 
 
 @pytest.mark.cluster
