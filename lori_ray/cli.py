@@ -5,11 +5,16 @@ field or file:line named."""
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import get_args
 
-from .config import Config, ConfigError, check_rerun, load_config, shared_teacher_path
+from pydantic import BaseModel
+
+from .config import Config, ConfigError, load_config
+from .preflight import check_rerun, shared_teacher_path
 
 
 def at_least_one(text: str) -> int:
@@ -31,7 +36,6 @@ def add_parallel(parser: argparse.ArgumentParser) -> None:
 
 
 def parser(doc: str) -> argparse.ArgumentParser:
-    from .config import config_reference
     parser = argparse.ArgumentParser(description=doc.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog="config keys (set in the YAML preset or as key.sub=value):\n"
                                             + "\n".join(config_reference()))
@@ -102,3 +106,38 @@ def configs_sharing_teacher(path: str, overrides: dict) -> dict:
     first = config_or_exit(path, first_overrides)
     teacher = shared_teacher_path(first)
     return {first_key: first, **{key: config_or_exit(path, values, teacher_path=teacher) for key, values in later}}
+
+
+def _field_notes(section: type[BaseModel]) -> dict[str, str]:
+    """Each field's comment in ``config.py`` (on its line, or the lines just above it)."""
+    import inspect
+    notes, above = {}, []
+    for line in inspect.getsource(section).splitlines()[1:]:
+        stripped = line.strip()
+        if stripped.startswith("#"):
+            above.append(stripped.lstrip("# "))
+            continue
+        match = re.match(r"^(\w+):.*?(?:#\s*(.*))?$", stripped)
+        if match and match[1] in section.model_fields:
+            notes[match[1]] = " ".join([*above, match[2] or ""]).strip()
+        above = []
+    return notes
+
+
+def config_reference(section: type[BaseModel] | None = None, prefix: str = "") -> list[str]:
+    """Every config key with its type, default and note, for ``--help``."""
+    section = section or Config
+    notes, lines = _field_notes(section), []
+    for name, field in section.model_fields.items():
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            lines += config_reference(annotation, f"{prefix}{name}.")
+            continue
+        optional = [arg for arg in get_args(annotation) if isinstance(arg, type) and issubclass(arg, BaseModel)]
+        kind = re.sub(r"typing\.|Annotated\[(\w+), Strict\(strict=True\)\]", r"\1", str(annotation))
+        kind = re.sub(r"<class '(?:\w+\.)*(\w+)'>|(?:\w+\.)+(\w+)", r"\1\2", kind)
+        default = field.default if field.default is not None else "none"
+        lines.append(f"  {prefix}{name} ({kind}, default {default})" + (f": {notes[name]}" if notes.get(name) else ""))
+        for section_type in optional:  # an optional section (unset by default): its keys, set one to use it
+            lines += config_reference(section_type, f"{prefix}{name}.")
+    return lines

@@ -1,7 +1,9 @@
 """One typed config for a whole run, loaded from YAML plus ``a.b=value`` overrides.
 
 Everything that can be checked without a cluster is checked here, so a bad config fails with
-the field named before Ray starts.
+the field named before Ray starts. Longer than the project's ~250 lines because it is the one schema: every
+section with its fields' comments (which ``--help`` prints) and the validators that tie fields together; the
+checks that read data or earlier runs are in ``preflight``, the help text is built in ``cli``.
 """
 
 from __future__ import annotations
@@ -393,33 +395,6 @@ class Config(Section):
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 
 
-# sections that change what a run computes (tune: a search restored under another space would mix two
-# searches); tracking, cluster and eval may differ on a rerun
-_RUN_DEFINING = ("seed", "data", "model", "teacher", "trajectory", "subspace", "student", "loss", "tune")
-
-
-def shared_teacher_path(first: Config) -> str:
-    """The teacher of runs that share the first one's (benchmarks comparing students): its ``teacher.path``,
-    or the teacher it trains."""
-    return first.teacher.path or str(first.run_dir / "teacher")
-
-
-def check_rerun(config: Config, teacher_path: str | None = None) -> None:
-    """A run directory is reused (finished stages are skipped) only for the same run-defining config.
-    ``teacher_path``: the teacher the run will be given when another run trains it (``shared_teacher_path``)."""
-    saved = config.run_dir / "config.yaml"
-    if not saved.is_file():
-        return
-    before = yaml.safe_load(saved.read_text())
-    now = config.model_dump(mode="json")
-    if teacher_path:
-        now["teacher"]["path"] = teacher_path
-    changed = [key for key in _RUN_DEFINING if before.get(key) != now.get(key)]
-    if changed:
-        raise ConfigError(f"name: {config.run_dir} holds a run of '{config.name}' with different "
-                          f"{', '.join(changed)}; pick another name= or delete that directory")
-
-
 def _set_dotted(tree: dict, dotted: str, value) -> None:
     *parents, leaf = dotted.split(".")
     for key in parents:
@@ -564,38 +539,3 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
     config = validate(tree)
     _check_search_space(config)
     return config
-
-
-def _field_notes(section: type[BaseModel]) -> dict[str, str]:
-    """Each field's comment in this module's source (on its line, or the lines just above it)."""
-    import inspect
-    notes, above = {}, []
-    for line in inspect.getsource(section).splitlines()[1:]:
-        stripped = line.strip()
-        if stripped.startswith("#"):
-            above.append(stripped.lstrip("# "))
-            continue
-        match = re.match(r"^(\w+):.*?(?:#\s*(.*))?$", stripped)
-        if match and match[1] in section.model_fields:
-            notes[match[1]] = " ".join([*above, match[2] or ""]).strip()
-        above = []
-    return notes
-
-
-def config_reference(section: type[BaseModel] | None = None, prefix: str = "") -> list[str]:
-    """Every config key with its type, default and note, for ``--help``."""
-    section = section or Config
-    notes, lines = _field_notes(section), []
-    for name, field in section.model_fields.items():
-        annotation = field.annotation
-        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-            lines += config_reference(annotation, f"{prefix}{name}.")
-            continue
-        optional = [arg for arg in get_args(annotation) if isinstance(arg, type) and issubclass(arg, BaseModel)]
-        kind = re.sub(r"typing\.|Annotated\[(\w+), Strict\(strict=True\)\]", r"\1", str(annotation))
-        kind = re.sub(r"<class '(?:\w+\.)*(\w+)'>|(?:\w+\.)+(\w+)", r"\1\2", kind)
-        default = field.default if field.default is not None else "none"
-        lines.append(f"  {prefix}{name} ({kind}, default {default})" + (f": {notes[name]}" if notes.get(name) else ""))
-        for section_type in optional:  # an optional section (unset by default): its keys, set one to use it
-            lines += config_reference(section_type, f"{prefix}{name}.")
-    return lines

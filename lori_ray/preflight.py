@@ -11,6 +11,8 @@ from __future__ import annotations
 from functools import lru_cache
 from typing import NamedTuple
 
+import yaml
+
 from .config import Config, ConfigError, DataConfig
 from .data import DataFormatError, Example, generate_multiplication, read_examples
 
@@ -131,3 +133,30 @@ def plan(config: Config, splits: Splits) -> str:
         (f"evaluate: {len(splits.held_out)} held-out problems (teacher with its CoT, student without) and as many "
          f"training problems -> {config.run_dir / 'results.md'}"),
     ])
+
+
+# sections that change what a run computes (tune: a search restored under another space would mix two
+# searches); tracking, cluster and eval may differ on a rerun
+_RUN_DEFINING = ("seed", "data", "model", "teacher", "trajectory", "subspace", "student", "loss", "tune")
+
+
+def shared_teacher_path(first: Config) -> str:
+    """The teacher of runs that share the first one's (benchmarks comparing students): its ``teacher.path``,
+    or the teacher it trains."""
+    return first.teacher.path or str(first.run_dir / "teacher")
+
+
+def check_rerun(config: Config, teacher_path: str | None = None) -> None:
+    """A run directory is reused (finished stages are skipped) only for the same run-defining config.
+    ``teacher_path``: the teacher the run will be given when another run trains it (``shared_teacher_path``)."""
+    saved = config.run_dir / "config.yaml"
+    if not saved.is_file():
+        return
+    before = yaml.safe_load(saved.read_text())
+    now = config.model_dump(mode="json")
+    if teacher_path:
+        now["teacher"]["path"] = teacher_path
+    changed = [key for key in _RUN_DEFINING if before.get(key) != now.get(key)]
+    if changed:
+        raise ConfigError(f"name: {config.run_dir} holds a run of '{config.name}' with different "
+                          f"{', '.join(changed)}; pick another name= or delete that directory")

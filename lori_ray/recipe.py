@@ -15,9 +15,9 @@ from pathlib import Path
 import mlflow
 
 from . import storage
-from .config import Config, shared_teacher_path
+from .config import Config
 from .evaluate import EvalResult
-from .preflight import load_data
+from .preflight import load_data, shared_teacher_path
 from .storage import write_local
 from .tracking import log_model, pipeline_run, stage_run
 from .train import DRIVER_TURNS

@@ -2,7 +2,9 @@
 
 The driver writes a stage directory (initial HF model, tokenized tensors, optional projection);
 every worker reads it, trains, and reports metrics and checkpoints through ``ray.train``. The
-last checkpoint holds the trained model as an HF directory under ``hf/``.
+last checkpoint holds the trained model as an HF directory under ``hf/``. Longer than the project's ~250 lines
+because the worker loop and the driver's ``fit`` must agree on what a checkpoint holds and how a restarted
+worker resumes; the loop itself (``train_loop``) reads top to bottom as one training step.
 """
 
 from __future__ import annotations

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from lori_ray.config import ConfigError, check_rerun, load_config
+from lori_ray.config import ConfigError, load_config
+from lori_ray.preflight import check_rerun
 
 ROOT = Path(__file__).resolve().parents[1]
 PRESETS = sorted((ROOT / "configs").glob("*.yaml"))

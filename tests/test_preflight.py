@@ -120,8 +120,8 @@ def test_dry_run_prints_the_plan_and_print_config_the_resolved_yaml_with_nothing
 
 
 def test_help_lists_every_config_key_with_its_type_default_and_note():
-    from lori_ray.cli import parser
-    from lori_ray.config import Config, config_reference
+    from lori_ray.cli import config_reference, parser
+    from lori_ray.config import Config
     text = parser("Run it.").format_help()
     assert "  student.latent (Literal['pause', 'continuous'], default pause): pause: the latent slots are" in text
     assert "  subspace.rank (int, default 8)" in text
