@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import torch
 
-from .tokens import IGNORE_INDEX, trim_padding
+from .batch import Batch, trim_padding
+from .tokens import IGNORE_INDEX
 
 MAX_SMOOTHING_OFFSET = 64  # exp(-λ·o) beyond this is negligible for any useful λ
 
@@ -49,7 +50,7 @@ def sample_removals(scheduled: int, cot_lengths: torch.Tensor, smoothing: float,
     return torch.minimum(counts, cot_lengths)
 
 
-def remove_cot_tokens(batch: dict[str, torch.Tensor], counts: torch.Tensor, pad_id: int) -> dict[str, torch.Tensor]:
+def remove_cot_tokens(batch: Batch, counts: torch.Tensor, pad_id: int) -> Batch:
     """Drop ``counts[i]`` tokens from row i starting at its ``cot_start``: later tokens move left, the freed
     tail is padding (ignored label, masked) and columns that are padding in every row are cut.
     ``answer_positions`` (-1 = none) move with their tokens."""
@@ -74,8 +75,7 @@ def latent_stage(step: int, steps_per_stage: int, last: int) -> int:
     return min(step // steps_per_stage, last)
 
 
-def replace_cot_steps(batch: dict[str, torch.Tensor], stage: int, latent_ids: list[int],
-                      pad_id: int) -> dict[str, torch.Tensor]:
+def replace_cot_steps(batch: Batch, stage: int, latent_ids: list[int], pad_id: int) -> Batch:
     """Coconut's stage ``stage``: each row's first ``stage`` CoT steps (with the separators after them; all of its
     CoT when it has no more steps) are cut and ``latent_ids`` (the stage's s·c latents) take their place, unlabelled; the rest of the CoT and the answer stay. Needs ``cot_start``, ``cot_length`` and
     ``step_starts``; ``answer_positions`` (-1 = none) move with their tokens; rows are right-padded anew."""

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .batch import Batch
 from .latents import continuous_forward
 from .losses import AnswerKL, LoRiLoss, readout_mse
 from .models import keep_layers
@@ -177,7 +178,7 @@ class LMObjective(nn.Module):
         self._teacher = [teacher.eval().requires_grad_(False)] if teacher is not None else []
 
     @torch.no_grad()
-    def _teacher_logits(self, batch: dict[str, torch.Tensor], like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _teacher_logits(self, batch: Batch, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         teacher = self._teacher[0]
         parameter = next(teacher.parameters())
         if parameter.device != like.device or parameter.dtype != like.dtype:
@@ -187,7 +188,7 @@ class LMObjective(nn.Module):
                                           batch.get("teacher_labels", batch["labels"]))
         return output.logits, targets
 
-    def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+    def forward(self, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
         output, targets = labelled_logits(self.model, batch["input_ids"], batch["attention_mask"], batch["labels"],
                                           self.continuous_latents, output_hidden_states=bool(self.student_layers))
         logits = output.logits

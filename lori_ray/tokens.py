@@ -184,23 +184,6 @@ def collate(sequences: list[Sequence], pad_id: int, length: int | None = None) -
     return tensors
 
 
-def trim_padding(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Per-batch padding: the stored sequences are right-padded to the data set's longest one; a batch keeps
-    only the columns up to its own last attended token (``input_ids``, ``labels``, ``attention_mask``, and the
-    ``teacher_`` ones by their own mask). The cut columns are padding in every row, so nothing a causal model
-    computes for the kept positions changes; positions stored elsewhere in the batch all point inside."""
-    trimmed = dict(batch)
-    for prefix in ("", "teacher_"):
-        mask = batch.get(f"{prefix}attention_mask")
-        if mask is None:
-            continue
-        attended = mask.any(0).nonzero()
-        width = int(attended.max()) + 1 if len(attended) else 0
-        for key in ("input_ids", "labels", "attention_mask"):
-            trimmed[f"{prefix}{key}"] = batch[f"{prefix}{key}"][:, :width]
-    return trimmed
-
-
 def left_pad(prompts: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
     length = max(len(p) for p in prompts)
     input_ids = torch.full((len(prompts), length), pad_id, dtype=torch.long)

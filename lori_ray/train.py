@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from .batch import Batch
 from .config import TrainConfig
 
 # must be set before deepspeed is imported anywhere in the process
@@ -204,8 +205,7 @@ def curriculum_level(stage: Stage, step: int) -> int:
     return 0
 
 
-def curriculum_batch(stage: Stage, batch: dict[str, torch.Tensor], step: int,
-                     rank: int) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+def curriculum_batch(stage: Stage, batch: Batch, step: int, rank: int) -> tuple[Batch, dict[str, float]]:
     """The batch as the curriculum shows it at ``step`` (seeded by step, so a resumed run sees the same), and
     the curriculum's own metric (``cot_removed`` per row, or ``latent_stage``)."""
     from .curriculum import remove_cot_tokens, replace_cot_steps, sample_removals
@@ -245,8 +245,8 @@ def train_loop(config: dict) -> None:
     import ray.train
     from safetensors.torch import load_file
 
+    from .batch import trim_padding
     from .checkpoints import verify
-    from .tokens import trim_padding
     from .tracking import StepLogger
 
     stage = Stage(**config)

@@ -4,9 +4,9 @@ import math
 
 import torch
 
+from lori_ray.batch import answer_positions
 from lori_ray.curriculum import cot_spans, remove_cot_tokens, sample_removals, scheduled_removal
 from lori_ray.data import generate_multiplication
-from lori_ray.stages.student import answer_positions
 from lori_ray.tokens import IGNORE_INDEX, Layout, arithmetic_tokenizer, collate
 
 

@@ -1,12 +1,13 @@
 import pytest
 import torch
 
+from lori_ray.batch import trim_padding
 from lori_ray.data import generate_multiplication
 from lori_ray.models import FAMILIES, build_model
 from lori_ray.objective import LMObjective, TrajectoryProjection, pair_layers
 from lori_ray.subspace import Moments, fit_pca
 from lori_ray.teacher_pool import TeacherWorker
-from lori_ray.tokens import Layout, add_latent_tokens, arithmetic_tokenizer, collate, trim_padding
+from lori_ray.tokens import Layout, add_latent_tokens, arithmetic_tokenizer, collate
 from lori_ray.trajectories import TrajectoryStore, pack, segment_means, unpack
 
 
@@ -211,8 +212,8 @@ def test_answer_readout_is_one_linear_map_per_layer_and_position():
 def test_answer_alignment_reads_the_trajectory_at_the_answer_positions_only():
     """The readout sees the states that write ``####`` and the answer digits, never the slots or the question;
     padded positions (-1) count for nothing."""
+    from lori_ray.batch import answer_positions
     from lori_ray.objective import AnswerReadout
-    from lori_ray.stages.student import answer_positions
     tokenizer = arithmetic_tokenizer()
     layout = Layout(tokenizer)  # no latent slots: the nocot layout, as with align_at=answer
     model = build_model("llama", "tiny", len(tokenizer), 64, {"pad_token_id": layout.pad})

@@ -6,12 +6,10 @@ from lori_ray.data import generate_multiplication, multiplication_example, parse
 from lori_ray.tokens import (
     IGNORE_INDEX,
     Layout,
-    Sequence,
     add_latent_tokens,
     arithmetic_tokenizer,
     collate,
     left_pad,
-    trim_padding,
 )
 
 
@@ -105,19 +103,3 @@ def test_digit_segments_collect_the_writers_of_each_answer_digits_place():
     assert all(tokens[p + 1].isdigit() for column in columns for p in column)
     assert lay.segments(sequence, "steps") == [list(range(a, b)) for a, b in sequence.spans]
 
-
-def test_trim_padding_keeps_each_batch_to_its_own_longest_row():
-    # a naive reference: pad every row again to the batch's longest
-    rows = [[5, 6, 7], [5, 6], [5, 6, 7, 8, 9, 10]]
-    stored = collate([Sequence(r, r, []) for r in rows], pad_id=0, length=12)  # the data set's longest is 12
-    batch = {**stored, "answer_positions": torch.tensor([[1], [0], [4]]),
-             "teacher_input_ids": torch.ones(3, 9, dtype=torch.long),
-             "teacher_labels": torch.ones(3, 9, dtype=torch.long),
-             "teacher_attention_mask": torch.tensor([[1] * 7 + [0] * 2] * 3)}
-    trimmed = trim_padding({**batch, **{k: v[:2] for k, v in batch.items()}})  # rows 0 and 1: longest 3
-    expected = collate([Sequence(r, r, []) for r in rows[:2]], pad_id=0)
-    for key in ("input_ids", "labels", "attention_mask"):
-        assert torch.equal(trimmed[key], expected[key])
-    assert trimmed["teacher_input_ids"].shape == (2, 7)  # by the teacher's own mask
-    assert torch.equal(trimmed["answer_positions"], batch["answer_positions"][:2])  # positions are not columns
-    assert trim_padding(batch)["input_ids"].shape == (3, 6)

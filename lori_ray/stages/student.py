@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..batch import answer_positions, teacher_sequences
 from ..cluster import on_a_gpu
 from ..config import Config, ConfigError
 from ..curriculum import cot_spans, step_starts
@@ -20,7 +21,7 @@ from ..preflight import Splits
 from ..pruned import PrunedModel, channel_scores, load_student
 from ..storage import published_directory
 from ..subspace import resample_steps
-from ..tokens import Layout, add_latent_tokens, collate, load_tokenizer
+from ..tokens import Layout, add_latent_tokens, load_tokenizer
 from . import log
 from .training import calibration_batch, model_shape_of, train_stage, validation_tensors, write_tensors
 
@@ -95,15 +96,6 @@ def curriculum(config: Config, sequences, layout: Layout) -> tuple[dict[str, tor
                          "smoothing": student.removal_smoothing, "pad_id": layout.pad}, **fields})
 
 
-def answer_positions(sequences) -> torch.Tensor:
-    """Positions of ``####`` and the answer tokens of each sequence [n, P], padded with -1."""
-    spans = [range(*s.answer) for s in sequences]
-    positions = torch.full((len(spans), max(len(r) for r in spans)), -1, dtype=torch.long)
-    for row, span in enumerate(spans):
-        positions[row, :len(span)] = torch.tensor(span)
-    return positions
-
-
 @torch.no_grad()
 def calibrated_projection(model_dir: Path, data_path: Path, layers: list[int], fit, rows: int = 256):
     """Least squares (``fit(states, targets)``) from the initial student's slot states to the teacher's
@@ -137,8 +129,7 @@ def student_stage(config: Config, teacher_dir: Path, splits: Splits, store) -> t
         """The teacher's own sequences for the kd term (an explicit student already trains on them)."""
         if not loss.kd or method == "explicit":
             return {}
-        tensors = collate([Layout(tokenizer).teacher(e) for e in examples], layout.pad)
-        return {f"teacher_{k}": v for k, v in tensors.items()}
+        return teacher_sequences([Layout(tokenizer).teacher(e) for e in examples], layout.pad)
 
     if config.student.removes_cot or config.student.staged:
         build = Layout(tokenizer).teacher  # trained on the teacher's sequences, losing their CoT (validation has none)

@@ -9,6 +9,7 @@ import mlflow
 import torch
 from safetensors.torch import save_file
 
+from ..batch import check_keys
 from ..checkpoints import run_key
 from ..cluster import gpus
 from ..config import Config, ConfigError
@@ -27,6 +28,7 @@ def write_tensors(sequences, pad_id: int, max_positions: int, path: Path, **extr
         raise ConfigError(f"model.max_positions: {max_positions} is shorter than the longest sequence ({longest})")
     tensors = collate(sequences, pad_id)
     tensors.update(extra)
+    check_keys(tensors)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in tensors.items()}, path)
     return path
