@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import logging
+import os
 import sys
 import time
 import warnings
@@ -13,6 +15,10 @@ from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 
 from .storage import redact
+
+# MLflow announces creating and migrating its sqlite store at INFO on every run; LORI_VERBOSE=1 keeps it
+if os.environ.get("LORI_VERBOSE") != "1":
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
 
 
 def flatten(tree: dict, prefix: str = "") -> dict[str, str]:

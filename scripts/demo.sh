@@ -47,10 +47,17 @@ setsid bash -c 'echo $$ > "$0"; exec "$@"' "$STATE/session" \
   --num-cpus "${RAY_DEMO_CPUS:-2}" --num-gpus 0 --temp-dir "$TEMP_DIR" --disable-usage-stats \
   > "$STATE/head.log" 2>&1 || { cat "$STATE/head.log"; exit 1; }
 
+# Ray's own lines, left out of what the demo shows (LORI_VERBOSE=1 keeps them; `ray job logs` has them all):
+# the job client's packaging and "next steps" banner, and Ray Train's controller starting each worker group
+RAY_LINES='^[0-9/-]+ [0-9:,]+[[:space:]]+(INFO|SUCC|WARNING) (cli|packaging|dashboard_sdk|working_dir|sdk|job_manager|worker)\.py:'
+RAY_LINES+='|\(TrainController pid=[0-9]+\).* (Requesting resources|Attempting to start training worker group|Started training worker group|world_rank=[0-9]+, local_rank)'
+RAY_LINES+='|^Running entrypoint for job |\(TrainController pid=[0-9]+\)[^ ]* *$|\(RayTrainWorker pid=[0-9]+\).* Setting up process group for'
+ray_lines() { if [ "${LORI_VERBOSE:-0}" = 1 ]; then cat; else grep --line-buffered -vE "$RAY_LINES" || true; fi; }
+
 started=$(date +%s)
 ray job submit --address "http://127.0.0.1:$DASHBOARD_PORT" --working-dir . \
   --runtime-env-json '{"excludes": [".venv", "runs", ".git", ".gpu"]}' \
-  -- python "$JOB" --config "$CONFIG" "output_dir=$ROOT/runs" "$@"
+  -- python "$JOB" --config "$CONFIG" "output_dir=$ROOT/runs" "$@" 2>&1 | ray_lines
 name=$(python -c "import sys, yaml; print(yaml.safe_load(open(sys.argv[1]))['name'])" "$CONFIG")
 echo
 echo "[demo] finished in $(( $(date +%s) - started ))s; MLflow store runs/$name/mlflow.db"
