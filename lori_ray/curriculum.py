@@ -12,11 +12,28 @@ tokens; the last stage has no language CoT left and is the student's own layout.
 from __future__ import annotations
 
 import torch
+from pydantic import BaseModel
 
 from .batch import Batch, trim_padding
 from .tokens import IGNORE_INDEX
 
 MAX_SMOOTHING_OFFSET = 64  # exp(-λ·o) beyond this is negligible for any useful λ
+
+
+class RemovalSchedule(BaseModel):
+    """ICoT-SI's removal as a training stage runs it (the batch has ``cot_start``, ``cot_length``)."""
+    steps_per_token: float  # one more CoT token removed every this many steps
+    smoothing: float  # λ of the removal smoothing
+    pad_id: int
+
+
+class StageSchedule(BaseModel):
+    """Coconut's stages as a training stage runs them (the batch has ``cot_start``, ``cot_length``, ``step_starts``)."""
+    steps_per_stage: int
+    last: int  # the last stage: no language CoT left
+    latents_per_step: int
+    latent_ids: list[int]
+    pad_id: int
 
 
 def cot_spans(sequences) -> tuple[torch.Tensor, torch.Tensor]:

@@ -26,6 +26,7 @@ import torch
 
 from .batch import Batch
 from .config import TrainConfig
+from .curriculum import RemovalSchedule, StageSchedule
 
 # must be set before deepspeed is imported anywhere in the process
 os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
@@ -57,11 +58,8 @@ class Stage:
     target_scale: list[float] | None = None  # per aligned layer: trajectories are divided by it in the loss
     tracking_uri: str | None = None
     run_id: str | None = None  # MLflow run that rank 0 logs step metrics to
-    # ICoT-SI removal curriculum (data has cot_start, cot_length): steps_per_token, smoothing, pad_id
-    removal: dict | None = None
-    # Coconut stages (data has cot_start, cot_length, step_starts): steps_per_stage, last, latents_per_step,
-    # latent_ids, pad_id
-    stages: dict | None = None
+    removal: RemovalSchedule | None = None  # ICoT-SI's removal curriculum
+    stages: StageSchedule | None = None  # Coconut's stages
     reset_optimizer: bool = False  # clear the optimizer's moments at each removal increment or stage
     continuous_latents: list[int] | None = None  # token ids of the latent slots, when they are continuous thoughts
     # checkpoints (see ``checkpoints``): the HMAC key (a secret; never written to storage), the digest of the
@@ -199,9 +197,9 @@ def curriculum_level(stage: Stage, step: int) -> int:
     """How far the curriculum has gone at ``step`` (CoT tokens removed, or Coconut's stage); 0 without one."""
     from .curriculum import latent_stage, scheduled_removal
     if stage.removal:
-        return scheduled_removal(step, stage.removal["steps_per_token"])
+        return scheduled_removal(step, stage.removal.steps_per_token)
     if stage.stages:
-        return latent_stage(step, stage.stages["steps_per_stage"], stage.stages["last"])
+        return latent_stage(step, stage.stages.steps_per_stage, stage.stages.last)
     return 0
 
 
@@ -212,11 +210,11 @@ def curriculum_batch(stage: Stage, batch: Batch, step: int, rank: int) -> tuple[
     level = curriculum_level(stage, step)
     if stage.removal:
         generator = torch.Generator().manual_seed(stage.seed * 1_000_003 + step * 7 + rank)
-        counts = sample_removals(level, batch["cot_length"], stage.removal["smoothing"], generator)
-        return remove_cot_tokens(batch, counts, stage.removal["pad_id"]), {"cot_removed": counts.float().mean().item()}
+        counts = sample_removals(level, batch["cot_length"], stage.removal.smoothing, generator)
+        return remove_cot_tokens(batch, counts, stage.removal.pad_id), {"cot_removed": counts.float().mean().item()}
     if stage.stages:
-        latents = stage.stages["latent_ids"][:level * stage.stages["latents_per_step"]]
-        return replace_cot_steps(batch, level, latents, stage.stages["pad_id"]), {"latent_stage": float(level)}
+        latents = stage.stages.latent_ids[:level * stage.stages.latents_per_step]
+        return replace_cot_steps(batch, level, latents, stage.stages.pad_id), {"latent_stage": float(level)}
     return batch, {}
 
 

@@ -73,13 +73,17 @@ def test_a_stage_carries_its_typed_settings_across_ray_and_digests_them_as_befor
     from dataclasses import asdict
 
     from lori_ray.config import TrainConfig
+    from lori_ray.curriculum import RemovalSchedule
     from lori_ray.train import Stage
     (tmp_path / "model").write_text("m")
     (tmp_path / "data").write_text("d")
     stage = Stage(name="s", model_dir=str(tmp_path / "model"), data_path=str(tmp_path / "data"),
-                  train=TrainConfig(steps=7, lr=2e-3))
+                  train=TrainConfig(steps=7, lr=2e-3), removal=RemovalSchedule(steps_per_token=2.5, smoothing=4.0,
+                                                                               pad_id=0))
     travelled = Stage(**pickle.loads(pickle.dumps(asdict(stage))))  # as train_loop_config reaches a worker
     assert isinstance(travelled.train, TrainConfig) and travelled.train.steps == 7
-    # the digest of a stage whose settings travelled as a dict: finished stages of earlier runs are still found
-    as_dict = Stage(name="s", model_dir=stage.model_dir, data_path=stage.data_path, train=stage.train.model_dump())
+    assert isinstance(travelled.removal, RemovalSchedule) and travelled.removal.steps_per_token == 2.5
+    # the digest of a stage whose settings travelled as dicts: finished stages of earlier runs are still found
+    as_dict = Stage(name="s", model_dir=stage.model_dir, data_path=stage.data_path, train=stage.train.model_dump(),
+                    removal=stage.removal.model_dump())
     assert stage_inputs(travelled) == stage_inputs(stage) == stage_inputs(as_dict)

@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 from ..batch import answer_positions, teacher_sequences
 from ..cluster import on_a_gpu
 from ..config import Config, ConfigError
-from ..curriculum import cot_spans, step_starts
+from ..curriculum import RemovalSchedule, StageSchedule, cot_spans, step_starts
 from ..data import Example
 from ..losses import standardize, trajectory_scale
 from ..models import build_model, load_model
@@ -84,16 +84,16 @@ def curriculum(config: Config, sequences, layout: Layout) -> tuple[dict[str, tor
             f"latent(s) every {steps_per_stage} steps; no language CoT left from step "
             f"{steps_per_stage * student.stages} of {student.train.steps}")
         return ({"cot_start": starts, "cot_length": lengths, "step_starts": step_starts(sequences)},
-                {"stages": {"steps_per_stage": steps_per_stage, "last": student.stages,
-                            "latents_per_step": student.latents_per_step, "latent_ids": layout.latent_ids,
-                            "pad_id": layout.pad}, **fields})
+                {"stages": StageSchedule(steps_per_stage=steps_per_stage, last=student.stages,
+                                         latents_per_step=student.latents_per_step, latent_ids=layout.latent_ids,
+                                         pad_id=layout.pad), **fields})
     steps_per_token = len(sequences) / student.train.batch_size / student.removal_tokens_per_epoch
     log(f"[student] removal curriculum: {student.removal_tokens_per_epoch:g} CoT tokens per epoch (one every "
         f"{steps_per_token:.3g} steps), all {int(lengths.max())} gone by step "
         f"{math.ceil(int(lengths.max()) * steps_per_token)} of {student.train.steps}")
     return ({"cot_start": starts, "cot_length": lengths},
-            {"removal": {"steps_per_token": steps_per_token,
-                         "smoothing": student.removal_smoothing, "pad_id": layout.pad}, **fields})
+            {"removal": RemovalSchedule(steps_per_token=steps_per_token, smoothing=student.removal_smoothing,
+                                        pad_id=layout.pad), **fields})
 
 
 @torch.no_grad()
