@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml Makefile
 	touch $@
 
 demo: setup
-	bash scripts/demo.sh
+	@bash scripts/demo.sh
 
 tune-demo: setup
 	JOB=jobs/tune.py CONFIG=configs/tune-demo.yaml bash scripts/demo.sh

@@ -9,6 +9,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
+from unittest import mock
 
 import mlflow
 from mlflow.entities import Metric
@@ -131,11 +132,12 @@ def log_model(name: str, directory: Path):
     signature = ModelSignature(inputs=Schema([ColSpec("string")]), outputs=Schema([ColSpec("string")]))
     requirements = [f"{package}=={version(package)}" for package in ("torch", "transformers", "safetensors",
                                                                      "tokenizers", "numpy", "pandas")]
-    with warnings.catch_warnings():
+    # the model as code (mlflow_model.py), not a pickled object; no per-file progress bars in the job log
+    with warnings.catch_warnings(), mock.patch.dict(os.environ, {"MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}):
         warnings.simplefilter("ignore")  # pyfunc's notes on type hints and on the environment it cannot infer
-        return mlflow.pyfunc.log_model(name=name, python_model=PlainQuestions(), artifacts={"model": str(directory)},
-                                       code_paths=[str(Path(__file__).parent)], signature=signature,
-                                       pip_requirements=requirements)
+        return mlflow.pyfunc.log_model(name=name, python_model=str(Path(__file__).with_name("mlflow_model.py")),
+                                       artifacts={"model": str(directory)}, code_paths=[str(Path(__file__).parent)],
+                                       signature=signature, pip_requirements=requirements)
 
 
 @contextlib.contextmanager

@@ -105,6 +105,8 @@ def test_student_and_teacher_are_mlflow_models_that_answer_plain_questions(tiny_
     uris = dict(re.findall(r"\[tracking\] (\w+) logged as an MLflow model: (models:/\S+)", stdout))
     assert set(uris) == {"student", "teacher"}
     student = mlflow.pyfunc.load_model(uris["student"])
+    logged = {p.name for p in Path(mlflow.artifacts.download_artifacts(uris["student"])).iterdir()}
+    assert "mlflow_model.py" in logged and "python_model.pkl" not in logged  # logged as code: nothing unpickled
     answer = subprocess.run([sys.executable, "-m", "lori_ray.predict", str(run_dir / "student"), "12 * 34"],
                             cwd=ROOT, capture_output=True, text=True, timeout=120, check=False).stdout
     assert [f"12 * 34 = {a}\n" for a in student.predict(["12 * 34"])] == [answer]  # the same model, served
