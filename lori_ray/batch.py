@@ -57,7 +57,6 @@ def answer_positions(sequences) -> torch.Tensor:
     return positions
 
 
-
 def trim_padding(batch: Batch) -> Batch:
     """Per-batch padding: the stored sequences are right-padded to the data set's longest one; a batch keeps
     only the columns up to its own last attended token (``input_ids``, ``labels``, ``attention_mask``, and the

@@ -24,9 +24,9 @@ def gpus(requested: float | None) -> float:
 
 def on_a_gpu(gpus_per_task: float | None, function, *args):
     """``function(*args)``, as a Ray task holding ``gpus_per_task`` GPUs (one where the cluster has GPUs) when it
-    needs any, else (or without a Ray cluster) in this process. Model loading, evaluation and diagnostics run where the GPUs are: on KubeRay
-    the driver runs on the head pod, which has none. The task reserves no CPU, as the driver's own work does not:
-    one waiting for a CPU that running trials hold would never start."""
+    needs any, else (or without a Ray cluster) in this process. Model loading, evaluation and diagnostics run
+    where the GPUs are: on KubeRay the driver runs on the head pod, which has none. The task reserves no CPU, as
+    the driver's own work does not: one waiting for a CPU that running trials hold would never start."""
     count = gpus(gpus_per_task) if ray.is_initialized() else 0  # no cluster (a notebook, a test): here
     if not count:
         return function(*args)

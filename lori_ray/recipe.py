@@ -9,7 +9,9 @@ from __future__ import annotations
 import shutil
 import threading
 import traceback
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 import mlflow
@@ -17,17 +19,17 @@ import mlflow
 from . import storage
 from .config import Config
 from .evaluate import EvalResult
-from .preflight import load_data, shared_teacher_path
-from .storage import write_local
-from .tracking import log_model, pipeline_run, stage_run
-from .train import DRIVER_TURNS
-
-STAGES = ("teacher", "student")
+from .preflight import Splits, load_data, shared_teacher_path
 from .stages import log
 from .stages.evaluate import Report, describe_models, erank_diagnostics, evaluate_model
 from .stages.student import distill_student, latent_slots
 from .stages.teacher_sft import completed_train, teacher_sft
 from .stages.trajectories import trajectory_stage
+from .storage import write_local
+from .tracking import log_model, pipeline_run, stage_run
+from .train import DRIVER_TURNS
+
+STAGES = ("teacher", "student")
 
 
 def forget_stages(config: Config, first: str) -> list[Path]:
@@ -43,12 +45,10 @@ def forget_stages(config: Config, first: str) -> list[Path]:
     return removed
 
 
-def run(config: Config, teacher_result: EvalResult | None = None, on_store=None) -> Report:
-    """All stages of one distillation run; Ray must already be initialised.
-
-    ``teacher_result``: the teacher's evaluation when the caller already has it (same teacher, same split).
-    ``on_store``: called once the teacher and the trajectory store are on disk (runs sharing them may start).
-    """
+@contextmanager
+def opened(config: Config) -> Iterator[tuple[Splits, mlflow.ActiveRun]]:
+    """What every run does first (``run``, ``tuning.run_search``): its directory with the resolved config, its data
+    splits, and its MLflow parent run (the same one again on a rerun), open for the stages."""
     config.run_dir.mkdir(parents=True, exist_ok=True)
     write_local(config.run_dir / "config.yaml", config.to_yaml())
     splits = load_data(config)
@@ -57,6 +57,16 @@ def run(config: Config, teacher_result: EvalResult | None = None, on_store=None)
     with pipeline_run(config.tracking_uri(), config.tracking.experiment, config.name,
                       config.model_dump(mode="json"), config.to_yaml(), str(config.run_dir)) as parent:
         log(f"[tracking] MLflow run {parent.info.run_id} at {storage.redact(config.tracking_uri())}")
+        yield splits, parent
+
+
+def run(config: Config, teacher_result: EvalResult | None = None, on_store=None) -> Report:
+    """All stages of one distillation run; Ray must already be initialised.
+
+    ``teacher_result``: the teacher's evaluation when the caller already has it (same teacher, same split).
+    ``on_store``: called once the teacher and the trajectory store are on disk (runs sharing them may start).
+    """
+    with opened(config) as (splits, _parent):
         teacher_dir = teacher_sft(config, splits)
         if config.teacher.complete_cots:
             splits = splits._replace(train=completed_train(config, teacher_dir, splits.train))

@@ -452,7 +452,8 @@ def fit(stage: Stage, output_dir: str | Path, storage_path: str | Path, callback
     from .storage import published_directory
 
     root = storage.join(storage.absolute(str(storage_path)), stage.name)
-    # the key lives in the driver's memory (or the run directory, see ``checkpoints.run_key``); only the signatures travel
+    # the key lives in the driver's memory (or the run directory, see ``checkpoints.run_key``); only the
+    # signatures travel
     stage = replace(stage, checkpoint_key=stage.checkpoint_key or secrets.token_hex(32),
                     checkpoint_root=root if storage.scheme(root) == "" else None)
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig

@@ -22,14 +22,13 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
 from . import storage
 from .config import Config, with_overrides
-from .preflight import load_data
+from .recipe import opened
 from .stages import log
 from .stages.evaluate import evaluate_model
 from .stages.student import latent_slots, student_stage
 from .stages.teacher_sft import teacher_sft
 from .stages.training import make_stage
 from .stages.trajectories import trajectory_stage
-from .tracking import pipeline_run
 from .train import fit
 from .trajectories import TrajectoryStore
 
@@ -87,12 +86,8 @@ def accuracy_by_rank_figure(rows: list[dict], default_rank: int, metric: str) ->
 
 def run_search(config: Config) -> dict:
     """Teacher and store once, then the Tune search; returns the best trial's summary."""
-    config.run_dir.mkdir(parents=True, exist_ok=True)
-    storage.write_local(config.run_dir / "config.yaml", config.to_yaml())
-    splits = load_data(config)
     uri, metric = config.tracking_uri(), config.tune.metric
-    with pipeline_run(uri, config.tracking.experiment, config.name, config.model_dump(mode="json"),
-                      config.to_yaml(), str(config.run_dir)) as parent:
+    with opened(config) as (splits, parent):
         teacher_dir = teacher_sft(config, splits)
         store = trajectory_stage(config, teacher_dir, splits.train)
 

@@ -49,12 +49,12 @@ CASES = {  # name: (overrides given tmp_path, message fragment)
                              "train.jsonl:2: GSM8K record without 'answer'"),
     "GSM8K answer without ####": (lambda t: file_task(t, write(t / "train.jsonl", [gsm8k(answer="it is 2")])),
                                   "train.jsonl:1: the answer has no final '####"),
-    "table without the mapped column": (lambda t: file_task(t, write(t / "train.jsonl", [json.dumps({"q": "1", "a": "2"})]))
-                                        + ["data.fields.question=q"],
-                                        "train.jsonl: no column 'cot' (data.fields.cot), 'answer' (data.fields.answer); its columns: q, a"),
-    "table row with an empty answer": (lambda t: file_task(t, write(t / "train.csv", ["q,cot,answer", "1 * 2,,2",
-                                                                                        "3 * 4,,"]))
-                                       + ["data.fields.question=q"], "train.csv: row 2: empty answer (column 'answer')"),
+    "table without the mapped column": (
+        lambda t: file_task(t, write(t / "train.jsonl", [json.dumps({"q": "1", "a": "2"})])) + ["data.fields.question=q"],
+        "train.jsonl: no column 'cot' (data.fields.cot), 'answer' (data.fields.answer); its columns: q, a"),
+    "table row with an empty answer": (
+        lambda t: file_task(t, write(t / "train.csv", ["q,cot,answer", "1 * 2,,2", "3 * 4,,"])) + ["data.fields.question=q"],
+        "train.csv: row 2: empty answer (column 'answer')"),
     "step separator that is not a regex": (lambda t: file_task(t, write(t / "train.csv", ["q,cot,answer"]))
                                            + ["data.fields.question=q", "data.step_separator=(;"],
                                            "data.step_separator: not a regular expression"),
@@ -154,7 +154,8 @@ def test_table_data_is_read_through_datasets_with_a_column_mapping(tmp_path):
                                                 for e in held_out])  # answer-only rows: no steps
     config = config_or_exit(TINY, [f"output_dir={tmp_path / 'runs'}", "data.task=file", f"data.train_file={train}",
                                    f"data.eval_file={eval_file}", "data.val_size=8", "data.fields.question=problem",
-                                   "data.fields.cot=steps", "data.fields.answer=solution", r"data.step_separator=\s*;\s*"])
+                                   "data.fields.cot=steps", "data.fields.answer=solution",
+                                   r"data.step_separator=\s*;\s*"])
     splits = load_data(config)
     kept = [e for e in problems if e.question not in {h.question for h in held_out}]
     assert [*splits.train, *splits.val] == kept[:config.data.train_size]  # the steps split at the separator
