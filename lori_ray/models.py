@@ -21,7 +21,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.utils import logging as hf_logging
 
 # per-load progress bars from every actor and worker would flood the job log
@@ -285,8 +285,9 @@ def save_local_copy(source: str, out_dir: str | Path, gguf_file: str | None = No
     shutil.rmtree(staging, ignore_errors=True)
     try:
         log(f"reading the tokenizer of {_origin_name(origin)}")
+        from .tokens import tokenizer_from
         with hub_errors(source):
-            tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, gguf_file=gguf_file)
+            tokenizer = tokenizer_from(source, trust_remote_code, gguf_file)
         log(f"loading {_origin_name(origin)} as {_dtype_name(dtype)}" + (" (dequantising)" if gguf_file else ""))
         model = load_model(Path(source) / gguf_file if gguf_file else source, dtype, trust_remote_code)
         tokenizer.model_max_length = model.config.max_position_embeddings

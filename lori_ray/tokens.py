@@ -9,8 +9,10 @@ step is known exactly, for any Hugging Face tokenizer.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from itertools import chain
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -39,10 +41,26 @@ def load_tokenizer(path: str, trust_remote_code: bool = False, gguf_file: str | 
 
     source, gguf_file = resolve_model_source(path, gguf_file)
     with hub_errors(source):
-        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, gguf_file=gguf_file)
+        tokenizer = tokenizer_from(source, trust_remote_code, gguf_file)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+GENERIC_TOKENIZER_CLASSES = ("TokenizersBackend", "PreTrainedTokenizerFast")
+
+
+def tokenizer_from(source: str, trust_remote_code: bool = False, gguf_file: str | None = None):
+    """``AutoTokenizer``, except for a directory whose tokenizer was saved as a plain ``tokenizer.json`` (ours, built
+    from config for any family): that one loads exactly as saved. AutoTokenizer swaps in a family's own class for
+    some model types (transformers 5 forces Qwen2Tokenizer on a qwen2 config, which rebuilds a byte-level BPE from
+    the vocabulary and drops ``||`` and ``####``)."""
+    local = Path(source)
+    settings = local / "tokenizer_config.json"
+    if not gguf_file and (local / "tokenizer.json").is_file() and settings.is_file() and \
+            json.loads(settings.read_text()).get("tokenizer_class") in GENERIC_TOKENIZER_CLASSES:
+        return PreTrainedTokenizerFast.from_pretrained(source)
+    return AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, gguf_file=gguf_file)
 
 
 def latent_tokens(count: int) -> list[str]:

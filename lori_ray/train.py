@@ -384,9 +384,9 @@ def _report_checkpoint(engine, objective, metrics: dict, stage: Stage, step: int
     DeepSpeed state — nothing resumes after the last step, and for a 1B model that state is ~12 GB written for
     nothing (a restart after it resumes from the newest periodic checkpoint)."""
     import ray.train
-    from transformers import AutoTokenizer
 
     from .checkpoints import sign
+    from .tokens import tokenizer_from
     rank = ray.train.get_context().get_world_rank()
     directory = None
     if not final:
@@ -403,7 +403,7 @@ def _report_checkpoint(engine, objective, metrics: dict, stage: Stage, step: int
             directory = tempfile.mkdtemp(prefix="lori-ckpt-")
             hf = os.path.join(directory, "hf")
             objective.model.save_pretrained(hf, state_dict=objective.model_state_dict(state))
-            AutoTokenizer.from_pretrained(stage.model_dir).save_pretrained(hf)
+            tokenizer_from(stage.model_dir).save_pretrained(hf)
     ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory) if directory else None,
                      checkpoint_dir_name=f"step-{step:06d}", delete_local_checkpoint_after_upload=True)
 

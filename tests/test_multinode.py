@@ -12,6 +12,8 @@ import pytest
 from conftest import job_env, ray_start, stop_ray_sessions
 
 from lori_ray.cluster import free_port
+from lori_ray.data import generate_multiplication
+from lori_ray.tokens import Layout, arithmetic_tokenizer, load_tokenizer
 
 pytestmark = pytest.mark.cluster  # a real Ray cluster or a full pipeline: `make test-fast` skips it
 
@@ -36,9 +38,11 @@ def cluster(tmp_path_factory):
 
 
 def test_pipeline_spans_two_nodes_and_keeps_everything_under_output_dir(cluster, tmp_path):
+    """A Qwen2 preset (the other pipeline runs of the suite are Llama's): its teacher and student keep the task's
+    tokenizer through every stage's save."""
     env, address, dashboard, temp = cluster
     output = tmp_path / "shared"
-    result = subprocess.run([sys.executable, "jobs/distill.py", "--config", "configs/tiny.yaml",
+    result = subprocess.run([sys.executable, "jobs/distill.py", "--config", "configs/tiny.yaml", "model.family=qwen2",
                              f"output_dir={output}", f"cluster.address={address}",
                              "teacher.train.checkpoint_every=3", "student.train.checkpoint_every=3"],
                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=900, check=False)
@@ -61,5 +65,10 @@ def test_pipeline_spans_two_nodes_and_keeps_everything_under_output_dir(cluster,
         assert (final / "hf" / "model.safetensors").is_file()
         assert (run_dir / stage / "model.safetensors").is_file()
     assert list((output / "trajectories").glob("*/manifest.json"))
+    example = generate_multiplication(1, 2, 2, seed=5)[0]
+    for stage in ("teacher", "student"):
+        model = json.loads((run_dir / stage / "config.json").read_text())["model_type"]
+        tokenizer = load_tokenizer(str(run_dir / stage))
+        assert model == "qwen2" and Layout(tokenizer).teacher(example) == Layout(arithmetic_tokenizer()).teacher(example)
     for directory in temp.values():  # nothing of ours stayed in a node's local temp dir
         assert not [p for p in directory.rglob("*") if p.suffix in (".safetensors", ".pt", ".db")]

@@ -1,8 +1,10 @@
+import pytest
 import torch
 from test_data import GSM8K
 from transformers import AutoTokenizer
 
 from lori_ray.data import generate_multiplication, multiplication_example, parse_line
+from lori_ray.models import FAMILIES
 from lori_ray.tokens import (
     IGNORE_INDEX,
     Layout,
@@ -103,3 +105,24 @@ def test_digit_segments_collect_the_writers_of_each_answer_digits_place():
     assert all(tokens[p + 1].isdigit() for column in columns for p in column)
     assert lay.segments(sequence, "steps") == [list(range(a, b)) for a, b in sequence.spans]
 
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_preset_of_any_family_keeps_the_tokenizer_it_was_saved_with(family, tmp_path):
+    """The teacher's initial directory and the trained model's (the final checkpoint saves the tokenizer again):
+    transformers 5's AutoTokenizer turned a qwen2 preset's tokenizer into a byte-level BPE without || and ####."""
+    from lori_ray.models import build_model
+    from lori_ray.tokens import load_tokenizer, tokenizer_from
+
+    tokenizer = arithmetic_tokenizer()
+    model = build_model(family, "tiny", len(tokenizer), 64, {"pad_token_id": tokenizer.pad_token_id})
+    for directory in ("init", "trained"):
+        model.save_pretrained(tmp_path / directory)
+    tokenizer.save_pretrained(tmp_path / "init")
+    tokenizer_from(str(tmp_path / "init")).save_pretrained(tmp_path / "trained")
+    example = generate_multiplication(1, 3, 3, seed=0)[0]
+    expected = Layout(tokenizer).teacher(example).input_ids
+    for directory in ("init", "trained"):
+        loaded = load_tokenizer(str(tmp_path / directory))
+        assert Layout(loaded).teacher(example).input_ids == expected, (family, directory)
+        assert loaded.decode(expected) == tokenizer.decode(expected)
