@@ -385,6 +385,11 @@ class Config(Section):
         return storage.absolute(self.trajectory.store_dir or str(Path(self.output_dir) / "trajectories"))
 
     @property
+    def tokenized_dir(self) -> Path:
+        """Token sequences cached by what they depend on (``tokenized``), shared by the runs of one output_dir."""
+        return Path(self.output_dir).absolute() / "tokenized"
+
+    @property
     def storage_path(self) -> str:
         return storage.absolute(self.cluster.storage_path or str(self.run_dir / "ray"))
 

@@ -100,6 +100,9 @@ def test_accuracy_benchmark_aggregates_student_seeds_and_draws_their_curves(tmp_
               "student.train.num_workers=1", "--methods", "lori", "--seeds", "2", "--parallel", "2")
     assert "[teacher] done in" not in out and out.count("[student] done in") == 2
     assert "trajectory store" in out and "found, skipping extraction" in out  # the second seed reuses the store
+    # and its tokenized sequences (training and validation split): tokenized once, by one of the parallel runs
+    assert out.count("student sequences tokenized in") == 2, out
+    assert out.count("student sequences read from the tokenized cache") == 2
     (row,) = [line for line in out.splitlines() if line.startswith("| lori |") and " ± " in line]
     cells = [cell.strip() for cell in row.split("|")[1:-1]]
     per_seed = [float(v) for v in cells[2].split(", ")]

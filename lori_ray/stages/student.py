@@ -23,7 +23,7 @@ from ..storage import published_directory
 from ..subspace import resample_steps
 from ..tokens import Layout, add_latent_tokens, load_tokenizer
 from . import log
-from .training import calibration_batch, model_shape_of, train_stage, validation_tensors, write_tensors
+from .training import calibration_batch, model_shape_of, sequences_of, train_stage, validation_tensors, write_tensors
 
 
 def latent_slots(config: Config) -> int | None:
@@ -116,28 +116,30 @@ def student_stage(config: Config, teacher_dir: Path, splits: Splits, store) -> t
                     train[:config.student.calibration_size])
     tokenizer = load_tokenizer(str(init))
     layout = Layout(tokenizer, add_latent_tokens(tokenizer, slots))
-    build = layout.teacher if method == "explicit" else layout.student
+    kind = "teacher" if method == "explicit" else "student"
     data_path = config.run_dir / "data" / "student.safetensors"
     kd = {"teacher_dir": str(teacher_dir), "kd_temperature": loss.kd_temperature} if loss.kd else {}
     # the student's own seed (batch order, fresh weights): seeds of one method share teacher and data
     common = {"seed": config.student_seed, **kd,
-              **validation_tensors(config, [build(e) for e in splits.val], layout.pad, "student")}
+              **validation_tensors(config, layout, kind, splits.val, "student")}
     if config.student.continuous:
         common["continuous_latents"] = layout.latent_ids
 
-    def with_teacher(examples: list[Example]) -> dict[str, torch.Tensor]:
-        """The teacher's own sequences for the kd term (an explicit student already trains on them)."""
+    def with_teacher(index=None) -> dict[str, torch.Tensor]:
+        """The teacher's own sequences (of ``train[i]`` for i in ``index``) for the kd term (an explicit student
+        already trains on them)."""
         if not loss.kd or method == "explicit":
             return {}
-        return teacher_sequences([Layout(tokenizer).teacher(e) for e in examples], layout.pad)
+        sequences = sequences_of(config, layout, "teacher", train)
+        return teacher_sequences(sequences if index is None else [sequences[i] for i in index], layout.pad)
 
     if config.student.removes_cot or config.student.staged:
-        build = Layout(tokenizer).teacher  # trained on the teacher's sequences, losing their CoT (validation has none)
+        kind = "teacher"  # trained on the teacher's sequences, losing their CoT (validation has none)
     if method in ("nocot", "icot_si", "coconut", "explicit"):
-        sequences = [build(e) for e in train]
+        sequences = sequences_of(config, layout, kind, train)
         schedule, fields = curriculum(config, sequences, layout)
         data = write_tensors(sequences, layout.pad, config.model.max_positions, data_path,
-                             **with_teacher(train), **schedule)
+                             **with_teacher(), **schedule)
         return init, data, {"weights": {"ce": loss.ce, "kd": loss.kd}, **fields, **common}
 
     stored_layers = store.manifest["layers"]
@@ -163,12 +165,13 @@ def student_stage(config: Config, teacher_dir: Path, splits: Splits, store) -> t
     else:
         index, targets = store.hidden(steps)
         targets = targets[:, rows]
-    sequences = [build(train[i]) for i in index]
+    every = sequences_of(config, layout, kind, train)
+    sequences = [every[i] for i in index]
     student_layers = [s for s, _ in pairs]
     tensors, fields = curriculum(config, sequences, layout)
     fields.update(student_layers=student_layers, **common)
     weights = {"ce": loss.ce, "kd": loss.kd}
-    tensors.update(with_teacher([train[i] for i in index]))
+    tensors.update(with_teacher(index))
     if align_at != "latents":
         positions = answer_positions(sequences)
         if per_digit:  # answer position p (which writes digit p) reads digit p's column

@@ -15,7 +15,7 @@ from ..storage import published_directory
 from ..teacher_pool import complete_missing_cots
 from ..tokens import Layout, arithmetic_tokenizer, load_tokenizer
 from . import log
-from .training import train_stage, validation_tensors, write_tensors
+from .training import sequences_of, train_stage, validation_tensors, write_tensors
 
 
 def initial_model_dir(config: Config) -> Path:
@@ -39,9 +39,9 @@ def teacher_sft(config: Config, splits: Splits) -> Path:
         return Path(config.teacher.path)
     start = initial_model_dir(config)
     layout = Layout(load_tokenizer(str(start), config.model.trust_remote_code))
-    data = write_tensors([layout.teacher(e) for e in splits.train], layout.pad, config.model.max_positions,
-                         config.run_dir / "data" / "teacher.safetensors")
-    val = validation_tensors(config, [layout.teacher(e) for e in splits.val], layout.pad, "teacher")
+    data = write_tensors(sequences_of(config, layout, "teacher", splits.train), layout.pad,
+                         config.model.max_positions, config.run_dir / "data" / "teacher.safetensors")
+    val = validation_tensors(config, layout, "teacher", splits.val, "teacher")
     return train_stage(config, "teacher", start, data, config.teacher.train, **val)
 
 

@@ -16,7 +16,8 @@ from ..config import Config, ConfigError
 from ..data import Example
 from ..fingerprint import finished, inputs_digest, stage_inputs
 from ..models import model_shape
-from ..tokens import Layout, collate
+from ..tokenized import tokenized
+from ..tokens import Layout, Sequence, collate
 from ..tracking import stage_run
 from ..train import Stage, fit
 from . import log
@@ -61,12 +62,18 @@ def train_stage(config: Config, name: str, model_dir: Path, data_path: Path, tra
     return output
 
 
-def validation_tensors(config: Config, sequences, pad_id: int, name: str) -> dict:
+def sequences_of(config: Config, layout: Layout, kind: str, examples: list[Example]) -> list[Sequence]:
+    """``layout.teacher`` or ``layout.student`` of each example, tokenized once for every run of ``output_dir``."""
+    return tokenized(layout, kind, examples, config.tokenized_dir, log)
+
+
+def validation_tensors(config: Config, layout: Layout, kind: str, examples: list[Example], name: str) -> dict:
     """``val_path`` for a stage, when there is a validation split."""
-    if not sequences:
+    if not examples:
         return {}
     path = config.run_dir / "data" / f"{name}-val.safetensors"
-    return {"val_path": str(write_tensors(sequences, pad_id, config.model.max_positions, path))}
+    sequences = sequences_of(config, layout, kind, examples)
+    return {"val_path": str(write_tensors(sequences, layout.pad, config.model.max_positions, path))}
 
 
 def calibration_batch(config: Config, layout: Layout, examples: list[Example], student: bool) -> dict:
