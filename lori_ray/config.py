@@ -527,20 +527,33 @@ def _check_search_space(config: Config) -> None:
                                   f"{str(error).removeprefix('invalid config:').strip()}") from None
 
 
+class YamlLoader(yaml.SafeLoader):
+    """YAML with 1.2's floats: ``lr: 3e-4`` is a number (PyYAML's 1.1 rules read it as the string '3e-4')."""
+
+
+YamlLoader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(
+    r"^[-+]?(?:[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?|[0-9][0-9_]*[eE][-+]?[0-9]+|\.[0-9_]+(?:[eE][-+]?[0-9]+)?"
+    r"|\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"), list("-+0123456789."))
+
+
+def read_yaml(text: str):
+    return yaml.load(text, Loader=YamlLoader)  # a SafeLoader: plain data only
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
     tree = {}
     if path:
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
-        tree = yaml.safe_load(path.read_text()) or {}
+        tree = read_yaml(path.read_text()) or {}
         if not isinstance(tree, dict):
             raise ConfigError(f"{path}: top level must be a mapping")
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r}: expected key.sub=value")
         key, value = item.split("=", 1)
-        _set_dotted(tree, key, yaml.safe_load(value))
+        _set_dotted(tree, key, read_yaml(value))
     config = validate(tree)
     _check_search_space(config)
     return config

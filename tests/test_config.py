@@ -27,6 +27,16 @@ def test_overrides_are_typed_and_nested():
     assert config.subspace.rank == 2 and config.loss.second_order == 0.5 and config.data.digits == (3, 2)
 
 
+def test_exponent_floats_are_numbers_in_files_and_overrides(tmp_path):
+    """``lr: 3e-4`` as ML engineers write it: PyYAML's YAML 1.1 rules read it as a string, which the schema refused
+    ("Input should be a valid number")."""
+    preset = tmp_path / "preset.yaml"
+    preset.write_text((ROOT / "configs/tiny.yaml").read_text().replace("lr: 2.0e-3", "lr: 5e-4"))
+    config = load_config(preset, ["student.train.lr=3e-3", "loss.answer=1E+0", "data.digits=[3, 2]"])
+    assert (config.teacher.train.lr, config.student.train.lr, config.loss.answer) == (5e-4, 3e-3, 1.0)
+    assert config.data.digits == (3, 2) and load_config(preset, ["name=1e3x"]).name == "1e3x"
+
+
 @pytest.mark.parametrize("overrides, field", [
     (["bogus=1"], "bogus"),
     (["loss.third_order=1"], "loss.third_order"),
