@@ -106,7 +106,6 @@ def test_digit_segments_collect_the_writers_of_each_answer_digits_place():
     assert lay.segments(sequence, "steps") == [list(range(a, b)) for a, b in sequence.spans]
 
 
-
 @pytest.mark.parametrize("family", FAMILIES)
 def test_a_preset_of_any_family_keeps_the_tokenizer_it_was_saved_with(family, tmp_path):
     """The teacher's initial directory and the trained model's (the final checkpoint saves the tokenizer again):

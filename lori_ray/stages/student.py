@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from pathlib import Path
@@ -125,18 +126,22 @@ def student_stage(config: Config, teacher_dir: Path, splits: Splits, store) -> t
     if config.student.continuous:
         common["continuous_latents"] = layout.latent_ids
 
+    # the training split's sequences of each kind, read once (a removal or staged student with kd wants the
+    # teacher's sequences both as its own and for the kd term)
+    train_sequences = functools.cache(lambda kind: sequences_of(config, layout, kind, train))
+
     def with_teacher(index=None) -> dict[str, torch.Tensor]:
         """The teacher's own sequences (of ``train[i]`` for i in ``index``) for the kd term (an explicit student
         already trains on them)."""
         if not loss.kd or method == "explicit":
             return {}
-        sequences = sequences_of(config, layout, "teacher", train)
+        sequences = train_sequences("teacher")
         return teacher_sequences(sequences if index is None else [sequences[i] for i in index], layout.pad)
 
     if config.student.removes_cot or config.student.staged:
         kind = "teacher"  # trained on the teacher's sequences, losing their CoT (validation has none)
     if method in ("nocot", "icot_si", "coconut", "explicit"):
-        sequences = sequences_of(config, layout, kind, train)
+        sequences = train_sequences(kind)
         schedule, fields = curriculum(config, sequences, layout)
         data = write_tensors(sequences, layout.pad, config.model.max_positions, data_path,
                              **with_teacher(), **schedule)
@@ -165,7 +170,7 @@ def student_stage(config: Config, teacher_dir: Path, splits: Splits, store) -> t
     else:
         index, targets = store.hidden(steps)
         targets = targets[:, rows]
-    every = sequences_of(config, layout, kind, train)
+    every = train_sequences(kind)
     sequences = [every[i] for i in index]
     student_layers = [s for s, _ in pairs]
     tensors, fields = curriculum(config, sequences, layout)
