@@ -98,14 +98,59 @@ def written_cots(model, layout: Layout, examples: list[Example], batch_size: int
     return written
 
 
+def free() -> str:
+    """The cluster's free CPUs (and GPUs), as a log line says them."""
+    resources = ray.available_resources()
+    return ", ".join(f"{resources.get(name, 0):g} {name}" for name in ("CPU", "GPU") if name == "CPU" or name in resources)
+
+
+class PlacedPool:
+    """Teacher actors as a Ray ``ActorPool`` that holds only the actors Ray has placed. ``ActorPool`` hands a task to
+    every actor it is given, and an actor still waiting for its CPU (or GPU) holds that task until it is placed:
+    forever on a cluster smaller than the pool (2 actors on a 1-CPU cluster hung at the last shard). Work starts
+    once one actor is up; the others join between results as Ray places them."""
+
+    def __init__(self, actors: list, needs: str, log=print, wait_s: float = 30.0):
+        self.pool, self.waiting = ActorPool([]), {actor.__ray_ready__.remote(): actor for actor in actors}
+        started = time.time()
+        while not ray.wait(list(self.waiting), num_returns=1, timeout=wait_s)[0]:
+            log(f"[teacher] waiting for Ray to place a teacher actor (each takes {needs}; free now: {free()})")
+        # the others started loading the model with the first: as long again, if Ray placed them
+        self._join_placed(timeout=time.time() - started + 1.0)
+        if self.waiting:
+            log(f"[teacher] {len(actors) - len(self.waiting)} of {len(actors)} teacher actors ready (each takes "
+                f"{needs}; free now: {free()}); the others join when Ray places them")
+
+    def _join_placed(self, timeout: float = 0.0) -> None:
+        """Push the actors that became ready into the pool, where they take queued tasks (an actor that failed
+        to start raises here)."""
+        if not self.waiting:
+            return
+        ready, _ = ray.wait(list(self.waiting), num_returns=len(self.waiting), timeout=timeout)
+        for ref in ready:
+            ray.get(ref)
+            self.pool.push(self.waiting.pop(ref))
+
+    def _joining(self, results):
+        for result in results:
+            yield result
+            self._join_placed()
+
+    def map(self, fn, values):
+        return self._joining(self.pool.map(fn, values))
+
+    def map_unordered(self, fn, values):
+        return self._joining(self.pool.map_unordered(fn, values))
+
+
 @contextmanager
 def teacher_pool(model_dir: str | Path, layers: list[int], batch_size: int, count: int,
-                 trust_remote_code: bool = False, gpus_per_actor: float = 0.0, segments: str = "steps"):
-    """``count`` teacher actors as an ``ActorPool``; a dead actor is restarted and its task retried."""
+                 trust_remote_code: bool = False, gpus_per_actor: float = 0.0, segments: str = "steps", log=print):
+    """``count`` teacher actors as a ``PlacedPool``; a dead actor is restarted and its task retried."""
     worker = ray.remote(num_cpus=1, num_gpus=gpus_per_actor, max_restarts=2, max_task_retries=2)(TeacherWorker)
     actors = [worker.remote(str(model_dir), layers, batch_size, trust_remote_code, segments) for _ in range(count)]
     try:
-        yield ActorPool(actors)
+        yield PlacedPool(actors, "1 CPU" + (f" and {gpus_per_actor:g} GPU" if gpus_per_actor else ""), log)
     finally:
         for actor in actors:
             ray.kill(actor)
@@ -122,7 +167,7 @@ def complete_missing_cots(model_dir: str | Path, examples: list[Example], num_ac
     chunks = [missing[i:i + chunk_size] for i in range(0, len(missing), chunk_size)]
     completed, started = list(examples), time.time()
     with teacher_pool(model_dir, [], batch_size, min(num_actors, len(chunks)), trust_remote_code,
-                      gpus_per_actor) as pool:
+                      gpus_per_actor, log=log) as pool:
         jobs = [[examples[i] for i in chunk] for chunk in chunks]
         results = pool.map(lambda actor, job: actor.complete.remote(job, max_new_tokens), jobs)
         for done, (chunk, written) in enumerate(zip(chunks, results), 1):
@@ -156,7 +201,7 @@ def build_store(model_dir: str | Path, examples: list[Example], layers: list[int
 
     started, moments = time.time(), None
     with teacher_pool(model_dir, layers, batch_size, min(num_actors, len(shards)), trust_remote_code,
-                      gpus_per_actor, segments) as pool:
+                      gpus_per_actor, segments, log) as pool:
         jobs = [(store.uri, n, shard, [examples[i] for i in shard]) for n, shard in enumerate(shards)]
         every = max(1, len(shards) // 50)  # about 50 progress lines however large the data
         for done, shard_moments in enumerate(pool.map_unordered(lambda a, job: a.extract.remote(*job), jobs), 1):

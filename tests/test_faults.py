@@ -15,7 +15,7 @@ from ray.util.state import list_actors
 from lori_ray.checkpoints import verify
 from lori_ray.cluster import start_local
 from lori_ray.data import generate_multiplication
-from lori_ray.teacher_pool import build_store
+from lori_ray.teacher_pool import PlacedPool, build_store
 from lori_ray.train import fit
 from lori_ray.trajectories import EXTRACTIONS
 
@@ -123,6 +123,53 @@ def test_killed_teacher_actor_is_replaced_and_every_example_is_stored_exactly_on
     assert sorted(index) == list(range(len(examples)))  # no gaps, no duplicates
     assert {e["shard"] for e in store.extractions()} == set(range(shards))
     assert not list(Path(store.uri).rglob("*.tmp"))  # no partial shard left behind
+
+
+def cpu_holder():
+    """An actor that takes one CPU of the cluster while it lives (defined here: Ray workers cannot import tests)."""
+    class Holder:
+        def pid(self, pause: float = 0.0) -> int:
+            time.sleep(pause)
+            return os.getpid()
+    return ray.remote(num_cpus=1)(Holder).remote()
+
+
+def test_a_pool_larger_than_the_free_cpus_extracts_with_the_actors_ray_can_place(cluster, tmp_path):
+    """Two teacher actors with one CPU free: the actor Ray could not place held the shard the pool gave it, and the
+    extraction hung at its last shard."""
+    holder = cpu_holder()
+    ray.get(holder.pid.remote())
+    try:
+        messages = []
+        thread, outcome = run_in_thread(build_store, tiny_model_dir(tmp_path / "model"),
+                                        generate_multiplication(128, 2, 2), [1, 2], 4, tmp_path / "store", 2, 16, 16,
+                                        False, 0.0, messages.append)
+        thread.join(300)
+        assert not thread.is_alive(), f"extraction hung: {messages}"
+    finally:
+        ray.kill(holder)
+    if "error" in outcome:
+        raise outcome["error"]
+    assert any("1 of 2 teacher actors ready (each takes 1 CPU; free now: 0 CPU)" in m for m in messages), messages
+    store = outcome["result"]
+    assert store.manifest["shards"] == 8 and len({e["pid"] for e in store.extractions()}) == 1
+
+
+def test_an_actor_ray_places_later_joins_the_pool_and_takes_queued_work(cluster):
+    holder = cpu_holder()
+    ray.get(holder.pid.remote())
+    actors, messages, pids = [cpu_holder() for _ in range(2)], [], []
+    try:
+        pool = PlacedPool(actors, "1 CPU", messages.append)
+        assert len(messages) == 1 and "1 of 2 teacher actors ready" in messages[0]
+        for pid in pool.map_unordered(lambda actor, pause: actor.pid.remote(pause), [0.5] * 16):
+            pids.append(pid)
+            if len(pids) == 1:
+                ray.kill(holder)  # a CPU frees up: Ray places the waiting actor, which takes the queued tasks
+    finally:
+        for actor in (holder, *actors):
+            ray.kill(actor)
+    assert len(pids) == 16 and len(set(pids)) == 2
 
 
 def test_killed_driver_resumes_with_the_same_run_name(tmp_path, tiny_run):
