@@ -138,6 +138,17 @@ def plan(config: Config, splits: Splits) -> str:
 # sections that change what a run computes (tune: a search restored under another space would mix two
 # searches); tracking, cluster and eval may differ on a rerun
 _RUN_DEFINING = ("seed", "data", "model", "teacher", "trajectory", "subspace", "student", "loss", "tune")
+# how the work is spread, not what it computes: the actor pool is sized to a smaller cluster on a rerun
+_EXECUTION_ONLY = ("trajectory.num_actors",)
+
+
+def differences(before, now, prefix: str = "") -> list[str]:
+    """The dotted keys whose values differ between two config dicts, as 'key: old -> new'."""
+    if isinstance(before, dict) and isinstance(now, dict):
+        return [line for key in dict.fromkeys([*before, *now])
+                for line in differences(before.get(key), now.get(key), f"{prefix}{key}.")]
+    key = prefix.rstrip(".")
+    return [] if before == now or key in _EXECUTION_ONLY else [f"{key}: {before!r} -> {now!r}"]
 
 
 def shared_teacher_path(first: Config) -> str:
@@ -156,7 +167,7 @@ def check_rerun(config: Config, teacher_path: str | None = None) -> None:
     now = config.model_dump(mode="json")
     if teacher_path:
         now["teacher"]["path"] = teacher_path
-    changed = [key for key in _RUN_DEFINING if before.get(key) != now.get(key)]
+    changed = differences({key: before.get(key) for key in _RUN_DEFINING}, {key: now.get(key) for key in _RUN_DEFINING})
     if changed:
-        raise ConfigError(f"name: {config.run_dir} holds a run of '{config.name}' with different "
-                          f"{', '.join(changed)}; pick another name= or delete that directory")
+        raise ConfigError(f"name: {config.run_dir} holds a run of '{config.name}' with a different "
+                          f"{'; '.join(changed)}; pick another name= or delete that directory")
