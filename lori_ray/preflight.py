@@ -142,13 +142,19 @@ _RUN_DEFINING = ("seed", "data", "model", "teacher", "trajectory", "subspace", "
 _EXECUTION_ONLY = ("trajectory.num_actors",)
 
 
+_ABSENT = object()
+
+
 def differences(before, now, prefix: str = "") -> list[str]:
-    """The dotted keys whose values differ between two config dicts, as 'key: old -> new'."""
+    """The dotted keys whose values differ between two config dicts, as 'key: old -> new'. A key the saved
+    config does not have is a setting added since that run, which ran as its default does."""
     if isinstance(before, dict) and isinstance(now, dict):
         return [line for key in dict.fromkeys([*before, *now])
-                for line in differences(before.get(key), now.get(key), f"{prefix}{key}.")]
+                for line in differences(before.get(key, _ABSENT), now.get(key, _ABSENT), f"{prefix}{key}.")]
     key = prefix.rstrip(".")
-    return [] if before == now or key in _EXECUTION_ONLY else [f"{key}: {before!r} -> {now!r}"]
+    if before is _ABSENT or before == now or key in _EXECUTION_ONLY:
+        return []
+    return [f"{key}: {before!r} -> {'(unset)' if now is _ABSENT else repr(now)}"]
 
 
 def shared_teacher_path(first: Config) -> str:

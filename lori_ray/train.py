@@ -249,6 +249,8 @@ def train_loop(config: dict) -> None:
 
     stage = Stage(**config)
     train = stage.train
+    if train.num_workers and not torch.cuda.is_available():
+        torch.set_num_threads(train.cpus_per_worker)  # the cores Ray gave this worker
     quiet_ray_train()
     deepspeed = _import_deepspeed()
     _ensure_process_group()
@@ -288,7 +290,9 @@ def train_loop(config: dict) -> None:
     num_examples, micro = data["input_ids"].shape[0], train.batch_size // world
     if rank == 0:  # a student that sees its problems many times memorises them instead of learning to compute
         print(f"[{stage.name}] {num_examples} training examples, {train.steps} steps x batch "
-              f"{train.batch_size} = {train.steps * train.batch_size / num_examples:.2f} epochs", flush=True)
+              f"{train.batch_size} = {train.steps * train.batch_size / num_examples:.2f} epochs on {world} "
+              f"worker{'s' if world > 1 else ''} x " + (f"{stage.gpus_per_worker:g} GPU" if torch.cuda.is_available()
+                                                      else f"{torch.get_num_threads()} CPU thread" + "s" * (torch.get_num_threads() > 1)), flush=True)
     started, sums, count, last, bad_steps = time.time(), {}, 0, {"step": step}, 0
     began, first_step = started, step  # for the time left: this run's pace, validation and checkpoints included
     engine.train()
@@ -335,6 +339,8 @@ def train_loop(config: dict) -> None:
                 report["budget_spent"] = spent[0]  # fraction of train.max_minutes
             if torch.cuda.is_available():
                 report["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 1e9
+            else:  # steps_per_s compares across runs only with the cores behind it
+                report["threads_per_worker"] = torch.get_num_threads()
             due = step == end or (train.eval_every and step % train.eval_every == 0)
             if validation is not None and due:
                 engine.eval()
@@ -463,8 +469,9 @@ def fit(stage: Stage, output_dir: str | Path, storage_path: str | Path, callback
         train_loop,
         train_loop_config=asdict(stage),
         scaling_config=ScalingConfig(num_workers=stage.train.num_workers, use_gpu=stage.gpus_per_worker > 0,
-                                     resources_per_worker={"CPU": 1, "GPU": stage.gpus_per_worker}
-                                     if stage.gpus_per_worker > 0 else None),
+                                     resources_per_worker={"CPU": stage.train.cpus_per_worker,
+                                                           **({"GPU": stage.gpus_per_worker}
+                                                              if stage.gpus_per_worker > 0 else {})}),
         run_config=RunConfig(name=stage.name, storage_path=str(storage_path), worker_runtime_env={"env_vars": WORKER_ENV},
                              failure_config=FailureConfig(max_failures=1),
                              checkpoint_config=CheckpointConfig(num_to_keep=2), callbacks=callbacks),

@@ -5,6 +5,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 from lori_ray.config import ConfigError, load_config
 from lori_ray.preflight import check_rerun
@@ -95,6 +96,11 @@ def test_rerun_with_a_different_config_is_refused(tmp_path):
     # how many teacher actors extract changes no result: a rerun on a smaller cluster may use fewer
     check_rerun(load_config(ROOT / "configs/tiny.yaml", [f"output_dir={tmp_path}", "eval.batch_size=4",
                                                          "trajectory.num_actors=1"]))
+    # a setting added since the saved run (absent from its config.yaml) ran as its default
+    saved = yaml.safe_load((config.run_dir / "config.yaml").read_text())
+    del saved["student"]["train"]["cpus_per_worker"]
+    (config.run_dir / "config.yaml").write_text(yaml.safe_dump(saved))
+    check_rerun(config)
     with pytest.raises(ConfigError, match=r"^name: .*different subspace.rank: 4 -> 2; loss.ce: 1.0 -> 0.5; pick"):
         check_rerun(load_config(ROOT / "configs/tiny.yaml", [f"output_dir={tmp_path}", "subspace.rank=2",
                                                              "loss.ce=0.5"]))

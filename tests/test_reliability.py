@@ -83,10 +83,12 @@ def test_nan_loss_stops_the_stage_with_a_clear_error_and_keeps_the_checkpoint(lo
 
 @pytest.mark.cluster
 def test_a_wall_clock_budget_ends_the_stage_at_a_log_interval_and_publishes_it(local_ray, tmp_path):
-    stage = tiny_stage(tmp_path, "budget", num_workers=1, steps=10**6, log_every=4, max_minutes=1e-5)
+    stage = tiny_stage(tmp_path, "budget", num_workers=1, cpus_per_worker=2, steps=10**6, log_every=4,
+                       max_minutes=1e-5)
     stage = replace(stage, val_path=stage.data_path)
     out, metrics = fit(stage, tmp_path / "out", tmp_path / "ray")  # a worker process: DeepSpeed's state stays there
     assert metrics["step"] == 4 and metrics["budget_spent"] >= 1
+    assert metrics["threads_per_worker"] == 2  # the worker took both of the cluster's cores
     assert "val_accuracy" in metrics  # the last interval is validated like a last step
     assert (out / "model.safetensors").is_file()
 
