@@ -289,10 +289,12 @@ def train_loop(config: dict) -> None:
         logger.log(resumed, step, replayed_too=True)
     num_examples, micro = data["input_ids"].shape[0], train.batch_size // world
     if rank == 0:  # a student that sees its problems many times memorises them instead of learning to compute
+        threads = torch.get_num_threads()
+        each = (f"{stage.gpus_per_worker:g} GPU" if torch.cuda.is_available()
+                else f"{threads} CPU thread{'s' if threads > 1 else ''}")
         print(f"[{stage.name}] {num_examples} training examples, {train.steps} steps x batch "
               f"{train.batch_size} = {train.steps * train.batch_size / num_examples:.2f} epochs on {world} "
-              f"worker{'s' if world > 1 else ''} x " + (f"{stage.gpus_per_worker:g} GPU" if torch.cuda.is_available()
-                                                      else f"{torch.get_num_threads()} CPU thread" + "s" * (torch.get_num_threads() > 1)), flush=True)
+              f"worker{'s' if world > 1 else ''} x {each}", flush=True)
     started, sums, count, last, bad_steps = time.time(), {}, 0, {"step": step}, 0
     began, first_step = started, step  # for the time left: this run's pace, validation and checkpoints included
     engine.train()
