@@ -32,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch
 from safetensors.torch import save_file
 
+from lori_ray.cli import at_least_one
 from lori_ray.data import generate_multiplication
 from lori_ray.models import build_model
 from lori_ray.objective import TrajectoryProjection
@@ -191,7 +192,8 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--compile", action="store_true", help="torch.compile our training step (train.compile)")
     parser.add_argument("--plain-compile", action="store_true", help="also time a torch.compile'd plain step")
-    parser.add_argument("--latents", type=int, default=4)
+    parser.add_argument("--latents", type=at_least_one, default=4,
+                        help="latent slots the LoRi step aligns (its first- and second-order terms need one)")
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--extract", type=int, default=512, help="examples for the extraction comparison")
     parser.add_argument("--generate", type=int, default=64, help="batch for the generation comparison")
