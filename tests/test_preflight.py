@@ -132,12 +132,13 @@ def test_help_lists_every_config_key_with_its_type_default_and_note():
     assert len(keys) > 80 and all(key.split(".")[0] in Config.model_fields for key in keys)
 
 
-@pytest.mark.parametrize("driver, flag", [("bench/accuracy.py", "--seeds"), ("bench/accuracy.py", "--parallel"),
-                                          ("bench/red.py", "--parallel"), ("bench/throughput.py", "--latents")])
-def test_a_benchmark_count_below_one_exits_2_naming_its_flag(driver, flag):
+@pytest.mark.parametrize("command, flag", [(["bench/accuracy.py", "--config", TINY], "--seeds"),
+                                           (["bench/accuracy.py", "--config", TINY], "--parallel"),
+                                           (["bench/red.py", "--config", TINY], "--parallel"),
+                                           (["bench/throughput.py"], "--latents")])
+def test_a_benchmark_count_below_one_exits_2_naming_its_flag(command, flag):
     """(the throughput bench's LoRi step with no latent slots used to print a NaN loss instead)"""
-    config = [] if driver == "bench/throughput.py" else ["--config", TINY]
-    result = subprocess.run([sys.executable, driver, *config, flag, "0"], cwd=ROOT, capture_output=True,
+    result = subprocess.run([sys.executable, *command, flag, "0"], cwd=ROOT, capture_output=True,
                             text=True, timeout=120, check=False)
     assert result.returncode == 2 and f"argument {flag}: at least 1, got '0'" in result.stderr
 
