@@ -169,13 +169,16 @@ def _import_deepspeed():
     return deepspeed
 
 
-def _ensure_process_group():
-    """``num_workers=0`` runs in the driver with no process group; give DeepSpeed a world of one. Its store is
-    in memory: a TCP store would listen on every interface for the rest of the driver's life."""
+def _ensure_process_group() -> bool:
+    """``num_workers=0`` runs in the driver with no process group; give DeepSpeed a world of one (and say so: the
+    stage that made it must end it, see ``train_loop``). Its store is in memory: a TCP store would listen on every
+    interface for the rest of the driver's life."""
     import torch.distributed as dist
-    if not dist.is_initialized():
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
-        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    if dist.is_initialized():
+        return False
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    return True
 
 
 def _build_objective(stage: Stage):
@@ -253,7 +256,7 @@ def train_loop(config: dict) -> None:
         torch.set_num_threads(train.cpus_per_worker)  # the cores Ray gave this worker
     quiet_ray_train()
     deepspeed = _import_deepspeed()
-    _ensure_process_group()
+    own_group = _ensure_process_group()
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
 
@@ -362,6 +365,10 @@ def train_loop(config: dict) -> None:
             elif step < end:
                 ray.train.report(report)
     _report_checkpoint(engine, objective, last, stage, step, restarts, final=True)
+    if own_group:
+        # through DeepSpeed, which forgets the groups it cloned from it: Ray's in-driver mode ends it with torch
+        # alone, and the next stage in this driver failed on DeepSpeed's stale clone ("Group ... is not registered")
+        deepspeed.comm.destroy_process_group()
 
 
 def time_left(elapsed: float, done: int, remaining: int) -> str:

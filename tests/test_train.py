@@ -1,3 +1,5 @@
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -103,7 +105,20 @@ def test_optimizer_reset_clears_adam_moments_inside_a_deepspeed_zero2_engine():
         assert state["step"] == 1  # the moments started afresh
     finally:
         if started_group:
-            dist.destroy_process_group()
+            deepspeed.comm.destroy_process_group()  # and DeepSpeed's clones of it (see the next test)
+
+
+def test_stages_in_the_driver_one_after_another_each_train(tmp_path):
+    """``num_workers=0`` trains in the driver. Ray ends each such stage's process group with torch alone, and the
+    next stage failed on DeepSpeed's clone of the first one's ("Group ... is not registered"), so a run with
+    both stages in the driver never reached its student."""
+    from conftest import tiny_stage
+
+    from lori_ray.train import fit
+    stage = tiny_stage(tmp_path, "first", num_workers=0, steps=2, log_every=2)
+    for name in ("first", "second"):
+        out, metrics = fit(replace(stage, name=name), tmp_path / name, tmp_path / "ray")
+        assert metrics["step"] == 2 and (out / "model.safetensors").is_file()
 
 
 @pytest.mark.parametrize("elapsed, done, remaining, shown", [
