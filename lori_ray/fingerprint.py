@@ -14,8 +14,9 @@ from dataclasses import asdict
 from pathlib import Path
 
 FINGERPRINT_FILE = "lori-stage.json"
-# where the stage reports, what it is called and how its checkpoints are signed do not change what it computes
-_NOT_INPUTS = ("name", "tracking_uri", "run_id", "checkpoint_key", "inputs_digest", "checkpoint_root")
+# where the stage reports, what it is called, whether it draws a bar and how its checkpoints are signed do not change
+# what it computes
+_NOT_INPUTS = ("name", "tracking_uri", "run_id", "checkpoint_key", "inputs_digest", "checkpoint_root", "progress_bar")
 _FILE_INPUTS = ("model_dir", "data_path", "val_path", "projection_path", "readout_path", "teacher_dir")
 
 

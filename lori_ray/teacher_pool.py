@@ -20,6 +20,7 @@ from . import storage
 from .data import COT_SEPARATOR, DataFormatError, Example, normalize_answer, parse_line
 from .evaluate import greedy_generate
 from .models import load_model
+from .progress import progress_bar
 from .subspace import Moments, fit_pca
 from .tokens import Layout, collate, load_tokenizer
 from .trajectories import TrajectoryStore, file_fingerprint, pack, segment_means, store_key, unpack
@@ -186,10 +187,11 @@ def data_fingerprint(examples: list[Example]) -> str:
 def build_store(model_dir: str | Path, examples: list[Example], layers: list[int], max_rank: int,
                 store_dir: str | Path, num_actors: int = 2, batch_size: int = 64, shard_size: int = 512,
                 trust_remote_code: bool = False, gpus_per_actor: float = 0.0, log=print,
-                segments: str = "steps") -> TrajectoryStore:
+                segments: str = "steps", bars: bool = False) -> TrajectoryStore:
     """Extract, fit and project with a pool of teacher actors into ``store_dir`` (a shared path or an
     object-store URI, see ``storage``); reuse the store if it is complete. ``segments``: what one
-    trajectory unit averages (``Layout.segments``): each CoT step, or each answer digit's column."""
+    trajectory unit averages (``Layout.segments``): each CoT step, or each answer digit's column. ``bars``: a
+    progress bar over the shards too (``progress``)."""
     key = store_key(file_fingerprint(model_dir), data_fingerprint(examples), layers, max_rank, segments)
     store = TrajectoryStore(storage.join(str(store_dir), key))
     if store.complete:
@@ -204,12 +206,15 @@ def build_store(model_dir: str | Path, examples: list[Example], layers: list[int
                       gpus_per_actor, segments, log) as pool:
         jobs = [(store.uri, n, shard, [examples[i] for i in shard]) for n, shard in enumerate(shards)]
         every = max(1, len(shards) // 50)  # about 50 progress lines however large the data
+        bar = progress_bar(bars, "teacher pass", len(shards), "shard")
         for done, shard_moments in enumerate(pool.map_unordered(lambda a, job: a.extract.remote(*job), jobs), 1):
             moments = shard_moments if moments is None else moments.merge(shard_moments)
+            bar.update()
             if done % every == 0 or done == len(shards):
                 elapsed = time.time() - started
                 log(f"[teacher] extracted shard {done}/{len(shards)} ({moments.count} vectors of {segments}, "
                     f"{elapsed:.1f}s, about {elapsed / done * (len(shards) - done):.0f}s left)")
+        bar.close()
         subspace = fit_pca(moments, max_rank)
         store.write_subspace(subspace)
         projected = sum(pool.map_unordered(lambda a, n: a.project.remote(store.uri, n), range(len(shards))))

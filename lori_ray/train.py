@@ -62,6 +62,7 @@ class Stage:
     stages: StageSchedule | None = None  # Coconut's stages
     reset_optimizer: bool = False  # clear the optimizer's moments at each removal increment or stage
     continuous_latents: list[int] | None = None  # token ids of the latent slots, when they are continuous thoughts
+    progress_bar: bool = False  # rank 0 advances a bar the driver draws (``progress``: its output is a terminal)
     # checkpoints (see ``checkpoints``): the HMAC key (a secret; never written to storage), the digest of the
     # stage's inputs they must match, and their folder when storage is a filesystem path (set by ``fit``)
     checkpoint_key: str | None = None
@@ -248,6 +249,7 @@ def train_loop(config: dict) -> None:
 
     from .batch import trim_padding
     from .checkpoints import verify
+    from .progress import progress_bar
     from .tracking import StepLogger
 
     stage = Stage(**config)
@@ -300,6 +302,7 @@ def train_loop(config: dict) -> None:
               f"worker{'s' if world > 1 else ''} x {each}", flush=True)
     started, sums, count, last, bad_steps = time.time(), {}, 0, {"step": step}, 0
     began, first_step = started, step  # for the time left: this run's pace, validation and checkpoints included
+    bar = progress_bar(stage.progress_bar and rank == 0, stage.name, train.steps, "step", done=step)
     engine.train()
     end = train.steps
     while step < end:
@@ -317,6 +320,7 @@ def train_loop(config: dict) -> None:
             # skip the update on every rank together; the model and the last checkpoint stay clean
             bad_steps += 1
             step += 1
+            bar.update()
             if bad_steps >= train.max_bad_steps:
                 raise FloatingPointError(
                     f"[{stage.name}] loss was NaN/Inf for {bad_steps} consecutive steps (last: step {step}, "
@@ -327,6 +331,7 @@ def train_loop(config: dict) -> None:
         engine.backward(loss)
         engine.step()
         step += 1
+        bar.update()
         for k, v in metrics.items():
             sums[k] = sums.get(k, 0.0) + v
         count += 1
@@ -364,6 +369,7 @@ def train_loop(config: dict) -> None:
                 _report_checkpoint(engine, objective, report, stage, step, restarts, final=False)
             elif step < end:
                 ray.train.report(report)
+    bar.close()
     _report_checkpoint(engine, objective, last, stage, step, restarts, final=True)
     if own_group:
         # through DeepSpeed, which forgets the groups it cloned from it: Ray's in-driver mode ends it with torch

@@ -16,6 +16,7 @@ from ..config import Config, ConfigError
 from ..data import Example
 from ..fingerprint import finished, inputs_digest, stage_inputs
 from ..models import model_shape
+from ..progress import bars_wanted
 from ..tokenized import tokenized
 from ..tokens import Layout, Sequence, collate
 from ..tracking import stage_run
@@ -39,7 +40,7 @@ def make_stage(config: Config, name: str, model_dir: Path, data_path: Path, trai
     fields.setdefault("seed", config.seed)
     return Stage(name=f"{config.name}-{name}", model_dir=str(model_dir), data_path=str(data_path),
                  train=train_config, tracking_uri=config.tracking_uri(),
-                 gpus_per_worker=gpus(config.cluster.gpus_per_worker), **fields)
+                 gpus_per_worker=gpus(config.cluster.gpus_per_worker), progress_bar=bars_wanted(), **fields)
 
 
 def train_stage(config: Config, name: str, model_dir: Path, data_path: Path, train_config, **stage_fields) -> Path:

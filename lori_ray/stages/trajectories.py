@@ -10,6 +10,7 @@ from ..cluster import gpus
 from ..config import Config
 from ..data import Example
 from ..plots import spectrum_figure, spectrum_summary
+from ..progress import bars_wanted
 from ..teacher_pool import build_store
 from ..tracking import stage_run
 from . import log
@@ -30,7 +31,7 @@ def trajectory_stage(config: Config, teacher_dir: Path, train: list[Example]):
                             config.trajectory.num_actors, config.trajectory.batch_size,
                             trust_remote_code=config.model.trust_remote_code,
                             gpus_per_actor=gpus(config.cluster.gpus_per_actor), log=log,
-                            segments=trajectory_segments(config))
+                            segments=trajectory_segments(config), bars=bars_wanted())
         subspace = store.subspace()
         spectrum = spectrum_summary(subspace, layers)
         mlflow.log_dict(spectrum, "subspace_spectrum.json")
