@@ -159,9 +159,10 @@ def teacher_pool(model_dir: str | Path, layers: list[int], batch_size: int, coun
 
 def complete_missing_cots(model_dir: str | Path, examples: list[Example], num_actors: int = 2, batch_size: int = 64,
                           max_new_tokens: int = 256, trust_remote_code: bool = False, gpus_per_actor: float = 0.0,
-                          chunk_size: int = 512, log=print) -> list[Example]:
+                          chunk_size: int = 512, log=print, bars: bool = False) -> list[Example]:
     """Examples without a gold CoT get the teacher's own (batched greedy generation on the actor pool),
-    kept only where its answer is right; the list keeps its order and length."""
+    kept only where its answer is right; the list keeps its order and length. ``bars``: a progress bar over
+    the chunks too (``progress``)."""
     missing = [i for i, e in enumerate(examples) if not e.steps]
     if not missing:
         return list(examples)
@@ -171,10 +172,13 @@ def complete_missing_cots(model_dir: str | Path, examples: list[Example], num_ac
                       gpus_per_actor, log=log) as pool:
         jobs = [[examples[i] for i in chunk] for chunk in chunks]
         results = pool.map(lambda actor, job: actor.complete.remote(job, max_new_tokens), jobs)
+        bar = progress_bar(bars, "teacher CoTs", len(chunks), "chunk")
         for done, (chunk, written) in enumerate(zip(chunks, results), 1):
             for i, example in zip(chunk, written):
                 completed[i] = example or examples[i]
+            bar.update()
             log(f"[teacher] wrote CoTs for chunk {done}/{len(chunks)} ({time.time() - started:.1f}s)")
+        bar.close()
     kept = sum(1 for i in missing if completed[i].steps)
     log(f"[teacher] {kept} of {len(missing)} examples without a gold CoT got a teacher CoT with the right answer")
     return completed

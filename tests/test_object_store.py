@@ -1,6 +1,7 @@
 """The trajectory store and Ray Train checkpoints on an object store: a real S3 API (moto's server on
 loopback) reached by the driver, the teacher actors and the train workers through pyarrow."""
 
+import re
 from pathlib import Path
 
 import pyarrow.fs as pafs
@@ -77,16 +78,17 @@ def test_remove_temporaries_deletes_only_what_a_killed_writer_left(tmp_path):
     assert storage.remove_temporaries(filesystem, f"{root}/absent") == 0
 
 
-def test_trajectory_store_on_s3_holds_every_example_once_and_is_found_again(s3, tmp_path, monkeypatch):
+def test_trajectory_store_on_s3_holds_every_example_once_and_is_found_again(s3, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)  # a URI mistaken for a relative path would leave files here
     model_dir = tiny_model_dir(tmp_path / "model")
     examples = generate_multiplication(64, 2, 2)
 
-    def build() -> TrajectoryStore:  # 2 actors, shards of 16 examples
+    def build() -> TrajectoryStore:  # 2 actors, shards of 16 examples; a progress bar as on a terminal
         return build_store(model_dir, examples, [1, 2], 4, f"{s3}/trajectories", 2, 16, 16, False, 0.0,
-                           lambda message: None)
+                           lambda message: None, bars=True)
 
     store = build()
+    assert re.search(r"teacher pass: 100%\|.*\| 4\.00/4\.00 \[", capsys.readouterr().err)  # one per shard
     assert store.uri.startswith(f"{s3}/trajectories/")
     assert store.manifest["examples"] == 64 and store.manifest["shards"] == 4
     index = [i for n in range(4) for i in store.shard("coords", n)["index"].tolist()]
@@ -101,6 +103,7 @@ def test_trajectory_store_on_s3_holds_every_example_once_and_is_found_again(s3, 
 
     again = build()
     assert again.uri == store.uri and len(again.extractions()) == 4  # found: the teacher did not run again
+    assert "teacher pass" not in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
     filesystem, root = storage.resolve(store.uri)
     filesystem.delete_file(f"{root}/{MANIFEST}")

@@ -1,6 +1,8 @@
 """The teacher writes CoTs for examples that have none: greedy generation (on the actor pool), parsed
 like a data line, kept only when the written answer is the gold one."""
 
+import re
+
 import pytest
 import ray
 import torch
@@ -46,16 +48,17 @@ def test_written_cots_parse_into_steps_and_reject_wrong_answers(memorising_teach
     assert written[3] is None  # its answer is not the (wrong) gold one
 
 
-def test_actor_pool_completes_only_the_missing_cots_in_order(memorising_teacher):
+def test_actor_pool_completes_only_the_missing_cots_in_order(memorising_teacher, capsys):
     _, _, examples, directory = memorising_teacher
     start_local(2, include_dashboard=False)
     try:
         inputs = [examples[0], without_cot(examples[1]), without_cot(examples[2], answer="9")]
         messages = []
         completed = complete_missing_cots(directory, inputs, num_actors=2, batch_size=2, max_new_tokens=40,
-                                          chunk_size=1, log=messages.append)
+                                          chunk_size=1, log=messages.append, bars=True)
     finally:
         ray.shutdown()
+    assert re.search(r"teacher CoTs: 100%\|.*\| 2\.00/2\.00 \[", capsys.readouterr().err)  # one per chunk
     assert completed[0] is inputs[0]  # a gold CoT is kept as it is
     assert completed[1] == examples[1]
     assert completed[2] == inputs[2]  # wrong teacher answer: left without a CoT

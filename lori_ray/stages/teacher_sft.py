@@ -11,6 +11,7 @@ from ..config import Config
 from ..data import Example
 from ..models import build_model, local_model_dir
 from ..preflight import Splits
+from ..progress import bars_wanted
 from ..storage import published_directory
 from ..teacher_pool import complete_missing_cots
 from ..tokens import Layout, arithmetic_tokenizer, load_tokenizer
@@ -54,7 +55,7 @@ def completed_train(config: Config, teacher_dir: Path, train: list[Example]) -> 
                 for r in map(json.loads, path.read_text().splitlines())]
     completed = complete_missing_cots(teacher_dir, train, config.trajectory.num_actors, config.trajectory.batch_size,
                                       config.eval.max_new_tokens, config.model.trust_remote_code,
-                                      gpus(config.cluster.gpus_per_actor), log=log)
+                                      gpus(config.cluster.gpus_per_actor), log=log, bars=bars_wanted())
     staging = path.with_suffix(".partial")
     staging.write_text("".join(json.dumps(asdict(e)) + "\n" for e in completed))
     staging.replace(path)
