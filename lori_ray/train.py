@@ -4,7 +4,7 @@ The driver writes a stage directory (initial HF model, tokenized tensors, option
 every worker reads it, trains, and reports metrics and checkpoints through ``ray.train``. The
 last checkpoint holds the trained model as an HF directory under ``hf/``. Longer than the project's ~250 lines
 because the worker loop and the driver's ``fit`` must agree on what a checkpoint holds and how a restarted
-worker resumes; the loop itself (``train_loop``) reads top to bottom as one training step.
+worker resumes; the loop itself (``_train``) reads top to bottom as one training step.
 """
 
 from __future__ import annotations
@@ -170,16 +170,26 @@ def _import_deepspeed():
     return deepspeed
 
 
-def _ensure_process_group() -> bool:
-    """``num_workers=0`` runs in the driver with no process group; give DeepSpeed a world of one (and say so: the
-    stage that made it must end it, see ``train_loop``). Its store is in memory: a TCP store would listen on every
-    interface for the rest of the driver's life."""
+@contextmanager
+def _process_group(deepspeed):
+    """``num_workers=0`` runs in the driver with no process group: a world of one for the stage (its store in
+    memory: a TCP store would listen on every interface for the rest of the driver's life), ended through
+    DeepSpeed however the stage ends. DeepSpeed keeps clones of the world group; Ray's in-driver mode ends the
+    group with torch alone (after a stage that returned; after one that raised, not at all), and the next stage
+    in that driver failed on the stale clone ("Group ... is not registered")."""
     import torch.distributed as dist
-    if dist.is_initialized():
-        return False
+    if dist.is_initialized():  # a Ray Train worker's, or a caller's
+        yield
+        return
     os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    return True
+    try:
+        yield
+    finally:
+        if deepspeed.comm.is_initialized():  # DeepSpeed took it up, and forgets its clones as it ends it
+            deepspeed.comm.destroy_process_group()
+        elif dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def _build_objective(stage: Stage):
@@ -244,6 +254,17 @@ def quiet_ray_train() -> None:
 
 def train_loop(config: dict) -> None:
     """Ray Train worker loop (also runs in-process with ``num_workers=0``)."""
+    stage = Stage(**config)
+    if stage.train.num_workers and not torch.cuda.is_available():
+        torch.set_num_threads(stage.train.cpus_per_worker)  # the cores Ray gave this worker
+    quiet_ray_train()
+    deepspeed = _import_deepspeed()
+    with _process_group(deepspeed):
+        _train(stage, deepspeed)
+
+
+def _train(stage: Stage, deepspeed) -> None:
+    """The stage's training loop; ``train_loop`` has set up the process (threads, logging, process group)."""
     import ray.train
     from safetensors.torch import load_file
 
@@ -252,13 +273,7 @@ def train_loop(config: dict) -> None:
     from .progress import progress_bar
     from .tracking import StepLogger
 
-    stage = Stage(**config)
     train = stage.train
-    if train.num_workers and not torch.cuda.is_available():
-        torch.set_num_threads(train.cpus_per_worker)  # the cores Ray gave this worker
-    quiet_ray_train()
-    deepspeed = _import_deepspeed()
-    own_group = _ensure_process_group()
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
 
@@ -371,10 +386,6 @@ def train_loop(config: dict) -> None:
                 ray.train.report(report)
     bar.close()
     _report_checkpoint(engine, objective, last, stage, step, restarts, final=True)
-    if own_group:
-        # through DeepSpeed, which forgets the groups it cloned from it: Ray's in-driver mode ends it with torch
-        # alone, and the next stage in this driver failed on DeepSpeed's stale clone ("Group ... is not registered")
-        deepspeed.comm.destroy_process_group()
 
 
 def time_left(elapsed: float, done: int, remaining: int) -> str:

@@ -79,13 +79,9 @@ def test_curriculum_batch_shows_each_coconut_stage_at_its_steps():
 
 
 def test_optimizer_reset_clears_adam_moments_inside_a_deepspeed_zero2_engine():
-    import torch.distributed as dist
-
-    from lori_ray.train import _ensure_process_group, _import_deepspeed, reset_optimizer_state
+    from lori_ray.train import _import_deepspeed, _process_group, reset_optimizer_state
     deepspeed = _import_deepspeed()
-    started_group = not dist.is_initialized()
-    _ensure_process_group()
-    try:
+    with _process_group(deepspeed):
         model = torch.nn.Linear(4, 2)
         optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
         train = TrainConfig(batch_size=2, grad_clip=1.0, zero_stage=2, precision="fp32")
@@ -103,19 +99,18 @@ def test_optimizer_reset_clears_adam_moments_inside_a_deepspeed_zero2_engine():
         step()
         (state,) = optimizer.state.values()
         assert state["step"] == 1  # the moments started afresh
-    finally:
-        if started_group:
-            deepspeed.comm.destroy_process_group()  # and DeepSpeed's clones of it (see the next test)
 
 
 def test_stages_in_the_driver_one_after_another_each_train(tmp_path):
-    """``num_workers=0`` trains in the driver. Ray ends each such stage's process group with torch alone, and the
-    next stage failed on DeepSpeed's clone of the first one's ("Group ... is not registered"), so a run with
-    both stages in the driver never reached its student."""
+    """``num_workers=0`` trains in the driver. Ray ends such a stage's process group with torch alone (and after
+    a stage that raised, not at all); the next stage failed on DeepSpeed's clone of the old group ("Group ... is
+    not registered"), so a run with both stages in the driver never reached its student."""
     from conftest import tiny_stage
 
     from lori_ray.train import fit
-    stage = tiny_stage(tmp_path, "first", num_workers=0, steps=2, log_every=2)
+    stage = tiny_stage(tmp_path, "first", num_workers=0, steps=2, log_every=2, max_bad_steps=1)
+    with pytest.raises(Exception, match="loss was NaN/Inf"):  # a stage that fails, then two that train
+        fit(replace(stage, name="failed", weights={"ce": float("nan")}), tmp_path / "failed", tmp_path / "ray")
     for name in ("first", "second"):
         out, metrics = fit(replace(stage, name=name), tmp_path / name, tmp_path / "ray")
         assert metrics["step"] == 2 and (out / "model.safetensors").is_file()
