@@ -21,7 +21,9 @@ def test_bars_only_where_the_drivers_output_is_a_terminal_and_not_asked_off(monk
     monkeypatch.setenv("LORI_PROGRESS", "plain")
     assert not bars_wanted(Terminal())
     assert isinstance(progress_bar(False, "stage", 6, "step"), NoBar)
-    assert progress_bar(True, "resumed stage", 6, "step", done=4).n == 4  # counts on from a resumed step
+    resumed = progress_bar(True, "resumed stage", 6, "step", done=4)
+    assert resumed.n == 4  # counts on from a resumed stage's step
+    resumed.close()
 
 
 def test_a_stage_on_a_terminal_draws_its_bar_to_the_last_step_beside_its_lines(tmp_path, capsys):
