@@ -84,7 +84,8 @@ EOF
         --target "$SITE" "$BUNDLE_DIR"/deepspeed-*.tar.gz
     fi
   fi
-  # extra pure wheels beside the bundle (MLflow's SQL store needs alembic, mako, markupsafe; mlflow-skinny has none)
+  # extra wheels beside the bundle: MLflow's SQL store needs alembic, mako, markupsafe, cryptography (cffi, pycparser),
+  # which mlflow-skinny lacks; the tokenized cache needs datasets (dill, multiprocess, fsspec), which the machine lacks
   for wheel in "$BUNDLE_DIR"/extra/*.whl; do
     if [ -f "$wheel" ]; then step "unzip-$(basename "$wheel" | cut -d- -f1)" 60 "$PY" -m zipfile -e "$wheel" "$SITE"; fi
   done
@@ -100,8 +101,8 @@ import time
 started = time.time()
 failed = []
 for name in ("torch", "transformers", "ray", "deepspeed", "mlflow", "pydantic", "pyarrow.fs", "pandas", "msgpack",
-             "ray.train", "ray.train.torch", "lori_ray.train", "lori_ray.teacher_pool", "lori_ray.tracking",
-             "mlflow.store.tracking.sqlalchemy_store"):
+             "datasets", "ray.train", "ray.train.torch", "lori_ray.train", "lori_ray.teacher_pool", "lori_ray.tracking",
+             "lori_ray.tokenized", "mlflow.store.tracking.sqlalchemy_store"):
     try:
         module = importlib.import_module(name)
         print(f"import {name} OK {getattr(module, '__version__', '')} {getattr(module, '__file__', '')}", flush=True)

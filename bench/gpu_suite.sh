@@ -33,11 +33,15 @@
 #   pydantic-core==2.50.5 pydantic==2.14.4 python-dotenv==1.2.4 referencing==0.37.0 requests==2.34.2
 #   rpds-py==2026.9.1 smmap==5.0.3 sqlalchemy==2.1.9 sqlparse==0.6.1 starlette==1.10.0 tensorboardx==2.6.5
 #   typing-extensions==4.16.0 typing-inspection==0.4.5 urllib3==2.8.0 uvicorn==0.54.0 zipp==4.1.2
-# pandas and pyarrow (ray.train needs them; pyarrow alone is 55 MB) are not in it: the machine's own.
+# pandas and pyarrow (ray.train needs them; pyarrow alone is 55 MB) are not in it: the machine's own. Beside it,
+# .gpu/extra holds wheels bench/gpu_env.sh unzips into the site (pip download --no-deps --only-binary=:all:
+# --python-version 3.12 ...): alembic mako markupsafe cryptography cffi pycparser (MLflow's SQL store) and
+# datasets dill multiprocess fsspec (the tokenized cache; the machine has no datasets), at the venv's versions.
 # Files in $OUT (flat): suite.log (everything), results.md (the tables), results.json (all figures,
 # section status and timings), env.txt, profile.txt, failures.log (tails of failed sections, if any).
 # Knobs: BUDGET (s), TINY=1, PY (python), BUNDLE=auto|1|0, BUNDLE_DIR (.gpu), SITE (/tmp/gpusite),
-# SECTIONS (space-separated subset of: 135m 1b lori 135m-compile 1b-generate).
+# SECTIONS (space-separated subset of: 135m 1b lori 135m-compile 1b-generate), PARTS_135M (the 135m section's
+# measurements, default train,extract,generate: a rerun after one that measured training can ask for extract,generate).
 set -uo pipefail
 
 cd "$(dirname "$0")/.." || exit 1
@@ -154,7 +158,7 @@ else
   CAP=(180 200 60 240 90); MIN=(60 90 25 90 45)
 fi
 J=$WORK/json
-section 135m "${CAP[0]}" "${MIN[0]}" $TP $S135 $EX135 --json "$J/135m.json"
+section 135m "${CAP[0]}" "${MIN[0]}" $TP $S135 $EX135 --parts "${PARTS_135M:-train,extract,generate}" --json "$J/135m.json"
 section 1b "${CAP[1]}" "${MIN[1]}" $TP $S1B $EX1B --parts train,extract --json "$J/1b.json"
 section lori "${CAP[2]}" "${MIN[2]}" "$PY" bench/loss_overhead.py $LORI --json "$J/lori.json" --profile "$OUT/profile.txt"
 section 135m-compile "${CAP[3]}" "${MIN[3]}" $TP $S135 --compile --plain-compile --parts train --json "$J/135m-compile.json"

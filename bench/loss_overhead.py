@@ -84,8 +84,9 @@ def main() -> None:
     batch = {k: v.to(device) for k, v in batch.items()}
     projection = TrajectoryProjection(len(layers), model.config.hidden_size, args.rank).to(device)
 
-    ce_only = step_ms(LMObjective(model), batch, args.steps)
-    with_lori = LMObjective(model, layers, projection, {"ce": 1.0, "first_order": 1.0, "second_order": 1.0})
+    # .to(device): the objective's own buffers (target_scale) start on the CPU; in training DeepSpeed moves them
+    ce_only = step_ms(LMObjective(model).to(device), batch, args.steps)
+    with_lori = LMObjective(model, layers, projection, {"ce": 1.0, "first_order": 1.0, "second_order": 1.0}).to(device)
     lori = step_ms(with_lori, batch, args.steps)
     tokens = int(batch["attention_mask"].sum())
     print(f"device={device} model={args.family}/{args.size} batch={args.batch} rank={args.rank} K={args.latents} "
