@@ -139,6 +139,10 @@ class TrainConfig(Section):
     # the 2-core dev machine two workers x 1 thread ran 4.7 steps/s, one worker x 2 threads 3.9: README)
     cpus_per_worker: Int = Field(1, gt=0)
     checkpoint_every: Int = Field(0, ge=0)  # resumable (DeepSpeed) checkpoints; 0: none, only the final model
+    # also a resumable checkpoint at the first log interval N minutes after the last one: a stage longer than a
+    # sitting continues from there when the same command runs again (how often it saves, not what it computes:
+    # may differ on a rerun)
+    checkpoint_minutes: Float | None = Field(None, gt=0)
     log_every: Int = Field(25, gt=0)
     max_bad_steps: Int = Field(10, gt=0)  # consecutive NaN/Inf losses (updates skipped) before the stage stops
     eval_every: Int = Field(0, ge=0)  # validation exact match every N steps (a multiple of log_every); 0: at the end
@@ -146,6 +150,9 @@ class TrainConfig(Section):
     # checkpointed, published), the learning rate decaying over steps or minutes, whichever ends first. For
     # learning curves in minutes (a ladder) on a machine of unknown pace, not for equal-step comparisons
     max_minutes: Float | None = Field(None, gt=0)
+    # stop at the first validation whose exact match reaches this (steps is then the cap, over which the learning
+    # rate still decays): a stage that trains until it has learned, e.g. a CoT teacher until 0.99
+    until_val: Float | None = Field(None, gt=0, le=1)
 
     @model_validator(mode="after")
     def _batch(self):
@@ -153,6 +160,8 @@ class TrainConfig(Section):
             raise ValueError(f"batch_size: {self.batch_size} does not split over {self.num_workers} workers")
         if self.eval_every % self.log_every:
             raise ValueError(f"eval_every: {self.eval_every} is not a multiple of log_every ({self.log_every})")
+        if self.until_val is not None and not self.eval_every:
+            raise ValueError("until_val: needs eval_every (validation during training; 0 validates only at the end)")
         return self
 
 

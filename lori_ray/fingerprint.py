@@ -17,6 +17,10 @@ FINGERPRINT_FILE = "lori-stage.json"
 # where the stage reports, what it is called, whether it draws a bar and how its checkpoints are signed do not change
 # what it computes
 _NOT_INPUTS = ("name", "tracking_uri", "run_id", "checkpoint_key", "inputs_digest", "checkpoint_root", "progress_bar")
+# a stage's TrainConfig fields likewise: how often it checkpoints (a rerun may change it and still resume); and
+# settings added later, which digest only when set (see ``_settings``)
+_TRAIN_NOT_INPUTS = ("checkpoint_minutes",)
+_TRAIN_ADDED = ("until_val",)
 _FILE_INPUTS = ("model_dir", "data_path", "val_path", "projection_path", "readout_path", "teacher_dir")
 
 
@@ -56,8 +60,16 @@ def stage_inputs(stage) -> dict[str, str]:
     # typed settings (the stage's TrainConfig) digest as their fields, as they did when they travelled as dicts
     settings = {k: v.model_dump() if hasattr(v, "model_dump") else v for k, v in fields.items()
                 if k not in _NOT_INPUTS + _FILE_INPUTS}
+    settings["train"] = _train_settings(settings["train"])
     inputs["settings"] = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
     return inputs
+
+
+def _train_settings(train: dict) -> dict:
+    """The training settings less those that do not change what the stage computes (how often it checkpoints),
+    and less those added since stages were first fingerprinted while they hold their default (None): a stage
+    finished before such a setting existed is still found finished, and its checkpoints still resume."""
+    return {k: v for k, v in train.items() if k not in _TRAIN_NOT_INPUTS and not (k in _TRAIN_ADDED and v is None)}
 
 
 def inputs_digest(inputs: dict[str, str]) -> str:

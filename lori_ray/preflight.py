@@ -138,8 +138,9 @@ def plan(config: Config, splits: Splits) -> str:
 # sections that change what a run computes (tune: a search restored under another space would mix two
 # searches); tracking, cluster and eval may differ on a rerun
 _RUN_DEFINING = ("seed", "data", "model", "teacher", "trajectory", "subspace", "student", "loss", "tune")
-# how the work is spread, not what it computes: the actor pool is sized to a smaller cluster on a rerun
-_EXECUTION_ONLY = ("trajectory.num_actors",)
+# how the work is spread or saved, not what it computes: the actor pool is sized to a smaller cluster on a rerun,
+# a long stage checkpoints more or less often
+_EXECUTION_ONLY = ("trajectory.num_actors", "teacher.train.checkpoint_minutes", "student.train.checkpoint_minutes")
 
 
 _ABSENT = object()

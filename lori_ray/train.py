@@ -84,8 +84,9 @@ def epoch_order(num_examples: int, seed: int, epoch: int) -> torch.Tensor:
 
 
 def budget_spent(started: float, max_minutes: float | None) -> float:
-    """The fraction of the stage's wall-clock budget spent (0 without one), the same on every rank: they decay
-    their learning rate alike and stop at the same step."""
+    """The fraction of a wall-clock budget spent since ``started`` (0 without one), the same on every rank: they
+    decay their learning rate alike, stop at the same step (``train.max_minutes``) and checkpoint together
+    (``train.checkpoint_minutes``)."""
     import torch.distributed as dist
     if max_minutes is None:
         return 0.0
@@ -317,6 +318,7 @@ def _train(stage: Stage, deepspeed) -> None:
               f"worker{'s' if world > 1 else ''} x {each}", flush=True)
     started, sums, count, last, bad_steps = time.time(), {}, 0, {"step": step}, 0
     began, first_step = started, step  # for the time left: this run's pace, validation and checkpoints included
+    saved = began  # when this attempt last saved a resumable checkpoint (train.checkpoint_minutes)
     bar = progress_bar(stage.progress_bar and rank == 0, stage.name, train.steps, "step", done=step)
     engine.train()
     end = train.steps
@@ -372,6 +374,11 @@ def _train(stage: Stage, deepspeed) -> None:
                 report["val_accuracy"] = exact_match(engine.module.model, validation, rank, world, micro,
                                                      stage.continuous_latents)
                 engine.train()
+                if step < end and train.until_val is not None and report["val_accuracy"] >= train.until_val:
+                    if rank == 0:  # every rank has the same all-reduced accuracy, so all stop here
+                        print(f"[{stage.name}] stopped at step {step} of {train.steps}: validation "
+                              f"{report['val_accuracy']:.3f} reached train.until_val ({train.until_val:g})", flush=True)
+                    end = step
             sums, count, started, last = {}, 0, time.time(), report
             if logger:
                 logger.log({k: v for k, v in report.items() if k != "step"}, step)
@@ -379,9 +386,11 @@ def _train(stage: Stage, deepspeed) -> None:
                 print(f"[{stage.name}] step {step}/{train.steps} " +
                       " ".join(f"{k}={v:.4g}" for k, v in report.items() if k != "step") +
                       f" eta={time_left(time.time() - began, step - first_step, train.steps - step)}", flush=True)
-            periodic = train.checkpoint_every and step % train.checkpoint_every == 0
+            periodic = ((train.checkpoint_every and step % train.checkpoint_every == 0)
+                        or budget_spent(saved, train.checkpoint_minutes) >= 1)
             if periodic and step < end:
                 _report_checkpoint(engine, objective, report, stage, step, restarts, final=False)
+                saved = time.time()
             elif step < end:
                 ray.train.report(report)
     bar.close()

@@ -60,6 +60,9 @@ def test_exponent_floats_are_numbers_in_files_and_overrides(tmp_path):
     (["model.family=falcon"], "model.family"),
     (["trajectory.store_dir=ftp://host/trajectories"], "trajectory.store_dir"),
     (["cluster.storage_path=s3:///no-bucket"], "cluster.storage_path"),
+    (["teacher.train.until_val=0.99", "teacher.train.eval_every=0"], "teacher.train.until_val"),
+    (["student.train.until_val=1.5"], "student.train.until_val"),
+    (["teacher.train.checkpoint_minutes=0"], "teacher.train.checkpoint_minutes"),
 ])
 def test_bad_values_name_the_field(overrides, field):
     with pytest.raises(ConfigError, match=rf"(?m)^(\s*|invalid config:\s*)?{field}:"):

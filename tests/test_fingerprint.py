@@ -87,3 +87,20 @@ def test_a_stage_carries_its_typed_settings_across_ray_and_digests_them_as_befor
     as_dict = Stage(name="s", model_dir=stage.model_dir, data_path=stage.data_path, train=stage.train.model_dump(),
                     removal=stage.removal.model_dump())
     assert stage_inputs(travelled) == stage_inputs(stage) == stage_inputs(as_dict)
+
+
+def test_how_often_a_stage_checkpoints_is_not_an_input_and_until_val_is_one_only_when_set(tmp_path):
+    from dataclasses import replace
+
+    from lori_ray.config import TrainConfig
+    from lori_ray.train import Stage
+    model, data = stage_files(tmp_path)
+    stage = Stage(name="s", model_dir=str(model), data_path=str(data), train=TrainConfig(steps=7, eval_every=25))
+    before = stage_inputs(stage)
+    # a digest from before both settings existed (the settings as they travelled then): still the same stage
+    old = {k: v for k, v in stage.train.model_dump().items() if k not in ("checkpoint_minutes", "until_val")}
+    assert stage_inputs(replace(stage, train=old)) == before
+    minutes = stage.train.model_copy(update={"checkpoint_minutes": 20.0})
+    assert stage_inputs(replace(stage, train=minutes)) == before  # its checkpoints resume under another interval
+    target = stage.train.model_copy(update={"until_val": 0.99})
+    assert stage_inputs(replace(stage, train=target))["settings"] != before["settings"]  # it stops elsewhere

@@ -93,6 +93,33 @@ def test_a_wall_clock_budget_ends_the_stage_at_a_log_interval_and_publishes_it(l
     assert (out / "model.safetensors").is_file()
 
 
+@pytest.mark.cluster
+def test_until_val_ends_the_stage_at_the_first_validation_that_reaches_it(local_ray, tmp_path, monkeypatch, capsys):
+    accuracies = iter([0.5, 0.995, 1.0])  # what validation measures at steps 2, 4, 6 (the rule is under test)
+    monkeypatch.setattr("lori_ray.train.exact_match", lambda *args: next(accuracies))
+    stage = tiny_stage(tmp_path, "until", num_workers=0, steps=100, log_every=2, eval_every=2, until_val=0.99)
+    out, metrics = fit(replace(stage, val_path=stage.data_path), tmp_path / "out", tmp_path / "ray")
+    assert metrics["step"] == 4 and metrics["val_accuracy"] == 0.995
+    assert "[until] stopped at step 4 of 100: validation 0.995 reached train.until_val (0.99)" in capsys.readouterr().out
+    assert (out / "model.safetensors").is_file()  # published like a last step
+
+
+@pytest.mark.cluster
+def test_checkpoint_minutes_saves_resumable_checkpoints_that_a_rerun_continues_from(local_ray, tmp_path):
+    key = "0f" * 32  # the same key on both runs, as a run's own key file gives them
+    stage = tiny_stage(tmp_path, "minutes", num_workers=1, steps=8, log_every=2, checkpoint_minutes=1e-6)
+    stage = replace(stage, checkpoint_key=key)
+    fit(stage, tmp_path / "first", tmp_path / "ray")
+    folders = sorted(p.name for p in (tmp_path / "ray" / "minutes").glob("step-*"))
+    # every log interval was past the (tiny) interval: resumable DeepSpeed state there, no checkpoint_every needed
+    assert folders[-1] == "step-000008" and "step-000006" in folders
+    assert (tmp_path / "ray" / "minutes" / "step-000006" / "ds").is_dir()
+    # the same stage run again (how often it saves may change) continues from the newest resumable one
+    again = replace(stage, train=stage.train.model_copy(update={"checkpoint_minutes": 30.0}))
+    _, metrics = fit(again, tmp_path / "second", tmp_path / "ray")
+    assert metrics["resumed_from_step"] == 6 and metrics["step"] == 8
+
+
 def test_teacher_out_of_memory_message_names_the_knob(tmp_path):
     worker = TeacherWorker(str(tiny_model_dir(tmp_path / "model")), [1, 2], batch_size=8)
 
