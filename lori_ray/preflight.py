@@ -75,18 +75,24 @@ def check_lengths(config: Config, splits: Splits) -> None:
     examples = splits.held_out if config.data.task == "multiplication" else [*splits.train, *splits.val,
                                                                               *splits.held_out]
     slots = config.student.latent_slots
-    longest, worst, too_long = 0, None, 0
+    longest, worst, too_long, generated, widest = 0, None, 0, 0, None
     for example in examples:
         sequence = layout.teacher(example)
-        length = max(len(sequence.input_ids),
-                     len(sequence.input_ids) - (sequence.answer[0] - len(layout.question(example))) + slots)
+        prompt = len(layout.question(example))
+        length = max(len(sequence.input_ids), len(sequence.input_ids) - (sequence.answer[0] - prompt) + slots)
         too_long += length > model.max_positions
         if length > longest:
             longest, worst = length, example
+        if len(sequence.input_ids) - prompt > generated:  # what the teacher writes: CoT, answer and <eos>
+            generated, widest = len(sequence.input_ids) - prompt, example
     if too_long:
         raise ConfigError(f"model.max_positions: {model.max_positions} is shorter than {too_long} of the "
                           f"{len(examples)} sequences checked (the longest, {longest} tokens: "
                           f"'{worst.question[:60]}'); raise it or drop those examples")
+    if config.eval.max_new_tokens < generated:  # the teacher's answers would be cut short and scored wrong
+        raise ConfigError(f"eval.max_new_tokens: {config.eval.max_new_tokens} is fewer than the {generated} tokens "
+                          f"the teacher writes for '{widest.question[:60]}' (CoT, answer and end of sequence); "
+                          f"raise it to at least {generated}")
 
 
 def preflight(config: Config) -> Splits:

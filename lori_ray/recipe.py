@@ -21,7 +21,16 @@ from .config import Config
 from .evaluate import EvalResult
 from .preflight import Splits, load_data, shared_teacher_path
 from .stages import log
-from .stages.evaluate import Report, describe_models, erank_diagnostics, evaluate_model
+from .stages.evaluate import (
+    REPORT_FILE,
+    Report,
+    describe_models,
+    erank_diagnostics,
+    evaluate_model,
+    evaluation_inputs,
+    save_report,
+    saved_report,
+)
 from .stages.student import distill_student, latent_slots
 from .stages.teacher_sft import completed_train, teacher_sft
 from .stages.trajectories import trajectory_stage
@@ -74,13 +83,18 @@ def run(config: Config, teacher_result: EvalResult | None = None, on_store=None)
         if on_store:
             on_store()
         init_dir, student_dir = distill_student(config, teacher_dir, splits, store)
+        evaluated = {"held-out": splits.held_out, "training": splits.train[:len(splits.held_out)]}
+        inputs = evaluation_inputs(config, teacher_dir, student_dir, evaluated)
+        saved = saved_report(config, inputs)
+        if saved:  # a rerun of a finished run (a benchmark continued after a stop): its results as they were
+            log(f"[eval] {config.name}: evaluated before on the same models and problems, results from "
+                f"{config.run_dir / REPORT_FILE}")
+            return saved
         erank = erank_diagnostics(config, teacher_dir, init_dir, student_dir, splits.train)
         with stage_run("evaluate"):
             teacher_result = teacher_result or evaluate_model(config, teacher_dir, {"held-out": splits.held_out},
                                                               slots=None)["held-out"]
-            student = evaluate_model(config, student_dir, {"held-out": splits.held_out,
-                                                           "training": splits.train[:len(splits.held_out)]},
-                                     slots=latent_slots(config))
+            student = evaluate_model(config, student_dir, evaluated, slots=latent_slots(config))
             student_result, student_train = student["held-out"], student["training"]
             report = Report(teacher_result, student_result,
                             store.subspace().explained_variance(config.subspace.rank).mean().item(),
@@ -97,6 +111,7 @@ def run(config: Config, teacher_result: EvalResult | None = None, on_store=None)
             for name, directory in trained_here:
                 logged = log_model(name, directory)
                 log(f"[tracking] {name} logged as an MLflow model: {logged.model_uri}")
+        save_report(config, report, inputs)  # last: a run stopped before this point evaluates (and logs) again
     return report
 
 

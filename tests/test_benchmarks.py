@@ -94,10 +94,12 @@ def test_milestones_give_the_first_point_past_each_threshold_and_where_a_curve_e
 
 def test_accuracy_benchmark_aggregates_student_seeds_and_draws_their_curves(tmp_path, tiny_run):
     """Two seeds of one method share the teacher (the tiny run's) and the store; the table shows both seeds,
-    their mean, training-problem accuracy and per-digit accuracy; the curves come from each seed's own run."""
-    out = run("bench/accuracy.py", "--config", "configs/tiny.yaml", f"output_dir={tmp_path}", "cluster.num_cpus=2",
-              f"teacher.path={tiny_run[0] / 'teacher'}", "loss.align_at=answer", "student.train.eval_every=3",
-              "student.train.num_workers=1", "--methods", "lori", "--seeds", "2", "--parallel", "2")
+    their mean, training-problem accuracy and per-digit accuracy; the curves come from each seed's own run. Run
+    again, it skips the seeds it finished and evaluates only the one whose results are gone."""
+    command = ("bench/accuracy.py", "--config", "configs/tiny.yaml", f"output_dir={tmp_path}", "cluster.num_cpus=2",
+               f"teacher.path={tiny_run[0] / 'teacher'}", "loss.align_at=answer", "student.train.eval_every=3",
+               "student.train.num_workers=1", "--methods", "lori", "--seeds", "2", "--parallel", "2")
+    out = run(*command)
     assert "[teacher] done in" not in out and out.count("[student] done in") == 2
     assert "trajectory store" in out and "found, skipping extraction" in out  # the second seed reuses the store
     # and its tokenized sequences (training and validation split): tokenized once, by one of the parallel runs
@@ -124,3 +126,12 @@ def test_accuracy_benchmark_aggregates_student_seeds_and_draws_their_curves(tmp_
     (bench,) = client.search_runs([client.get_experiment_by_name("lori-ray").experiment_id],
                                   "tags.mlflow.runName = 'tiny-benchmark'")
     assert {"accuracy.md", "curves.png"} <= {a.path for a in client.list_artifacts(bench.info.run_id)}
+
+    (tmp_path / "tiny-lori-s1" / "report.json").unlink()  # seed 1 stopped after its student, before its results
+    again = run(*command)
+    assert "[student] done in" not in again and again.count("[student] finished model found") == 2
+    assert again.count("evaluated before on the same models and problems") == 1  # seed 0's results, not evaluated
+    assert "tiny-lori-s0: evaluated before" in again and (tmp_path / "tiny-lori-s1" / "report.json").is_file()
+    (row_again,) = [line for line in again.splitlines() if line.startswith("| lori |") and " ± " in line]
+    # greedy evaluation of the same models: the same accuracies (the timing columns are measured anew)
+    assert row_again.split("|")[1:7] == row.split("|")[1:7]

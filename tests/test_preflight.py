@@ -66,6 +66,9 @@ CASES = {  # name: (overrides given tmp_path, message fragment)
                                     "teacher.train.batch_size: 16 is more than the 12 training examples"),
     "sequence longer than the context": (lambda t: ["model.max_positions=20"],
                                          "model.max_positions: 20 is shorter than 16 of the 16 sequences"),
+    "a generation budget shorter than the teacher's answers": (
+        lambda t: ["eval.max_new_tokens=10"],
+        "eval.max_new_tokens: 10 is fewer than the 14 tokens the teacher writes for"),
     "more problems than the task has": (lambda t: ["data.train_size=9000"], "data.train_size: cannot draw 9000"),
     "bool for an int": (lambda t: ["subspace.rank=true"], "subspace.rank: Input should be a valid integer"),
     "float for an int": (lambda t: ["student.train.steps=10.5"], "student.train.steps: Input should be a valid integer"),

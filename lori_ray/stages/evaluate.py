@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import mlflow
@@ -14,6 +15,7 @@ from ..cluster import on_a_gpu
 from ..config import Config
 from ..data import Example
 from ..evaluate import EvalResult, evaluate, format_digits
+from ..fingerprint import FINGERPRINT_FILE, digest
 from ..models import load_model
 from ..plots import erank_figure
 from ..predict import Contract, write_model_files
@@ -108,6 +110,41 @@ class Report:
                          f"{self.student_train.accuracy:.3f} (held-out {self.student.accuracy:.3f})")
         lines.append(f"\nexplained variance of the rank-{self.rank} subspace (mean over layers): {self.explained_variance:.3f}")
         return "\n".join(lines)
+
+
+REPORT_FILE = "report.json"
+
+
+def evaluation_inputs(config: Config, teacher_dir: Path, student_dir: Path, splits: dict[str, list[Example]]) -> str:
+    """One digest of what a run's evaluation reads: both models (their stage fingerprints, else their contents),
+    the problems of each split and the eval settings (generation is greedy, so equal inputs give equal results)."""
+    models = [Path(d) / FINGERPRINT_FILE if (Path(d) / FINGERPRINT_FILE).is_file() else Path(d)
+              for d in (teacher_dir, student_dir)]
+    problems = {name: [e.to_line() for e in examples] for name, examples in splits.items()}
+    return hashlib.sha256(json.dumps([[digest(m) for m in models], problems, config.eval.model_dump(),
+                                      config.subspace.rank, config.student.method]).encode()).hexdigest()
+
+
+def save_report(config: Config, report: Report, inputs: str) -> None:
+    write_local(config.run_dir / REPORT_FILE, json.dumps({"inputs": inputs, "report": asdict(report)}, indent=1))
+
+
+def saved_report(config: Config, inputs: str) -> Report | None:
+    """The report a finished run saved for these evaluation ``inputs`` (a rerun skips the evaluation), else None."""
+    path = config.run_dir / REPORT_FILE
+    try:
+        saved = json.loads(path.read_text())
+        if saved["inputs"] != inputs:
+            return None
+        fields = saved["report"]
+        result = lambda r: r and EvalResult(**{**r, "digit_accuracy": tuple(r["digit_accuracy"])})  # noqa: E731
+        return Report(**{**fields, "teacher": result(fields["teacher"]), "student": result(fields["student"]),
+                         "student_train": result(fields["student_train"])})
+    except FileNotFoundError:
+        return None
+    except (ValueError, KeyError, TypeError) as error:  # an unreadable report is evaluated again, not trusted
+        log(f"[eval] {path} unreadable ({type(error).__name__}: {error}): evaluating again")
+        return None
 
 
 def describe_models(config: Config, teacher_dir: Path, student_dir: Path, examples: int, results: str) -> None:
