@@ -14,16 +14,17 @@ from pathlib import Path
 from typing import Annotated, Literal, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError, field_validator, model_validator
+from pydantic import AllowInfNan, BaseModel, ConfigDict, Field, Strict, ValidationError, field_validator, model_validator
 
 from . import storage
 from .data import HF_PREFIX
 from .models import FAMILIES, PRUNABLE, SIZES, ModelSourceError, is_hub_id, model_shape, pretrained_config
 from .tokens import load_tokenizer
 
-# no bool or float where an integer is meant (YAML `true` or `8.0` is a mistake, not 1 or 8); ints pass as floats
+# no bool or float where an integer is meant (YAML `true` or `8.0` is a mistake, not 1 or 8); ints pass as floats;
+# no .inf or .nan anywhere (an infinite learning rate trained a model of NaNs)
 Int = Annotated[int, Strict()]
-Float = Annotated[float, Strict()]
+Float = Annotated[float, Strict(), AllowInfNan(False)]
 
 
 # the student methods (see StudentConfig.method) and RED's projection inits (``pruned.initial_projection``),
@@ -376,6 +377,14 @@ class Config(Section):
     cluster: ClusterConfig = ClusterConfig()
     tune: TuneConfig = TuneConfig()
 
+    @field_validator("output_dir")
+    @classmethod
+    def _a_directory(cls, output_dir: str) -> str:
+        found = next((p for p in (Path(output_dir), *Path(output_dir).parents) if p.exists()), None)
+        if found is not None and not found.is_dir():
+            raise ValueError(f"{found} is a file, not a directory: runs are written under output_dir")
+        return output_dir
+
     @field_validator("name")
     @classmethod
     def _plain_name(cls, name: str) -> str:
@@ -548,8 +557,14 @@ YamlLoader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(
     r"|\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"), list("-+0123456789."))
 
 
-def read_yaml(text: str):
-    return yaml.load(text, Loader=YamlLoader)  # a SafeLoader: plain data only
+def read_yaml(text: str, source: str):
+    """Plain data from YAML text (a SafeLoader); a syntax error names ``source`` (the file, or the override)."""
+    try:
+        return yaml.load(text, Loader=YamlLoader)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        raise ConfigError(f"{source}: not valid YAML{where}: {getattr(error, 'problem', None) or error}") from None
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
@@ -558,14 +573,14 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
-        tree = read_yaml(path.read_text()) or {}
+        tree = read_yaml(path.read_text(), str(path)) or {}
         if not isinstance(tree, dict):
             raise ConfigError(f"{path}: top level must be a mapping")
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r}: expected key.sub=value")
         key, value = item.split("=", 1)
-        _set_dotted(tree, key, read_yaml(value))
+        _set_dotted(tree, key, read_yaml(value, f"override {item!r}"))
     config = validate(tree)
     _check_search_space(config)
     return config

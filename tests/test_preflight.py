@@ -69,6 +69,12 @@ CASES = {  # name: (overrides given tmp_path, message fragment)
     "a generation budget shorter than the teacher's answers": (
         lambda t: ["eval.max_new_tokens=10"],
         "eval.max_new_tokens: 10 is fewer than the 14 tokens the teacher writes for"),
+    "an infinite learning rate": (lambda t: ["teacher.train.lr=.inf"], "teacher.train.lr: Input should be a finite"),
+    "a NaN loss weight": (lambda t: ["loss.first_order=.nan"], "loss.first_order: Input should be a finite number"),
+    "an override that is not YAML": (lambda t: ["data.digits=[2,"],
+                                     "override 'data.digits=[2,': not valid YAML (line 1, column 4)"),
+    "output_dir that is a file": (lambda t: [f"output_dir={write(t / 'afile', b'x')}/runs"],
+                                  "afile is a file, not a directory"),
     "more problems than the task has": (lambda t: ["data.train_size=9000"], "data.train_size: cannot draw 9000"),
     "bool for an int": (lambda t: ["subspace.rank=true"], "subspace.rank: Input should be a valid integer"),
     "float for an int": (lambda t: ["student.train.steps=10.5"], "student.train.steps: Input should be a valid integer"),
