@@ -440,6 +440,7 @@ def _report_checkpoint(engine, objective, metrics: dict, stage: Stage, step: int
             state = engine._zero3_consolidated_16bit_state_dict()  # collective: every rank calls it
         else:
             state = engine.module.state_dict()
+        refuse_non_finite(state if rank == 0 else None, stage.name, step, metrics, engine.device)
         if rank == 0:
             directory = tempfile.mkdtemp(prefix="lori-ckpt-")
             hf = os.path.join(directory, "hf")
@@ -447,6 +448,23 @@ def _report_checkpoint(engine, objective, metrics: dict, stage: Stage, step: int
             tokenizer_from(stage.model_dir).save_pretrained(hf)
     ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory) if directory else None,
                      checkpoint_dir_name=f"step-{step:06d}", delete_local_checkpoint_after_upload=True)
+
+
+def refuse_non_finite(state: dict | None, name: str, step: int, metrics: dict, device="cpu") -> None:
+    """Raise on every rank when the model rank 0 is about to publish (``state``; None on the other ranks) has a
+    non-finite weight: skipped NaN steps (fewer than ``max_bad_steps``) or a diverged run would otherwise publish
+    it as finished, and a rerun would reuse it."""
+    import torch.distributed as dist
+    bad = [key for key, tensor in (state or {}).items() if tensor.is_floating_point() and not tensor.isfinite().all()]
+    flag = torch.tensor([float(len(bad))], device=device)  # on the engine's device: nccl broadcasts CUDA tensors
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.broadcast(flag, src=0)
+    if flag.item():
+        terms = " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k != "step" and isinstance(v, float))
+        raise FloatingPointError(f"[{name}] not published: the model has non-finite weights at step {step} "
+                                 f"({', '.join(bad[:3]) or 'on rank 0'}{', ...' if len(bad) > 3 else ''}); last "
+                                 f"logged terms: {terms or 'none (no step was applied)'}. Lower the learning rate "
+                                 f"or the loss weights.")
 
 
 class DriverTurns:

@@ -82,6 +82,24 @@ def test_nan_loss_stops_the_stage_with_a_clear_error_and_keeps_the_checkpoint(lo
 
 
 @pytest.mark.cluster
+def test_a_model_with_non_finite_weights_is_never_published(local_ray, tmp_path):
+    """An infinite learning rate (a typed stage is not validated like a config) makes every weight NaN at step 1;
+    the later NaN losses are skipped, fewer than max_bad_steps, so the stage reached its end and published the
+    model as finished, which a rerun would reuse."""
+    stage = tiny_stage(tmp_path, "inf", num_workers=0, steps=6, log_every=3, lr=float("inf"))
+    with pytest.raises(Exception, match=r"\[inf\] not published: the model has non-finite weights at step 6 \("):
+        fit(stage, tmp_path / "out", tmp_path / "ray")
+    assert not (tmp_path / "out").exists()
+
+
+def test_refuse_non_finite_names_the_tensors_and_the_last_terms():
+    from lori_ray.train import refuse_non_finite
+    refuse_non_finite({"w": torch.ones(2), "ids": torch.tensor([1])}, "s", 3, {"ce": 1.0})  # finite: no error
+    with pytest.raises(FloatingPointError, match=r"\[s\] not published: .* at step 3 \(w\); last logged terms: ce=1"):
+        refuse_non_finite({"w": torch.tensor([1.0, float("nan")])}, "s", 3, {"ce": 1.0, "step": 3})
+
+
+@pytest.mark.cluster
 def test_a_wall_clock_budget_ends_the_stage_at_a_log_interval_and_publishes_it(local_ray, tmp_path):
     stage = tiny_stage(tmp_path, "budget", num_workers=1, cpus_per_worker=2, steps=10**6, log_every=4,
                        max_minutes=1e-5)
