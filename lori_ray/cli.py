@@ -60,13 +60,13 @@ def inspected(args, config: Config) -> bool:
 
 
 def start(args, configs: list[Config]) -> None:
-    """Before the runs of an entry point: ``--restart-from`` forgets each one's stages from that one on, then Ray
-    is joined (or a local cluster started) for the first."""
+    """Before the runs of an entry point: ``--restart-from`` marks each one's stages from that one on to train
+    again, then Ray is joined (or a local cluster started) for the first."""
     from .cluster import connect
-    from .recipe import forget_stages
+    from .recipe import restart_from
     if args.restart_from:
         for config in configs:
-            forget_stages(config, args.restart_from)
+            restart_from(config, args.restart_from)
     connect(configs[0])
 
 

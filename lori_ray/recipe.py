@@ -6,7 +6,6 @@ run with the same name continues where it stopped.
 
 from __future__ import annotations
 
-import shutil
 import threading
 import traceback
 from collections.abc import Iterator
@@ -33,6 +32,7 @@ from .stages.evaluate import (
 )
 from .stages.student import distill_student, latent_slots
 from .stages.teacher_sft import completed_train, teacher_sft
+from .stages.training import forget_stage, restart_later
 from .stages.trajectories import trajectory_stage
 from .storage import write_local
 from .tracking import log_model, pipeline_run, stage_run
@@ -42,16 +42,17 @@ STAGES = ("teacher", "student")
 
 
 def forget_stages(config: Config, first: str) -> list[Path]:
-    """Delete the outputs of stage ``first`` and every later one (``--restart-from``), so they train again."""
-    names = STAGES[STAGES.index(first):]
-    outputs = [config.run_dir / name for name in names]
-    if not storage.scheme(config.storage_path):  # their checkpoints too, or the stage would resume from them
-        outputs += [Path(storage.join(config.storage_path, f"{config.name}-{name}")) for name in names]
-    removed = [directory for directory in outputs if directory.exists()]
-    for directory in removed:
-        shutil.rmtree(directory)
-        log(f"[{first}] --restart-from {first}: removed {directory}")
-    return removed
+    """Delete the outputs of stage ``first`` and every later one at once, so they train again."""
+    return [removed for name in STAGES[STAGES.index(first):] for removed in forget_stage(config, name)]
+
+
+def restart_from(config: Config, first: str) -> None:
+    """``--restart-from``: stage ``first`` and every later one train again, each one's outputs deleted as it
+    starts, so the checks of the stages before it (a teacher trained on other inputs) come first and a refused
+    rerun loses nothing."""
+    restart_later(config, STAGES[STAGES.index(first):])
+    log(f"[{first}] --restart-from {first}: {', '.join(STAGES[STAGES.index(first):])} train again (their outputs "
+        f"are removed as each starts)")
 
 
 @contextmanager

@@ -104,3 +104,35 @@ def test_how_often_a_stage_checkpoints_is_not_an_input_and_until_val_is_one_only
     assert stage_inputs(replace(stage, train=minutes)) == before  # its checkpoints resume under another interval
     target = stage.train.model_copy(update={"until_val": 0.99})
     assert stage_inputs(replace(stage, train=target))["settings"] != before["settings"]  # it stops elsewhere
+
+
+def test_restart_from_deletes_a_stage_only_as_it_starts_after_the_earlier_stages_passed_their_checks(tmp_path,
+                                                                                                    monkeypatch):
+    """--restart-from student after the training file changed: the teacher (not restarted) is refused for its
+    changed inputs before anything is deleted, so the finished student survives; a restarted stage is deleted
+    (with its checkpoints) only when it starts to train again."""
+    from lori_ray import stages
+    from lori_ray.recipe import restart_from
+    config = load_config(ROOT / "configs/tiny.yaml", [f"output_dir={tmp_path / 'runs'}", "cluster.gpus_per_worker=0"])
+    model, data = stage_files(tmp_path)
+    train = config.teacher.train
+    teacher = config.run_dir / "teacher"
+    teacher.mkdir(parents=True)
+    write_fingerprint(teacher, stage_inputs(make_stage(config, "teacher", model, data, train)))
+    student = config.run_dir / "student"
+    student.mkdir()
+    (student / "model.safetensors").write_bytes(b"finished student")
+    checkpoints = Path(config.storage_path) / f"{config.name}-student"
+    checkpoints.mkdir(parents=True)
+
+    restart_from(config, "student")
+    data.write_bytes(b"edited training file")
+    with pytest.raises(StageChanged, match=r"stage teacher: .*data_path changed"):
+        train_stage(config, "teacher", model, data, train)
+    assert (student / "model.safetensors").is_file() and checkpoints.is_dir()  # nothing lost
+
+    trained = []
+    monkeypatch.setattr(stages.training, "fit", lambda stage, output, *args, **kwargs: trained.append(
+        (Path(output).exists(), checkpoints.exists())))
+    train_stage(config, "student", model, data, config.student.train)
+    assert trained == [(False, False)]  # the old student and its checkpoints were gone before it trained again

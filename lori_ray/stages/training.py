@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import time
 from pathlib import Path
 
@@ -9,6 +10,7 @@ import mlflow
 import torch
 from safetensors.torch import save_file
 
+from .. import storage
 from ..batch import check_keys
 from ..checkpoints import run_key
 from ..cluster import gpus
@@ -43,10 +45,34 @@ def make_stage(config: Config, name: str, model_dir: Path, data_path: Path, trai
                  gpus_per_worker=gpus(config.cluster.gpus_per_worker), progress_bar=bars_wanted(), **fields)
 
 
+# run directory -> the stages of that run to train again (``--restart-from``), forgotten as each one starts
+_RESTARTING: dict[Path, set[str]] = {}
+
+
+def restart_later(config: Config, names) -> None:
+    _RESTARTING.setdefault(config.run_dir, set()).update(names)
+
+
+def forget_stage(config: Config, name: str) -> list[Path]:
+    """Delete stage ``name``'s output and its checkpoints (or it would resume from them); the removed paths."""
+    outputs = [config.run_dir / name]
+    if not storage.scheme(config.storage_path):
+        outputs.append(Path(storage.join(config.storage_path, f"{config.name}-{name}")))
+    removed = [directory for directory in outputs if directory.exists()]
+    for directory in removed:
+        shutil.rmtree(directory)
+        log(f"[{name}] --restart-from: removed {directory}")
+    return removed
+
+
 def train_stage(config: Config, name: str, model_dir: Path, data_path: Path, train_config, **stage_fields) -> Path:
     """Train under a nested MLflow run. A stage found on disk is skipped when it was trained on the same inputs
-    (``fingerprint.stage_inputs``), refused (StageChanged) when on other ones, trained again when incomplete."""
+    (``fingerprint.stage_inputs``), refused (StageChanged) when on other ones, trained again when incomplete or
+    restarted (``restart_later``)."""
     output = config.run_dir / name
+    if name in _RESTARTING.get(config.run_dir, ()):
+        _RESTARTING[config.run_dir].discard(name)
+        forget_stage(config, name)
     inputs = stage_inputs(make_stage(config, name, model_dir, data_path, train_config, **stage_fields))
     if finished(output, inputs, name):
         log(f"[{name}] finished model found at {output} (same inputs), skipping")
