@@ -137,7 +137,7 @@ def saved_report(config: Config, inputs: str) -> Report | None:
         if saved["inputs"] != inputs:
             return None
         fields = saved["report"]
-        result = lambda r: r and EvalResult(**{**r, "digit_accuracy": tuple(r["digit_accuracy"])})  # noqa: E731
+        result = lambda r: r and EvalResult(**{**r, "digit_accuracy": tuple(r["digit_accuracy"])})
         return Report(**{**fields, "teacher": result(fields["teacher"]), "student": result(fields["student"]),
                          "student_train": result(fields["student_train"])})
     except FileNotFoundError:
