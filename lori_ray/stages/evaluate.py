@@ -129,6 +129,10 @@ def save_report(config: Config, report: Report, inputs: str) -> None:
     write_local(config.run_dir / REPORT_FILE, json.dumps({"inputs": inputs, "report": asdict(report)}, indent=1))
 
 
+def _eval_result(fields: dict | None) -> EvalResult | None:
+    return EvalResult(**{**fields, "digit_accuracy": tuple(fields["digit_accuracy"])}) if fields else None
+
+
 def saved_report(config: Config, inputs: str) -> Report | None:
     """The report a finished run saved for these evaluation ``inputs`` (a rerun skips the evaluation), else None."""
     path = config.run_dir / REPORT_FILE
@@ -137,9 +141,8 @@ def saved_report(config: Config, inputs: str) -> Report | None:
         if saved["inputs"] != inputs:
             return None
         fields = saved["report"]
-        result = lambda r: r and EvalResult(**{**r, "digit_accuracy": tuple(r["digit_accuracy"])})
-        return Report(**{**fields, "teacher": result(fields["teacher"]), "student": result(fields["student"]),
-                         "student_train": result(fields["student_train"])})
+        results = {k: _eval_result(fields[k]) for k in ("teacher", "student", "student_train")}
+        return Report(**{**fields, **results})
     except FileNotFoundError:
         return None
     except (ValueError, KeyError, TypeError) as error:  # an unreadable report is evaluated again, not trusted
