@@ -15,6 +15,7 @@ import mlflow
 from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 
+from .fingerprint import StageChanged
 from .storage import redact
 
 # MLflow announces creating and migrating its sqlite store at INFO on every run; LORI_VERBOSE=1 keeps it
@@ -102,7 +103,12 @@ def pipeline_run(uri: str, experiment: str, name: str, params: dict, config_yaml
         # a rerun may change eval, tracking or cluster settings; MLflow keeps a param's first value
         mlflow.log_params({k: v for k, v in redacted(flatten(params)).items() if k not in logged})
         mlflow.log_text(redact(config_yaml), "config.yaml")
-        yield run
+        try:
+            yield run
+        except StageChanged:  # a rerun refused by a finished stage leaves its parent run as it was, not FAILED
+            if previous:
+                mlflow.end_run(previous.info.status)
+            raise
 
 
 class PlainQuestions(mlflow.pyfunc.PythonModel):

@@ -2,6 +2,7 @@
 closed, no step logged twice after a restart, no credentials in params."""
 
 import mlflow
+import pytest
 from mlflow.tracking import MlflowClient
 
 from lori_ray.tracking import RUN_KEY_TAG, StepLogger, pipeline_run
@@ -55,3 +56,18 @@ def test_a_rerun_after_a_dead_driver_continues_its_parent_run_and_closes_what_it
         pass
     assert other.info.run_id != first.info.run_id  # another run directory is another logical run
 
+
+
+def test_a_rerun_refused_by_a_finished_stage_leaves_its_parent_run_as_it_was(tmp_path):
+    from lori_ray.fingerprint import StageChanged
+    uri = store(tmp_path)
+    with pipeline_run(uri, "lori-ray", "demo", {"seed": 0}, "name: demo\n", "/runs/demo") as first:
+        pass
+    client = MlflowClient(uri)
+    assert client.get_run(first.info.run_id).info.status == "FINISHED"
+    with pytest.raises(StageChanged), pipeline_run(uri, "lori-ray", "demo", {"seed": 0}, "name: demo\n", "/runs/demo"):
+        raise StageChanged("stage teacher: trained on other inputs")
+    assert client.get_run(first.info.run_id).info.status == "FINISHED"  # not FAILED
+    with pytest.raises(RuntimeError), pipeline_run(uri, "lori-ray", "demo", {"seed": 0}, "name: demo\n", "/runs/demo"):
+        raise RuntimeError("a run that failed")
+    assert client.get_run(first.info.run_id).info.status == "FAILED"  # a real failure still is one
