@@ -358,7 +358,7 @@ class TuneConfig(Section):
 
 class ClusterConfig(Section):
     address: str | None = None  # None: $RAY_ADDRESS or a new local cluster bound to 127.0.0.1
-    num_cpus: Int | None = None  # local cluster only
+    num_cpus: Int | None = Field(None, gt=0)  # local cluster only; default: this machine's cores
     # GPUs per train worker / teacher actor; None: 1 when the cluster has GPUs, else 0 (CPU)
     gpus_per_worker: Float | None = Field(None, ge=0)
     gpus_per_actor: Float | None = Field(None, ge=0)

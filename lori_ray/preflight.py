@@ -8,6 +8,7 @@ pipeline trains on (read once per process).
 
 from __future__ import annotations
 
+import os
 from functools import lru_cache
 from typing import NamedTuple
 
@@ -95,8 +96,25 @@ def check_lengths(config: Config, splits: Splits) -> None:
                           f"raise it to at least {generated}")
 
 
+def check_local_cluster(config: Config) -> None:
+    """A new local cluster (no ``cluster.address``, no $RAY_ADDRESS) has ``cluster.num_cpus`` CPUs, or this
+    machine's cores: a stage needing more would wait for them forever (Ray Train retries without end)."""
+    if config.cluster.address or os.environ.get("RAY_ADDRESS"):
+        return
+    cpus = config.cluster.num_cpus or os.cpu_count() or 1
+    for section in ("student",) if config.teacher.path else ("teacher", "student"):
+        train = getattr(config, section).train
+        need = train.num_workers * train.cpus_per_worker
+        if need > cpus:
+            have = f"cluster.num_cpus is {cpus}" if config.cluster.num_cpus else f"this machine has {cpus} cores"
+            raise ConfigError(f"{section}.train.num_workers: {train.num_workers} workers x {train.cpus_per_worker} "
+                              f"CPU each need {need} CPUs, and the local cluster would have {cpus} ({have}): lower "
+                              f"num_workers or cpus_per_worker, or raise cluster.num_cpus")
+
+
 def preflight(config: Config) -> Splits:
     """The run's splits, after every check that needs no cluster; raises ConfigError."""
+    check_local_cluster(config)
     splits = load_data(config)
     for section in ("teacher", "student"):
         batch = getattr(config, section).train.batch_size
