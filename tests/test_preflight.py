@@ -77,8 +77,8 @@ CASES = {  # name: (overrides given tmp_path, message fragment)
                                   "afile is a file, not a directory"),
     "a local cluster too small for a stage": (
         lambda t: ["cluster.num_cpus=1"],
-        "teacher.train.num_workers: 2 workers x 1 CPU each need 2 CPUs, and the local cluster would have 1 "
-        "(cluster.num_cpus is 1)"),
+        ("teacher.train.num_workers: 2 workers x 1 CPU each need 2 CPUs, and the local cluster would have 1 "
+         "(cluster.num_cpus is 1)")),
     "a negative cluster size": (lambda t: ["cluster.num_cpus=-3"], "cluster.num_cpus: Input should be greater than 0"),
     "more problems than the task has": (lambda t: ["data.train_size=9000"], "data.train_size: cannot draw 9000"),
     "bool for an int": (lambda t: ["subspace.rank=true"], "subspace.rank: Input should be a valid integer"),
