@@ -7,9 +7,12 @@
 
 The teacher (explicit CoT) is trained once, or taken from teacher.path; every student gets the same
 data, steps, batch and loss (student.method and loss.* from the config). Prints per student: width,
-init, exact-match accuracy, tokens per answer, and the eRank of its hidden states (mean over layers)
-at init and after training, next to the teacher's; writes the table and the per-layer eRank to
-<output_dir>/<name>/red.md and red.json.
+init, exact-match accuracy, tokens per answer, inference time and speedup over the CoT teacher, and the
+eRank of its hidden states (mean over layers) at init and after training, next to the teacher's; writes
+the table and the per-layer eRank to <output_dir>/<name>/red.md and red.json. ``--full-width`` adds a
+full-width student of the same method (student.kind=full) and the pruned ones' speedup over it: with an
+implicit method (``student.method=lori``) the table shows what width reduction and skipping the CoT give
+together.
 """
 
 import json
@@ -31,6 +34,8 @@ def main() -> int:
     arguments.add_argument("--widths", nargs="+", type=float, default=[0.5, 0.25],
                            help="student width as a fraction of the teacher's hidden size")
     arguments.add_argument("--inits", nargs="+", choices=PRUNED_INITS, default=["random", "activation"])
+    arguments.add_argument("--full-width", action="store_true",
+                           help="also a full-width student of the same method, and each one's speedup over it")
     add_parallel(arguments)
     args = arguments.parse_args()
     base = config_or_exit(args.config, args.overrides)
@@ -42,9 +47,12 @@ def main() -> int:
 
     hidden, _ = model_shape(base.model.family, base.model.size, base.teacher.path or base.model.path)
     students = [(round(fraction * hidden), init) for fraction in args.widths for init in args.inits]
-    configs = configs_sharing_teacher(args.config, {(width, init): [
-        *args.overrides, f"name={base.name}-w{width}-{init}", "student.kind=pruned", f"student.width={width}",
-        f"student.init={init}"] for width, init in students})
+    runs = {(width, init): [*args.overrides, f"name={base.name}-w{width}-{init}", "student.kind=pruned",
+                            f"student.width={width}", f"student.init={init}"] for width, init in students}
+    if args.full_width:  # the teacher's shape and weights, the same method and budget
+        runs[(hidden, "teacher")] = [*args.overrides, f"name={base.name}-full", "student.kind=full",
+                                     "student.init=teacher", "student.width=null", "student.depth=null"]
+    configs = configs_sharing_teacher(args.config, runs)
 
     start(args, list(configs.values()))
     with user_errors():
@@ -55,12 +63,16 @@ def main() -> int:
               f"examples; student method {base.student.method}, {base.student.train.steps} steps x batch "
               f"{base.student.train.batch_size}, loss ce={base.loss.ce} kd={base.loss.kd}; teacher "
               f"{base.model.family}/{base.model.path or base.model.size} (hidden {hidden})"), "",
-             "| student | init | accuracy | tokens/answer | eRank at init | eRank trained |", "|---|---|---|---|---|---|",
+             ("| student | init | accuracy | tokens/answer | inference s | speedup over the teacher | speedup over the "
+              "full-width student | eRank at init | eRank trained |"), "|---|---|---|---|---|---|---|---|---|",
              (f"| teacher ({hidden}) | - | {teacher_result.accuracy:.3f} | {teacher_result.tokens_per_answer:.1f} | "
-              f"{mean(teacher_erank):.2f} | {mean(teacher_erank):.2f} |")]
+              f"{teacher_result.seconds:.2f} | 1.00x | - | {mean(teacher_erank):.2f} | {mean(teacher_erank):.2f} |")]
+    full = reports.get((hidden, "teacher"))
     for (width, init), report in reports.items():
         r = report.student
-        lines.append(f"| width {width} | {init} | {r.accuracy:.3f} | {r.tokens_per_answer:.1f} | "
+        over_full = f"{full.student.seconds / max(r.seconds, 1e-9):.2f}x" if full else "-"
+        lines.append(f"| width {width} | {init} | {r.accuracy:.3f} | {r.tokens_per_answer:.1f} | {r.seconds:.2f} | "
+                     f"{teacher_result.seconds / max(r.seconds, 1e-9):.2f}x | {over_full} | "
                      f"{mean(report.erank['student init']):.2f} | {mean(report.erank['student trained']):.2f} |")
     lines.append("\neRank: mean over layers (embedding output included) of exp(entropy of the normalised singular "
                  f"values) of centred hidden states on {base.student.calibration_size} training examples.")
@@ -70,7 +82,7 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     (out / "red.md").write_text(table + "\n")
     (out / "red.json").write_text(json.dumps(
-        {f"w{width}-{init}": {"accuracy": report.student.accuracy, **report.erank}
+        {f"w{width}-{init}": {"accuracy": report.student.accuracy, "seconds": report.student.seconds, **report.erank}
          for (width, init), report in reports.items()}, indent=1))
     return 0
 

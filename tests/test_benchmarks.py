@@ -52,10 +52,14 @@ def test_red_benchmark_prints_its_table_and_reruns_on_its_finished_stages(tmp_pa
                f"teacher.path={teacher}",
                "student.method=explicit", "loss.kd=1.0", "student.kind=pruned", "student.width=32",
                "student.init=activation", "student.depth=1", "student.train.num_workers=1", "--widths", "0.5",
-               "--inits", "random", "activation", "--parallel", "2")
+               "--inits", "random", "activation", "--parallel", "2", "--full-width")
     out = run(*command)
     for init in ("random", "activation"):
-        assert re.search(rf"\| width 32 \| {init} \| [\d.]+ \| [\d.]+ \| [\d.]+ \| [\d.]+ \|", out)
+        assert re.search(rf"\| width 32 \| {init} \| [\d.]+ \| [\d.]+ \| [\d.]+ \| [\d.]+x \| [\d.]+x \| [\d.]+ \| "
+                         rf"[\d.]+ \|", out)
+    # the full-width student of the same method: the speedups above are over it and over the teacher
+    assert re.search(r"\| width 64 \| teacher \| [\d.]+ \| [\d.]+ \| [\d.]+ \| [\d.]+x \| 1.00x \|", out)
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "tiny-full" / "student").config.hidden_size == 64
     assert (tmp_path / "tiny" / "red.json").is_file()
     # one MLflow store for the comparison: the first student's
     assert (tmp_path / "tiny-w32-random" / "mlflow.db").is_file()
@@ -72,14 +76,14 @@ def test_red_benchmark_prints_its_table_and_reruns_on_its_finished_stages(tmp_pa
     runs = mlflow.search_runs(experiment_names=["lori-ray"], output_format="list")
     client = mlflow.MlflowClient()
     students = [r for r in runs if r.info.run_name == "student"]
-    assert len(students) == 2 and all(client.get_metric_history(r.info.run_id, "kd") for r in students)
+    assert len(students) == 3 and all(client.get_metric_history(r.info.run_id, "kd") for r in students)
     (diagnostics, _) = [r for r in runs if r.info.run_name == "erank"]
     assert "erank_student_trained_layer_1" in diagnostics.data.metrics
     assert {"erank.png", "erank.json"} <= {a.path for a in client.list_artifacts(diagnostics.info.run_id)}
     assert "[teacher] done in" not in out and f"Teacher: {teacher}." in (run_dir / "student" / "README.md").read_text()
     # an interrupted bench reruns on its finished stages
     rerun = run(*command)
-    assert rerun.count("[student] finished model found") == 2 and "[student] done in" not in rerun
+    assert rerun.count("[student] finished model found") == 3 and "[student] done in" not in rerun
 
 
 def test_milestones_give_the_first_point_past_each_threshold_and_where_a_curve_ended():
