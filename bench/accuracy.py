@@ -103,7 +103,7 @@ def main() -> int:
 
     from lori_ray.plots import curves_figure
     from lori_ray.recipe import RunsFailed, run_sharing_teacher
-    from lori_ray.tracking import stage_history
+    from lori_ray.tracking import stage_history, without_credentials
 
     start(args, list(configs.values()))
     with user_errors():
@@ -127,7 +127,7 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     (out / "accuracy.md").write_text(text + "\n")
     figure.savefig(out / "curves.png", dpi=120)
-    mlflow.set_tracking_uri(first.tracking_uri())
+    mlflow.set_tracking_uri(without_credentials(first.tracking_uri()))
     mlflow.set_experiment(first.tracking.experiment)
     with mlflow.start_run(run_name=f"{base.name}-benchmark"):
         mlflow.log_text(text, "accuracy.md")

@@ -51,11 +51,12 @@ def parser(doc: str) -> argparse.ArgumentParser:
 
 def inspected(args, config: Config) -> bool:
     """``--print-config`` or ``--dry-run``: print the resolved config or the plan (nothing written, no Ray)."""
+    from .storage import redact  # neither prints a credential of the URIs it names
     if args.print_config:
-        print(config.to_yaml(), end="")
+        print(redact(config.to_yaml()), end="")
     if args.dry_run:
         from .preflight import load_data, plan
-        print(plan(config, load_data(config)))
+        print(redact(plan(config, load_data(config))))
     return args.print_config or args.dry_run
 
 

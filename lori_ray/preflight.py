@@ -16,6 +16,7 @@ import yaml
 
 from .config import Config, ConfigError, DataConfig
 from .data import DataFormatError, Example, generate_multiplication, read_examples
+from .storage import redact
 
 
 class Splits(NamedTuple):
@@ -138,7 +139,6 @@ def _stage_line(config: Config, name: str, section, splits: Splits) -> str:
 def plan(config: Config, splits: Splits) -> str:
     """What a run will do (``--dry-run``): each stage, whether it is found finished or will run, its size and
     where its outputs go."""
-    from .storage import redact
     data = config.data
     source = data.train_file or f"{data.digits[0]}x{data.digits[1]} multiplication, generated"
     teacher = (f"teacher: given (teacher.path={config.teacher.path})" if config.teacher.path
@@ -195,7 +195,7 @@ def check_rerun(config: Config, teacher_path: str | None = None) -> None:
     if not saved.is_file():
         return
     before = yaml.safe_load(saved.read_text())
-    now = config.model_dump(mode="json")
+    now = yaml.safe_load(redact(config.to_yaml()))  # as it was saved: credentials are not part of what a run is
     if teacher_path:
         now["teacher"]["path"] = teacher_path
     changed = differences({key: before.get(key) for key in _RUN_DEFINING}, {key: now.get(key) for key in _RUN_DEFINING})

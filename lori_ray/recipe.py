@@ -60,7 +60,7 @@ def opened(config: Config) -> Iterator[tuple[Splits, mlflow.ActiveRun]]:
     """What every run does first (``run``, ``tuning.run_search``): its directory with the resolved config, its data
     splits, and its MLflow parent run (the same one again on a rerun), open for the stages."""
     config.run_dir.mkdir(parents=True, exist_ok=True)
-    write_local(config.run_dir / "config.yaml", config.to_yaml())
+    write_local(config.run_dir / "config.yaml", storage.redact(config.to_yaml()))  # no credential on disk
     splits = load_data(config)
     log(f"[data] {len(splits.train)} training, {len(splits.val)} validation and {len(splits.held_out)} "
         "held-out examples")

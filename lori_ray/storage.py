@@ -25,14 +25,21 @@ FILESYSTEMS = {"file": "LocalFileSystem", "s3": "S3FileSystem", "gs": "GcsFileSy
 
 
 _USERINFO = re.compile(r"(?P<head>\b[a-zA-Z][a-zA-Z0-9+.-]*://[^/@\s:]*):[^/@\s]+@")
-_SECRET_PARAMETER = re.compile(r"(?i)(?P<head>[?&][^=&\s]*(?:secret|token|password|passwd|key|signature|credential)"
-                               r"[^=&\s]*=)[^&\s'\"]+")
+# a user name alone before the host is a token too (https://TOKEN@host, GitHub's and Hugging Face's form)
+_TOKEN_USER = re.compile(r"(?P<head>\b[a-zA-Z][a-zA-Z0-9+.-]*://)[^/@\s:*]+@")
+# query parameters that carry a secret: by name (AWS X-Amz-Signature/-Credential/-Security-Token, GCS
+# X-Goog-Signature, access_key, secret_key, session_token, ...) and Azure SAS's signature, `sig`
+_SECRET_PARAMETER = re.compile(r"(?i)(?P<head>[?&](?:[^=&\s]*(?:secret|token|password|passwd|key|signature|credential)"
+                               r"[^=&\s]*|sig)=)[^&\s'\"]+")
+_BEARER = re.compile(r"(?i)(?P<head>\bbearer\s+)[A-Za-z0-9._~+/=-]+")
 
 
 def redact(text: str) -> str:
-    """``text`` with the credentials of every URI in it replaced by ***: the password of ``user:password@``
-    and the values of query parameters that name a secret, token, password, key, signature or credential."""
-    return _SECRET_PARAMETER.sub(r"\g<head>***", _USERINFO.sub(r"\g<head>:***@", text))
+    """``text`` with the credentials in it replaced by ***: the password of ``user:password@``, a token standing
+    alone before the host (``https://TOKEN@host``), the values of query parameters that name a secret, token,
+    password, key, signature or credential (and Azure SAS's ``sig``), and bearer tokens."""
+    text = _TOKEN_USER.sub(r"\g<head>***@", _USERINFO.sub(r"\g<head>:***@", text))
+    return _BEARER.sub(r"\g<head>***", _SECRET_PARAMETER.sub(r"\g<head>***", text))
 
 
 def scheme(location: str) -> str:

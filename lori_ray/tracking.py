@@ -10,6 +10,7 @@ import time
 import warnings
 from pathlib import Path
 from unittest import mock
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 import mlflow
 from mlflow.entities import Metric
@@ -81,10 +82,24 @@ def git_commit() -> str | None:
     return result.stdout.strip() if result.returncode == 0 else None
 
 
+def without_credentials(uri: str) -> str:
+    """``uri`` without its ``user:password@``, which MLflow takes from MLFLOW_TRACKING_USERNAME/_PASSWORD instead
+    (set here for this process): MLflow prints the tracking URI in its own lines ("View run ... at: ...")."""
+    parts = urlsplit(uri)
+    if not parts.username and not parts.password:
+        return uri
+    if parts.username:
+        os.environ["MLFLOW_TRACKING_USERNAME"] = unquote(parts.username)
+    if parts.password:
+        os.environ["MLFLOW_TRACKING_PASSWORD"] = unquote(parts.password)
+    return urlunsplit(parts._replace(netloc=parts.hostname + (f":{parts.port}" if parts.port else "")))
+
+
 @contextlib.contextmanager
 def pipeline_run(uri: str, experiment: str, name: str, params: dict, config_yaml: str, run_dir: str):
     """The parent run of the logical run in ``run_dir``: a rerun (after a dead driver, or to evaluate again)
     continues it, and ends as KILLED the stage runs its dead driver left RUNNING."""
+    uri = without_credentials(uri)
     mlflow.set_tracking_uri(uri)
     if mlflow.get_experiment_by_name(experiment) is None:
         mlflow.create_experiment(experiment, artifact_location=artifact_location(uri))
@@ -159,7 +174,7 @@ class StepLogger:
     already holds (logged before a worker died and replayed after its restart) are not logged twice."""
 
     def __init__(self, uri: str, run_id: str):
-        self.client = MlflowClient(uri)
+        self.client = MlflowClient(without_credentials(uri))
         self.run_id = run_id
         self.failed = 0
         try:
@@ -185,7 +200,7 @@ class StepLogger:
 def stage_history(uri: str, experiment: str, run_name: str, stage: str, metric: str) -> list[tuple[int, float, float]]:
     """``metric`` of the latest ``stage`` run under a pipeline run named ``run_name``, as (step, minutes since
     the stage started, value): a learning curve against steps and against wall-clock."""
-    client = MlflowClient(uri)
+    client = MlflowClient(without_credentials(uri))
     found = client.get_experiment_by_name(experiment)
     if found is None:
         return []

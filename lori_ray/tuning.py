@@ -29,6 +29,7 @@ from .stages.student import latent_slots, student_stage
 from .stages.teacher_sft import teacher_sft
 from .stages.training import make_stage
 from .stages.trajectories import trajectory_stage
+from .tracking import without_credentials
 from .train import fit
 from .trajectories import TrajectoryStore
 
@@ -86,7 +87,7 @@ def accuracy_by_rank_figure(rows: list[dict], default_rank: int, metric: str) ->
 
 def run_search(config: Config) -> dict:
     """Teacher and store once, then the Tune search; returns the best trial's summary."""
-    uri, metric = config.tracking_uri(), config.tune.metric
+    uri, metric = without_credentials(config.tracking_uri()), config.tune.metric
     with opened(config) as (splits, parent):
         teacher_dir = teacher_sft(config, splits)
         store = trajectory_stage(config, teacher_dir, splits.train)

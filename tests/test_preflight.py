@@ -133,6 +133,26 @@ def test_dry_run_prints_the_plan_and_print_config_the_resolved_yaml_with_nothing
     assert not (tmp_path / "runs").exists()
 
 
+def test_no_credential_reaches_the_plan_the_printed_config_or_the_run_directory(tmp_path):
+    from lori_ray.recipe import opened
+    secrets = ["trajectory.store_dir=file:///tmp/st?access_key=AKEY&token=TOKEN",
+               "cluster.storage_path=file:///tmp/ck?secret_key=SKEY", "tracking.uri=http://alice:PASSWORD@127.0.0.1:9"]
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
+    result = subprocess.run([sys.executable, "jobs/distill.py", "--config", TINY, f"output_dir={tmp_path / 'runs'}",
+                             *secrets, "--dry-run", "--print-config"],
+                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=120, check=False)
+    assert result.returncode == 0, result.stderr
+    assert "access_key=***&token=***" in result.stdout and "alice:***@127.0.0.1" in result.stdout
+    assert not any(word in result.stdout + result.stderr for word in ("AKEY", "TOKEN", "SKEY", "PASSWORD"))
+    # the run directory's config.yaml (what a rerun is checked against) holds none either, and the rerun passes
+    config = config_or_exit(TINY, [f"output_dir={tmp_path / 'runs'}", *secrets[:2]])
+    with opened(config):
+        pass
+    saved = (config.run_dir / "config.yaml").read_text()
+    assert "access_key=***" in saved and not any(word in saved for word in ("AKEY", "TOKEN", "SKEY"))
+    config_or_exit(TINY, [f"output_dir={tmp_path / 'runs'}", *secrets[:2]])  # the same run: not refused
+
+
 def test_help_lists_every_config_key_with_its_type_default_and_note():
     from lori_ray.cli import config_reference, parser
     from lori_ray.config import Config

@@ -1,6 +1,8 @@
 """MLflow as the runs happened: one parent run per logical run across driver deaths, stale stage runs
 closed, no step logged twice after a restart, no credentials in params."""
 
+import os
+
 import mlflow
 import pytest
 from mlflow.tracking import MlflowClient
@@ -71,3 +73,31 @@ def test_a_rerun_refused_by_a_finished_stage_leaves_its_parent_run_as_it_was(tmp
     with pytest.raises(RuntimeError), pipeline_run(uri, "lori-ray", "demo", {"seed": 0}, "name: demo\n", "/runs/demo"):
         raise RuntimeError("a run that failed")
     assert client.get_run(first.info.run_id).info.status == "FAILED"  # a real failure still is one
+
+
+@pytest.mark.parametrize("text, shown", [
+    ("http://alice:PASSWORD@127.0.0.1:5000", "http://alice:***@127.0.0.1:5000"),
+    ("https://TOKEN@hub.example/org/model", "https://***@hub.example/org/model"),
+    ("file:///data/store?secret_key=S&region=eu", "file:///data/store?secret_key=***&region=eu"),
+    ("s3://bucket/prefix?access_key=A&token=T", "s3://bucket/prefix?access_key=***&token=***"),
+    ("https://acct.blob.core.windows.net/c?sv=2022-11-02&se=2026-12-05&sig=abc%2Bdef",
+     "https://acct.blob.core.windows.net/c?sv=2022-11-02&se=2026-12-05&sig=***"),
+    ("https://b.s3.amazonaws.com/k?X-Amz-Credential=AKIA/2026&X-Amz-Security-Token=T&X-Amz-Signature=beef",
+     "https://b.s3.amazonaws.com/k?X-Amz-Credential=***&X-Amz-Security-Token=***&X-Amz-Signature=***"),
+    ("https://storage.googleapis.com/b/o?X-Goog-Signature=abc", "https://storage.googleapis.com/b/o?X-Goog-Signature=***"),
+    ("Authorization: Bearer eyJhbGciOi.J9-x_y", "Authorization: Bearer ***"),
+    ("s3://bucket/prefix and /plain/path and http://host:5000", "s3://bucket/prefix and /plain/path and http://host:5000"),
+])
+def test_redact_hides_every_kind_of_credential_and_nothing_else(text, shown):
+    from lori_ray.storage import redact
+    assert redact(text) == shown
+    assert redact(shown) == shown  # idempotent
+
+
+def test_mlflow_gets_the_credentials_from_its_environment_not_the_uri(monkeypatch):
+    from lori_ray.tracking import without_credentials
+    monkeypatch.delenv("MLFLOW_TRACKING_USERNAME", raising=False)
+    monkeypatch.delenv("MLFLOW_TRACKING_PASSWORD", raising=False)
+    assert without_credentials("http://alice:p%40ss@127.0.0.1:5000/x") == "http://127.0.0.1:5000/x"
+    assert (os.environ["MLFLOW_TRACKING_USERNAME"], os.environ["MLFLOW_TRACKING_PASSWORD"]) == ("alice", "p@ss")
+    assert without_credentials("sqlite:////runs/mlflow.db") == "sqlite:////runs/mlflow.db"
