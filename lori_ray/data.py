@@ -156,6 +156,9 @@ def gsm8k_example(record: dict) -> Example:
     rationale, separator, answer = record["answer"].rpartition(ANSWER_SEPARATOR)
     if not separator or not answer.strip():
         raise DataFormatError(f"the answer has no final '{ANSWER_SEPARATOR} <number>'")
+    if not re.search(r"\d", answer):  # '#### twenty-four' could never be matched against a generated number
+        raise DataFormatError(f"the final answer {answer.strip()[:40]!r} is not a number ('{ANSWER_SEPARATOR} "
+                              f"<number>')")
     return Example(record["question"].strip(), tuple(_EQUATION.findall(rationale)), normalize_answer(answer))
 
 

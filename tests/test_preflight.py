@@ -49,6 +49,9 @@ CASES = {  # name: (overrides given tmp_path, message fragment)
                              "train.jsonl:2: GSM8K record without 'answer'"),
     "GSM8K answer without ####": (lambda t: file_task(t, write(t / "train.jsonl", [gsm8k(answer="it is 2")])),
                                   "train.jsonl:1: the answer has no final '####"),
+    "GSM8K answer that is not a number": (
+        lambda t: file_task(t, write(t / "train.jsonl", [gsm8k(), gsm8k(answer="a <<1+1=2>> 2\n#### twenty-four")])),
+        "train.jsonl:2: the final answer 'twenty-four' is not a number"),
     "table without the mapped column": (
         lambda t: file_task(t, write(t / "train.jsonl", [json.dumps({"q": "1", "a": "2"})])) + ["data.fields.question=q"],
         "train.jsonl: no column 'cot' (data.fields.cot), 'answer' (data.fields.answer); its columns: q, a"),
