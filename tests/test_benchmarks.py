@@ -77,9 +77,10 @@ def test_red_benchmark_prints_its_table_and_reruns_on_its_finished_stages(tmp_pa
     client = mlflow.MlflowClient()
     students = [r for r in runs if r.info.run_name == "student"]
     assert len(students) == 3 and all(client.get_metric_history(r.info.run_id, "kd") for r in students)
-    (diagnostics, _) = [r for r in runs if r.info.run_name == "erank"]
-    assert "erank_student_trained_layer_1" in diagnostics.data.metrics
-    assert {"erank.png", "erank.json"} <= {a.path for a in client.list_artifacts(diagnostics.info.run_id)}
+    diagnostics = [r for r in runs if r.info.run_name == "erank"]  # one per student: two pruned, one full width
+    assert len(diagnostics) == 3 and all("erank_student_trained_layer_1" in r.data.metrics for r in diagnostics)
+    assert all({"erank.png", "erank.json"} <= {a.path for a in client.list_artifacts(r.info.run_id)}
+               for r in diagnostics)
     assert "[teacher] done in" not in out and f"Teacher: {teacher}." in (run_dir / "student" / "README.md").read_text()
     # an interrupted bench reruns on its finished stages
     rerun = run(*command)
@@ -139,3 +140,29 @@ def test_accuracy_benchmark_aggregates_student_seeds_and_draws_their_curves(tmp_
     (row_again,) = [line for line in again.splitlines() if line.startswith("| lori |") and " ± " in line]
     # greedy evaluation of the same models: the same accuracies (the timing columns are measured anew)
     assert row_again.split("|")[1:7] == row.split("|")[1:7]
+
+
+def test_teachers_benchmark_trains_one_teacher_per_seed_and_reruns_on_the_finished_ones(tmp_path):
+    """Two seeds, trained at once: each teacher under its own name and seed, their validation curves side by side
+    and each one's held-out result; run again, it trains and evaluates nothing."""
+    command = ("bench/teachers.py", "--config", "configs/tiny.yaml", f"output_dir={tmp_path}", "cluster.num_cpus=2",
+               "teacher.train.num_workers=1", "teacher.train.eval_every=3", "--seeds", "2", "--parallel", "2")
+    out = run(*command)
+    assert out.count("[teacher] done in") == 2
+    rows = {int(line.split("|")[1]): line for line in out.splitlines() if re.match(r"\| \d \| (step|not reached)", line)}
+    assert set(rows) == {0, 1}
+    assert all(re.search(r"\| [\d.]+ at step 6 \| [\d.]+ \| [\d.]+ \| [\d.]+ / [\d.]+ / [\d.]+ / [\d.]+ \|$", row)
+               for row in rows.values())
+    assert re.search(r"^\| 3 \| [\d.]+ \| [\d.]+ \|$", out, re.MULTILINE) and re.search(r"^\| 6 \| [\d.]+ \| [\d.]+ \|$", out, re.MULTILINE)
+    assert (tmp_path / "tiny-teachers.md").read_text().strip() in out
+    for seed in (0, 1):
+        assert f"\nseed: {seed}\n" in (tmp_path / f"tiny-teacher-s{seed}" / "config.yaml").read_text()
+    weights = [AutoModelForCausalLM.from_pretrained(tmp_path / f"tiny-teacher-s{seed}" / "teacher").lm_head.weight
+               for seed in (0, 1)]
+    assert not weights[0].equal(weights[1])  # its own initial weights and data, not a copy
+
+    again = run(*command)
+    assert "[teacher] done in" not in again and again.count("[teacher] finished model found") == 2
+    assert again.count("teacher evaluated before on the same problems") == 2
+    assert {line.split("|")[4] for line in again.splitlines() if line.startswith("| 0 |")} == \
+        {rows[0].split("|")[4]}
