@@ -20,6 +20,8 @@ from pathlib import Path
 COT_SEPARATOR = "||"
 ANSWER_SEPARATOR = "####"
 _EQUATION = re.compile(r"<<[^<>]*>>")
+# the whitespace-separated symbols of the multiplication tasks: the whole vocabulary of a model built from a preset
+ARITHMETIC_SYMBOLS = (*"0123456789", "*", "+", "(", ")", COT_SEPARATOR, ANSWER_SEPARATOR)
 
 
 class DataFormatError(ValueError):
@@ -59,7 +61,8 @@ def join_steps(steps: tuple[str, ...] | list[str]) -> str:
     return " + ".join(steps)
 
 
-def parse_line(line: str, where: str = "<line>") -> Example:
+def parse_line(line: str, where: str = "<line>", symbols: frozenset[str] | None = None) -> Example:
+    """``symbols``: the only whitespace-separated tokens allowed (a word-level vocabulary), else any text."""
     line = line.rstrip("\n")
     if line.count(COT_SEPARATOR) != 1:
         raise DataFormatError(f"{where}: expected exactly one '{COT_SEPARATOR}' between question and CoT")
@@ -72,6 +75,11 @@ def parse_line(line: str, where: str = "<line>") -> Example:
         raise DataFormatError(f"{where}: empty question")
     if not answer:
         raise DataFormatError(f"{where}: empty answer")
+    words = f"{question} {cot} {answer}".split()  # each segment is tokenized on its own, the separators apart
+    unknown = next((word for word in words if word not in symbols), None) if symbols else None
+    if unknown is not None:
+        raise DataFormatError(f"{where}: {unknown[:20]!r} is not in the vocabulary of a model built from a preset "
+                              f"({' '.join(sorted(symbols))}); set model.path to a pretrained model for other text")
     return Example(question, split_steps(cot), answer)
 
 
@@ -106,8 +114,8 @@ def _kept(path, examples: list[Example], bad: list[int], skipped: str) -> list[E
     return examples
 
 
-def read_icot(path: str | Path, skip_bad: bool = False) -> list[Example]:
-    return _read(path, parse_line, skip_bad)
+def read_icot(path: str | Path, skip_bad: bool = False, symbols: frozenset[str] | None = None) -> list[Example]:
+    return _read(path, lambda line, where: parse_line(line, where, symbols), skip_bad)
 
 
 def write_icot(examples, path: str | Path) -> None:
@@ -229,15 +237,17 @@ def load_hf_gsm8k(spec: str = "hf:openai/gsm8k", skip_bad: bool = False) -> list
 
 
 def read_examples(path: str | Path, skip_bad: bool = False, fields: dict[str, str | None] | None = None,
-                  step_separator: str | None = None) -> list[Example]:
+                  step_separator: str | None = None, symbols: frozenset[str] | None = None) -> list[Example]:
     """With ``fields``, a table file or ``hf:`` dataset (see :func:`read_table`); else (and for any ``.txt``)
-    iCoT ``.txt`` or openai GSM8K ``.jsonl`` by extension, or ``hf:openai/gsm8k[@split]``."""
+    iCoT ``.txt`` or openai GSM8K ``.jsonl`` by extension, or ``hf:openai/gsm8k[@split]``. ``symbols``: an iCoT
+    line with any other token is a bad line (a word-level vocabulary would read it as unknown tokens)."""
     if fields and (str(path).startswith(HF_PREFIX) or Path(path).suffix.lower() in TABLE_FORMATS):
         return read_table(path, fields, step_separator, skip_bad)
     if str(path).startswith(HF_PREFIX):
         return load_hf_gsm8k(str(path), skip_bad)
-    reader = read_gsm8k_jsonl if str(path).endswith(".jsonl") else read_icot
-    return reader(path, skip_bad)
+    if str(path).endswith(".jsonl"):
+        return read_gsm8k_jsonl(path, skip_bad)
+    return read_icot(path, skip_bad, symbols)
 
 
 # the datasets builder for each table file a column mapping reads

@@ -15,7 +15,7 @@ from typing import NamedTuple
 import yaml
 
 from .config import Config, ConfigError, DataConfig
-from .data import DataFormatError, Example, generate_multiplication, read_examples
+from .data import ARITHMETIC_SYMBOLS, DataFormatError, Example, generate_multiplication, read_examples
 from .storage import redact
 
 
@@ -27,16 +27,19 @@ class Splits(NamedTuple):
 
 def load_data(config: Config) -> Splits:
     """Train, validation and held-out examples; no held-out question appears in the other two."""
-    return _splits(config.data.model_dump_json(), config.seed)
+    # a model built from a preset reads only the arithmetic symbols (one word-level token each)
+    preset_vocabulary = not (config.model.path or config.teacher.path)
+    return _splits(config.data.model_dump_json(), config.seed, preset_vocabulary)
 
 
 @lru_cache(maxsize=4)
-def _splits(data_json: str, seed: int) -> Splits:
+def _splits(data_json: str, seed: int, preset_vocabulary: bool = False) -> Splits:
     data = DataConfig.model_validate_json(data_json)
     fields = data.fields.model_dump() if data.fields else None
+    symbols = frozenset(ARITHMETIC_SYMBOLS) if preset_vocabulary else None
 
     def read(path: str) -> list[Example]:
-        return read_examples(path, data.on_bad_line == "skip", fields, data.step_separator)
+        return read_examples(path, data.on_bad_line == "skip", fields, data.step_separator, symbols)
 
     try:
         if data.eval_file:

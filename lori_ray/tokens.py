@@ -19,10 +19,9 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from .data import ANSWER_SEPARATOR, COT_SEPARATOR, Example, normalize_answer
+from .data import ANSWER_SEPARATOR, ARITHMETIC_SYMBOLS, COT_SEPARATOR, Example, normalize_answer
 
 SPECIAL_TOKENS = {"pad_token": "<pad>", "bos_token": "<bos>", "eos_token": "<eos>", "unk_token": "<unk>"}
-ARITHMETIC_SYMBOLS = [*"0123456789", "*", "+", "(", ")", COT_SEPARATOR, ANSWER_SEPARATOR]
 IGNORE_INDEX = -100
 ENCODE_CACHE_SIZE = 1 << 20  # texts whose token ids a Layout remembers
 

@@ -9,6 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from lori_ray.data import (
+    ARITHMETIC_SYMBOLS,
     DataFormatError,
     Example,
     generate_multiplication,
@@ -78,6 +79,17 @@ def test_malformed_lines_name_file_and_line(tmp_path, line, message):
     path.write_text(ICOT_4X4 + "\n" + line + "\n")
     with pytest.raises(DataFormatError, match=rf"bad.txt:2: .*{message}"):
         read_icot(path)
+
+
+def test_symbols_outside_a_word_level_vocabulary_are_a_bad_line_only_where_one_is_given(tmp_path):
+    path = tmp_path / "x.txt"
+    path.write_text(ICOT_4X4 + "\n1 2 * a b||1 + 2 #### 3\n" + ICOT_4X4 + "\n")
+    symbols = frozenset(ARITHMETIC_SYMBOLS)
+    with pytest.raises(DataFormatError, match=r"x.txt:2: 'a' is not in the vocabulary of a model built from a preset"):
+        read_examples(path, symbols=symbols)
+    with pytest.warns(UserWarning, match=r"skipped 1 malformed lines \(lines 2\)"):
+        assert len(read_examples(path, skip_bad=True, symbols=symbols)) == 2
+    assert len(read_examples(path)) == 3  # a pretrained tokenizer reads any text
 
 
 def test_icot_file_round_trip(tmp_path):

@@ -42,6 +42,9 @@ CASES = {  # name: (overrides given tmp_path, message fragment)
     "malformed line": (lambda t: file_task(t, write(t / "train.txt", icot_lines(36) + ["3 4 * 5 6 #### 1"] +
                                                                     icot_lines(5, 1))),
                        "train.txt:37: expected exactly one '||'"),
+    "symbol outside a preset model's vocabulary": (
+        lambda t: file_task(t, write(t / "train.txt", icot_lines(36) + ["1 2 * a b||1 + 2 #### 3"])),
+        "train.txt:37: 'a' is not in the vocabulary of a model built from a preset"),
     "empty file": (lambda t: file_task(t, write(t / "train.txt", b"")), "train.txt: no examples"),
     "not UTF-8": (lambda t: file_task(t, write(t / "train.txt", "\n".join(icot_lines(2)).encode() + b"\n\xff\xfe 1\n")),
                   "train.txt:3: not UTF-8 text"),
