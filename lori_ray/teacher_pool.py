@@ -29,6 +29,7 @@ from .trajectories import TrajectoryStore, file_fingerprint, pack, segment_means
 class TeacherWorker:
     def __init__(self, model_dir: str, layers: list[int], batch_size: int, trust_remote_code: bool = False,
                  segments: str = "steps"):
+        self.model_dir = model_dir
         self.layout = Layout(load_tokenizer(model_dir, trust_remote_code))
         self.segments = segments
         # bf16 on a GPU (hidden states are averaged and accumulated in float32/float64 below)
@@ -66,6 +67,7 @@ class TeacherWorker:
             # one copy back, of the means alone: a batch's hidden states are ~100x larger (copying them was most
             # of an extraction's time on a GPU)
             trajectories += [t.transpose(0, 1) for t in steps.cpu().split([t.shape[1] for t in means])]
+        finite(moments, number, index, self.layers, self.model_dir)  # before the shard counts as extracted
         store = TrajectoryStore(store_uri)
         store.write_shard("hidden", number, pack(trajectories, index))
         # how often the teacher really ran (a rerun or a Tune search adds no extraction)
@@ -184,6 +186,18 @@ def complete_missing_cots(model_dir: str | Path, examples: list[Example], num_ac
     return completed
 
 
+def finite(moments: Moments, number: int, index: list[int], layers: list[int], model_dir) -> Moments:
+    """``moments`` if every one is finite, else an error naming the layer, the shard and its examples (a store
+    fitted on them would hold NaN coordinates for every example)."""
+    bad = ~(moments.total.isfinite().all(-1) & moments.outer.isfinite().flatten(1).all(-1))
+    if bad.any():
+        raise FloatingPointError(
+            f"trajectory pass: the teacher's hidden states are not finite at layer {layers[int(bad.nonzero()[0])]} "
+            f"(trajectory.layers {layers}) on shard {number} (training examples {index[0]}..{index[-1]}); is the "
+            f"teacher at {model_dir} trained to non-finite weights?")
+    return moments
+
+
 def data_fingerprint(examples: list[Example]) -> str:
     return hashlib.sha256("\n".join(e.to_line() for e in examples).encode()).hexdigest()
 
@@ -206,18 +220,26 @@ def build_store(model_dir: str | Path, examples: list[Example], layers: list[int
     shards = [kept[i:i + shard_size] for i in range(0, len(kept), shard_size)]
 
     started, moments = time.time(), None
+    before = {n: found for n, shard in enumerate(shards)
+              if (found := store.extracted(n, shard, len(layers))) is not None}
+    if before:
+        log(f"[teacher] trajectory store {store.uri}: {len(before)} of {len(shards)} shards extracted before, "
+            f"continuing with the other {len(shards) - len(before)}")
+    for shard_moments in before.values():  # finite: a shard is written only once its moments are checked
+        moments = shard_moments if moments is None else moments.merge(shard_moments)
+    todo = [n for n in range(len(shards)) if n not in before]
     with teacher_pool(model_dir, layers, batch_size, min(num_actors, len(shards)), trust_remote_code,
                       gpus_per_actor, segments, log) as pool:
-        jobs = [(store.uri, n, shard, [examples[i] for i in shard]) for n, shard in enumerate(shards)]
-        every = max(1, len(shards) // 50)  # about 50 progress lines however large the data
-        bar = progress_bar(bars, "teacher pass", len(shards), "shard")
+        jobs = [(store.uri, n, shards[n], [examples[i] for i in shards[n]]) for n in todo]
+        every = max(1, len(jobs) // 50)  # about 50 progress lines however large the data
+        bar = progress_bar(bars, "teacher pass", len(jobs), "shard")
         for done, shard_moments in enumerate(pool.map_unordered(lambda a, job: a.extract.remote(*job), jobs), 1):
             moments = shard_moments if moments is None else moments.merge(shard_moments)
             bar.update()
-            if done % every == 0 or done == len(shards):
+            if done % every == 0 or done == len(jobs):
                 elapsed = time.time() - started
-                log(f"[teacher] extracted shard {done}/{len(shards)} ({moments.count} vectors of {segments}, "
-                    f"{elapsed:.1f}s, about {elapsed / done * (len(shards) - done):.0f}s left)")
+                log(f"[teacher] extracted shard {len(before) + done}/{len(shards)} ({moments.count} vectors of "
+                    f"{segments}, {elapsed:.1f}s, about {elapsed / done * (len(jobs) - done):.0f}s left)")
         bar.close()
         subspace = fit_pca(moments, max_rank)
         store.write_subspace(subspace)

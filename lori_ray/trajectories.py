@@ -4,7 +4,7 @@ A store is a directory (or object-store prefix, see ``storage``) named by a hash
 weights, data, layer selection, max rank). Every file is written whole (``storage.write_whole``);
 ``manifest.json`` is written last, so a store without a manifest is incomplete and never read.
 Each shard extraction leaves one small marker under ``extractions/`` (an object store cannot
-append to a log): how often the teacher really ran.
+append to a log): how often the teacher really ran. A stopped pass continues from the shards it wrote.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from safetensors.torch import load, save
 
 from . import storage
 from .fingerprint import hash_files
-from .subspace import Subspace, Tucker, TuckerMoments, fit_tucker, resample_steps
+from .subspace import Moments, Subspace, Tucker, TuckerMoments, fit_tucker, resample_steps
 
 MANIFEST = "manifest.json"
 SUBSPACE = "subspace.safetensors"
@@ -115,6 +115,18 @@ class TrajectoryStore:
 
     def shard(self, kind: str, number: int) -> dict[str, torch.Tensor]:
         return self._load(kind, f"{number:05d}.safetensors")
+
+    def extracted(self, number: int, index: list[int], layers: int) -> Moments | None:
+        """The moments of shard ``number`` if an earlier pass wrote it for these examples, else None: recomputed
+        from its step vectors, which is what the pass would have returned, without the teacher."""
+        if not storage.is_file(self.filesystem, self._path("hidden", f"{number:05d}.safetensors")):
+            return None
+        shard = self.shard("hidden", number)
+        if shard["index"].tolist() != index:  # another sharding of the data (trajectory shard size changed)
+            return None
+        moments = Moments.zeros(layers, shard["steps"].shape[-1])
+        moments.update(shard["steps"])
+        return moments
 
     def record_extraction(self, number: int, examples: int) -> None:
         """One marker per extracted shard; a retried shard adds another (unique names, no append needed)."""

@@ -9,8 +9,10 @@ from pathlib import Path
 
 import pytest
 import ray
+import torch
 from conftest import job_env, tiny_model_dir, tiny_stage
 from ray.util.state import list_actors
+from transformers import AutoModelForCausalLM
 
 from lori_ray.checkpoints import verify
 from lori_ray.cluster import start_local
@@ -123,6 +125,40 @@ def test_killed_teacher_actor_is_replaced_and_every_example_is_stored_exactly_on
     assert sorted(index) == list(range(len(examples)))  # no gaps, no duplicates
     assert {e["shard"] for e in store.extractions()} == set(range(shards))
     assert not list(Path(store.uri).rglob("*.tmp"))  # no partial shard left behind
+
+
+def test_a_stopped_teacher_pass_continues_from_the_shards_it_wrote(cluster, tmp_path):
+    """A pass stopped after half its shards (their files written, no subspace, projection or manifest yet): run
+    again, the teacher extracts only the other half and the store is the one an uninterrupted pass builds."""
+    model_dir, examples, store_dir = tiny_model_dir(tmp_path / "model"), generate_multiplication(256, 2, 2), tmp_path / "s"
+    build = lambda log: build_store(model_dir, examples, [1, 2], 4, store_dir, 2, 16, 16, False, 0.0, log)
+    store = build(lambda message: None)
+    uninterrupted = [store.shard("coords", n)["steps"] for n in range(16)]
+    root = Path(store.uri)
+    for path in [root / "manifest.json", root / "subspace.safetensors", *root.glob("coords/*"),
+                 *(root / "hidden" / f"{n:05d}.safetensors" for n in range(8, 16))]:
+        path.unlink()
+    messages = []
+    again = build(messages.append)
+    assert any("8 of 16 shards extracted before, continuing with the other 8" in m for m in messages), messages
+    extracted = [e["shard"] for e in again.extractions()]
+    assert sorted(extracted) == sorted([*range(16), *range(8, 16)])  # shards 0-7 once, 8-15 again
+    assert again.manifest["examples"] == 256
+    for n in range(16):
+        torch.testing.assert_close(again.shard("coords", n)["steps"], uninterrupted[n], atol=1e-4, rtol=1e-4)
+
+
+def test_a_teacher_with_non_finite_weights_is_refused_by_the_trajectory_pass(cluster, tmp_path):
+    model_dir = tiny_model_dir(tmp_path / "model")
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    with torch.no_grad():
+        model.model.layers[1].mlp.down_proj.weight[0, 0] = float("nan")
+    model.save_pretrained(model_dir)
+    with pytest.raises(FloatingPointError, match=r"the teacher's hidden states are not finite at layer 2 "
+                                                  r"\(trajectory.layers \[1, 2\]\) on shard \d+ \(training examples"):
+        build_store(model_dir, generate_multiplication(64, 2, 2), [1, 2], 4, tmp_path / "s", 1, 16, 16, False, 0.0,
+                    lambda message: None)
+    assert not list((tmp_path / "s").glob("*/hidden/*.safetensors"))  # no shard counts as extracted
 
 
 def cpu_holder():
