@@ -73,14 +73,19 @@ def start(args, configs: list[Config]) -> None:
 
 @contextmanager
 def user_errors() -> Iterator[None]:
-    """Exit 2 with one line for a user error found once the run is under way: a finished stage under this
-    name that was trained on other inputs (see ``--restart-from``)."""
+    """One line for an error found once the run is under way: exit 2 for a finished stage under this name that
+    was trained on other inputs (see ``--restart-from``), 1 for a stage whose workers found no room on the
+    cluster within ``cluster.wait_minutes``."""
+    from .cluster import ResourcesUnavailable
     from .fingerprint import StageChanged
     try:
         yield
     except StageChanged as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
+    except ResourcesUnavailable as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(1)
 
 
 def config_or_exit(path: str, overrides: list[str], check=None, teacher_path: str | None = None) -> Config:

@@ -6,6 +6,7 @@ import os
 import secrets
 import socket
 import stat
+import time
 from pathlib import Path
 from unittest import mock
 
@@ -31,6 +32,45 @@ def on_a_gpu(gpus_per_task: float | None, function, *args):
     if not count:
         return function(*args)
     return ray.get(ray.remote(num_cpus=0, num_gpus=count)(function).remote(*args))
+
+
+class ResourcesUnavailable(RuntimeError):
+    """A stage's workers did not find their CPUs (and GPUs) free on the cluster within ``cluster.wait_minutes``."""
+
+
+def wait_for_resources(what: str, needed: dict[str, float], wait_minutes: float | None, log=print,
+                       poll_s: float = 2.0, quiet_s: float = 10.0, say_every_s: float = 60.0) -> None:
+    """Return once the cluster has ``needed`` free (a stage's workers together: Ray Train otherwise retries its
+    worker group without end). Meanwhile an autoscaling cluster is asked for them, and after ``quiet_s`` (actors
+    of the stage before may still be releasing theirs) a line says every ``say_every_s`` what is waited for and
+    what is free; after ``wait_minutes`` (None: no limit) raise ``ResourcesUnavailable`` saying both."""
+    needed = {name: amount for name, amount in needed.items() if amount > 0}
+    started, said, asked = time.monotonic(), None, False
+    while True:
+        free = ray.available_resources()
+        if all(free.get(name, 0.0) >= amount - 1e-9 for name, amount in needed.items()):
+            return
+        waited = time.monotonic() - started
+        wants = ", ".join(f"{amount:g} {name}" for name, amount in needed.items())
+        has = ", ".join(f"{free.get(name, 0.0):g} {name}" for name in needed)
+        total = ", ".join(f"{ray.cluster_resources().get(name, 0.0):g} {name}" for name in needed)
+        if wait_minutes is not None and waited >= wait_minutes * 60:
+            raise ResourcesUnavailable(f"{what}: needs {wants} free on the Ray cluster (it has {total}, {has} free) "
+                                       f"and waited {waited / 60:.1f} minutes for them (cluster.wait_minutes); free "
+                                       "them, add nodes, or lower the stage's num_workers")
+        if not asked:
+            asked = True
+            try:  # an autoscaling cluster (KubeRay) adds nodes for them; elsewhere this asks nothing of anyone
+                from ray.autoscaler.sdk import request_resources
+                request_resources(bundles=[needed])
+            except Exception as error:  # noqa: BLE001 - no autoscaler to ask: waiting is all there is
+                log(f"[{what}] the cluster's autoscaler could not be asked for {needed} ({type(error).__name__})")
+        if waited >= quiet_s and (said is None or time.monotonic() - said >= say_every_s):
+            said = time.monotonic()
+            limit = f"up to {wait_minutes:g} minutes (cluster.wait_minutes)" if wait_minutes is not None else \
+                "without limit"
+            log(f"[{what}] waiting for {wants} on the Ray cluster (it has {total}, {has} free now), {limit}")
+        time.sleep(poll_s)
 
 
 def private_token_file() -> Path | None:

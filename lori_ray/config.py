@@ -363,6 +363,9 @@ class ClusterConfig(Section):
     gpus_per_worker: Float | None = Field(None, ge=0)
     gpus_per_actor: Float | None = Field(None, ge=0)
     storage_path: str | None = None  # Ray Train checkpoints: a path or URI (s3://, gs://, ...); default: <run dir>/ray
+    # how long a training stage waits for its workers' CPUs (and GPUs) to be free on the cluster, saying what it
+    # waits for, before it fails; None: without limit
+    wait_minutes: Float | None = Field(30.0, gt=0)
 
     @model_validator(mode="after")
     def _location(self):

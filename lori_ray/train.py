@@ -503,10 +503,12 @@ DRIVER_TURNS = DriverTurns()
 
 
 def fit(stage: Stage, output_dir: str | Path, storage_path: str | Path, callbacks: list | None = None,
-        fingerprint: dict[str, str] | None = None) -> tuple[Path, dict]:
+        fingerprint: dict[str, str] | None = None, wait_minutes: float | None = None) -> tuple[Path, dict]:
     """Run the stage under Ray Train and publish the trained HF model at ``output_dir`` whole, with the
-    ``fingerprint`` of its inputs (``fingerprint.stage_inputs``) inside."""
+    ``fingerprint`` of its inputs (``fingerprint.stage_inputs``) inside. The workers' resources are waited for
+    first, up to ``wait_minutes`` (``cluster.wait_for_resources``)."""
     from . import storage
+    from .cluster import wait_for_resources
     from .fingerprint import stage_inputs, write_fingerprint
     from .storage import published_directory
 
@@ -529,7 +531,10 @@ def fit(stage: Stage, output_dir: str | Path, storage_path: str | Path, callback
                              failure_config=FailureConfig(max_failures=1),
                              checkpoint_config=CheckpointConfig(num_to_keep=2), callbacks=callbacks),
     )
+    workers = stage.train.num_workers
     with DRIVER_TURNS.away():
+        wait_for_resources(stage.name, {"CPU": workers * stage.train.cpus_per_worker,
+                                        "GPU": workers * stage.gpus_per_worker}, wait_minutes)
         result = trainer.fit()
     if result.checkpoint is None:
         raise RuntimeError(f"stage {stage.name} finished without a checkpoint")

@@ -64,7 +64,8 @@ def make_trial(config: Config, teacher_dir: Path, splits, store_uri: str):
         settings = trial_config(config, params, trial_id, teacher_dir)
         init, data, fields = student_stage(settings, teacher_dir, splits, TrajectoryStore(store_uri))
         stage = make_stage(settings, "student", init, data, settings.student.train, **fields)
-        fit(stage, settings.run_dir / "student", settings.storage_path, callbacks=[TuneReportCallback()])
+        fit(stage, settings.run_dir / "student", settings.storage_path, callbacks=[TuneReportCallback()],
+            wait_minutes=settings.cluster.wait_minutes)
     return trial
 
 

@@ -63,6 +63,7 @@ def test_exponent_floats_are_numbers_in_files_and_overrides(tmp_path):
     (["teacher.train.until_val=0.99", "teacher.train.eval_every=0"], "teacher.train.until_val"),
     (["student.train.until_val=1.5"], "student.train.until_val"),
     (["teacher.train.checkpoint_minutes=0"], "teacher.train.checkpoint_minutes"),
+    (["cluster.wait_minutes=0"], "cluster.wait_minutes"),
 ])
 def test_bad_values_name_the_field(overrides, field):
     with pytest.raises(ConfigError, match=rf"(?m)^(\s*|invalid config:\s*)?{field}:"):

@@ -15,7 +15,7 @@ from ray.util.state import list_actors
 from transformers import AutoModelForCausalLM
 
 from lori_ray.checkpoints import verify
-from lori_ray.cluster import start_local
+from lori_ray.cluster import ResourcesUnavailable, start_local, wait_for_resources
 from lori_ray.data import generate_multiplication
 from lori_ray.teacher_pool import PlacedPool, build_store
 from lori_ray.train import fit
@@ -240,3 +240,24 @@ def test_killed_driver_resumes_with_the_same_run_name(tmp_path, tiny_run):
     assert len(parents) == 1 and not [r for r in runs if r.info.status == "RUNNING"]
     stages = {r.data.tags["mlflow.runName"] for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id}
     assert {"trajectories", "student", "evaluate"} <= stages
+
+
+def test_a_stage_without_room_on_the_cluster_says_what_it_waits_for_then_fails_after_wait_minutes(cluster):
+    holders = [cpu_holder() for _ in range(2)]  # the cluster's 2 CPUs held, as by another job
+    ray.get([h.pid.remote() for h in holders])
+    try:
+        messages = []
+        with pytest.raises(ResourcesUnavailable, match=r"tiny-student: needs 1 CPU free on the Ray cluster \(it has 2 "
+                                                       r"CPU, 0 CPU free\) and waited 0.1 minutes for them"):
+            wait_for_resources("tiny-student", {"CPU": 1, "GPU": 0}, 0.05, messages.append, poll_s=0.2, quiet_s=0,
+                               say_every_s=60)
+        assert messages == [("[tiny-student] waiting for 1 CPU on the Ray cluster (it has 2 CPU, 0 CPU free now), "
+                             "up to 0.05 minutes (cluster.wait_minutes)")]
+        # freed while it waits: it goes on
+        threading.Timer(2.0, ray.kill, args=(holders[0],)).start()
+        started = time.monotonic()
+        wait_for_resources("tiny-student", {"CPU": 1}, 1.0, messages.append, poll_s=0.2, quiet_s=0)
+        assert 1.5 < time.monotonic() - started < 30
+    finally:
+        for holder in holders:
+            ray.kill(holder)

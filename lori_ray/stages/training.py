@@ -83,7 +83,7 @@ def train_stage(config: Config, name: str, model_dir: Path, data_path: Path, tra
         stage = make_stage(config, name, model_dir, data_path, train_config, run_id=run.info.run_id,
                            checkpoint_key=run_key(config.run_dir), inputs_digest=inputs_digest(inputs), **stage_fields)
         started = time.time()
-        fit(stage, output, config.storage_path, fingerprint=inputs)
+        fit(stage, output, config.storage_path, fingerprint=inputs, wait_minutes=config.cluster.wait_minutes)
         mlflow.log_metric("stage_seconds", time.time() - started)
     log(f"[{name}] done in {time.time() - started:.0f}s -> {output}")
     return output
