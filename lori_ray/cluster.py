@@ -6,6 +6,8 @@ import os
 import secrets
 import socket
 import stat
+import subprocess
+import sys
 import time
 from pathlib import Path
 from unittest import mock
@@ -129,6 +131,10 @@ def start_local(num_cpus: int | None, include_dashboard: bool | None = None, **o
     # a minimal Ray, e.g. the GPU bundle).
     gcs_port = free_port()
     use_local_train_settings()
+    # in a session of its own: it outlives a killed driver and then ends the cluster (``reaper``)
+    subprocess.Popen([sys.executable, "-m", "lori_ray.reaper", str(os.getpid()), os.path.dirname(ray.__file__)],
+                     start_new_session=True, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                     stderr=subprocess.DEVNULL)
     with mock.patch.object(ray_constants, "ENABLE_RAY_CLUSTER", False), \
             mock.patch.dict(os.environ, {ray_constants.GCS_PORT_ENVIRONMENT_VARIABLE: str(gcs_port)}):
         ray.init(num_cpus=num_cpus, dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1",

@@ -2,6 +2,8 @@
 
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from dataclasses import replace
@@ -261,3 +263,26 @@ def test_a_stage_without_room_on_the_cluster_says_what_it_waits_for_then_fails_a
     finally:
         for holder in holders:
             ray.kill(holder)
+
+
+def test_a_local_cluster_ends_within_seconds_of_its_driver_being_killed():
+    """SIGKILL of a driver that started a local cluster: its GCS, raylet, dashboard, agents and workers all end
+    (the agents were re-parented to init and listened on for about three minutes)."""
+    import psutil
+    code = ("import time, ray\nfrom lori_ray.cluster import start_local\nstart_local(1, include_dashboard=True)\n"
+            "ray.get(ray.remote(lambda: 1).remote())\nprint('up', flush=True)\ntime.sleep(600)\n")
+    driver = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=job_env(), stdout=subprocess.PIPE, text=True)
+    try:
+        assert driver.stdout.readline().strip() == "up"
+        processes = [p for p in psutil.Process(driver.pid).children(recursive=True)
+                     if "lori_ray.reaper" not in " ".join(p.cmdline())]
+        names = " ".join(" ".join([p.name(), *p.cmdline()[:3]]) for p in processes)
+        assert "raylet" in names and "gcs_server" in names and "DashboardAgent" in names, names
+    finally:
+        driver.kill()
+        driver.wait()
+    deadline = time.time() + 20
+    while (left := [p for p in processes if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]) and \
+            time.time() < deadline:
+        time.sleep(0.5)
+    assert not left, [p.name() for p in left]
