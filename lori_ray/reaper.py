@@ -3,7 +3,7 @@
 Ray's head processes are the driver's children. Killed (SIGKILL, the OOM killer), the driver cannot stop them: they
 are re-parented to init, and the agents under the raylet kept listening for minutes (they try to flush their logs
 to a GCS that is gone). This process, started beside the cluster in a session of its own (``cluster.start_local``),
-notes the Ray processes under the driver every half second and kills those still running once the driver is gone.
+notes the Ray processes under the driver every few seconds and kills those still running once the driver is gone.
 It needs only psutil, so it starts in a fraction of a second.
 
     python -m lori_ray.reaper DRIVER_PID RAY_PACKAGE_DIR
@@ -40,19 +40,27 @@ def alive(process: psutil.Process) -> bool:
         return False
 
 
-def reap(driver_pid: int, ray_dir: str, interval_s: float = 0.5) -> int:
-    """Wait for the driver to die, then kill the Ray processes seen under it; how many were killed."""
+def reap(driver_pid: int, ray_dir: str, check_s: float = 0.25, look_s: tuple[float, float] = (0.5, 5.0),
+         settle_s: float = 30.0) -> int:
+    """Wait for the driver to die, then kill the Ray processes seen under it; how many were killed. The driver is
+    checked every ``check_s``; the processes under it (a scan of every process: ~10 ms of CPU) are looked for every
+    ``look_s[0]`` while the cluster starts (``settle_s``), then every ``look_s[1]``: a worker started since the last
+    look ends with the raylet it belongs to."""
     try:
         driver = psutil.Process(driver_pid)
     except psutil.NoSuchProcess:
         return 0
     seen: dict[int, psutil.Process] = {}
+    started = looked = time.monotonic()
     while alive(driver):
-        try:
-            seen.update(ray_processes(driver, ray_dir))
-        except psutil.Error:
-            break
-        time.sleep(interval_s)
+        now = time.monotonic()
+        if not seen or now - looked >= look_s[now - started > settle_s]:
+            looked = now
+            try:
+                seen.update(ray_processes(driver, ray_dir))
+            except psutil.Error:
+                break
+        time.sleep(check_s)
     killed = 0
     for process in seen.values():
         try:
