@@ -141,6 +141,21 @@ def multiplication_example(a: int, b: int, a_digits: int, b_digits: int) -> Exam
     return Example(question, tuple(partials), _digits(a * b, a_digits + b_digits))
 
 
+_ICOT_PRODUCT = re.compile(r"^(\d(?: \d)*) \* (\d(?: \d)*)$")
+
+
+def multiplication_digits(examples: list[Example]) -> list[int] | None:
+    """[digits of A, digits of B] when every question is an iCoT multiplication of one shape (``5 6 3 * 7 4 3``,
+    least significant digit first), else None: a model trained on such a file is asked "365 * 347" the same way."""
+    shapes = set()
+    for example in examples:
+        match = _ICOT_PRODUCT.match(example.question)
+        if not match:
+            return None
+        shapes.add(tuple(len(part.split()) for part in match.groups()))
+    return list(shapes.pop()) if len(shapes) == 1 else None
+
+
 def generate_multiplication(n: int, a_digits: int, b_digits: int, seed: int = 0,
                             exclude: set[str] = frozenset()) -> list[Example]:
     """``n`` distinct problems with exactly ``a_digits`` × ``b_digits`` digits, skipping questions in ``exclude``."""

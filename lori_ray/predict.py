@@ -24,21 +24,38 @@ class Contract:
     role: str  # teacher (writes its CoT) | student (answers after its latent slots)
     method: str
     task: str  # multiplication | file
-    digits: list[int] | None  # multiplication: digits of each factor it was trained on
+    # digits of each factor of the multiplications it was trained on (generated, or a file of iCoT multiplication
+    # lines): "A * B" questions are converted to its format; None: questions go to it as text
+    digits: list[int] | None
     latent_slots: int | None  # None: it writes its CoT
     continuous: bool = False
+
+    @classmethod
+    def read(cls, path: Path) -> Contract:
+        """The contract at ``path``; a ValueError naming the file for one that is not JSON or not a contract."""
+        try:
+            fields = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise ValueError(f"{path}: not valid JSON ({error})") from None
+        known = set(cls.__dataclass_fields__)
+        if not isinstance(fields, dict) or set(fields) - known or not {"role", "method", "task"} <= set(fields):
+            keys = sorted(fields) if isinstance(fields, dict) else type(fields).__name__
+            raise ValueError(f"{path}: not a lori-ray model contract (keys {keys}; expected {sorted(known)})")
+        return cls(**{"digits": None, "latent_slots": None, **fields})
 
 
 def model_question(question: str, contract: Contract) -> str:
     """A human question in the model's format; raises ValueError for one it was not trained on."""
-    if contract.task != "multiplication":
+    if not contract.digits:
+        if not question.strip():
+            raise ValueError(f"{question!r}: empty question")
         return question.strip()
     from .data import multiplication_example
     match = _PRODUCT.match(question)
     if not match:
         raise ValueError(f"{question!r}: expected 'A * B' with whole numbers")
     a, b = match.groups()
-    if [len(a), len(b)] != contract.digits:
+    if [len(a), len(b)] != contract.digits or any(len(n) > 1 and n[0] == "0" for n in (a, b)):
         raise ValueError(f"{question!r}: this model multiplies {contract.digits[0]}-digit by {contract.digits[1]}-digit "
                          f"numbers (no leading zeros)")
     return multiplication_example(int(a), int(b), *contract.digits).question
@@ -46,7 +63,7 @@ def model_question(question: str, contract: Contract) -> str:
 
 def human_answer(answer: str, contract: Contract) -> str:
     """The model's normalised answer as people write it (multiplication: most significant digit first)."""
-    if contract.task == "multiplication" and answer.isdigit():
+    if contract.digits and answer.isdigit():
         return str(int(answer[::-1]))
     return answer
 
@@ -61,17 +78,53 @@ class Predictor:
         contract_path = directory / CONTRACT_FILE
         if not contract_path.is_file():
             raise FileNotFoundError(f"{contract_path}: not a model directory a lori-ray run wrote (no {CONTRACT_FILE})")
-        self.contract = Contract(**json.loads(contract_path.read_text()))
+        self.contract = Contract.read(contract_path)
+        if not (directory / "config.json").is_file():
+            raise FileNotFoundError(f"{directory}: no config.json, not a Hugging Face model directory")
+        if not list(directory.glob("*.safetensors")):
+            pickled = sorted(p.name for p in directory.glob("*.bin"))
+            raise FileNotFoundError(f"{directory}: no *.safetensors weights" + (
+                f" ({', '.join(pickled)} is a pickle, which lori-ray does not load: save the model as safetensors)"
+                if pickled else ""))
         tokenizer = load_tokenizer(str(directory))
         slots = self.contract.latent_slots
         self.layout = Layout(tokenizer, add_latent_tokens(tokenizer, slots) if slots is not None else None)
         self.model = load_model(directory).eval()
         self.max_new_tokens = max_new_tokens
 
-    def __call__(self, questions: list[str]) -> list[str]:
+    def prompt(self, question: str):
+        """The question as the example the model is prompted with; ValueError for one it cannot read."""
         from .data import Example
+        converted = model_question(question, self.contract)
+        tokenizer = self.layout.tokenizer
+        if tokenizer.unk_token_id is not None:  # a word-level vocabulary (a model built from a preset)
+            unknown = [word for word in converted.split()
+                       if tokenizer.unk_token_id in tokenizer(word, add_special_tokens=False)["input_ids"]]
+            if unknown:
+                raise ValueError(f"{question!r}: {' '.join(unknown[:5])!r} not in the model's vocabulary")
+        return Example(converted, (), "")
+
+    def __call__(self, questions: list[str]) -> list[str]:
+        """Each question's answer; a ValueError for the first question the model cannot read (``answer_each``
+        answers the others)."""
+        return self._generate([self.prompt(q) for q in questions])
+
+    def answer_each(self, questions: list[str]) -> list[str | ValueError]:
+        """Each question's answer, or the ValueError saying why the model cannot read it."""
+        prompts = {}
+        results: list[str | ValueError] = []
+        for i, question in enumerate(questions):
+            try:
+                prompts[i] = self.prompt(question)
+                results.append("")
+            except ValueError as error:
+                results.append(error)
+        for i, answer in zip(prompts, self._generate(list(prompts.values())) if prompts else []):
+            results[i] = answer
+        return results
+
+    def _generate(self, examples) -> list[str]:
         from .evaluate import greedy_generate
-        examples = [Example(model_question(q, self.contract), (), "") for q in questions]
         with_cot = self.contract.latent_slots is None
         prompts = [self.layout.question(e) if with_cot else self.layout.student_prompt(e) for e in examples]
         outputs, _ = greedy_generate(self.model, prompts, self.layout.pad, self.layout.eos, len(prompts),
@@ -84,8 +137,9 @@ def write_model_files(directory: Path, contract: Contract, teacher: str, data: s
     """``lori-model.json`` and the model card into a finished model directory (written whole)."""
     from .storage import write_local
     write_local(directory / CONTRACT_FILE, json.dumps(asdict(contract), indent=1) + "\n")
-    example = "365 * 347" if contract.digits == [3, 3] else ("12 * 34" if contract.task == "multiplication"
-                                                             else "How many legs do 3 spiders have?")
+    example = "365 * 347" if contract.digits == [3, 3] else (
+        f"{'1234567890'[:contract.digits[0]]} * {'3456789012'[:contract.digits[1]]}" if contract.digits
+        else "How many legs do 3 spiders have?")
     if contract.latent_slots is None:
         layout = "`<bos> question ||` then it writes `step + step ... #### answer <eos>`"
     else:
@@ -94,7 +148,7 @@ def write_model_files(directory: Path, contract: Contract, teacher: str, data: s
                                        "position before it: continuous thoughts)" if contract.continuous else "")
                   if contract.latent_slots else "`<bos> question || ####` then it writes `answer <eos>`")
     digits = (" Numbers are written digit by digit, separated by spaces, least significant digit first "
-              "(365 is `5 6 3`), in the question and in the answer." if contract.task == "multiplication" else "")
+              "(365 is `5 6 3`), in the question and in the answer." if contract.digits else "")
     card = f"""# lori-ray {contract.role}: {contract.method}
 
 A {'student distilled to answer without writing its chain of thought' if contract.role == 'student'
@@ -133,13 +187,16 @@ def main(argv: list[str] | None = None) -> int:
     args = arguments.parse_args(argv)
     try:
         predictor = Predictor(args.model)
-        answers = predictor(args.questions)
     except (FileNotFoundError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    for question, answer in zip(args.questions, answers):
-        print(f"{question} = {answer}")
-    return 0
+    results = predictor.answer_each(args.questions)
+    for question, result in zip(args.questions, results):  # one line each; a question it cannot read fails alone
+        if isinstance(result, ValueError):
+            print(f"error: {result}", file=sys.stderr)
+        else:
+            print(f"{question} = {result}")
+    return 2 if any(isinstance(r, ValueError) for r in results) else 0
 
 
 if __name__ == "__main__":

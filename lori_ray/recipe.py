@@ -106,7 +106,7 @@ def run(config: Config, teacher_result: EvalResult | None = None, on_store=None)
         mlflow.log_metrics(metrics)  # on the parent run too: one place to compare runs
         mlflow.log_text(report.table(), "results.md")
         write_local(config.run_dir / "results.md", report.table() + "\n")
-        describe_models(config, teacher_dir, student_dir, len(splits.train), report.table())
+        describe_models(config, teacher_dir, student_dir, splits.train, report.table())
         if config.tracking.log_models:
             trained_here = [("student", student_dir)] + ([] if config.teacher.path else [("teacher", teacher_dir)])
             for name, directory in trained_here:

@@ -1,12 +1,19 @@
 """Plain questions in, plain answers out: the multiplication format round trip, the contract's checks, the CLI."""
 
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from lori_ray.data import generate_multiplication, multiplication_example, normalize_answer
+from lori_ray.data import (
+    Example,
+    generate_multiplication,
+    multiplication_digits,
+    multiplication_example,
+    normalize_answer,
+)
 from lori_ray.models import build_model
 from lori_ray.predict import CONTRACT_FILE, Contract, Predictor, human_answer, model_question, write_model_files
 from lori_ray.tokens import add_latent_tokens, arithmetic_tokenizer
@@ -26,7 +33,18 @@ def test_human_multiplication_maps_to_the_training_format_and_back():
         model_question("12 * 345", CONTRACT)
     with pytest.raises(ValueError, match="expected 'A \\* B'"):
         model_question("twelve times three", CONTRACT)
+    with pytest.raises(ValueError, match="no leading zeros"):
+        model_question("056 * 347", CONTRACT)
     assert model_question(" What is 2+2? ", Contract("student", "lori", "file", None, 0)) == "What is 2+2?"
+    with pytest.raises(ValueError, match="empty question"):
+        model_question("  ", Contract("student", "lori", "file", None, 0))
+    # a file of iCoT multiplication lines: its model is asked "A * B" like a generated-data one
+    file_contract = Contract("student", "lori", "file", multiplication_digits(generate_multiplication(8, 4, 2)), 4)
+    assert file_contract.digits == [4, 2]
+    assert model_question("1234 * 56", file_contract) == multiplication_example(1234, 56, 4, 2).question
+    assert human_answer("01", file_contract) == "10"  # normalised answers, least significant digit first
+    assert multiplication_digits([*generate_multiplication(4, 2, 2), *generate_multiplication(4, 3, 3)]) is None
+    assert multiplication_digits([Example("What is 2+2?", (), "4")]) is None
 
 
 def test_the_predictor_prompts_with_the_students_layout_and_the_cli_answers(tmp_path):
@@ -51,3 +69,49 @@ def test_the_predictor_prompts_with_the_students_layout_and_the_cli_answers(tmp_
     (tmp_path / CONTRACT_FILE).unlink()
     with pytest.raises(FileNotFoundError, match="not a model directory a lori-ray run wrote"):
         Predictor(tmp_path)
+
+
+def tiny_student_dir(directory: Path, contract: Contract = CONTRACT) -> Path:
+    tokenizer = arithmetic_tokenizer()
+    add_latent_tokens(tokenizer, contract.latent_slots or 0)
+    build_model("llama", "tiny", len(tokenizer), 64, {"pad_token_id": tokenizer.pad_token_id}, seed=0).save_pretrained(
+        directory)
+    tokenizer.save_pretrained(directory)
+    write_model_files(directory, contract, "runs/x/teacher", "300 problems", "| model | accuracy |")
+    return directory
+
+
+def predict_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "lori_ray.predict", *map(str, args)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120, check=False)
+
+
+def test_each_question_the_model_cannot_read_gets_its_own_error_line_and_the_others_their_answers(tmp_path):
+    directory = tiny_student_dir(tmp_path / "m")
+    good = Predictor(directory)(["365 * 347"])[0]
+    result = predict_cli(directory, "abc", "365 * 347", "", "1234 * 56", "056 * 347")
+    assert result.returncode == 2 and result.stdout == f"365 * 347 = {good}\n"
+    assert [line for line in result.stderr.splitlines() if line.startswith("error:")] == [
+        "error: 'abc': expected 'A * B' with whole numbers", "error: '': expected 'A * B' with whole numbers",
+        "error: '1234 * 56': this model multiplies 3-digit by 3-digit numbers (no leading zeros)",
+        "error: '056 * 347': this model multiplies 3-digit by 3-digit numbers (no leading zeros)"]
+    # a text-format model with a word-level vocabulary: words it has no token for are refused, not read as <unk>
+    text = Predictor(tiny_student_dir(tmp_path / "text", Contract("student", "lori", "file", None, 2)))
+    answers = text.answer_each(["3 4 * 5 6", "a b * c d"])
+    assert isinstance(answers[0], str) and "'a b c d' not in the model's vocabulary" in str(answers[1])
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda d: (d / CONTRACT_FILE).write_text('{"role": "student"'), r"lori-model.json: not valid JSON"),
+    (lambda d: (d / CONTRACT_FILE).write_text('{"role": "student", "method": "lori", "task": "file", "extra": 1}'),
+     r"lori-model.json: not a lori-ray model contract \(keys \['extra', 'method', 'role', 'task'\]"),
+    (lambda d: (d / "config.json").unlink(), r"m: no config.json, not a Hugging Face model directory"),
+    (lambda d: (d / "model.safetensors").rename(d / "pytorch_model.bin"),
+     r"m: no \*.safetensors weights \(pytorch_model.bin is a pickle, which lori-ray does not load"),
+])
+def test_a_damaged_model_directory_is_one_error_line_naming_the_file(tmp_path, damage, message):
+    directory = tiny_student_dir(tmp_path / "m")
+    damage(directory)
+    result = predict_cli(directory, "365 * 347")
+    assert result.returncode == 2 and result.stdout == ""
+    assert len(result.stderr.splitlines()) == 1 and re.search(message, result.stderr), result.stderr

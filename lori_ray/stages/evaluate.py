@@ -13,7 +13,7 @@ import torch
 
 from ..cluster import on_a_gpu
 from ..config import Config
-from ..data import Example
+from ..data import Example, multiplication_digits
 from ..evaluate import EvalResult, evaluate, format_digits
 from ..fingerprint import FINGERPRINT_FILE, digest
 from ..models import load_model
@@ -150,12 +150,13 @@ def saved_report(config: Config, inputs: str) -> Report | None:
         return None
 
 
-def describe_models(config: Config, teacher_dir: Path, student_dir: Path, examples: int, results: str) -> None:
+def describe_models(config: Config, teacher_dir: Path, student_dir: Path, examples: list[Example],
+                    results: str) -> None:
     """The prompt contract and model card of the student, and of the teacher when this run trained it."""
     data = config.data
-    source = (f"{examples:,} {data.digits[0]}x{data.digits[1]} multiplication problems" if data.task == "multiplication"
-              else f"{examples:,} examples of {Path(data.train_file).name}")
-    digits = list(data.digits) if data.task == "multiplication" else None
+    source = (f"{len(examples):,} {data.digits[0]}x{data.digits[1]} multiplication problems"
+              if data.task == "multiplication" else f"{len(examples):,} examples of {Path(data.train_file).name}")
+    digits = list(data.digits) if data.task == "multiplication" else multiplication_digits(examples)
     slots = latent_slots(config)
     contract = Contract("student", config.student.method, data.task, digits, slots,
                         slots is not None and config.student.continuous)
