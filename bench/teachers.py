@@ -11,6 +11,7 @@ again, and a stage with ``train.checkpoint_minutes`` resumes, so a stopped bench
 Writes <output_dir>/<name>-teachers.md.
 """
 
+import hashlib
 import json
 import statistics
 import sys
@@ -38,8 +39,8 @@ def teacher_and_held_out(config):
 
     with DRIVER_TURNS.turn(), opened(config) as (splits, _parent):
         teacher_dir = teacher_sft(config, splits)
-        inputs = digest(teacher_dir / FINGERPRINT_FILE) + json.dumps(
-            [[e.to_line() for e in splits.held_out], config.eval.model_dump()])
+        inputs = hashlib.sha256(json.dumps([digest(teacher_dir / FINGERPRINT_FILE), [e.to_line() for e in splits.held_out],
+                                            config.eval.model_dump()]).encode()).hexdigest()
         saved_path = config.run_dir / "teacher-held-out.json"
         saved = json.loads(saved_path.read_text()) if saved_path.is_file() else {}
         if saved.get("inputs") == inputs:
