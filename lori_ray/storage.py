@@ -116,7 +116,16 @@ def published_directory(directory: str | Path) -> Iterator[Path]:
     staging = directory.with_name(f".{directory.name}.partial")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
-    yield staging
+    try:
+        yield staging
+    except OSError as error:  # a full disk: the half-written copy is removed, which frees what it took
+        shutil.rmtree(staging, ignore_errors=True)
+        earlier = "the earlier one there is untouched" if directory.exists() else "nothing is left there"
+        raise OSError(error.errno, f"{directory} not published ({error.strerror or error}); its partial copy was "
+                                   f"removed and {earlier}") from error
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     shutil.rmtree(directory, ignore_errors=True)
     os.replace(staging, directory)
 

@@ -1,5 +1,7 @@
 """A finished stage is reused only when every input is identical: settings and the content of every file."""
 
+import errno
+import os
 from pathlib import Path
 
 import pytest
@@ -66,6 +68,19 @@ def test_results_and_directories_appear_whole(tmp_path):
     with published_directory(tmp_path / "model") as staging:
         (staging / FINGERPRINT_FILE).write_text("{}")
     assert (tmp_path / "model" / FINGERPRINT_FILE).is_file()
+
+
+def test_a_disk_full_while_publishing_removes_the_partial_copy_and_keeps_the_earlier_model(tmp_path):
+    with published_directory(tmp_path / "model") as staging:
+        (staging / "model.safetensors").write_text("earlier")
+    with pytest.raises(OSError, match=r"model not published \(No space left on device\); its partial copy was "
+                                      r"removed and the earlier one there is untouched") as caught, \
+            published_directory(tmp_path / "model") as staging:
+        (staging / "model.safetensors").write_text("half of a new")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    assert caught.value.errno == errno.ENOSPC
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # no .model.partial taking the space
+    assert (tmp_path / "model" / "model.safetensors").read_text() == "earlier"
 
 
 def test_a_stage_carries_its_typed_settings_across_ray_and_digests_them_as_before(tmp_path):
