@@ -47,6 +47,8 @@ def wait_for_resources(what: str, needed: dict[str, float], wait_minutes: float 
     of the stage before may still be releasing theirs) a line says every ``say_every_s`` what is waited for and
     what is free; after ``wait_minutes`` (None: no limit) raise ``ResourcesUnavailable`` saying both."""
     needed = {name: amount for name, amount in needed.items() if amount > 0}
+    if not needed or not ray.is_initialized():  # Ray Train's local mode (no workers): nothing to wait for
+        return
     started, said, asked = time.monotonic(), None, False
     while True:
         free = ray.available_resources()
