@@ -68,16 +68,19 @@ def table(base, reports: dict[tuple[str, int], object]) -> str:
     return "\n".join(lines)
 
 
+def milestone(curve: list[tuple[int, float, float]], threshold: float) -> str:
+    """The first (step, minutes, value) point of ``curve`` at or above ``threshold``, as a table cell."""
+    hit = next(((step, minutes) for step, minutes, value in curve if value >= threshold), None)
+    return f"step {hit[0]:,} ({hit[1]:.1f} min)" if hit else "not reached"
+
+
 def milestones(curves: dict[tuple[str, int], list[tuple[int, float, float]]], thresholds=(0.5, 0.9)) -> str:
     """Markdown: for each (method, seed) validation curve of (step, minutes since its stage began, exact match),
     the first point at or above each threshold, and where the curve ended."""
     lines = ["| method | seed | " + " | ".join(f"reaches {t:g}" for t in thresholds) + " | last validation |",
              "|---|---|" + "---|" * (len(thresholds) + 1)]
     for (method, seed), curve in curves.items():
-        cells = []
-        for threshold in thresholds:
-            hit = next(((step, minutes) for step, minutes, value in curve if value >= threshold), None)
-            cells.append(f"step {hit[0]:,} ({hit[1]:.1f} min)" if hit else "not reached")
+        cells = [milestone(curve, threshold) for threshold in thresholds]
         last = f"{curve[-1][2]:.3f} at step {curve[-1][0]:,} ({curve[-1][1]:.1f} min)" if curve else "–"
         lines.append(f"| {method} | {seed} | {' | '.join(cells)} | {last} |")
     return "\n".join(lines)

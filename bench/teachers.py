@@ -13,12 +13,13 @@ Writes <output_dir>/<name>-teachers.md.
 
 import hashlib
 import json
-import statistics
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from accuracy import mean_std, milestone  # bench/, the script's own folder
 
 from lori_ray.cli import at_least_one, config_or_exit, inspected, parser, start, user_errors
 
@@ -45,18 +46,13 @@ def teacher_and_held_out(config):
         saved = json.loads(saved_path.read_text()) if saved_path.is_file() else {}
         if saved.get("inputs") == inputs:
             log(f"[eval] {config.name}: teacher evaluated before on the same problems, from {saved_path}")
-            result = EvalResult(**{**saved["result"], "digit_accuracy": tuple(saved["result"]["digit_accuracy"])})
+            result = EvalResult.from_dict(saved["result"])
         else:
             with stage_run("evaluate"):
                 result = evaluate_model(config, teacher_dir, {"held-out": splits.held_out}, slots=None)["held-out"]
                 mlflow.log_metrics(result.as_metrics("teacher"))
             write_local(saved_path, json.dumps({"inputs": inputs, "result": vars(result)}, indent=1))
     return result
-
-
-def milestone(curve: list[tuple[int, float, float]], target: float) -> str:
-    hit = next(((step, minutes) for step, minutes, value in curve if value >= target), None)
-    return f"step {hit[0]:,} ({hit[1]:.1f} min)" if hit else "not reached"
 
 
 def main() -> int:
@@ -87,12 +83,11 @@ def main() -> int:
                                   "val_accuracy") for seed, config in configs.items()}
     steps = sorted({step for curve in curves.values() for step, _, _ in curve})
     held_out = [r.accuracy for r in results.values()]
-    spread = statistics.stdev(held_out) if len(held_out) > 1 else 0.0
     lines = [(f"task: {base.data.task} {base.data.eval_file or base.data.digits}, {next(iter(results.values())).examples}"
               f" held-out problems, {base.data.train_size} training problems; teacher {base.model.family}/"
               f"{base.model.path or base.model.size}, lr {base.teacher.train.lr:g}, warmup {base.teacher.train.warmup},"
               f" batch {base.teacher.train.batch_size}, at most {base.teacher.train.steps} steps; held-out "
-              f"{statistics.mean(held_out):.3f} ± {spread:.3f} over {len(seeds)} seeds"), "",
+              f"{mean_std(held_out)} over {len(seeds)} seeds"), "",
              f"| seed | reaches {target:g} | last validation | held-out exact match | tokens/answer | per-digit accuracy |",
              "|---|---|---|---|---|---|"]
     for seed, result in results.items():

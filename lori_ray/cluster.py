@@ -49,16 +49,19 @@ def wait_for_resources(what: str, needed: dict[str, float], wait_minutes: float 
     needed = {name: amount for name, amount in needed.items() if amount > 0}
     if not needed or not ray.is_initialized():  # Ray Train's local mode (no workers): nothing to wait for
         return
+    wants = ", ".join(f"{amount:g} {name}" for name, amount in needed.items())
     started, said, asked = time.monotonic(), None, False
     while True:
         free = ray.available_resources()
         if all(free.get(name, 0.0) >= amount - 1e-9 for name, amount in needed.items()):
             return
         waited = time.monotonic() - started
-        wants = ", ".join(f"{amount:g} {name}" for name, amount in needed.items())
-        has = ", ".join(f"{free.get(name, 0.0):g} {name}" for name in needed)
-        total = ", ".join(f"{ray.cluster_resources().get(name, 0.0):g} {name}" for name in needed)
-        if wait_minutes is not None and waited >= wait_minutes * 60:
+        speaks = waited >= quiet_s and (said is None or time.monotonic() - said >= say_every_s)
+        gives_up = wait_minutes is not None and waited >= wait_minutes * 60
+        if speaks or gives_up:
+            has = ", ".join(f"{free.get(name, 0.0):g} {name}" for name in needed)
+            total = ", ".join(f"{ray.cluster_resources().get(name, 0.0):g} {name}" for name in needed)
+        if gives_up:
             raise ResourcesUnavailable(f"{what}: needs {wants} free on the Ray cluster (it has {total}, {has} free) "
                                        f"and waited {waited / 60:.1f} minutes for them (cluster.wait_minutes); free "
                                        "them, add nodes, or lower the stage's num_workers")
@@ -69,7 +72,7 @@ def wait_for_resources(what: str, needed: dict[str, float], wait_minutes: float 
                 request_resources(bundles=[needed])
             except Exception as error:  # noqa: BLE001 - no autoscaler to ask: waiting is all there is
                 log(f"[{what}] the cluster's autoscaler could not be asked for {needed} ({type(error).__name__})")
-        if waited >= quiet_s and (said is None or time.monotonic() - said >= say_every_s):
+        if speaks:
             said = time.monotonic()
             limit = f"up to {wait_minutes:g} minutes (cluster.wait_minutes)" if wait_minutes is not None else \
                 "without limit"

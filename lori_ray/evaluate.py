@@ -23,6 +23,11 @@ class EvalResult:
     # fraction of examples with that character right, over the examples whose answer is that long
     digit_accuracy: tuple[float, ...] = ()
 
+    @classmethod
+    def from_dict(cls, fields: dict) -> EvalResult:
+        """One read back from JSON (``vars`` of one), where the per-digit tuple became a list."""
+        return cls(**{**fields, "digit_accuracy": tuple(fields["digit_accuracy"])})
+
     def as_metrics(self, prefix: str) -> dict[str, float]:
         metrics = {f"{prefix}_{k}": float(v) for k, v in vars(self).items() if k != "digit_accuracy"}
         metrics.update({f"{prefix}_digit_{i}_accuracy": v for i, v in enumerate(self.digit_accuracy)})

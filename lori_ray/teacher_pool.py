@@ -67,7 +67,7 @@ class TeacherWorker:
             # one copy back, of the means alone: a batch's hidden states are ~100x larger (copying them was most
             # of an extraction's time on a GPU)
             trajectories += [t.transpose(0, 1) for t in steps.cpu().split([t.shape[1] for t in means])]
-        finite(moments, number, index, self.layers, self.model_dir)  # before the shard counts as extracted
+        check_finite(moments, number, index, self.layers, self.model_dir)  # before the shard counts as extracted
         store = TrajectoryStore(store_uri)
         store.write_shard("hidden", number, pack(trajectories, index))
         # how often the teacher really ran (a rerun or a Tune search adds no extraction)
@@ -186,16 +186,15 @@ def complete_missing_cots(model_dir: str | Path, examples: list[Example], num_ac
     return completed
 
 
-def finite(moments: Moments, number: int, index: list[int], layers: list[int], model_dir) -> Moments:
-    """``moments`` if every one is finite, else an error naming the layer, the shard and its examples (a store
-    fitted on them would hold NaN coordinates for every example)."""
+def check_finite(moments: Moments, number: int, index: list[int], layers: list[int], model_dir) -> None:
+    """An error naming the layer, the shard and its examples where a moment is not finite (a store fitted on them
+    would hold NaN coordinates for every example)."""
     bad = ~(moments.total.isfinite().all(-1) & moments.outer.isfinite().flatten(1).all(-1))
     if bad.any():
         raise FloatingPointError(
             f"trajectory pass: the teacher's hidden states are not finite at layer {layers[int(bad.nonzero()[0])]} "
             f"(trajectory.layers {layers}) on shard {number} (training examples {index[0]}..{index[-1]}); is the "
             f"teacher at {model_dir} trained to non-finite weights?")
-    return moments
 
 
 def data_fingerprint(examples: list[Example]) -> str:

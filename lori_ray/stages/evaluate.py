@@ -130,7 +130,7 @@ def save_report(config: Config, report: Report, inputs: str) -> None:
 
 
 def _eval_result(fields: dict | None) -> EvalResult | None:
-    return EvalResult(**{**fields, "digit_accuracy": tuple(fields["digit_accuracy"])}) if fields else None
+    return EvalResult.from_dict(fields) if fields else None
 
 
 def saved_report(config: Config, inputs: str) -> Report | None:
