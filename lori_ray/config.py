@@ -254,6 +254,10 @@ class StudentConfig(Section):
     steps_per_stage: Int | None = Field(None, gt=0)
     reset_optimizer: bool = False  # clear AdamW's moments at each curriculum increment (ICoT-SI and Coconut do)
     seed: Int | None = None  # batch order and fresh weights of the student; default: the run's seed
+    # split: the training split, its trajectories from the store; fresh (generated multiplication): new problems
+    # every step, seeded by the step, never a validation or held-out question, their teacher targets computed in
+    # the training step (the subspace is the store's, fitted on the training split); for lori, icot_kd, nocot
+    problems: Literal["split", "fresh"] = "split"
     train: TrainConfig = TrainConfig(steps=500)
 
     @property
@@ -513,9 +517,31 @@ def _check_against_model(config: Config) -> None:
     if student.method == "codi" and config.trajectory.segments != "steps":
         raise ConfigError(f"trajectory.segments: {config.trajectory.segments!r} does not apply to student.method "
                           "codi, which aligns the teacher's state at `####` alone")
+    if student.problems == "fresh":
+        _check_fresh(config)
     if config.student.latent_slots >= config.model.max_positions:
         raise ConfigError(f"student.latent_slots: {config.student.latent_slots} does not fit in "
                           f"model.max_positions ({config.model.max_positions})")
+
+
+def _check_fresh(config: Config) -> None:
+    """``student.problems: fresh`` draws generated multiplication problems and computes the teacher's step
+    trajectories (PCA coordinates or hidden states) for them in the training step; nothing else is drawn."""
+    student, why = config.student, None
+    if config.data.task != "multiplication":
+        why = f"draws generated multiplication problems; data.task is {config.data.task}"
+    elif student.method not in ("lori", "icot_kd", "nocot"):
+        why = f"trains lori, icot_kd and nocot students, not {student.method}"
+    elif student.removes_cot or student.staged:
+        why = f"has no CoT sequences for student.curriculum {student.curriculum}"
+    elif config.loss.kd:
+        why = "has no teacher sequences for loss.kd"
+    elif student.method == "lori" and config.subspace.kind != "pca":
+        why = "computes PCA coordinates (subspace.kind pca), not a Tucker core"
+    elif student.method == "icot_kd" and config.trajectory.segments != "steps":
+        why = "aligns icot_kd's latent slots with the teacher's CoT steps (trajectory.segments steps)"
+    if why:
+        raise ConfigError(f"student.problems: fresh {why}")
 
 
 def validate(tree: dict) -> Config:

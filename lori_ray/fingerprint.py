@@ -21,6 +21,7 @@ _NOT_INPUTS = ("name", "tracking_uri", "run_id", "checkpoint_key", "inputs_diges
 # settings added later, which digest only when set (see ``_settings``)
 _TRAIN_NOT_INPUTS = ("checkpoint_minutes",)
 _TRAIN_ADDED = ("until_val",)
+_STAGE_ADDED = ("fresh",)  # Stage fields added later, digested only when set
 _FILE_INPUTS = ("model_dir", "data_path", "val_path", "projection_path", "readout_path", "teacher_dir")
 
 
@@ -59,7 +60,9 @@ def stage_inputs(stage) -> dict[str, str]:
     inputs = {name: digest(fields[name]) for name in _FILE_INPUTS if fields.get(name)}
     # typed settings (the stage's TrainConfig) digest as their fields, as they did when they travelled as dicts
     settings = {k: v.model_dump() if hasattr(v, "model_dump") else v for k, v in fields.items()
-                if k not in _NOT_INPUTS + _FILE_INPUTS}
+                if k not in _NOT_INPUTS + _FILE_INPUTS and not (k in _STAGE_ADDED and v is None)}
+    if stage.fresh is not None and stage.fresh.targets_path:  # the subspace fresh problems are projected on
+        inputs["fresh_targets"] = digest(stage.fresh.targets_path)
     settings["train"] = _train_settings(settings["train"])
     inputs["settings"] = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
     return inputs

@@ -54,11 +54,16 @@ def readout_mse(predicted: torch.Tensor, targets: torch.Tensor, mask: torch.Tens
     return (error * weights).sum() / weights.sum().clamp_min(1)
 
 
-def standardize(targets: torch.Tensor) -> torch.Tensor:
-    """Each feature (last dim) of ``targets`` [N, ...] centred and scaled to unit variance over examples:
-    the readout weighs a trajectory's minor PCA components like its leading ones."""
+def standardization(targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and standard deviation of each feature of ``targets`` [N, ...] over examples, [1, ...] each: the readout
+    weighs a trajectory's minor PCA components like its leading ones."""
     mean = targets.double().mean(0, keepdim=True)
-    std = targets.double().std(0, keepdim=True).clamp_min(1e-6)
+    return mean, targets.double().std(0, keepdim=True).clamp_min(1e-6)
+
+
+def standardize(targets: torch.Tensor) -> torch.Tensor:
+    """Each feature (last dim) of ``targets`` [N, ...] centred and scaled to unit variance over examples."""
+    mean, std = standardization(targets)
     return ((targets.double() - mean) / std).float()
 
 

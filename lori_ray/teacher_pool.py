@@ -22,8 +22,8 @@ from .evaluate import greedy_generate
 from .models import load_model
 from .progress import progress_bar
 from .subspace import Moments, fit_pca
-from .tokens import Layout, collate, load_tokenizer
-from .trajectories import TrajectoryStore, file_fingerprint, pack, segment_means, store_key, unpack
+from .tokens import Layout, load_tokenizer
+from .trajectories import TrajectoryStore, file_fingerprint, pack, store_key, teacher_step_means, unpack
 
 
 class TeacherWorker:
@@ -51,17 +51,13 @@ class TeacherWorker:
         moments = Moments.zeros(len(self.layers), self.model.config.hidden_size, self.device)
         for start in range(0, len(examples), self.batch_size):
             sequences = [self.layout.teacher(e) for e in examples[start:start + self.batch_size]]
-            batch = collate(sequences, self.layout.pad)
             try:
-                output = self.model(input_ids=batch["input_ids"].to(self.device),
-                                    attention_mask=batch["attention_mask"].to(self.device), output_hidden_states=True)
+                means = teacher_step_means(self.model, self.layout, sequences, self.layers, self.segments)
             except torch.OutOfMemoryError as error:
                 raise RuntimeError(
                     f"teacher out of memory on {self.device} with a batch of {len(sequences)} sequences of up to "
-                    f"{batch['input_ids'].shape[1]} tokens: lower trajectory.batch_size (now {self.batch_size}) "
-                    f"or give each actor more memory (cluster.gpus_per_actor)") from error
-            hidden = torch.stack([output.hidden_states[layer] for layer in self.layers], dim=1).float()
-            means = segment_means(hidden, [self.layout.segments(s, self.segments) for s in sequences])
+                    f"{max(len(s.input_ids) for s in sequences)} tokens: lower trajectory.batch_size (now "
+                    f"{self.batch_size}) or give each actor more memory (cluster.gpus_per_actor)") from error
             steps = torch.cat([t.transpose(0, 1) for t in means])  # [sum K_i, L, d]: a step is a sample per layer
             moments.update(steps)  # once per batch, on the teacher's device (an einsum per example costs more)
             # one copy back, of the means alone: a batch's hidden states are ~100x larger (copying them was most

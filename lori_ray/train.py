@@ -27,6 +27,7 @@ import torch
 from .batch import Batch
 from .config import TrainConfig
 from .curriculum import RemovalSchedule, StageSchedule
+from .fresh import FreshProblems
 
 # must be set before deepspeed is imported anywhere in the process
 os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
@@ -62,6 +63,7 @@ class Stage:
     stages: StageSchedule | None = None  # Coconut's stages
     reset_optimizer: bool = False  # clear the optimizer's moments at each removal increment or stage
     continuous_latents: list[int] | None = None  # token ids of the latent slots, when they are continuous thoughts
+    fresh: FreshProblems | None = None  # new problems every step instead of the rows of ``data_path``
     progress_bar: bool = False  # rank 0 advances a bar the driver draws (``progress``: its output is a terminal)
     # checkpoints (see ``checkpoints``): the HMAC key (a secret; never written to storage), the digest of the
     # stage's inputs they must match, and their folder when storage is a filesystem path (set by ``fit``)
@@ -271,6 +273,7 @@ def _train(stage: Stage, deepspeed) -> None:
 
     from .batch import trim_padding
     from .checkpoints import verify
+    from .fresh import FreshBatches
     from .progress import progress_bar
     from .tracking import StepLogger
 
@@ -309,13 +312,17 @@ def _train(stage: Stage, deepspeed) -> None:
     if logger and resumed:
         logger.log(resumed, step, replayed_too=True)
     num_examples, micro = data["input_ids"].shape[0], train.batch_size // world
+    fresh = FreshBatches(stage.fresh, stage.model_dir, train.batch_size) if stage.fresh else None
     if rank == 0:  # a student that sees its problems many times memorises them instead of learning to compute
         threads = torch.get_num_threads()
         each = (f"{stage.gpus_per_worker:g} GPU" if torch.cuda.is_available()
                 else f"{threads} CPU thread{'s' if threads > 1 else ''}")
-        print(f"[{stage.name}] {num_examples} training examples, {train.steps} steps x batch "
-              f"{train.batch_size} = {train.steps * train.batch_size / num_examples:.2f} epochs on {world} "
-              f"worker{'s' if world > 1 else ''} x {each}", flush=True)
+        seen = (f"{num_examples} training examples, {train.steps} steps x batch {train.batch_size} = "
+                f"{train.steps * train.batch_size / num_examples:.2f} epochs" if fresh is None else
+                f"{train.steps} steps x batch {train.batch_size} of fresh {stage.fresh.digits[0]}x"
+                f"{stage.fresh.digits[1]} problems" + (", their teacher targets computed in the step"
+                                                       if stage.fresh.targets != "none" else ""))
+        print(f"[{stage.name}] {seen} on {world} worker{'s' if world > 1 else ''} x {each}", flush=True)
     started, sums, count, last, bad_steps = time.time(), {}, 0, {"step": step}, 0
     began, first_step = started, step  # for the time left: this run's pace, validation and checkpoints included
     saved = began  # when this attempt last saved a resumable checkpoint (train.checkpoint_minutes)
@@ -323,8 +330,12 @@ def _train(stage: Stage, deepspeed) -> None:
     engine.train()
     end = train.steps
     while step < end:
-        rows = batch_indices(step, num_examples, train.batch_size, stage.seed)[rank * micro:(rank + 1) * micro]
-        batch, shown = curriculum_batch(stage, {k: v[rows] for k, v in data.items()}, step, rank)
+        if fresh is None:
+            rows = batch_indices(step, num_examples, train.batch_size, stage.seed)[rank * micro:(rank + 1) * micro]
+            batch = {k: v[rows] for k, v in data.items()}
+        else:
+            batch = fresh(step, rank, world)
+        batch, shown = curriculum_batch(stage, batch, step, rank)
         batch = trim_padding(batch)
         if stage.reset_optimizer and step > 0 and curriculum_level(stage, step) != curriculum_level(stage, step - 1):
             reset_optimizer_state(engine)

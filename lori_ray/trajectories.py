@@ -22,6 +22,7 @@ from safetensors.torch import load, save
 from . import storage
 from .fingerprint import hash_files
 from .subspace import Moments, Subspace, Tucker, TuckerMoments, fit_tucker, resample_steps
+from .tokens import collate
 
 MANIFEST = "manifest.json"
 SUBSPACE = "subspace.safetensors"
@@ -42,6 +43,18 @@ def segment_means(hidden_states: torch.Tensor, segments: list[list[list[int]]]) 
             weights[row, k, positions] = 1.0 / len(positions)
     means = torch.einsum("bkt,bltd->blkd", weights.to(hidden_states.device), hidden_states)
     return [means[row, :, : len(s)] for row, s in enumerate(segments)]
+
+
+def teacher_step_means(model, layout, sequences, layers: list[int], segments: str = "steps") -> list[torch.Tensor]:
+    """The teacher run teacher-forced on its ``sequences`` (``Layout.teacher``): per example the mean hidden state of
+    each segment (``Layout.segments``) at ``layers`` (hidden-state indices), [L, K_i, d] in float32 on the model's
+    device. What the trajectory pass stores, and what fresh problems (``fresh``) get in the training step."""
+    batch = collate(sequences, layout.pad)
+    device = next(model.parameters()).device
+    output = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
+                   output_hidden_states=True)
+    hidden = torch.stack([output.hidden_states[layer] for layer in layers], dim=1).float()
+    return segment_means(hidden, [layout.segments(s, segments) for s in sequences])
 
 
 def file_fingerprint(path: str | Path) -> str:

@@ -15,7 +15,8 @@ from ..cluster import on_a_gpu
 from ..config import Config, ConfigError
 from ..curriculum import RemovalSchedule, StageSchedule, cot_spans, step_starts
 from ..data import Example
-from ..losses import standardize, trajectory_scale
+from ..fresh import FreshProblems
+from ..losses import standardization, standardize, trajectory_scale
 from ..models import build_model, load_model
 from ..objective import AnswerReadout, TrajectoryProjection, TuckerProjection, pair_layers, slot_states
 from ..preflight import Splits
@@ -97,6 +98,30 @@ def curriculum(config: Config, sequences, layout: Layout) -> tuple[dict[str, tor
                                         pad_id=layout.pad), **fields})
 
 
+def fresh_field(config: Config, splits: Splits, slots: int, targets: str = "none", teacher_dir: Path | None = None,
+                teacher_layers: list[int] = (), tensors: dict[str, torch.Tensor] | None = None, readout: bool = False,
+                slot_targets: bool = False, steps: int | None = None) -> dict:
+    """The stage's ``fresh`` field for ``student.problems: fresh`` (none otherwise): the stream's seed and excluded
+    questions, and what the worker computes the teacher's targets with (``tensors``: the subspace of the aligned
+    layers and the answer readout's standardisation, fitted on the training split)."""
+    if config.student.problems != "fresh":
+        return {}
+    targets_path = None
+    if tensors:
+        targets_path = config.run_dir / "data" / "fresh-targets.safetensors"
+        save_file({k: v.float().contiguous() for k, v in tensors.items()}, targets_path)
+    excluded = sorted({e.question for e in splits.val + splits.held_out})
+    train = config.student.train
+    log(f"[student] fresh problems: {train.steps * train.batch_size} drawn over {train.steps} steps, never one of the "
+        f"{len(excluded)} validation and held-out questions" + ("; the teacher's targets computed in each step"
+                                                               if targets != "none" else ""))
+    return {"fresh": FreshProblems(digits=tuple(config.data.digits), seed=config.student_seed, excluded=excluded,
+                                   latent_slots=slots, segments=config.trajectory.segments, steps=steps, targets=targets,
+                                   teacher_dir=str(teacher_dir) if teacher_dir else None,
+                                   teacher_layers=list(teacher_layers), targets_path=str(targets_path or "") or None,
+                                   readout=readout, slot_targets=slot_targets)}
+
+
 @torch.no_grad()
 def calibrated_projection(model_dir: Path, data_path: Path, layers: list[int], fit, rows: int = 256):
     """Least squares (``fit(states, targets)``) from the initial student's slot states to the teacher's
@@ -145,7 +170,8 @@ def student_stage(config: Config, teacher_dir: Path, splits: Splits, store) -> t
         schedule, fields = curriculum(config, sequences, layout)
         data = write_tensors(sequences, layout.pad, config.model.max_positions, data_path,
                              **with_teacher(), **schedule)
-        return init, data, {"weights": {"ce": loss.ce, "kd": loss.kd}, **fields, **common}
+        return init, data, {"weights": {"ce": loss.ce, "kd": loss.kd}, **fields, **common,
+                            **fresh_field(config, splits, slots)}
 
     stored_layers = store.manifest["layers"]
     student_width, student_layers = model_shape_of(init, config)
@@ -177,6 +203,7 @@ def student_stage(config: Config, teacher_dir: Path, splits: Splits, store) -> t
     fields.update(student_layers=student_layers, **common)
     weights = {"ce": loss.ce, "kd": loss.kd}
     tensors.update(with_teacher(index))
+    fresh_tensors = {}  # what fresh problems' targets are computed with (``fresh``)
     if align_at != "latents":
         positions = answer_positions(sequences)
         if per_digit:  # answer position p (which writes digit p) reads digit p's column
@@ -186,6 +213,8 @@ def student_stage(config: Config, teacher_dir: Path, splits: Splits, store) -> t
                               else targets.flatten(2))
         tensors.update(answer_positions=positions,
                        answer_targets=standardize(answer_targets) if loss.normalize else answer_targets.float())
+        if loss.normalize:
+            fresh_tensors.update(zip(("answer_mean", "answer_std"), (t[0] for t in standardization(answer_targets))))
         torch.manual_seed(config.student_seed + 3)
         readout = AnswerReadout(len(pairs), positions.shape[1], answer_targets.shape[-1], student_width)
         readout_path = config.run_dir / "data" / "readout.safetensors"
@@ -203,6 +232,13 @@ def student_stage(config: Config, teacher_dir: Path, splits: Splits, store) -> t
         if loss.normalize:  # Tucker cores mix layers: one scale for all of them
             fields["target_scale"] = trajectory_scale(targets, per_layer=tucker is None).tolist()
     data = write_tensors(sequences, layout.pad, config.model.max_positions, data_path, **tensors)
+    if config.student.problems == "fresh":
+        if method == "lori":
+            subspace = store.subspace().truncate(config.subspace.rank)
+            fresh_tensors.update(mean=subspace.mean[rows], basis=subspace.basis[rows])
+        fields.update(fresh_field(config, splits, slots, "coordinates" if method == "lori" else "hidden",
+                                  teacher_dir, [t for _, t in pairs], fresh_tensors, readout=align_at != "latents",
+                                  slot_targets=align_at != "answer", steps=steps))
     if method in ("icot_kd", "codi"):
         return init, data, {"weights": {**weights, "hidden_mse": loss.first_order}, **fields}
     if align_at == "answer":
