@@ -35,7 +35,7 @@ def teacher_and_held_out(config):
     from lori_ray.stages.evaluate import evaluate_model
     from lori_ray.stages.teacher_sft import teacher_sft
     from lori_ray.storage import write_local
-    from lori_ray.tracking import stage_run
+    from lori_ray.tracking import stage_run, tracked
     from lori_ray.train import DRIVER_TURNS
 
     with DRIVER_TURNS.turn(), opened(config) as (splits, _parent):
@@ -50,7 +50,7 @@ def teacher_and_held_out(config):
         else:
             with stage_run("evaluate"):
                 result = evaluate_model(config, teacher_dir, {"held-out": splits.held_out}, slots=None)["held-out"]
-                mlflow.log_metrics(result.as_metrics("teacher"))
+                tracked(mlflow.log_metrics, result.as_metrics("teacher"))
             write_local(saved_path, json.dumps({"inputs": inputs, "result": vars(result)}, indent=1))
     return result
 

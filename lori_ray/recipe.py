@@ -35,7 +35,7 @@ from .stages.teacher_sft import completed_train, teacher_sft
 from .stages.training import forget_stage, restart_later
 from .stages.trajectories import trajectory_stage
 from .storage import write_local
-from .tracking import log_model, pipeline_run, stage_run
+from .tracking import log_model, pipeline_run, stage_run, tracked
 from .train import DRIVER_TURNS
 
 STAGES = ("teacher", "student")
@@ -102,16 +102,17 @@ def run(config: Config, teacher_result: EvalResult | None = None, on_store=None)
                             config.subspace.rank, config.student.method, erank, student_train)
             metrics = {**teacher_result.as_metrics("teacher"), **student_result.as_metrics("student"),
                        **student_train.as_metrics("student_train"), "explained_variance": report.explained_variance}
-            mlflow.log_metrics(metrics)
-        mlflow.log_metrics(metrics)  # on the parent run too: one place to compare runs
-        mlflow.log_text(report.table(), "results.md")
+            tracked(mlflow.log_metrics, metrics)
+        tracked(mlflow.log_metrics, metrics)  # on the parent run too: one place to compare runs
+        tracked(mlflow.log_text, report.table(), "results.md")
         write_local(config.run_dir / "results.md", report.table() + "\n")
         describe_models(config, teacher_dir, student_dir, splits.train, report.table())
         if config.tracking.log_models:
             trained_here = [("student", student_dir)] + ([] if config.teacher.path else [("teacher", teacher_dir)])
             for name, directory in trained_here:
-                logged = log_model(name, directory)
-                log(f"[tracking] {name} logged as an MLflow model: {logged.model_uri}")
+                logged = tracked(log_model, name, directory)
+                if logged:
+                    log(f"[tracking] {name} logged as an MLflow model: {logged.model_uri}")
         save_report(config, report, inputs)  # last: a run stopped before this point evaluates (and logs) again
     return report
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import queue
 import sys
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -22,6 +24,50 @@ from .storage import redact
 # MLflow announces creating and migrating its sqlite store at INFO on every run; LORI_VERBOSE=1 keeps it
 if os.environ.get("LORI_VERBOSE") != "1":
     logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
+
+
+class TrackingOutage:
+    """The driver's MLflow calls once the tracking server has stopped answering: the first failure is reported
+    and every later call is skipped, so a run whose server went away mid-run still trains, evaluates and writes
+    its results to disk (``results.md``, ``report.json``) instead of waiting out MLflow's retries (about four
+    minutes a request with its defaults) at every call, or dying between two stages. A programming error (a
+    ``TypeError``, ...) is not an outage and still raises."""
+
+    def __init__(self):
+        self.error: str | None = None
+        self.skipped: list[str] = []
+
+    def __call__(self, call, *args, **kwargs):
+        """``call(*args, **kwargs)``, or None when tracking is out (now or since an earlier failure)."""
+        name = getattr(call, "__name__", str(call))
+        if self.error is not None:
+            self.skipped.append(name)
+            return None
+        try:
+            return call(*args, **kwargs)
+        except OUTAGES as error:
+            self.error = f"{name}: {redact(str(error).strip().splitlines()[0] if str(error).strip() else repr(error))}"
+            print(f"[tracking] WARNING: MLflow stopped answering ({self.error}); the run goes on without tracking, "
+                  "its results are written to the run directory", file=sys.stderr, flush=True)
+            return None
+
+    def summary(self) -> str | None:
+        """One line for the end of a run that lost its tracking, else None."""
+        if self.error is None:
+            return None
+        return (f"[tracking] MLflow stopped answering during this run ({self.error}); {len(self.skipped)} later "
+                "tracking calls were skipped; the models and results are in the run directory (results.md, "
+                "report.json)")
+
+
+def _outages() -> tuple[type[BaseException], ...]:
+    import requests
+    from mlflow.exceptions import MlflowException
+    return MlflowException, requests.RequestException, ConnectionError, TimeoutError
+
+
+OUTAGES = _outages()
+tracked = TrackingOutage()  # one per process: an outage is the server's, whichever run or thread meets it
 
 
 def flatten(tree: dict, prefix: str = "") -> dict[str, str]:
@@ -112,18 +158,40 @@ def pipeline_run(uri: str, experiment: str, name: str, params: dict, config_yaml
     if previous:
         close_stale_children(client, experiment_id, previous.info.run_id)
     tags = {RUN_KEY_TAG: run_dir, **({"mlflow.source.git.commit": commit} if (commit := git_commit()) else {})}
-    with mlflow.start_run(run_id=previous.info.run_id if previous else None,
-                          run_name=None if previous else name, tags=tags) as run:
+    # the server must answer here, before any work: a run that cannot track at all is refused at its start
+    run = mlflow.start_run(run_id=previous.info.run_id if previous else None, run_name=None if previous else name,
+                           tags=tags)
+    try:
         logged = previous.data.params if previous else {}
         # a rerun may change eval, tracking or cluster settings; MLflow keeps a param's first value
         mlflow.log_params({k: v for k, v in redacted(flatten(params)).items() if k not in logged})
         mlflow.log_text(redact(config_yaml), "config.yaml")
-        try:
-            yield run
-        except StageChanged:  # a rerun refused by a finished stage leaves its parent run as it was, not FAILED
-            if previous:
-                mlflow.end_run(previous.info.status)
-            raise
+        yield run
+    except StageChanged:  # a rerun refused by a finished stage leaves its parent run as it was, not FAILED
+        end_run(previous.info.status if previous else "FAILED")
+        raise
+    except BaseException:
+        end_run("FAILED")
+        raise
+    else:
+        end_run()
+    finally:
+        if tracked.summary():
+            print(tracked.summary(), file=sys.stderr, flush=True)
+
+
+def end_run(status: str = "FINISHED") -> None:
+    """``mlflow.end_run`` through ``tracked``. While tracking is out the run only leaves MLflow's stack of active
+    runs, with no request: MLflow ends whatever is left on it at the process's exit, and would wait out its retries
+    there. (MLflow's own ``end_run`` takes the run off the stack before its request, so a failing one does too.)"""
+    if tracked.error is None:
+        tracked(mlflow.end_run, status)
+        return
+    from mlflow.tracking import fluent
+    stack = fluent._active_run_stack.get()  # no public way to forget an active run without ending it
+    if stack:
+        stack.pop()
+    tracked.skipped.append("end_run")
 
 
 class PlainQuestions(mlflow.pyfunc.PythonModel):
@@ -163,38 +231,75 @@ def log_model(name: str, directory: Path):
 
 @contextlib.contextmanager
 def stage_run(name: str, params: dict | None = None):
-    with mlflow.start_run(run_name=name, nested=True) as run:
+    """A nested MLflow run for a stage; None while tracking is out (``tracked``), and the stage runs all the same."""
+    run = tracked(mlflow.start_run, run_name=name, nested=True)
+    if run is None:
+        yield None
+        return
+    try:
         if params:
-            mlflow.log_params(flatten(params))
+            tracked(mlflow.log_params, flatten(params))
         yield run
+    except BaseException:
+        end_run("FAILED")
+        raise
+    end_run()
 
 
 class StepLogger:
-    """Logs step metrics to an existing run; a tracking failure warns once and training goes on. Steps the run
-    already holds (logged before a worker died and replayed after its restart) are not logged twice."""
+    """Logs step metrics to an existing run from a thread of its own: a tracking server that stops answering (MLflow
+    retries each request for minutes) never holds up a training step. A failure warns once and training goes on;
+    while the server is away at most ``QUEUE_LIMIT`` intervals wait, later ones are dropped and counted. Steps the
+    run already holds (logged before a worker died and replayed after its restart) are not logged twice."""
+
+    QUEUE_LIMIT = 10_000
 
     def __init__(self, uri: str, run_id: str):
         self.client = MlflowClient(without_credentials(uri))
         self.run_id = run_id
-        self.failed = 0
-        try:
-            self.logged_through = max((m.step for m in self.client.get_metric_history(run_id, "loss")), default=-1)
-        except Exception:  # noqa: BLE001 - tracking must never stop training
-            self.logged_through = -1
+        self.failed = self.dropped = 0
+        self.logged_through: int | None = None  # read by the thread before its first request
+        self.queue: queue.Queue = queue.Queue(maxsize=self.QUEUE_LIMIT)
+        self.thread = threading.Thread(target=self._send_all, name="lori-step-logger", daemon=True)
+        self.thread.start()
 
     def log(self, metrics: dict[str, float], step: int, replayed_too: bool = False) -> None:
-        """``replayed_too``: log even at a step the run already holds (the restart record itself)."""
+        """Queue ``metrics`` at ``step`` and return at once. ``replayed_too``: log even at a step the run already
+        holds (the restart record itself)."""
+        try:
+            self.queue.put_nowait((dict(metrics), step, replayed_too, int(time.time() * 1000)))
+        except queue.Full:
+            self.dropped += 1
+
+    def close(self, timeout_s: float = 30.0) -> None:
+        """Send what is queued, waiting at most ``timeout_s`` (the thread is a daemon: what is left dies with the
+        worker)."""
+        try:
+            self.queue.put(None, timeout=timeout_s)
+        except queue.Full:
+            return
+        self.thread.join(timeout_s)
+
+    def _send_all(self) -> None:
+        try:
+            self.logged_through = max((m.step for m in self.client.get_metric_history(self.run_id, "loss")),
+                                      default=-1)
+        except Exception:  # noqa: BLE001 - tracking must never stop training
+            self.logged_through = -1
+        while (item := self.queue.get()) is not None:
+            self._send(*item)
+
+    def _send(self, metrics: dict[str, float], step: int, replayed_too: bool, timestamp: int) -> None:
         if step <= self.logged_through and not replayed_too:
             return
-        timestamp = int(time.time() * 1000)
         try:
             self.client.log_batch(self.run_id, [Metric(k, float(v), timestamp, step) for k, v in metrics.items()])
         except Exception as error:  # noqa: BLE001 - tracking must never stop training
             self.failed += 1
             if self.failed == 1:
                 warnings.warn(f"MLflow logging to run {self.run_id} failed, training continues "
-                              f"(further failures are counted, not shown): {error}")
-                print(f"[tracking] WARNING: MLflow logging failed: {error}", file=sys.stderr, flush=True)
+                              f"(further failures are counted, not shown): {redact(str(error))}")
+                print(f"[tracking] WARNING: MLflow logging failed: {redact(str(error))}", file=sys.stderr, flush=True)
 
 
 def stage_history(uri: str, experiment: str, run_name: str, stage: str, metric: str) -> list[tuple[int, float, float]]:

@@ -405,6 +405,8 @@ def _train(stage: Stage, deepspeed) -> None:
             elif step < end:
                 ray.train.report(report)
     bar.close()
+    if logger:
+        logger.close()
     _report_checkpoint(engine, objective, last, stage, step, restarts, final=True)
 
 

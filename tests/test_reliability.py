@@ -2,6 +2,7 @@
 
 import json
 import re
+import time
 import warnings
 from dataclasses import replace
 from pathlib import Path
@@ -13,7 +14,7 @@ from conftest import tiny_model_dir, tiny_stage
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lori_ray.cluster import start_local
+from lori_ray.cluster import free_port, start_local
 from lori_ray.config import Config, ConfigError, ModelConfig, load_config
 from lori_ray.data import (
     DataFormatError,
@@ -157,8 +158,21 @@ def test_unreachable_mlflow_warns_once_and_training_goes_on(monkeypatch):
         warnings.simplefilter("always")
         logger.log({"ce": 1.0}, 1)
         logger.log({"ce": 0.5}, 2)
+        logger.close()
     assert logger.failed == 2
     assert len([w for w in caught if "MLflow logging" in str(w.message)]) == 1
+
+
+def test_a_training_step_never_waits_for_a_tracking_server_that_is_down():
+    """With MLflow's own retries (about four minutes a request) a step used to wait for each of them."""
+    logger = StepLogger(f"http://127.0.0.1:{free_port()}", "0" * 32)
+    started = time.monotonic()
+    for step in range(1, 21):
+        logger.log({"ce": 1.0 / step}, step)
+    assert time.monotonic() - started < 1.0
+    started = time.monotonic()
+    logger.close(timeout_s=1.0)  # the end of a stage waits a bounded time for what is queued
+    assert time.monotonic() - started < 5.0 and logger.failed == 0  # still retrying the first request
 
 
 def test_security_defaults(tmp_path):

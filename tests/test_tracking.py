@@ -21,10 +21,12 @@ def test_a_restarted_worker_does_not_log_its_replayed_steps_twice(tmp_path):
     before = StepLogger(uri, run_id)
     for step in (5, 10, 15):  # logged, then the worker dies; the checkpoint was at step 10
         before.log({"loss": 1.0 / step}, step)
+    before.close()
     after = StepLogger(uri, run_id)
     after.log({"restarts": 1, "resumed_from_step": 10}, 10, replayed_too=True)
     for step in (15, 20):
         after.log({"loss": 0.5 / step}, step)
+    after.close()
     assert [m.step for m in sorted(client.get_metric_history(run_id, "loss"), key=lambda m: m.step)] == [5, 10, 15, 20]
     assert [(m.step, m.value) for m in client.get_metric_history(run_id, "restarts")] == [(10, 1.0)]
     assert client.get_metric_history(run_id, "loss")[2].value == 1.0 / 15  # the first record of step 15 stays
@@ -101,3 +103,27 @@ def test_mlflow_gets_the_credentials_from_its_environment_not_the_uri(monkeypatc
     assert without_credentials("http://alice:p%40ss@127.0.0.1:5000/x") == "http://127.0.0.1:5000/x"
     assert (os.environ["MLFLOW_TRACKING_USERNAME"], os.environ["MLFLOW_TRACKING_PASSWORD"]) == ("alice", "p@ss")
     assert without_credentials("sqlite:////runs/mlflow.db") == "sqlite:////runs/mlflow.db"
+
+
+def test_after_the_first_tracking_failure_the_driver_skips_tracking_and_the_run_goes_on(monkeypatch, capsys):
+    from mlflow.exceptions import MlflowException
+
+    from lori_ray import tracking
+    outage = tracking.TrackingOutage()
+    monkeypatch.setattr(tracking, "tracked", outage)
+    calls = []
+
+    def log_metric(*args):
+        calls.append(args)
+        raise MlflowException("API request to http://alice:hunter2@mlflow.internal/api failed: Max retries exceeded")
+
+    assert outage(log_metric, "a", 1) is None and outage(log_metric, "b", 2) is None
+    assert calls == [("a", 1)]  # the second call waited for nothing
+    assert "MLflow stopped answering (log_metric: API request to http://alice:***@mlflow.internal" in \
+        capsys.readouterr().err
+    with tracking.stage_run("student", {"lr": 1e-3}) as run:  # a stage starts all the same, without its run
+        assert run is None
+    assert outage.summary().startswith("[tracking] MLflow stopped answering during this run (log_metric: ")
+    assert "2 later tracking calls were skipped" in outage.summary()  # the second log_metric, the stage's run
+    with pytest.raises(TypeError):  # a programming error is not an outage
+        tracking.TrackingOutage()(lambda: None, "unexpected")

@@ -22,7 +22,7 @@ from ..predict import Contract, write_model_files
 from ..pruned import hidden_erank, load_student
 from ..storage import write_local
 from ..tokens import Layout, add_latent_tokens, load_tokenizer
-from ..tracking import stage_run
+from ..tracking import stage_run, tracked
 from . import log
 from .student import latent_slots
 from .training import calibration_batch
@@ -64,9 +64,9 @@ def erank_diagnostics(config: Config, teacher_dir: Path, init_dir: Path, student
                      examples[:config.student.calibration_size])
     with stage_run("erank"):
         for label, values in ranks.items():
-            mlflow.log_metrics({f"erank_{label.replace(' ', '_')}_layer_{i}": v for i, v in enumerate(values)})
-        mlflow.log_dict(ranks, "erank.json")
-        mlflow.log_figure(erank_figure(ranks), "erank.png")
+            tracked(mlflow.log_metrics, {f"erank_{label.replace(' ', '_')}_layer_{i}": v for i, v in enumerate(values)})
+        tracked(mlflow.log_dict, ranks, "erank.json")
+        tracked(mlflow.log_figure, erank_figure(ranks), "erank.png")
     write_local(config.run_dir / "erank.json", json.dumps(ranks, indent=1))
     return ranks
 

@@ -21,7 +21,7 @@ from ..models import model_shape
 from ..progress import bars_wanted
 from ..tokenized import tokenized
 from ..tokens import Layout, Sequence, collate
-from ..tracking import stage_run
+from ..tracking import stage_run, tracked
 from ..train import Stage, fit
 from . import log
 
@@ -80,11 +80,11 @@ def train_stage(config: Config, name: str, model_dir: Path, data_path: Path, tra
     if output.exists():
         log(f"[{name}] {output} has no record of its inputs (interrupted, or from an older version): training again")
     with stage_run(name, train_config.model_dump()) as run:
-        stage = make_stage(config, name, model_dir, data_path, train_config, run_id=run.info.run_id,
+        stage = make_stage(config, name, model_dir, data_path, train_config, run_id=run.info.run_id if run else None,
                            checkpoint_key=run_key(config.run_dir), inputs_digest=inputs_digest(inputs), **stage_fields)
         started = time.time()
         fit(stage, output, config.storage_path, fingerprint=inputs, wait_minutes=config.cluster.wait_minutes)
-        mlflow.log_metric("stage_seconds", time.time() - started)
+        tracked(mlflow.log_metric, "stage_seconds", time.time() - started)
     log(f"[{name}] done in {time.time() - started:.0f}s -> {output}")
     return output
 

@@ -12,7 +12,7 @@ from ..data import Example
 from ..plots import spectrum_figure, spectrum_summary
 from ..progress import bars_wanted
 from ..teacher_pool import build_store
-from ..tracking import stage_run
+from ..tracking import stage_run, tracked
 from . import log
 from .training import model_shape_of
 
@@ -34,9 +34,9 @@ def trajectory_stage(config: Config, teacher_dir: Path, train: list[Example]):
                             segments=trajectory_segments(config), bars=bars_wanted())
         subspace = store.subspace()
         spectrum = spectrum_summary(subspace, layers)
-        mlflow.log_dict(spectrum, "subspace_spectrum.json")
-        mlflow.log_figure(spectrum_figure(spectrum), "subspace_spectrum.png")
+        tracked(mlflow.log_dict, spectrum, "subspace_spectrum.json")
+        tracked(mlflow.log_figure, spectrum_figure(spectrum), "subspace_spectrum.png")
         for rank in range(1, config.subspace.max_rank + 1):
-            mlflow.log_metric("explained_variance", subspace.explained_variance(rank).mean().item(), step=rank)
-        mlflow.log_metrics({f"erank_layer_{layer}": value for layer, value in zip(layers, spectrum["erank"])})
+            tracked(mlflow.log_metric, "explained_variance", subspace.explained_variance(rank).mean().item(), step=rank)
+        tracked(mlflow.log_metrics, {f"erank_layer_{layer}": value for layer, value in zip(layers, spectrum["erank"])})
     return store
