@@ -16,7 +16,7 @@ import yaml
 
 from .config import Config, ConfigError, DataConfig
 from .data import ARITHMETIC_SYMBOLS, DataFormatError, Example, generate_multiplication, read_examples
-from .storage import redact
+from .storage import redact, scheme, unreachable
 
 
 class Splits(NamedTuple):
@@ -116,9 +116,21 @@ def check_local_cluster(config: Config) -> None:
                               f"num_workers or cpus_per_worker, or raise cluster.num_cpus")
 
 
+def check_storage(config: Config, timeout_s: float = 30.0) -> None:
+    """An object store named for the checkpoints or the trajectory store answers: a small object written, read back
+    and deleted (``storage.unreachable``). A plain path is the local filesystem's, and needs no probe."""
+    for field, location in (("cluster.storage_path", config.cluster.storage_path),
+                            ("trajectory.store_dir", config.trajectory.store_dir)):
+        if location and scheme(location) and (why := unreachable(location, timeout_s)):
+            raise ConfigError(f"{field}: cannot write to {redact(location)} ({redact(why)}); the "
+                              f"run's {'checkpoints' if field.startswith('cluster') else 'teacher trajectories'} go "
+                              f"there. Check the endpoint and the credentials (for S3 the AWS_* variables)")
+
+
 def preflight(config: Config) -> Splits:
     """The run's splits, after every check that needs no cluster; raises ConfigError."""
     check_local_cluster(config)
+    check_storage(config)
     splits = load_data(config)
     for section in ("teacher", "student"):
         batch = getattr(config, section).train.batch_size

@@ -81,6 +81,33 @@ def resolve(location: str) -> tuple[pafs.FileSystem, str]:
     return pafs.FileSystem.from_uri(location)
 
 
+def unreachable(location: str, timeout_s: float = 30.0) -> str | None:
+    """Why a small object cannot be written to, read back from and deleted under the URI ``location`` within
+    ``timeout_s`` (a wrong endpoint, no credentials, a bucket that does not exist), or None. Without it a run
+    would find out at its first checkpoint upload, after the teacher trained; a client that retries forever is
+    given up on at ``timeout_s`` (its thread is left to the process's end)."""
+    import threading
+    import uuid
+    outcome: list[str | None] = []
+
+    def attempt() -> None:
+        try:
+            filesystem, root = resolve(location)
+            path = f"{root.rstrip('/')}/.lori-probe-{uuid.uuid4().hex}"
+            write_whole(filesystem, path, b"lori-ray")
+            if read_whole(filesystem, path) != b"lori-ray":
+                raise OSError("read back other bytes than were written")
+            filesystem.delete_file(path)
+            outcome.append(None)
+        except Exception as error:  # noqa: BLE001 - any failure is the answer
+            outcome.append(str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__)
+
+    thread = threading.Thread(target=attempt, daemon=True, name="lori-storage-probe")
+    thread.start()
+    thread.join(timeout_s)
+    return outcome[0] if outcome else f"no answer within {timeout_s:g} s"
+
+
 TEMPORARY_SUFFIX = ".tmp"
 
 

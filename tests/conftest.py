@@ -3,6 +3,7 @@
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -56,6 +57,16 @@ def tiny_stage(directory: Path, name: str, examples: int = 32, **train):
     save_file(collate([layout.teacher(e) for e in generate_multiplication(examples, 2, 2)], layout.pad), data)
     settings = load_config(Path(__file__).parents[1] / "configs/tiny.yaml").teacher.train.model_copy(update=train)
     return Stage(name=name, model_dir=str(tiny_model_dir(directory / "model")), data_path=str(data), train=settings)
+
+
+def wait_for(condition, timeout: float, what: str):
+    """The first truthy value of ``condition()``."""
+    deadline = time.time() + timeout
+    while not (value := condition()):
+        if time.time() > deadline:
+            raise TimeoutError(what)
+        time.sleep(0.2)
+    return value
 
 
 def job_env() -> dict[str, str]:

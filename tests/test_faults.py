@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import ray
 import torch
-from conftest import job_env, tiny_model_dir, tiny_stage
+from conftest import job_env, tiny_model_dir, tiny_stage, wait_for
 from ray.util.state import list_actors
 from transformers import AutoModelForCausalLM
 
@@ -52,16 +52,6 @@ def run_in_thread(function, *args):
     thread = threading.Thread(target=target)
     thread.start()
     return thread, outcome
-
-
-def wait_for(condition, timeout: float, what: str):
-    """The first truthy value of ``condition()``."""
-    deadline = time.time() + timeout
-    while not (value := condition()):
-        if time.time() > deadline:
-            raise TimeoutError(what)
-        time.sleep(0.2)
-    return value
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,142 @@
+"""The fault matrix (README "Failure handling"), run on the tiny preset: for each fault, what the run does and what
+is left on disk. The driver is killed (SIGKILL, with the local cluster it started) in each stage of a run and the
+same command is run again; an object store that does not answer is refused before Ray starts; the MLflow server
+going away mid-run does not stop the run."""
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import job_env, wait_for
+
+from lori_ray.cluster import free_port
+from lori_ray.fingerprint import FINGERPRINT_FILE
+
+ROOT = Path(__file__).resolve().parents[1]
+# one rank, one actor: the two cores stay free for the kill and the rerun
+SMALL = ["cluster.num_cpus=2", "teacher.train.num_workers=1", "student.train.num_workers=1", "trajectory.num_actors=1"]
+
+
+def command(output: Path, *overrides: str) -> list[str]:
+    return [sys.executable, "jobs/distill.py", "--config", "configs/tiny.yaml", f"output_dir={output}", *SMALL,
+            *overrides]
+
+
+def published(directory: Path) -> bool:
+    return (directory / FINGERPRINT_FILE).is_file()
+
+
+# stage: (overrides, when the driver is killed, what is on disk then, what the rerun says)
+STAGES = {
+    # 30 steps with a checkpoint every 10: killed once the second checkpoint is being written (the first is complete)
+    "teacher": (["teacher.train.steps=30", "teacher.train.checkpoint_every=10"],
+                lambda run: (run / "ray" / "tiny-teacher" / "step-000020").exists(),
+                lambda run, out: not (run / "teacher").exists() and (run / "ray" / "tiny-teacher" / "step-000010").is_dir(),
+                r"\[tiny-teacher\] resumed from step (10|20) "),
+    # killed as the teacher pass starts: a store without a manifest is never read, the rerun extracts what is missing
+    "trajectories": ([], lambda run: published(run / "teacher") and list((run.parent / "trajectories").glob("*")),
+                     lambda run, out: published(run / "teacher")
+                     and not list((run.parent / "trajectories").glob("*/manifest.json")),
+                     r"\[teacher\] finished model found .* skipping"),
+    "student": (["student.train.steps=30", "student.train.checkpoint_every=10"],
+                lambda run: (run / "ray" / "tiny-student" / "step-000020").exists(),
+                lambda run, out: published(run / "teacher") and not (run / "student").exists()
+                and list((run.parent / "trajectories").glob("*/manifest.json")),
+                r"\[tiny-student\] resumed from step (10|20) "),
+    # killed once the student is published, while the models are evaluated
+    "evaluate": ([], lambda run: published(run / "student"),
+                 lambda run, out: published(run / "student") and not (run / "results.md").exists(),
+                 r"\[student\] finished model found .* skipping"),
+}
+
+
+@pytest.mark.cluster
+@pytest.mark.parametrize("stage", list(STAGES))
+def test_a_driver_killed_in_each_stage_leaves_finished_work_and_the_same_command_continues(tmp_path, stage):
+    overrides, kill_when, left_on_disk, continued = STAGES[stage]
+    run, env = tmp_path / "tiny", job_env()
+    # its own session: the SIGKILL takes the driver and the local cluster it started, like a lost job
+    first = subprocess.Popen(command(tmp_path, *overrides), cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        wait_for(lambda: kill_when(run) or first.poll() is not None, 600, f"the {stage} stage")
+        assert first.poll() is None, f"the run ended before its {stage} stage was reached"
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait()
+    assert left_on_disk(run, tmp_path), sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")
+                                               if "ray" not in p.parts)
+    assert not list(run.glob(".*.partial")), "a half-published model is left"
+
+    again = subprocess.run(command(tmp_path, *overrides), cwd=ROOT, env=env, capture_output=True, text=True,
+                           timeout=900, check=False)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert re.search(continued, again.stdout), again.stdout[-3000:]
+    assert (run / "results.md").is_file() and published(run / "student")
+
+
+@pytest.mark.parametrize("field", ["cluster.storage_path", "trajectory.store_dir"])
+def test_an_object_store_that_does_not_answer_is_refused_before_ray_starts(tmp_path, field):
+    dead = f"s3://lori-ray/runs?endpoint_override=127.0.0.1:{free_port()}&scheme=http"
+    env = {**job_env(), "AWS_ACCESS_KEY_ID": "alice", "AWS_SECRET_ACCESS_KEY": "SECRET-KEY",
+           "AWS_EC2_METADATA_DISABLED": "true"}
+    started = time.monotonic()
+    result = subprocess.run(command(tmp_path, f"{field}={dead}"), cwd=ROOT, env=env, capture_output=True, text=True,
+                            timeout=120, check=False)
+    assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
+    assert re.search(rf"{field}: cannot write to s3://lori-ray/runs\?endpoint_override=127.0.0.1:\d+&scheme=http "
+                     r"\(.*Could not connect.*\)", result.stderr), result.stderr
+    assert "Traceback" not in result.stderr and "SECRET-KEY" not in result.stdout + result.stderr
+    assert not (tmp_path / "tiny").exists()  # refused before anything was written or Ray started
+    assert time.monotonic() - started < 90
+
+
+@pytest.mark.cluster
+def test_the_mlflow_server_going_away_mid_run_does_not_stop_the_run(tmp_path):
+    """Killed once the student trains: its steps stop being logged without holding training up, the driver's
+    tracking calls after the first failure are skipped, and the run publishes its models and results."""
+    port = free_port()
+    server = subprocess.Popen([str(Path(sys.executable).with_name("mlflow")), "server", "--host", "127.0.0.1",
+                               "--port", str(port), "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
+                               "--artifacts-destination", str(tmp_path / "artifacts"), "--workers", "1"],
+                              env=job_env(), stdout=(tmp_path / "server.log").open("w"), stderr=subprocess.STDOUT,
+                              start_new_session=True)
+    # MLflow's default retries (about four minutes for the first failing request) are the same, only longer
+    env = {**job_env(), "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "60"}
+    try:
+        import requests
+        wait_for(lambda: not requests_refused(port) and requests.get(f"http://127.0.0.1:{port}/health", timeout=5).ok,
+                 300, "the MLflow server: " + str(tmp_path / "server.log"))
+        from mlflow.tracking import MlflowClient
+        MlflowClient(f"http://127.0.0.1:{port}").search_experiments()  # its store created before the run's requests
+        job = subprocess.Popen(command(tmp_path, f"tracking.uri=http://127.0.0.1:{port}", "student.train.steps=60",
+                                       "student.train.log_every=5"),
+                               cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        lines = []
+        for line in job.stdout:
+            lines.append(line)
+            if "[tiny-student] step 5/60" in line and server.poll() is None:
+                os.killpg(server.pid, signal.SIGKILL)
+                server.wait()
+        job.wait(timeout=900)
+    finally:
+        if server.poll() is None:
+            os.killpg(server.pid, signal.SIGKILL)
+    output = "".join(lines)
+    assert server.poll() is not None and job.returncode == 0, output[-5000:]
+    assert "[tiny-student] step 60/60 " in output and (tmp_path / "tiny" / "results.md").is_file()
+    assert published(tmp_path / "tiny" / "student")
+    assert "[tracking] WARNING: MLflow stopped answering" in output
+    assert re.search(r"\[tracking\] MLflow stopped answering during this run .*; \d+ later tracking calls were "
+                     r"skipped; the models and results are in the run directory", output)
+
+
+def requests_refused(port: int) -> bool:
+    import socket
+    with socket.socket() as probe:
+        return probe.connect_ex(("127.0.0.1", port)) != 0
