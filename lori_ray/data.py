@@ -156,6 +156,13 @@ def multiplication_digits(examples: list[Example]) -> list[int] | None:
     return list(shapes.pop()) if len(shapes) == 1 else None
 
 
+def random_multiplication(rng: random.Random, a_digits: int, b_digits: int) -> Example:
+    """One problem with exactly ``a_digits`` × ``b_digits`` digits, drawn uniformly with ``rng``."""
+    a = rng.randrange(10 ** (a_digits - 1), 10**a_digits)
+    b = rng.randrange(10 ** (b_digits - 1), 10**b_digits)
+    return multiplication_example(a, b, a_digits, b_digits)
+
+
 def generate_multiplication(n: int, a_digits: int, b_digits: int, seed: int = 0,
                             exclude: set[str] = frozenset()) -> list[Example]:
     """``n`` distinct problems with exactly ``a_digits`` × ``b_digits`` digits, skipping questions in ``exclude``."""
@@ -165,9 +172,7 @@ def generate_multiplication(n: int, a_digits: int, b_digits: int, seed: int = 0,
     rng = random.Random(seed)
     seen, examples = set(exclude), []
     while len(examples) < n:
-        a = rng.randrange(10 ** (a_digits - 1), 10**a_digits)
-        b = rng.randrange(10 ** (b_digits - 1), 10**b_digits)
-        example = multiplication_example(a, b, a_digits, b_digits)
+        example = random_multiplication(rng, a_digits, b_digits)
         if example.question not in seen:
             seen.add(example.question)
             examples.append(example)

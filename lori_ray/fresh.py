@@ -16,8 +16,8 @@ from pydantic import BaseModel
 from safetensors.torch import load_file
 
 from .batch import Batch, answer_positions
-from .data import Example, multiplication_example
-from .subspace import resample_steps
+from .data import Example, random_multiplication
+from .subspace import Subspace, resample_steps
 from .tokens import Layout, add_latent_tokens, collate, load_tokenizer
 from .trajectories import stack, teacher_step_means
 
@@ -37,7 +37,7 @@ class FreshProblems(BaseModel):
     targets: Literal["none", "coordinates", "hidden"] = "none"
     teacher_dir: str | None = None
     teacher_layers: list[int] = []  # hidden-state indices of the teacher, one per aligned student layer
-    # safetensors: the subspace's ``mean`` [L, d] and ``basis`` [L, d, r] of those layers (coordinates), and the
+    # safetensors: the subspace (``mean`` [L, d], ``basis`` [L, d, r], ``eigenvalues``) of those layers, and the
     # answer readout's standardisation ``answer_mean``/``answer_std`` [L, F] (when the student has a readout)
     targets_path: str | None = None
     readout: bool = False  # the student reads the trajectory at its answer positions
@@ -48,12 +48,9 @@ def fresh_problems(step: int, count: int, digits: tuple[int, int], seed: int,
                    excluded: frozenset[str] = frozenset()) -> list[Example]:
     """The ``count`` problems of ``step``: the same for the same (seed, step), never a question in ``excluded``."""
     rng = random.Random(f"fresh-{seed}-{step}")  # a str seed is hashed (sha512): independent streams per step
-    a_digits, b_digits = digits
     problems = []
     while len(problems) < count:
-        a = rng.randrange(10 ** (a_digits - 1), 10**a_digits)
-        b = rng.randrange(10 ** (b_digits - 1), 10**b_digits)
-        problem = multiplication_example(a, b, a_digits, b_digits)
+        problem = random_multiplication(rng, *digits)
         if problem.question not in excluded:
             problems.append(problem)
     return problems
@@ -73,6 +70,8 @@ class FreshBatches:
             self.teacher = load_model(fresh.teacher_dir).eval().requires_grad_(False)
             self.teacher_layout = Layout(load_tokenizer(fresh.teacher_dir))
         self.tensors = load_file(fresh.targets_path) if fresh.targets_path else {}
+        self.subspace = (Subspace(self.tensors["mean"], self.tensors["basis"], self.tensors["eigenvalues"])
+                         if fresh.targets == "coordinates" else None)
 
     def __call__(self, step: int, rank: int, world: int) -> Batch:
         """Rank ``rank``'s rows of the global batch of ``step``."""
@@ -91,9 +90,8 @@ class FreshBatches:
         means = teacher_step_means(self.teacher, self.teacher_layout, teacher_sequences, self.fresh.teacher_layers,
                                    self.fresh.segments)
         states = stack(means, self.fresh.steps)  # [B, L, K, d], resampled to the slots like the store's
-        if self.fresh.targets == "coordinates":
-            targets = torch.einsum("blkd,ldr->blkr", states - self.tensors["mean"][None, :, None],
-                                   self.tensors["basis"])
+        if self.fresh.targets == "coordinates":  # as the trajectory pass projects a stored trajectory
+            targets = self.subspace.project(states.transpose(1, 2)).transpose(1, 2)
         else:
             targets = states
         per_digit = self.fresh.steps is None

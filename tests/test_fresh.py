@@ -69,7 +69,8 @@ def fresh_batches(root, store, rows: list[int], steps: int | None = 2, **fields)
     _, coordinates = store.coordinates(2, steps)
     answer = coordinates[:, rows] if steps is None else coordinates[:, rows].flatten(2)
     mean, std = standardization(answer)
-    save_file({"mean": subspace.mean[rows], "basis": subspace.basis[rows].contiguous(), "answer_mean": mean[0].float(),
+    save_file({"mean": subspace.mean[rows], "basis": subspace.basis[rows].contiguous(),
+               "eigenvalues": subspace.eigenvalues[rows].contiguous(), "answer_mean": mean[0].float(),
                "answer_std": std[0].float()}, root / "targets.safetensors")
     fresh = FreshProblems(digits=(2, 2), seed=0, excluded=[], latent_slots=2, steps=steps, targets="coordinates",
                           teacher_dir=str(root / "teacher"), teacher_layers=[[1, 2][r] for r in rows],

@@ -16,7 +16,7 @@ from ..config import Config, ConfigError
 from ..curriculum import RemovalSchedule, StageSchedule, cot_spans, step_starts
 from ..data import Example
 from ..fresh import FreshProblems
-from ..losses import standardization, standardize, trajectory_scale
+from ..losses import standardization, trajectory_scale
 from ..models import build_model, load_model
 from ..objective import AnswerReadout, TrajectoryProjection, TuckerProjection, pair_layers, slot_states
 from ..preflight import Splits
@@ -211,10 +211,11 @@ def student_stage(config: Config, teacher_dir: Path, splits: Splits, store) -> t
         else:  # every position reads the whole trajectory: [n, L, F] (a Tucker core is one for all layers)
             answer_targets = (targets.flatten(1)[:, None].expand(-1, len(pairs), -1) if tucker is not None
                               else targets.flatten(2))
-        tensors.update(answer_positions=positions,
-                       answer_targets=standardize(answer_targets) if loss.normalize else answer_targets.float())
-        if loss.normalize:
-            fresh_tensors.update(zip(("answer_mean", "answer_std"), (t[0] for t in standardization(answer_targets))))
+        if loss.normalize:  # fresh problems' targets are standardised with the same statistics
+            mean, std = standardization(answer_targets)
+            answer_targets = (answer_targets.double() - mean) / std
+            fresh_tensors.update(answer_mean=mean[0], answer_std=std[0])
+        tensors.update(answer_positions=positions, answer_targets=answer_targets.float())
         torch.manual_seed(config.student_seed + 3)
         readout = AnswerReadout(len(pairs), positions.shape[1], answer_targets.shape[-1], student_width)
         readout_path = config.run_dir / "data" / "readout.safetensors"
@@ -235,7 +236,8 @@ def student_stage(config: Config, teacher_dir: Path, splits: Splits, store) -> t
     if config.student.problems == "fresh":
         if method == "lori":
             subspace = store.subspace().truncate(config.subspace.rank)
-            fresh_tensors.update(mean=subspace.mean[rows], basis=subspace.basis[rows])
+            fresh_tensors.update(mean=subspace.mean[rows], basis=subspace.basis[rows],
+                                 eigenvalues=subspace.eigenvalues[rows])
         fields.update(fresh_field(config, splits, slots, "coordinates" if method == "lori" else "hidden",
                                   teacher_dir, [t for _, t in pairs], fresh_tensors, readout=align_at != "latents",
                                   slot_targets=align_at != "answer", steps=steps))
