@@ -106,7 +106,7 @@ def main() -> int:
 
     from lori_ray.plots import curves_figure
     from lori_ray.recipe import RunsFailed, run_sharing_teacher
-    from lori_ray.tracking import stage_history, without_credentials
+    from lori_ray.tracking import end_run, stage_history, tracked, without_credentials
 
     start(args, list(configs.values()))
     with user_errors():
@@ -117,8 +117,9 @@ def main() -> int:
             if not reports:
                 raise
     first = next(iter(configs.values()))
-    histories = {key: stage_history(first.tracking_uri(), config.tracking.experiment, config.name, "student",
-                                    "val_accuracy") for key, config in configs.items()}
+    # the curves come from MLflow: a server gone away gives the table without them
+    histories = {key: tracked(stage_history, first.tracking_uri(), config.tracking.experiment, config.name, "student",
+                              "val_accuracy") or [] for key, config in configs.items()}
     text = table(base, reports) + "\n\nValidation exact match while training (minutes since each student's stage " \
         "began):\n\n" + milestones(histories)
     print("\n" + text, flush=True)
@@ -131,14 +132,17 @@ def main() -> int:
     (out / "accuracy.md").write_text(text + "\n")
     figure.savefig(out / "curves.png", dpi=120)
     mlflow.set_tracking_uri(without_credentials(first.tracking_uri()))
-    mlflow.set_experiment(first.tracking.experiment)
-    with mlflow.start_run(run_name=f"{base.name}-benchmark"):
-        mlflow.log_text(text, "accuracy.md")
-        mlflow.log_figure(figure, "curves.png")
+    if tracked(mlflow.set_experiment, first.tracking.experiment) and \
+            tracked(mlflow.start_run, run_name=f"{base.name}-benchmark"):
+        tracked(mlflow.log_text, text, "accuracy.md")
+        tracked(mlflow.log_figure, figure, "curves.png")
         for method, seeds in curves.items():
             for i, curve in enumerate(seeds):
                 for step, _, value in curve:
-                    mlflow.log_metric(f"{method}_s{i}_val_accuracy", value, step=step)
+                    tracked(mlflow.log_metric, f"{method}_s{i}_val_accuracy", value, step=step)
+        end_run()
+    if tracked.summary():
+        print(tracked.summary(), file=sys.stderr, flush=True)
     print(f"table: {out / 'accuracy.md'}\ncurves: {out / 'curves.png'}", flush=True)
     if failed:
         print(f"error: {failed}", file=sys.stderr)

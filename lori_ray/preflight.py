@@ -127,10 +127,22 @@ def check_storage(config: Config, timeout_s: float = 30.0) -> None:
                               f"there. Check the endpoint and the credentials (for S3 the AWS_* variables)")
 
 
+def check_tracking(config: Config, timeout_s: float = 10.0) -> None:
+    """An MLflow tracking server answers before the run starts: the parent run is opened first thing, and a
+    server that is down would otherwise be found there after MLflow's retries, as a traceback."""
+    from .tracking import server_unanswering
+    uri = config.tracking_uri()
+    if why := server_unanswering(uri, timeout_s):
+        field = "tracking.uri" if config.tracking.uri else "MLFLOW_TRACKING_URI"
+        raise ConfigError(f"{field}: the MLflow server at {redact(uri)} cannot be used ({why}); start it, or leave "
+                          f"tracking.uri unset for a sqlite store in the run directory")
+
+
 def preflight(config: Config) -> Splits:
     """The run's splits, after every check that needs no cluster; raises ConfigError."""
     check_local_cluster(config)
     check_storage(config)
+    check_tracking(config)
     splits = load_data(config)
     for section in ("teacher", "student"):
         batch = getattr(config, section).train.batch_size

@@ -60,6 +60,10 @@ class TrackingOutage:
                 "report.json)")
 
 
+class TrackingUnavailable(RuntimeError):
+    """The tracking store failed as a run opened its parent run: nothing has been trained yet."""
+
+
 def _outages() -> tuple[type[BaseException], ...]:
     import requests
     from mlflow.exceptions import MlflowException
@@ -141,26 +145,57 @@ def without_credentials(uri: str) -> str:
     return urlunsplit(parts._replace(netloc=parts.hostname + (f":{parts.port}" if parts.port else "")))
 
 
+def server_unanswering(uri: str, timeout_s: float = 10.0) -> str | None:
+    """Why the MLflow server at an http(s) ``uri`` cannot be used, or None (a local sqlite or file store needs no
+    probe): it does not answer within ``timeout_s``, or answers that the credentials (from the URI or MLflow's
+    MLFLOW_TRACKING_USERNAME/_PASSWORD/_TOKEN variables) are refused. One request, no retries: MLflow's own
+    client would retry for about four minutes before the run's first line."""
+    import requests
+    parts = urlsplit(uri)
+    if parts.scheme not in ("http", "https"):
+        return None
+    username = unquote(parts.username) if parts.username else os.environ.get("MLFLOW_TRACKING_USERNAME")
+    password = unquote(parts.password) if parts.password else os.environ.get("MLFLOW_TRACKING_PASSWORD")
+    token = os.environ.get("MLFLOW_TRACKING_TOKEN")
+    base = urlunsplit(parts._replace(netloc=parts.hostname + (f":{parts.port}" if parts.port else ""))).rstrip("/")
+    try:
+        answer = requests.get(f"{base}/api/2.0/mlflow/experiments/search", params={"max_results": 1},
+                              auth=(username, password or "") if username else None,
+                              headers={"Authorization": f"Bearer {token}"} if token and not username else None,
+                              timeout=timeout_s)
+    except requests.RequestException as error:
+        return f"no answer within {timeout_s:g} s" if isinstance(error, requests.Timeout) else type(error).__name__
+    if answer.status_code in (401, 403):
+        return (f"HTTP {answer.status_code}: the credentials are refused (MLFLOW_TRACKING_USERNAME and "
+                "MLFLOW_TRACKING_PASSWORD, or MLFLOW_TRACKING_TOKEN)")
+    return None
+
+
 @contextlib.contextmanager
 def pipeline_run(uri: str, experiment: str, name: str, params: dict, config_yaml: str, run_dir: str):
     """The parent run of the logical run in ``run_dir``: a rerun (after a dead driver, or to evaluate again)
     continues it, and ends as KILLED the stage runs its dead driver left RUNNING."""
     uri = without_credentials(uri)
     mlflow.set_tracking_uri(uri)
-    if mlflow.get_experiment_by_name(experiment) is None:
-        mlflow.create_experiment(experiment, artifact_location=artifact_location(uri))
-    found = mlflow.set_experiment(experiment)
-    experiment_id = found.experiment_id
-    client = MlflowClient(uri)
-    if EXPERIMENT_KIND not in found.tags:  # MLflow 3 opens an untagged experiment in its GenAI view
-        client.set_experiment_tag(experiment_id, EXPERIMENT_KIND, "custom_model_development")
-    previous = previous_parent(client, experiment_id, run_dir)
-    if previous:
-        close_stale_children(client, experiment_id, previous.info.run_id)
-    tags = {RUN_KEY_TAG: run_dir, **({"mlflow.source.git.commit": commit} if (commit := git_commit()) else {})}
     # the server must answer here, before any work: a run that cannot track at all is refused at its start
-    run = mlflow.start_run(run_id=previous.info.run_id if previous else None, run_name=None if previous else name,
-                           tags=tags)
+    try:
+        if mlflow.get_experiment_by_name(experiment) is None:
+            mlflow.create_experiment(experiment, artifact_location=artifact_location(uri))
+        found = mlflow.set_experiment(experiment)
+        experiment_id = found.experiment_id
+        client = MlflowClient(uri)
+        if EXPERIMENT_KIND not in found.tags:  # MLflow 3 opens an untagged experiment in its GenAI view
+            client.set_experiment_tag(experiment_id, EXPERIMENT_KIND, "custom_model_development")
+        previous = previous_parent(client, experiment_id, run_dir)
+        if previous:
+            close_stale_children(client, experiment_id, previous.info.run_id)
+        tags = {RUN_KEY_TAG: run_dir, **({"mlflow.source.git.commit": commit} if (commit := git_commit()) else {})}
+        run = mlflow.start_run(run_id=previous.info.run_id if previous else None,
+                               run_name=None if previous else name, tags=tags)
+    except OUTAGES as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise TrackingUnavailable(f"the MLflow tracking store at {redact(uri)} did not answer as the run started "
+                                  f"({redact(first_line)}); nothing was trained") from error
     try:
         logged = previous.data.params if previous else {}
         # a rerun may change eval, tracking or cluster settings; MLflow keeps a param's first value

@@ -29,7 +29,7 @@ from .stages.student import latent_slots, student_stage
 from .stages.teacher_sft import teacher_sft
 from .stages.training import make_stage
 from .stages.trajectories import trajectory_stage
-from .tracking import without_credentials
+from .tracking import tracked, without_credentials
 from .train import fit
 from .trajectories import TrajectoryStore
 
@@ -125,8 +125,8 @@ def run_search(config: Config) -> dict:
                       key=lambda row: row["metric"], reverse=config.tune.mode == "max")
         table = summary_table(rows, list(config.tune.space), metric)
         print("\n" + table, flush=True)
-        mlflow.log_text(table, "tune_summary.md")
-        mlflow.log_figure(accuracy_by_rank_figure(rows, config.subspace.rank, metric), "accuracy_vs_rank.png")
+        tracked(mlflow.log_text, table, "tune_summary.md")
+        tracked(mlflow.log_figure, accuracy_by_rank_figure(rows, config.subspace.rank, metric), "accuracy_vs_rank.png")
         best = next(row for row in rows if row["checkpoint"])  # trials ASHA stopped early have no final model
         best_config = with_overrides(config, best["params"])
         # the checkpoint path is on the storage filesystem (an object store: downloaded to a temp dir)
@@ -135,9 +135,9 @@ def run_search(config: Config) -> dict:
             held_out = evaluate_model(best_config, Path(directory) / "hf", {"held-out": splits.held_out},
                                       slots=latent_slots(best_config))["held-out"]
         summary = {**best, "held_out_accuracy": held_out.accuracy, "trials": len(rows)}
-        mlflow.log_dict(summary, "best_trial.json")
-        mlflow.log_metrics({f"best_{metric}": best["metric"], "best_held_out_accuracy": held_out.accuracy})
-        mlflow.set_tag("best_checkpoint", best["checkpoint"])
+        tracked(mlflow.log_dict, summary, "best_trial.json")
+        tracked(mlflow.log_metrics, {f"best_{metric}": best["metric"], "best_held_out_accuracy": held_out.accuracy})
+        tracked(mlflow.set_tag, "best_checkpoint", best["checkpoint"])
         log(f"[tune] best trial {best['trial']}: {metric}={best['metric']:.4f}, held-out accuracy "
             f"{held_out.accuracy:.4f}, params {json.dumps(best['params'])}, checkpoint {best['checkpoint']}")
     return summary

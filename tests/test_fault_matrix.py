@@ -1,6 +1,7 @@
 """The fault matrix (README "Failure handling"), on the tiny preset: what the run does and what is left on disk when
-an object store does not answer (refused before Ray starts) and when the MLflow server goes away mid-run (the run
-goes on). Killed workers, actors and drivers are in ``test_faults.py``."""
+the driver is killed (SIGKILL, with the local cluster it started) in each stage and the same command is run again,
+when an object store does not answer (refused before Ray starts) and when the MLflow server goes away mid-run (the
+run goes on). Killed train workers and teacher actors are in ``test_faults.py``."""
 
 import os
 import re
@@ -28,6 +29,68 @@ def command(output: Path, *overrides: str) -> list[str]:
 
 def published(directory: Path) -> bool:
     return (directory / FINGERPRINT_FILE).is_file()
+
+
+def step_at_least(stage: str, step: int):
+    """A driver line saying ``stage`` has passed ``step`` (its step lines come from the train worker)."""
+    pattern = re.compile(rf"\[{stage}\] step (\d+)/")
+    return lambda line: bool((found := pattern.search(line)) and int(found.group(1)) >= step)
+
+
+# stage: (overrides, the driver line it is killed at, what is left on disk then, what the rerun says). The stages are
+# made long enough for the kill to land inside them: 100 steps with a checkpoint every 10, 4 trajectory shards.
+TRAINING = ["teacher.train.steps=100", "teacher.train.checkpoint_every=10", "student.train.steps=100",
+            "student.train.checkpoint_every=10", "teacher.train.log_every=5", "student.train.log_every=5"]
+STAGES = {
+    # past step 30: the checkpoints of steps 10 and 20 are complete, a later one may be half written
+    "teacher": (step_at_least("tiny-teacher", 30),
+                lambda run: not (run / "teacher").exists() and list((run / "ray" / "tiny-teacher").glob("step-*")),
+                r"\[tiny-teacher\] resumed from step ([1-9]\d*)0 "),
+    # one shard of four stored: the rerun extracts the other three, the teacher is not trained again
+    "trajectories": (lambda line: "[teacher] extracted shard 1/4" in line,
+                     lambda run: published(run / "teacher")
+                     and not list((run.parent / "trajectories").glob("*/manifest.json")),
+                     r"\[teacher\] finished model found .* skipping[\s\S]*shards extracted before, continuing"),
+    "student": (step_at_least("tiny-student", 30),
+                lambda run: published(run / "teacher") and not (run / "student").exists()
+                and list((run.parent / "trajectories").glob("*/manifest.json")),
+                r"\[tiny-student\] resumed from step ([1-9]\d*)0 "),
+    # the student published, its evaluation under way
+    "evaluate": (lambda line: line.startswith("[student] done in"),
+                 lambda run: published(run / "student") and not (run / "results.md").exists(),
+                 r"\[student\] finished model found .* skipping"),
+}
+
+
+@pytest.mark.cluster
+@pytest.mark.parametrize("stage", list(STAGES))
+def test_a_driver_killed_in_each_stage_leaves_finished_work_and_the_same_command_continues(tmp_path, stage):
+    kill_at, left_on_disk, continued = STAGES[stage]
+    run, env, overrides = tmp_path / "tiny", job_env(), [*TRAINING, "data.train_size=2080"]  # 2,048 + 32 validation
+    # its own session: the SIGKILL takes the driver and the local cluster it started, like a lost job
+    first = subprocess.Popen(command(tmp_path, *overrides), cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    lines, killed = [], False
+    try:
+        for line in first.stdout:
+            lines.append(line)
+            if kill_at(line):
+                os.killpg(first.pid, signal.SIGKILL)
+                killed = True
+                break
+    finally:
+        if not killed:
+            os.killpg(first.pid, signal.SIGKILL)
+        first.wait()
+    assert killed, f"the run ended before its {stage} stage was reached:\n" + "".join(lines)[-3000:]
+    assert left_on_disk(run), sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if "ray" not in p.parts)
+    assert not list(run.glob(".*.partial")), "a half-published model is left"
+
+    again = subprocess.run(command(tmp_path, *overrides), cwd=ROOT, env=env, capture_output=True, text=True,
+                           timeout=900, check=False)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert re.search(continued, again.stdout), again.stdout[-3000:]
+    assert (run / "results.md").is_file() and published(run / "student")
 
 
 @pytest.mark.parametrize("field", ["cluster.storage_path", "trajectory.store_dir"])

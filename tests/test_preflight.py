@@ -11,8 +11,10 @@ from pathlib import Path
 
 import pytest
 import ray
+from conftest import Answering
 
 from lori_ray.cli import config_or_exit
+from lori_ray.cluster import free_port
 from lori_ray.data import generate_multiplication, write_icot
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -86,6 +88,9 @@ CASES = {  # name: (overrides given tmp_path, message fragment)
         ("teacher.train.num_workers: 2 workers x 1 CPU each need 2 CPUs, and the local cluster would have 1 "
          "(cluster.num_cpus is 1)")),
     "a negative cluster size": (lambda t: ["cluster.num_cpus=-3"], "cluster.num_cpus: Input should be greater than 0"),
+    "an MLflow server that does not answer": (
+        lambda t: [f"tracking.uri=http://alice:hunter2@127.0.0.1:{free_port()}"],
+        "tracking.uri: the MLflow server at http://alice:***@127.0.0.1:"),
     "more problems than the task has": (lambda t: ["data.train_size=9000"], "data.train_size: cannot draw 9000"),
     "bool for an int": (lambda t: ["subspace.rank=true"], "subspace.rank: Input should be a valid integer"),
     "float for an int": (lambda t: ["student.train.steps=10.5"], "student.train.steps: Input should be a valid integer"),
@@ -141,12 +146,14 @@ def test_dry_run_prints_the_plan_and_print_config_the_resolved_yaml_with_nothing
 
 def test_no_credential_reaches_the_plan_the_printed_config_or_the_run_directory(tmp_path):
     from lori_ray.recipe import opened
-    secrets = ["trajectory.store_dir=file:///tmp/st?access_key=AKEY&token=TOKEN",
-               "cluster.storage_path=file:///tmp/ck?secret_key=SKEY", "tracking.uri=http://alice:PASSWORD@127.0.0.1:9"]
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
-    result = subprocess.run([sys.executable, "jobs/distill.py", "--config", TINY, f"output_dir={tmp_path / 'runs'}",
-                             *secrets, "--dry-run", "--print-config"],
-                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=120, check=False)
+    with Answering(200) as server:  # the preflight probes the tracking server
+        secrets = ["trajectory.store_dir=file:///tmp/st?access_key=AKEY&token=TOKEN",
+                   "cluster.storage_path=file:///tmp/ck?secret_key=SKEY",
+                   f"tracking.uri={server.uri.replace('//', '//alice:PASSWORD@')}"]
+        result = subprocess.run([sys.executable, "jobs/distill.py", "--config", TINY,
+                                 f"output_dir={tmp_path / 'runs'}", *secrets, "--dry-run", "--print-config"],
+                                cwd=ROOT, env=env, capture_output=True, text=True, timeout=120, check=False)
     assert result.returncode == 0, result.stderr
     assert "access_key=***&token=***" in result.stdout and "alice:***@127.0.0.1" in result.stdout
     assert not any(word in result.stdout + result.stderr for word in ("AKEY", "TOKEN", "SKEY", "PASSWORD"))

@@ -5,6 +5,7 @@ import os
 
 import mlflow
 import pytest
+from conftest import Answering
 from mlflow.tracking import MlflowClient
 
 from lori_ray.tracking import RUN_KEY_TAG, StepLogger, pipeline_run
@@ -127,3 +128,33 @@ def test_after_the_first_tracking_failure_the_driver_skips_tracking_and_the_run_
     assert "2 later tracking calls were skipped" in outage.summary()  # the second log_metric, the stage's run
     with pytest.raises(TypeError):  # a programming error is not an outage
         tracking.TrackingOutage()(lambda: None, "unexpected")
+
+
+def test_the_tracking_probe_tells_a_server_that_answers_from_one_that_is_down_or_refuses_the_credentials():
+    from lori_ray.cluster import free_port
+    from lori_ray.tracking import server_unanswering
+    assert server_unanswering(f"sqlite:///{os.devnull}") is None  # a local store: nothing to probe
+    assert server_unanswering(f"http://127.0.0.1:{free_port()}", timeout_s=5) == "ConnectionError"
+    with Answering(200) as up:
+        assert server_unanswering(up.uri) is None
+    with Answering(404) as other:  # an answer all the same: the server is there
+        assert server_unanswering(other.uri) is None
+    with Answering(401) as refusing:
+        assert server_unanswering(refusing.uri.replace("//", "//alice:hunter2@")).startswith(
+            "HTTP 401: the credentials are refused")
+
+
+def test_a_tracking_store_failing_as_the_run_opens_is_one_error_before_any_work(monkeypatch):
+    from lori_ray.cluster import free_port
+    from lori_ray.tracking import TrackingUnavailable
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # mlflow.set_tracking_uri sets it: undone after
+    monkeypatch.delenv("MLFLOW_TRACKING_USERNAME", raising=False)
+    monkeypatch.delenv("MLFLOW_TRACKING_PASSWORD", raising=False)
+    entered = []
+    refused = pytest.raises(TrackingUnavailable, match=r"the MLflow tracking store at http://127.0.0.1:\d+ did not "
+                                                        r"answer as the run started \(.*\); nothing was trained")
+    with refused, pipeline_run(f"http://alice:hunter2@127.0.0.1:{free_port()}", "lori-ray", "demo", {}, "", "/x"):
+        entered.append(True)
+    mlflow.set_tracking_uri(None)  # the dead server is not the next test's default
+    assert not entered and mlflow.active_run() is None
