@@ -75,16 +75,18 @@ def start(args, configs: list[Config]) -> None:
 def user_errors() -> Iterator[None]:
     """One line for an error found once the run is under way: exit 2 for a finished stage under this name that
     was trained on other inputs (see ``--restart-from``), 1 for a stage whose workers found no room on the
-    cluster within ``cluster.wait_minutes`` or a tracking store that failed as the run started."""
+    cluster within ``cluster.wait_minutes``, a tracking store that failed as the run started or a checkpoint
+    storage lost mid-stage."""
     from .cluster import ResourcesUnavailable
     from .fingerprint import StageChanged
     from .tracking import TrackingUnavailable
+    from .train import StorageLost
     try:
         yield
     except StageChanged as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
-    except (ResourcesUnavailable, TrackingUnavailable) as error:
+    except (ResourcesUnavailable, StorageLost, TrackingUnavailable) as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(1)
 

@@ -75,7 +75,9 @@ class DataConfig(Section):
     val_size: Int = Field(256, ge=0)  # taken from the training examples; validation accuracy during training
     eval_size: Int = Field(200, gt=0)
     train_file: str | None = None  # task=file: iCoT .txt or GSM8K .jsonl
-    eval_file: str | None = None  # held-out split (any task); multiplication then trains on generated data
+    # held-out split (any task); unset with task=file: data.eval_size rows carved from train_file (seeded), never
+    # trained on; multiplication then trains on generated data
+    eval_file: str | None = None
     on_bad_line: Literal["fail", "skip"] = "fail"  # a malformed line stops the run (file:line), or is skipped
     # read train_file/eval_file as tables through Hugging Face datasets (.jsonl, .json, .csv, .parquet, or hf:
     # OWNER/NAME[/CONFIG][@SPLIT]; a .txt stays iCoT lines) with these columns, e.g. {question: q, cot: why}
@@ -84,10 +86,10 @@ class DataConfig(Section):
 
     @model_validator(mode="after")
     def _files(self):
+        if self.task == "file" and not self.train_file:
+            raise ValueError("train_file: required when task is 'file'")
         for field in ("train_file", "eval_file"):
             path = getattr(self, field)
-            if self.task == "file" and not path:
-                raise ValueError(f"{field}: required when task is 'file'")
             if path and not path.startswith(HF_PREFIX) and not Path(path).is_file():
                 raise ValueError(f"{field}: no such file: {path}")
         if self.step_separator is not None:
@@ -138,7 +140,11 @@ class TrainConfig(Section):
     steps: Int = Field(500, gt=0)
     batch_size: Int = Field(64, gt=0)  # global, split over workers
     lr: Float = Field(1e-3, gt=0)
-    warmup: Int = Field(50, ge=0)
+    warmup: Int = Field(50, ge=0)  # steps of linear warmup from lr/warmup to lr
+    # after the warmup the learning rate decays to min_lr x lr over the steps (or train.max_minutes, whichever
+    # ends first): linearly, or along a half cosine
+    schedule: Literal["linear", "cosine"] = "linear"
+    min_lr: Float = Field(0.1, ge=0, le=1)  # the end of the decay, a fraction of lr
     weight_decay: Float = Field(0.0, ge=0)
     grad_clip: Float = Field(1.0, gt=0)
     zero_stage: Int = Field(2, ge=0, le=3)
@@ -461,6 +467,11 @@ def _check_against_model(config: Config) -> None:
             if tokens > read[field].vocab_size:  # token ids past the embedding rows would index out of range
                 raise ConfigError(f"{field}: the tokenizer in {path} has {tokens} tokens but the model's vocabulary "
                                   f"has {read[field].vocab_size} rows")
+    if "family" in model.model_fields_set:  # a family the user names must be the one the weights are
+        for field, found in read.items():
+            if getattr(found, "model_type", model.family) != model.family:
+                raise ConfigError(f"model.family: {model.family!r}, but {field}'s config.json says model_type "
+                                  f"{found.model_type!r}; set model.family: {found.model_type} or leave it unset")
     source = read.get("teacher.path") or read.get("model.path")
     hidden, layers = ((source.hidden_size, source.num_hidden_layers) if source
                       else model_shape(model.family, model.size, None))
@@ -491,6 +502,12 @@ def _check_against_model(config: Config) -> None:
             raise ConfigError(f"student.width: {student.width} is larger than the teacher's hidden size ({hidden})")
         if student.depth and student.depth > layers:
             raise ConfigError(f"student.depth: {student.depth} is more than the teacher's {layers} layers")
+    aligns = student.method in ("lori", "icot_kd", "codi")
+    if (aligns and config.data.fields is not None and config.data.fields.cot is None
+            and not config.teacher.complete_cots):
+        raise ConfigError(f"student.method: {student.method} aligns the student with the teacher's CoT, and the data "
+                          f"has none (data.fields.cot is null): set teacher.complete_cots: true for the teacher to "
+                          f"write them, or train student.method nocot")
     if student.method == "explicit" and not (config.loss.ce or config.loss.kd):
         raise ConfigError("loss: an explicit student needs loss.ce or loss.kd above 0")
     if config.trajectory.segments == "digits" and (config.data.task != "multiplication" or config.model.path):

@@ -20,7 +20,7 @@ _NOT_INPUTS = ("name", "tracking_uri", "run_id", "checkpoint_key", "inputs_diges
 # a stage's TrainConfig fields likewise: how often it checkpoints (a rerun may change it and still resume); and
 # settings added later, which digest only when set (see ``_settings``)
 _TRAIN_NOT_INPUTS = ("checkpoint_minutes",)
-_TRAIN_ADDED = ("until_val",)
+_TRAIN_ADDED = {"until_val": None, "schedule": "linear", "min_lr": 0.1}  # field: its default
 _STAGE_ADDED = ("fresh",)  # Stage fields added later, digested only when set
 _FILE_INPUTS = ("model_dir", "data_path", "val_path", "projection_path", "readout_path", "teacher_dir")
 
@@ -70,9 +70,10 @@ def stage_inputs(stage) -> dict[str, str]:
 
 def _train_settings(train: dict) -> dict:
     """The training settings less those that do not change what the stage computes (how often it checkpoints),
-    and less those added since stages were first fingerprinted while they hold their default (None): a stage
-    finished before such a setting existed is still found finished, and its checkpoints still resume."""
-    return {k: v for k, v in train.items() if k not in _TRAIN_NOT_INPUTS and not (k in _TRAIN_ADDED and v is None)}
+    and less those added since stages were first fingerprinted while they hold their default: a stage finished
+    before such a setting existed is still found finished, and its checkpoints still resume."""
+    return {k: v for k, v in train.items()
+            if k not in _TRAIN_NOT_INPUTS and not (k in _TRAIN_ADDED and v == _TRAIN_ADDED[k])}
 
 
 def inputs_digest(inputs: dict[str, str]) -> str:

@@ -9,6 +9,8 @@ pipeline trains on (read once per process).
 from __future__ import annotations
 
 import os
+import random
+import warnings
 from functools import lru_cache
 from typing import NamedTuple
 
@@ -42,15 +44,23 @@ def _splits(data_json: str, seed: int, preset_vocabulary: bool = False) -> Split
         return read_examples(path, data.on_bad_line == "skip", fields, data.step_separator, symbols)
 
     try:
+        rows = read(data.train_file) if data.task == "file" else []
         if data.eval_file:
-            held_out = read(data.eval_file)[:data.eval_size]
+            supplied = read(data.eval_file)
+            held_out = supplied[:data.eval_size]
+            dropped("data.eval_size", data.eval_file, len(supplied), len(held_out))
+        elif data.task == "file":  # carved from the training file: a seeded draw, never trained on
+            order = random.Random(f"held-out-{seed}").sample(range(len(rows)), min(data.eval_size, len(rows) - 1))
+            held_out = [rows[i] for i in sorted(order)]
         else:
             held_out = _generated("data.eval_size", data.eval_size, data.digits, seed + 1)
         questions = {e.question for e in held_out}
         if data.task == "multiplication":
             train = _generated("data.train_size", data.train_size, data.digits, seed, exclude=questions)
         else:
-            train = [e for e in read(data.train_file) if e.question not in questions][:data.train_size]
+            candidates = [e for e in rows if e.question not in questions]
+            train = candidates[:data.train_size]
+            dropped("data.train_size", data.train_file, len(candidates), len(train), data.eval_file is None)
     except DataFormatError as error:
         raise ConfigError(str(error)) from None
     if len(train) <= data.val_size:
@@ -59,6 +69,13 @@ def _splits(data_json: str, seed: int, preset_vocabulary: bool = False) -> Split
                           f"gives {len(train)} training examples once the held-out questions are removed")
     cut = len(train) - data.val_size
     return Splits(train[:cut], train[cut:], held_out)
+
+
+def dropped(field: str, path: str, supplied: int, used: int, carved: bool = False) -> None:
+    """A warning when a size setting leaves out rows the user supplied (a preset's sizes are a cap, not a sample)."""
+    if used < supplied:
+        warnings.warn(f"{field}: {used} of the {supplied} {'remaining ' if carved else ''}rows of {path} are used "
+                      f"({supplied - used} left out); raise {field} to use them all", UserWarning, stacklevel=2)
 
 
 def _generated(field: str, count: int, digits: tuple[int, int], seed: int, exclude=frozenset()) -> list[Example]:
@@ -168,6 +185,10 @@ def plan(config: Config, splits: Splits) -> str:
     where its outputs go."""
     data = config.data
     source = data.train_file or f"{data.digits[0]}x{data.digits[1]} multiplication, generated"
+    if data.eval_file:
+        source += f"; held out: {data.eval_file}"
+    elif data.task == "file":
+        source += "; held out: carved from it"
     teacher = (f"teacher: given (teacher.path={config.teacher.path})" if config.teacher.path
                else _stage_line(config, "teacher", config.teacher, splits))
     student = config.student

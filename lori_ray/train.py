@@ -139,11 +139,15 @@ def all_finite(loss: torch.Tensor) -> bool:
     return bool(finite.item())
 
 
-def lr_factor(step: int, warmup: int, total: int, budget_spent: float = 0.0) -> float:
-    """Linear warmup then linear decay to 10%, over the steps or the wall-clock budget, whichever ends first."""
+def lr_factor(step: int, warmup: int, total: int, budget_spent: float = 0.0, schedule: str = "linear",
+              min_lr: float = 0.1) -> float:
+    """Linear warmup, then a linear or cosine decay to ``min_lr`` over the steps or the wall-clock budget, whichever
+    ends first."""
     if step < warmup:
         return (step + 1) / warmup
-    return max(0.1, 1.0 - 0.9 * max((step - warmup) / max(total - warmup, 1), budget_spent))
+    progress = min(1.0, max((step - warmup) / max(total - warmup, 1), budget_spent))
+    left = 1.0 - progress if schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
+    return min_lr + (1.0 - min_lr) * left
 
 
 def deepspeed_config(train: TrainConfig, world_size: int) -> dict:
@@ -289,7 +293,7 @@ def _train(stage: Stage, deepspeed) -> None:
                                   weight_decay=train.weight_decay, betas=(0.9, 0.95))
     spent = [0.0]  # of train.max_minutes, as of the last log interval
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_factor(step, train.warmup, train.steps, spent[0]))
+        optimizer, lambda step: lr_factor(step, train.warmup, train.steps, spent[0], train.schedule, train.min_lr))
     engine, *_ = deepspeed.initialize(model=objective, optimizer=optimizer, lr_scheduler=scheduler,
                                       config=deepspeed_config(train, world))
     if train.compile:
@@ -515,6 +519,10 @@ class DriverTurns:
 DRIVER_TURNS = DriverTurns()
 
 
+class StorageLost(RuntimeError):
+    """The checkpoint storage stopped answering while a stage trained."""
+
+
 def fit(stage: Stage, output_dir: str | Path, storage_path: str | Path, callbacks: list | None = None,
         fingerprint: dict[str, str] | None = None, wait_minutes: float | None = None) -> tuple[Path, dict]:
     """Run the stage under Ray Train and publish the trained HF model at ``output_dir`` whole, with the
@@ -548,7 +556,17 @@ def fit(stage: Stage, output_dir: str | Path, storage_path: str | Path, callback
     with DRIVER_TURNS.away():
         wait_for_resources(stage.name, {"CPU": workers * stage.train.cpus_per_worker,
                                         "GPU": workers * stage.gpus_per_worker}, wait_minutes)
-        result = trainer.fit()
+        try:
+            result = trainer.fit()
+        except Exception as error:
+            # Ray Train reports a storage that went away mid-stage as a controller or worker error (after its
+            # retry); asked again, the storage says whether that is what happened
+            if why := storage.unreachable(root, timeout_s=30):
+                raise StorageLost(f"[{stage.name}] cluster.storage_path {storage.redact(root)} stopped taking "
+                                  f"checkpoints mid-stage ({storage.redact(why)}); the stages published before "
+                                  f"are kept. Run the same command again once it is back: the stage resumes "
+                                  f"from its newest complete checkpoint there, if one is left") from error
+            raise
     if result.checkpoint is None:
         raise RuntimeError(f"stage {stage.name} finished without a checkpoint")
     output_dir = Path(output_dir)

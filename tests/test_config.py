@@ -159,3 +159,26 @@ def test_continuous_latents_and_stages_are_checked_against_the_method():
     ]:
         with pytest.raises(ConfigError, match=message):
             load_config(None, overrides)
+
+
+def test_a_model_family_that_contradicts_the_weights_config_is_refused(tmp_path):
+    from conftest import tiny_model_dir
+    llama = tiny_model_dir(tmp_path / "llama")
+    with pytest.raises(ConfigError, match="model.family: 'qwen2', but model.path's config.json says model_type "
+                                          "'llama'; set model.family: llama or leave it unset"):
+        load_config(None, [f"model.path={llama}", "model.family=qwen2"])
+    assert load_config(None, [f"model.path={llama}", "model.family=llama"]).model.path == str(llama)
+    assert load_config(None, [f"model.path={llama}"]).model.family == "llama"  # unset: the weights decide
+
+
+def test_an_aligning_method_on_data_without_a_cot_is_refused_unless_the_teacher_writes_them(tmp_path):
+    train = tmp_path / "train.jsonl"
+    train.write_text("".join(f'{{"q": "{a} * {b}", "a": "{a * b}"}}\n' for a in range(10, 30) for b in (11, 12)))
+    data = ["data.task=file", f"data.train_file={train}", "data.fields.question=q", "data.fields.answer=a",
+            "data.fields.cot=null", "data.train_size=40", "data.val_size=4"]
+    for method in ("lori", "icot_kd", "codi"):
+        with pytest.raises(ConfigError, match=f"student.method: {method} aligns the student with the teacher's CoT, "
+                                              r"and the data has none \(data.fields.cot is null\)"):
+            load_config(None, [*data, f"student.method={method}"])
+    assert load_config(None, [*data, "student.method=nocot"]).student.method == "nocot"
+    assert load_config(None, [*data, "teacher.complete_cots=true"]).teacher.complete_cots

@@ -5,6 +5,7 @@ run goes on). Killed train workers and teacher actors are in ``test_faults.py``.
 
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -153,3 +154,39 @@ def requests_refused(port: int) -> bool:
     import socket
     with socket.socket() as probe:
         return probe.connect_ex(("127.0.0.1", port)) != 0
+
+
+@pytest.mark.cluster
+def test_checkpoint_storage_lost_mid_stage_is_one_error_and_the_rerun_keeps_the_finished_stages(tmp_path):
+    """The storage path turns into a file while the student trains (a lost mount, a deleted bucket): the run ends
+    with one line naming cluster.storage_path and the stage, the published teacher stays, and once the storage is
+    back the same command reuses the teacher and finishes."""
+    checkpoints = tmp_path / "checkpoints"
+    overrides = ["student.train.steps=100", "student.train.checkpoint_every=10", "student.train.log_every=5",
+                 f"cluster.storage_path={checkpoints}"]
+    job = subprocess.Popen(command(tmp_path, *overrides), cwd=ROOT, env=job_env(), stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True)
+    lost, lines = False, []
+    for line in job.stdout:
+        lines.append(line)
+        if not lost and step_at_least("tiny-student", 30)(line):
+            shutil.rmtree(checkpoints)
+            checkpoints.write_text("the storage is gone")
+            lost = True
+    stderr = job.stderr.read()
+    job.wait(timeout=900)
+    assert lost and job.returncode == 1, "".join(lines)[-3000:] + stderr[-3000:]
+    # one line from the driver and no traceback of its own (Ray's controller logs its own, "(pid=...)"-prefixed)
+    errors = [line for line in stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and re.match(rf"error: \[tiny-student\] cluster.storage_path {checkpoints}/tiny-student "
+                                         r"stopped taking checkpoints mid-stage \(.*\); the stages published before "
+                                         r"are kept", errors[0]), stderr[-3000:]
+    assert not [line for line in stderr.splitlines() if line.startswith("Traceback")]
+    assert published(tmp_path / "tiny" / "teacher") and not (tmp_path / "tiny" / "student").exists()
+
+    checkpoints.unlink()  # the storage is back, empty
+    again = subprocess.run(command(tmp_path, *overrides), cwd=ROOT, env=job_env(), capture_output=True, text=True,
+                           timeout=900, check=False)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert re.search(r"\[teacher\] finished model found .* skipping", again.stdout)
+    assert (tmp_path / "tiny" / "results.md").is_file() and published(tmp_path / "tiny" / "student")

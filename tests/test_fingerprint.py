@@ -113,8 +113,12 @@ def test_how_often_a_stage_checkpoints_is_not_an_input_and_until_val_is_one_only
     stage = Stage(name="s", model_dir=str(model), data_path=str(data), train=TrainConfig(steps=7, eval_every=25))
     before = stage_inputs(stage)
     # a digest from before both settings existed (the settings as they travelled then): still the same stage
-    old = {k: v for k, v in stage.train.model_dump().items() if k not in ("checkpoint_minutes", "until_val")}
+    old = {k: v for k, v in stage.train.model_dump().items()
+           if k not in ("checkpoint_minutes", "until_val", "schedule", "min_lr")}
     assert stage_inputs(replace(stage, train=old)) == before
+    for added in ({"schedule": "cosine"}, {"min_lr": 0.0}):  # the later settings, set: another stage
+        assert stage_inputs(replace(stage, train=stage.train.model_copy(update=added)))["settings"] != \
+            before["settings"]
     minutes = stage.train.model_copy(update={"checkpoint_minutes": 20.0})
     assert stage_inputs(replace(stage, train=minutes)) == before  # its checkpoints resume under another interval
     target = stage.train.model_copy(update={"until_val": 0.99})

@@ -15,7 +15,7 @@ from conftest import Answering
 
 from lori_ray.cli import config_or_exit
 from lori_ray.cluster import free_port
-from lori_ray.data import generate_multiplication, write_icot
+from lori_ray.data import generate_multiplication, read_examples, write_icot
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "configs/tiny.yaml")
@@ -210,3 +210,30 @@ def test_table_data_is_read_through_datasets_with_a_column_mapping(tmp_path):
     kept = [e for e in problems if e.question not in {h.question for h in held_out}]
     assert [*splits.train, *splits.val] == kept[:config.data.train_size]  # the steps split at the separator
     assert splits.held_out == [replace(e, steps=()) for e in held_out]
+
+
+def test_without_an_eval_file_the_held_out_split_is_carved_from_the_training_file_and_never_trained_on(tmp_path):
+    train = write(tmp_path / "train.txt", icot_lines(200))
+    overrides = [f"output_dir={tmp_path / 'runs'}", "data.task=file", f"data.train_file={train}", "data.val_size=8",
+                 "data.eval_size=20", "data.train_size=1000"]
+    config = config_or_exit(TINY, overrides)
+    from lori_ray.preflight import load_data
+    splits = load_data(config)
+    held_out = {e.question for e in splits.held_out}
+    assert len(held_out) == 20 and not held_out & {e.question for e in splits.train + splits.val}
+    assert len(splits.train) + len(splits.val) == 180
+    # a seeded draw, not the file's head: the same for the same seed, another for another seed
+    assert [e.question for e in load_data(config_or_exit(TINY, overrides)).held_out] == \
+        [e.question for e in splits.held_out]
+    assert {e.question for e in load_data(config_or_exit(TINY, [*overrides, "seed=1"])).held_out} != held_out
+    assert held_out != {e.question for e in read_examples(train)[:20]}
+
+
+def test_size_settings_that_leave_out_supplied_rows_say_so(tmp_path):
+    overrides = [f"output_dir={tmp_path / 'runs'}", *file_task(tmp_path, write(tmp_path / "train.txt", icot_lines(400))),
+                 "data.train_size=100", "data.eval_size=10"]
+    with pytest.warns(UserWarning) as warned:
+        config_or_exit(TINY, overrides)
+    messages = [str(w.message) for w in warned]
+    assert any(m.startswith("data.train_size: 100 of the 400 rows of ") and "(300 left out)" in m for m in messages)
+    assert any(m.startswith("data.eval_size: 10 of the 16 rows of ") for m in messages), messages

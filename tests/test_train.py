@@ -1,3 +1,4 @@
+import math
 from dataclasses import replace
 
 import pytest
@@ -45,6 +46,15 @@ def test_schedule_and_deepspeed_config():
     # a wall-clock budget half spent decays like half the steps; the steps still count when they are further on
     assert lr_factor(10, 10, 100, budget_spent=0.5) == pytest.approx(0.55)
     assert lr_factor(100, 10, 100, budget_spent=0.5) == 0.1 and lr_factor(5, 10, 100, budget_spent=0.9) == 0.6
+    # cosine: a half cosine from 1 to min_lr after the warmup, against the formula written out
+    for step in (10, 30, 55, 80, 100):
+        progress = (step - 10) / 90
+        assert lr_factor(step, 10, 100, schedule="cosine", min_lr=0.0) == pytest.approx(
+            (1 + math.cos(math.pi * progress)) / 2)
+    assert lr_factor(55, 10, 100, schedule="cosine") == pytest.approx(0.55)  # halfway: halfway down to min_lr 0.1
+    assert lr_factor(20, 10, 100, schedule="cosine") > lr_factor(20, 10, 100)  # slower at first than linear
+    assert lr_factor(100, 10, 100, schedule="cosine", min_lr=0.02) == pytest.approx(0.02)
+    assert lr_factor(10, 10, 100, budget_spent=1.0, schedule="cosine") == pytest.approx(0.1)
     train = TrainConfig(batch_size=64, grad_clip=1.0, zero_stage=3, precision="auto")
     config = deepspeed_config(train, world_size=2)
     assert config["train_micro_batch_size_per_gpu"] == 32 and config["zero_optimization"]["stage"] == 3
