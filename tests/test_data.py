@@ -1,8 +1,6 @@
 import json
-import re
 import sys
 import types
-from pathlib import Path
 
 import pytest
 from hypothesis import given
@@ -24,8 +22,6 @@ from lori_ray.data import (
     split_steps,
     write_icot,
 )
-
-GSM8K_TRAIN = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k" / "train.jsonl"
 
 # Lines from the published iCoT validation files (github.com/da03/Internalize_CoT_Step_by_Step, MIT).
 ICOT_4X4 = ("5 6 3 2 * 7 4 3 4||5 5 5 6 1 + 0 0 6 4 9 0 ( 5 5 1 1 1 1 ) + 0 0 5 9 0 7 0 ( 5 5 6 0 2 8 0 ) + "
@@ -205,9 +201,13 @@ def test_hf_gsm8k_errors_are_clear(monkeypatch):
         load_hf_gsm8k("hf:openai/gsm8k")
 
 
-@pytest.mark.skipif(not GSM8K_TRAIN.is_file(), reason="shared GSM8K data not present")
-def test_every_gsm8k_answer_normalises_to_a_plain_integer():
-    examples = read_gsm8k_jsonl(GSM8K_TRAIN)
-    assert len(examples) == 7473
-    assert all(re.fullmatch(r"-?[0-9]+", e.answer) for e in examples)
-    assert normalize_answer(examples[0].answer + " dollars.") == examples[0].answer
+def test_every_gsm8k_answer_normalises_to_a_plain_integer(tmp_path):
+    # the final-answer forms GSM8K's train.jsonl holds: plain, thousands commas, negative, currency
+    import json
+    answers = ["18", "1,000", "-3", "$70", "10,000"]
+    path = tmp_path / "train.jsonl"
+    path.write_text("".join(json.dumps({"question": f"q{i}", "answer": f"a <<1+1=2>> 2\n#### {a}"}) + "\n"
+                            for i, a in enumerate(answers)))
+    examples = read_gsm8k_jsonl(path)
+    assert [e.answer for e in examples] == ["18", "1000", "-3", "70", "10000"]
+    assert normalize_answer(examples[1].answer + " dollars.") == examples[1].answer
