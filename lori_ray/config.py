@@ -64,8 +64,14 @@ def _check_location(field: str, location: str | None) -> None:
 class TableFields(Section):
     """The columns of a table data file that hold each part of an example."""
     question: str = "question"
-    cot: str | None = "cot"  # None: no CoT column (answer-only data; the teacher can write CoTs: complete_cots)
+    # None: no CoT column (answer-only data; the teacher can write CoTs: complete_cots); a column of lists is one
+    # step per item
+    cot: str | None = "cot"
     answer: str = "answer"
+    # a chat column instead of the three above: a list of {role, content} turns, the question the last user turn,
+    # the last assistant turn the CoT (one step per line, or data.step_separator) then answer_marker and the answer
+    messages: str | None = None
+    answer_marker: str = Field("####", min_length=1)
 
 
 class DataConfig(Section):
@@ -503,7 +509,7 @@ def _check_against_model(config: Config) -> None:
         if student.depth and student.depth > layers:
             raise ConfigError(f"student.depth: {student.depth} is more than the teacher's {layers} layers")
     aligns = student.method in ("lori", "icot_kd", "codi")
-    if (aligns and config.data.fields is not None and config.data.fields.cot is None
+    if (aligns and config.data.fields is not None and config.data.fields.cot is None and not config.data.fields.messages
             and not config.teacher.complete_cots):
         raise ConfigError(f"student.method: {student.method} aligns the student with the teacher's CoT, and the data "
                           f"has none (data.fields.cot is null): set teacher.complete_cots: true for the teacher to "

@@ -283,25 +283,62 @@ def read_table(path: str | Path, fields: dict[str, str | None], step_separator: 
     empty question or answer, raises :class:`DataFormatError` naming the file and the row (1-based, header not
     counted), or with ``skip_bad`` the row is skipped and counted in one warning."""
     rows = _load_table(str(path))
-    wanted = {role: column for role, column in fields.items() if column}
+    roles = ("messages",) if fields.get("messages") else ("question", "cot", "answer")
+    wanted = {role: fields[role] for role in roles if fields.get(role)}
     missing = {role: column for role, column in wanted.items() if column not in rows.column_names}
     if missing:
         raise DataFormatError(f"{path}: no column " + ", ".join(f"{c!r} (data.fields.{r})" for r, c in missing.items())
                               + f"; its columns: {', '.join(rows.column_names)}")
     splitter = re.compile(step_separator) if step_separator else None
+
+    def steps_of(cot, chat: bool) -> tuple[str, ...]:
+        if isinstance(cot, (list, tuple)):  # one step per item (Coconut-style JSON)
+            return tuple(str(s).strip() for s in cot if s is not None and str(s).strip())
+        cot = "" if cot is None else str(cot).strip()
+        if splitter:
+            return tuple(s.strip() for s in splitter.split(cot) if s.strip())
+        return tuple(s.strip() for s in cot.splitlines() if s.strip()) if chat else split_steps(cot)
+
     examples, bad = [], []
     for number, row in enumerate(rows.select_columns(list(dict.fromkeys(wanted.values()))), start=1):
-        values = {role: "" if row[column] is None else str(row[column]).strip() for role, column in wanted.items()}
-        empty = [role for role in ("question", "answer") if not values[role]]
-        if empty:
+        try:
+            if "messages" in wanted:
+                question, cot, answer = chat_parts(row[wanted["messages"]], fields.get("answer_marker") or "####")
+            else:
+                question, cot, answer = (row[wanted[r]] if r in wanted else None for r in ("question", "cot", "answer"))
+                question, answer = ("" if v is None else str(v).strip() for v in (question, answer))
+                empty = [role for role, value in (("question", question), ("answer", answer)) if not value]
+                if empty:
+                    raise DataFormatError(f"empty {empty[0]} (column {wanted[empty[0]]!r})")
+        except DataFormatError as error:
             if not skip_bad:
-                raise DataFormatError(f"{path}: row {number}: empty {empty[0]} (column {wanted[empty[0]]!r})")
+                raise DataFormatError(f"{path}: row {number}: {error}") from None
             bad.append(number)
             continue
-        cot = values.get("cot", "")
-        steps = tuple(s.strip() for s in splitter.split(cot) if s.strip()) if splitter else split_steps(cot)
-        examples.append(Example(values["question"], steps, values["answer"]))
-    return _kept(path, examples, bad, "rows with an empty question or answer (rows")
+        examples.append(Example(question, steps_of(cot, "messages" in wanted), answer))
+    return _kept(path, examples, bad, "malformed rows (rows")
+
+
+def chat_parts(messages, marker: str) -> tuple[str, str, str]:
+    """(question, CoT, answer) of a chat: the last user turn before the last assistant turn, whose content is the
+    CoT, ``marker`` and the answer (split at the marker's last occurrence)."""
+    if not isinstance(messages, (list, tuple)) or not all(isinstance(m, dict) for m in messages):
+        raise DataFormatError("messages: not a list of {role, content} turns")
+    turns = [(str(m.get("role", "")), "" if m.get("content") is None else str(m["content"]).strip()) for m in messages]
+    last = max((i for i, (role, _) in enumerate(turns) if role == "assistant"), default=None)
+    if last is None:
+        raise DataFormatError("messages: no assistant turn")
+    user = [content for role, content in turns[:last] if role == "user"]
+    if not user or not user[-1]:
+        raise DataFormatError("messages: no user turn (with content) before the assistant's")
+    reply = turns[last][1]
+    if marker not in reply:
+        raise DataFormatError(f"messages: the assistant turn has no {marker!r} before its answer "
+                              "(data.fields.answer_marker)")
+    cot, answer = (part.strip() for part in reply.rsplit(marker, 1))
+    if not answer:
+        raise DataFormatError(f"messages: empty answer after {marker!r}")
+    return user[-1], cot, answer
 
 
 def _load_table(spec: str):

@@ -1,4 +1,5 @@
 import json
+import re
 import sys
 import types
 
@@ -211,3 +212,42 @@ def test_every_gsm8k_answer_normalises_to_a_plain_integer(tmp_path):
     examples = read_gsm8k_jsonl(path)
     assert [e.answer for e in examples] == ["18", "1000", "-3", "70", "10000"]
     assert normalize_answer(examples[1].answer + " dollars.") == examples[1].answer
+
+
+def test_chat_files_and_list_valued_steps_read_as_questions_cots_and_answers(tmp_path):
+    from lori_ray.data import read_table
+    chats = [{"messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "3 + 4 * 2"},
+                           {"role": "assistant", "content": "4 * 2 = 8\n3 + 8 = 11\n#### 11"}]},
+             {"messages": [{"role": "user", "content": "first"}, {"role": "assistant", "content": "#### 1"},
+                           {"role": "user", "content": "2 * 5"}, {"role": "assistant", "content": "2*5=10 #### 10"}]}]
+    path = tmp_path / "chat.jsonl"
+    path.write_text("".join(json.dumps(c) + "\n" for c in chats))
+    fields = {"question": "question", "cot": "cot", "answer": "answer", "messages": "messages", "answer_marker": "####"}
+    first, second = read_table(path, fields)
+    assert (first.question, first.steps, first.answer) == ("3 + 4 * 2", ("4 * 2 = 8", "3 + 8 = 11"), "11")
+    assert (second.question, second.steps, second.answer) == ("2 * 5", ("2*5=10",), "10")  # the last exchange
+    assert read_table(path, {**fields, "answer_marker": "="}, step_separator=r"\n")[1].answer == "10 #### 10"
+
+    coconut = tmp_path / "coconut.json"
+    coconut.write_text(json.dumps([{"question": "3 + 4 * 2", "steps": ["4 * 2 = 8", "3 + 8 = 11"], "answer": "11"}]))
+    (example,) = read_table(coconut, {"question": "question", "cot": "steps", "answer": "answer"})
+    assert example.steps == ("4 * 2 = 8", "3 + 8 = 11")  # the list's items, not its printed form
+
+
+@pytest.mark.parametrize("messages, message", [
+    ([{"role": "user", "content": "q"}], "row 1: messages: no assistant turn"),
+    ([{"role": "assistant", "content": "x #### 1"}], "row 1: messages: no user turn"),
+    ([{"role": "user", "content": "q"}, {"role": "assistant", "content": "x = 1"}],
+     "row 1: messages: the assistant turn has no '####' before its answer (data.fields.answer_marker)"),
+    ("not a chat", "row 1: messages: not a list of {role, content} turns"),
+])
+def test_a_malformed_chat_names_the_file_and_row_or_is_skipped(tmp_path, messages, message):
+    from lori_ray.data import read_table
+    path = tmp_path / "chat.jsonl"
+    good = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "s #### 1"}]
+    path.write_text(json.dumps({"messages": messages}) + "\n" + json.dumps({"messages": good}) + "\n")
+    fields = {"messages": "messages", "answer_marker": "####"}
+    with pytest.raises(DataFormatError, match=re.escape(f"{path}: {message}")):
+        read_table(path, fields)
+    with pytest.warns(UserWarning, match="skipped 1 malformed rows"):
+        assert len(read_table(path, fields, skip_bad=True)) == 1

@@ -237,3 +237,19 @@ def test_size_settings_that_leave_out_supplied_rows_say_so(tmp_path):
     messages = [str(w.message) for w in warned]
     assert any(m.startswith("data.train_size: 100 of the 400 rows of ") and "(300 left out)" in m for m in messages)
     assert any(m.startswith("data.eval_size: 10 of the 16 rows of ") for m in messages), messages
+
+
+def test_a_chat_file_runs_through_the_preflight_with_its_held_out_split_carved(tmp_path):
+    rows = []
+    for example in generate_multiplication(120, 2, 2, seed=3):
+        reply = "\n".join(example.steps) + f"\n#### {example.answer}"
+        rows.append(json.dumps({"messages": [{"role": "user", "content": example.question},
+                                             {"role": "assistant", "content": reply}]}))
+    chat = write(tmp_path / "chat.jsonl", rows)
+    config = config_or_exit(TINY, [f"output_dir={tmp_path / 'runs'}", "data.task=file", f"data.train_file={chat}",
+                                   "data.fields.messages=messages", "data.train_size=200", "data.val_size=8",
+                                   "data.eval_size=12"])
+    from lori_ray.preflight import load_data
+    splits = load_data(config)
+    assert (len(splits.train), len(splits.val), len(splits.held_out)) == (100, 8, 12)
+    assert all(e.steps for e in splits.train) and splits.train[0].answer
