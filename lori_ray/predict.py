@@ -133,6 +133,40 @@ class Predictor:
         return [human_answer(self.layout.decode_answer(row, with_cot), self.contract) for row in outputs]
 
 
+def plain_prompt(directory: Path, contract: Contract, question: str) -> tuple[str, bool] | None:
+    """The text that plain ``tokenizer(text, add_special_tokens=...)`` turns into exactly the token ids the model
+    was trained to answer after, for ``question`` as people write it, and that flag; None for a model plain
+    generation cannot drive (continuous thoughts) or a tokenizer that does not round-trip its prompt."""
+    from .data import Example
+    from .tokens import Layout, add_latent_tokens, load_tokenizer
+    if contract.continuous:
+        return None
+    tokenizer = load_tokenizer(str(directory))
+    slots = contract.latent_slots
+    layout = Layout(tokenizer, add_latent_tokens(tokenizer, slots) if slots is not None else None)
+    example = Example(model_question(question, contract), (), "")
+    ids = layout.question(example) if slots is None else layout.student_prompt(example)
+    bos = tokenizer.bos_token_id
+    without_bos = tokenizer.decode(ids[1:] if ids and ids[0] == bos else ids).strip()
+    for text, special in ((without_bos, True), (tokenizer.decode(ids).strip(), False)):
+        if tokenizer(text, add_special_tokens=special)["input_ids"] == ids:
+            return text, special
+    return None
+
+
+def model_card_header(contract: Contract, teacher: str) -> str:
+    """The Hugging Face Hub metadata of a model card (YAML front matter)."""
+    tags = ["lori-ray", "distillation", "chain-of-thought"] + (
+        ["implicit-reasoning"] if contract.role == "student" else []) + (
+        ["multiplication"] if contract.digits else [])
+    base = teacher if re.fullmatch(r"[\w.-]+/[\w.-]+", teacher) and not Path(teacher).exists() else None
+    lines = ["---", "library_name: transformers", "pipeline_tag: text-generation", "tags:",
+             *[f"- {tag}" for tag in tags]]
+    if base:  # a hub id; a local teacher has none to cite
+        lines += [f"base_model: {base}"]
+    return "\n".join([*lines, "---", ""])
+
+
 def write_model_files(directory: Path, contract: Contract, teacher: str, data: str, results: str) -> None:
     """``lori-model.json`` and the model card into a finished model directory (written whole)."""
     from .storage import write_local
@@ -149,11 +183,32 @@ def write_model_files(directory: Path, contract: Contract, teacher: str, data: s
                   if contract.latent_slots else "`<bos> question || ####` then it writes `answer <eos>`")
     digits = (" Numbers are written digit by digit, separated by spaces, least significant digit first "
               "(365 is `5 6 3`), in the question and in the answer." if contract.digits else "")
-    card = f"""# lori-ray {contract.role}: {contract.method}
+    # a local teacher by its run and stage folder, not by this machine's absolute path
+    teacher_name = teacher if not Path(teacher).is_absolute() else "/".join(Path(teacher).parts[-2:])
+    found = plain_prompt(directory, contract, example)
+    if found:
+        text, special = found
+        reading = '  # least significant digit first: "5 6 3" is 365' if contract.digits else ""
+        plain = f"""From plain transformers, the prompt for `{example}` is exactly the token ids it was trained on:
+
+```python
+from transformers import AutoModelForCausalLM, AutoTokenizer
+tokenizer = AutoTokenizer.from_pretrained("{directory}")
+model = AutoModelForCausalLM.from_pretrained("{directory}")
+inputs = tokenizer({text!r}{'' if special else ', add_special_tokens=False'}, return_tensors="pt")
+output = model.generate(**inputs, max_new_tokens=32, do_sample=False)
+print(tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)){reading}
+```"""
+    else:
+        plain = ("Plain `generate` cannot drive it (" + ("its latent slots are continuous thoughts" if contract.continuous
+                                                        else "its tokenizer does not rebuild the prompt from text")
+                 + "): use the `Predictor` above.")
+    card = f"""{model_card_header(contract, teacher)}
+# lori-ray {contract.role}: {contract.method}
 
 A {'student distilled to answer without writing its chain of thought' if contract.role == 'student'
    else 'teacher fine-tuned to write its chain of thought before the answer'}, trained by
-lori-ray on {data}. Teacher: {teacher}.
+lori-ray on {data}. Teacher: {teacher_name}.
 
 ## Results (held-out problems, greedy decoding)
 
@@ -174,8 +229,7 @@ from lori_ray.predict import Predictor
 print(Predictor("{directory}")(["{example}"]))
 ```
 
-It is a plain Hugging Face model too (`AutoModelForCausalLM.from_pretrained("{directory}")`); the prompt
-format above is what it was trained on.
+{plain}
 """
     write_local(directory / "README.md", card)
 

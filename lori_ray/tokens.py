@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers
+from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from .data import ANSWER_SEPARATOR, ARITHMETIC_SYMBOLS, COT_SEPARATOR, Example, normalize_answer
@@ -27,10 +27,17 @@ ENCODE_CACHE_SIZE = 1 << 20  # texts whose token ids a Layout remembers
 
 
 def arithmetic_tokenizer() -> PreTrainedTokenizerFast:
-    """One token per digit or symbol: the vocabulary of the multiplication tasks."""
+    """One token per digit or symbol: the vocabulary of the multiplication tasks. Saved with the model, it works
+    from plain transformers as in training: digits split one per token whether or not they are spaced ("12" is
+    "1", "2"), and ``tokenizer(text)`` starts with ``<bos>`` as every training sequence does (lori-ray's own
+    encoding passes ``add_special_tokens=False`` and places it itself)."""
     vocab = {token: i for i, token in enumerate([*SPECIAL_TOKENS.values(), *ARITHMETIC_SYMBOLS])}
     core = Tokenizer(models.WordLevel(vocab, unk_token=SPECIAL_TOKENS["unk_token"]))
-    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    core.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(),
+                                                  pre_tokenizers.Digits(individual_digits=True)])
+    bos = SPECIAL_TOKENS["bos_token"]
+    core.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A $B",
+                                                        special_tokens=[(bos, vocab[bos])])
     return PreTrainedTokenizerFast(tokenizer_object=core, **SPECIAL_TOKENS)
 
 

@@ -115,3 +115,37 @@ def test_a_damaged_model_directory_is_one_error_line_naming_the_file(tmp_path, d
     result = predict_cli(directory, "365 * 347")
     assert result.returncode == 2 and result.stdout == ""
     assert len(result.stderr.splitlines()) == 1 and re.search(message, result.stderr), result.stderr
+
+
+def test_the_cards_prompt_drives_the_student_from_plain_transformers_as_lori_ray_does(tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lori_ray.evaluate import greedy_generate
+    directory = tiny_student_dir(tmp_path / "m")
+    card = (directory / "README.md").read_text()
+    assert card.startswith("---\nlibrary_name: transformers\npipeline_tag: text-generation\ntags:\n- lori-ray\n")
+    assert "Teacher: runs/x/teacher." in card and "base_model" not in card  # a local teacher: no hub id
+    # the tokenizer adds <bos> itself, as every training sequence starts
+    assert "inputs = tokenizer('5 6 3 * 7 4 3 || <latent_0> <latent_1> <latent_2> ####', return_tensors=\"pt\")" \
+        in card
+    tokenizer, model = AutoTokenizer.from_pretrained(directory), AutoModelForCausalLM.from_pretrained(directory)
+    predictor = Predictor(directory)
+    for question in ("365 * 347", "999 * 100", "120 * 705"):
+        a, b = question.split(" * ")  # the card's format: digits spaced, least significant first
+        text = f"{' '.join(a[::-1])} * {' '.join(b[::-1])} || <latent_0> <latent_1> <latent_2> ####"
+        inputs = tokenizer(text, return_tensors="pt")
+        expected = predictor.layout.student_prompt(predictor.prompt(question))
+        assert inputs["input_ids"][0].tolist() == expected
+        plain = model.generate(**inputs, max_new_tokens=8, do_sample=False)[0, len(expected):].tolist()
+        ours, _ = greedy_generate(predictor.model, [expected], predictor.layout.pad, predictor.layout.eos, 1, 8)
+        assert plain[:len(ours[0])] == list(ours[0])[:len(plain)]
+    assert tokenizer("12 * 34")["input_ids"] == tokenizer("1 2 * 3 4")["input_ids"]  # digits one per token
+
+
+def test_the_card_names_a_local_teacher_by_its_run_folder_and_a_hub_teacher_as_its_base_model(tmp_path):
+    directory = tiny_student_dir(tmp_path / "m")
+    write_model_files(directory, CONTRACT, "/home/alice/runs/demo/teacher", "300 problems", "| model |")
+    card = (directory / "README.md").read_text()
+    assert "Teacher: demo/teacher." in card and "/home/alice" not in card and "base_model" not in card
+    write_model_files(directory, CONTRACT, "HuggingFaceTB/SmolLM2-135M-Instruct", "300 problems", "| model |")
+    assert "\nbase_model: HuggingFaceTB/SmolLM2-135M-Instruct\n---\n" in (directory / "README.md").read_text()
