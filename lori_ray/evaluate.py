@@ -96,3 +96,59 @@ def evaluate(model, layout: Layout, examples: list[Example], with_cot: bool, bat
     generated_tokens = sum(len(row) for row in outputs)
     return EvalResult(correct / len(examples), generated_tokens / len(examples), seconds, len(examples),
                       digit_accuracy(predicted, gold))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m lori_ray.evaluate MODEL --data FILE``: a model directory a run wrote, scored on a data file in
+    its training format (iCoT ``.txt``, GSM8K ``.jsonl``, or a table with ``--field role=column``)."""
+    import argparse
+    import json
+    import sys
+
+    arguments = argparse.ArgumentParser(description="Exact match of a lori-ray model on a data file (greedy).")
+    arguments.add_argument("model", help="a model directory of a run, e.g. runs/demo/student")
+    arguments.add_argument("--data", required=True, help="iCoT .txt, GSM8K .jsonl, or a table with --field")
+    arguments.add_argument("--field", action="append", default=[], metavar="ROLE=COLUMN",
+                           help="a table's column for question, cot, answer or messages (as data.fields.*)")
+    arguments.add_argument("--limit", type=int, help="the first N examples only")
+    arguments.add_argument("--batch-size", type=int, default=100)
+    arguments.add_argument("--max-new-tokens", type=int, default=64)
+    arguments.add_argument("--json", action="store_true", help="one JSON object instead of the summary")
+    args = arguments.parse_args(argv)
+
+    from .data import DataFormatError, read_examples
+    from .predict import Predictor
+    fields = None
+    if args.field:
+        if not all("=" in f for f in args.field):
+            print(f"error: --field: expected ROLE=COLUMN, got {args.field}", file=sys.stderr)
+            return 2
+        fields = {"question": "question", "cot": None, "answer": "answer", "messages": None, "answer_marker": "####",
+                  **dict(f.split("=", 1) for f in args.field)}
+    try:
+        examples = read_examples(args.data, fields=fields)[:args.limit]
+        predictor = Predictor(args.model, args.max_new_tokens)
+    except (DataFormatError, FileNotFoundError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    contract = predictor.contract
+    with_cot = contract.latent_slots is None
+    result = evaluate(predictor.model, predictor.layout, examples, with_cot, args.batch_size, args.max_new_tokens,
+                      continuous=contract.continuous)
+    report = {"model": str(args.model), "data": str(args.data), "examples": result.examples,
+              "exact_match": result.accuracy, "tokens_per_answer": result.tokens_per_answer,
+              "seconds": result.seconds, "with_cot": with_cot}
+    if contract.digits:  # per-digit accuracy means something for digit-by-digit answers only
+        report["digit_accuracy"] = list(result.digit_accuracy)
+    if args.json:
+        print(json.dumps(report))
+    else:
+        print(f"{args.model} on {args.data}: {result.examples} examples, exact match {result.accuracy:.3f}, "
+              f"{result.tokens_per_answer:.1f} tokens per answer ({'with' if with_cot else 'without'} its CoT), "
+              f"{result.seconds:.1f} s" + (f"\nper digit (least significant first): "
+                                            f"{format_digits(result.digit_accuracy)}" if contract.digits else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

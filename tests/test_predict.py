@@ -149,3 +149,27 @@ def test_the_card_names_a_local_teacher_by_its_run_folder_and_a_hub_teacher_as_i
     assert "Teacher: demo/teacher." in card and "/home/alice" not in card and "base_model" not in card
     write_model_files(directory, CONTRACT, "HuggingFaceTB/SmolLM2-135M-Instruct", "300 problems", "| model |")
     assert "\nbase_model: HuggingFaceTB/SmolLM2-135M-Instruct\n---\n" in (directory / "README.md").read_text()
+
+
+def test_the_evaluate_entry_point_scores_a_model_on_a_data_file_as_a_summary_or_json(tmp_path):
+    import json
+
+    from lori_ray.data import write_icot
+    from lori_ray.evaluate import evaluate
+    directory = tiny_student_dir(tmp_path / "m")
+    problems = generate_multiplication(12, 3, 3, seed=5)
+    write_icot(problems, tmp_path / "test.txt")
+    run = [sys.executable, "-m", "lori_ray.evaluate", str(directory), "--data", str(tmp_path / "test.txt")]
+    as_json = subprocess.run([*run, "--json"], cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)
+    assert as_json.returncode == 0, as_json.stderr
+    report = json.loads(as_json.stdout)
+    predictor = Predictor(directory)
+    expected = evaluate(predictor.model, predictor.layout, problems, False)
+    assert report["examples"] == 12 and report["exact_match"] == expected.accuracy and not report["with_cot"]
+    assert report["tokens_per_answer"] == expected.tokens_per_answer and len(report["digit_accuracy"]) == 6
+    summary = subprocess.run([*run, "--limit", "5"], cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)
+    assert summary.returncode == 0 and re.match(rf"{directory} on .*test.txt: 5 examples, exact match \d\.\d{{3}}, "
+                                                r"[\d.]+ tokens per answer \(without its CoT\)", summary.stdout)
+    missing = subprocess.run([*run[:3], str(tmp_path), "--data", str(tmp_path / "test.txt")], cwd=ROOT,
+                             capture_output=True, text=True, timeout=120, check=False)
+    assert missing.returncode == 2 and missing.stderr.startswith("error: ") and "Traceback" not in missing.stderr
