@@ -150,6 +150,9 @@ class TrainConfig(Section):
     # after the warmup the learning rate decays to min_lr x lr over the steps (or train.max_minutes, whichever
     # ends first): linearly, or along a half cosine
     schedule: Literal["linear", "cosine"] = "linear"
+    # micro-batches per optimizer step: each worker runs batch_size / (num_workers x grad_accumulation) rows at a
+    # time, for the same global batch in less memory
+    grad_accumulation: Int = Field(1, gt=0)
     min_lr: Float = Field(0.1, ge=0, le=1)  # the end of the decay, a fraction of lr
     weight_decay: Float = Field(0.0, ge=0)
     grad_clip: Float = Field(1.0, gt=0)
@@ -178,8 +181,10 @@ class TrainConfig(Section):
 
     @model_validator(mode="after")
     def _batch(self):
-        if self.batch_size % max(self.num_workers, 1):
-            raise ValueError(f"batch_size: {self.batch_size} does not split over {self.num_workers} workers")
+        if self.batch_size % (max(self.num_workers, 1) * self.grad_accumulation):
+            raise ValueError(f"batch_size: {self.batch_size} does not split over {self.num_workers} workers"
+                             + (f" x {self.grad_accumulation} micro-batches (grad_accumulation)"
+                                if self.grad_accumulation > 1 else ""))
         if self.eval_every % self.log_every:
             raise ValueError(f"eval_every: {self.eval_every} is not a multiple of log_every ({self.log_every})")
         if self.until_val is not None and not self.eval_every:

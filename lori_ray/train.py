@@ -151,11 +151,11 @@ def lr_factor(step: int, warmup: int, total: int, budget_spent: float = 0.0, sch
 
 
 def deepspeed_config(train: TrainConfig, world_size: int) -> dict:
-    micro = train.batch_size // world_size
+    micro = train.batch_size // (world_size * train.grad_accumulation)
     config = {
-        "train_batch_size": micro * world_size,
+        "train_batch_size": train.batch_size,
         "train_micro_batch_size_per_gpu": micro,
-        "gradient_accumulation_steps": 1,
+        "gradient_accumulation_steps": train.grad_accumulation,
         "gradient_clipping": train.grad_clip,
         "zero_optimization": {"stage": train.zero_stage,
                               # on GPU: overlap gradient reduction with backward, no fragmentation
@@ -315,7 +315,7 @@ def _train(stage: Stage, deepspeed) -> None:
     logger = StepLogger(stage.tracking_uri, stage.run_id) if rank == 0 and stage.run_id else None
     if logger and resumed:
         logger.log(resumed, step, replayed_too=True)
-    num_examples, micro = data["input_ids"].shape[0], train.batch_size // world
+    num_examples, per_rank = data["input_ids"].shape[0], train.batch_size // world
     fresh = FreshBatches(stage.fresh, stage.model_dir, train.batch_size) if stage.fresh else None
     if rank == 0:  # a student that sees its problems many times memorises them instead of learning to compute
         threads = torch.get_num_threads()
@@ -335,33 +335,44 @@ def _train(stage: Stage, deepspeed) -> None:
     end = train.steps
     while step < end:
         if fresh is None:
-            rows = batch_indices(step, num_examples, train.batch_size, stage.seed)[rank * micro:(rank + 1) * micro]
+            rows = batch_indices(step, num_examples, train.batch_size, stage.seed)[rank * per_rank:(rank + 1) * per_rank]
             batch = {k: v[rows] for k, v in data.items()}
         else:
             batch = fresh(step, rank, world)
         batch, shown = curriculum_batch(stage, batch, step, rank)
-        batch = trim_padding(batch)
         if stage.reset_optimizer and step > 0 and curriculum_level(stage, step) != curriculum_level(stage, step - 1):
             reset_optimizer_state(engine)
             if rank == 0:
                 print(f"[{stage.name}] optimizer reset at step {step} (curriculum level "
                       f"{curriculum_level(stage, step)})", flush=True)
-        loss, metrics = engine({k: v.to(engine.device) for k, v in batch.items()})
-        metrics.update(shown)
-        if not all_finite(loss):
-            # skip the update on every rank together; the model and the last checkpoint stay clean
+        # train.grad_accumulation micro-batches per optimizer step; DeepSpeed scales each loss and steps the
+        # optimizer at the last. A non-finite micro-batch is left out of the gradient (its backward skipped, on
+        # every rank together): no NaN reaches the weights
+        finite, step_metrics = True, {}
+        parts = [batch] if train.grad_accumulation == 1 else [
+            {k: v[chunk::train.grad_accumulation] for k, v in batch.items()} for chunk in range(train.grad_accumulation)]
+        for part in parts:
+            loss, metrics = engine({k: v.to(engine.device) for k, v in trim_padding(part).items()})
+            for k, v in metrics.items():
+                step_metrics[k] = step_metrics.get(k, 0.0) + v / train.grad_accumulation
+            if all_finite(loss):
+                engine.backward(loss)
+            else:
+                finite = False
+            if train.grad_accumulation > 1 or finite:  # with one micro-batch a bad step skips the update whole
+                engine.step()
+        metrics = {**step_metrics, **shown}
+        if not finite:
             bad_steps += 1
             step += 1
             bar.update()
             if bad_steps >= train.max_bad_steps:
                 raise FloatingPointError(
                     f"[{stage.name}] loss was NaN/Inf for {bad_steps} consecutive steps (last: step {step}, "
-                    f"{metrics}); no update was applied, the last checkpoint is intact. Lower the learning rate "
-                    f"or the loss weights.")
+                    f"{metrics}); no non-finite gradient was applied, the last checkpoint is intact. Lower the "
+                    f"learning rate or the loss weights.")
             continue
         bad_steps = 0
-        engine.backward(loss)
-        engine.step()
         step += 1
         bar.update()
         for k, v in metrics.items():
@@ -386,7 +397,7 @@ def _train(stage: Stage, deepspeed) -> None:
             due = step == end or (train.eval_every and step % train.eval_every == 0)
             if validation is not None and due:
                 engine.eval()
-                report["val_accuracy"] = exact_match(engine.module.model, validation, rank, world, micro,
+                report["val_accuracy"] = exact_match(engine.module.model, validation, rank, world, per_rank,
                                                      stage.continuous_latents)
                 engine.train()
                 if step < end and train.until_val is not None and report["val_accuracy"] >= train.until_val:

@@ -131,3 +131,25 @@ def test_stages_in_the_driver_one_after_another_each_train(tmp_path):
     (3.0, 30, 0, "0s")])
 def test_time_left_at_the_pace_so_far(elapsed, done, remaining, shown):
     assert time_left(elapsed, done, remaining) == shown
+
+
+def test_gradient_accumulation_takes_the_same_steps_as_the_whole_batch(tmp_path):
+    """Two micro-batches of 8 per step against one of 16 (2x2 sequences are all one length, so the token-mean
+    loss of the halves averages to the whole's): the same weights after the same steps."""
+    from conftest import tiny_stage
+    from safetensors.torch import load_file
+
+    from lori_ray.train import fit
+    stage = tiny_stage(tmp_path, "whole", num_workers=0, steps=3, log_every=3, batch_size=16)
+    assert deepspeed_config(stage.train.model_copy(update={"grad_accumulation": 2}), 1)[
+        "train_micro_batch_size_per_gpu"] == 8
+    whole, _ = fit(stage, tmp_path / "whole", tmp_path / "ray")
+    halves, _ = fit(replace(stage, name="halves", train=stage.train.model_copy(update={"grad_accumulation": 2})),
+                    tmp_path / "halves", tmp_path / "ray")
+    a, b = load_file(whole / "model.safetensors"), load_file(halves / "model.safetensors")
+    before = load_file(next((tmp_path / "model").glob("*.safetensors")))
+    assert any(not torch.equal(a[k], before[k]) for k in a)  # it trained
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match=r"batch_size: 16 does not split over 2 workers x 3 micro-batches"):
+        TrainConfig(batch_size=16, num_workers=2, grad_accumulation=3)
