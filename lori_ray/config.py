@@ -251,6 +251,10 @@ class StudentConfig(Section):
     kind: Literal["full", "pruned"] = "full"
     init: Literal["teacher", "scratch"] | PrunedInit = "teacher"
     size: str | None = None  # init=scratch: a size preset (another width → least-squares projection init)
+    # a pretrained student (a local HF directory): its own weights, width and depth, the teacher's tokenizer (the
+    # same token ids; its extra tokens kept); aligned through a least-squares projection when its width differs,
+    # its layers paired with the teacher's by relative depth
+    path: str | None = None
     width: Int | None = Field(None, gt=0)  # kind=pruned: residual width d_s
     depth: Int | None = Field(None, gt=0)  # kind=pruned: layers kept, evenly spaced (default: all)
     calibration_size: Int = Field(256, gt=0)  # kind=pruned: training examples that score channels
@@ -303,6 +307,12 @@ class StudentConfig(Section):
             raise ValueError(f"size: must be one of {sorted(SIZES)}")
         if self.size is not None and self.init != "scratch":
             raise ValueError("size: only with init 'scratch' (init 'teacher' copies the teacher's shape)")
+        if self.path is not None:
+            if self.kind == "pruned" or "init" in self.model_fields_set or self.size is not None:
+                raise ValueError("path: a pretrained student starts from its own weights; leave kind, init and size "
+                                 "unset")
+            if not Path(self.path).is_dir():
+                raise ValueError(f"path: no such directory: {self.path}")
         if self.kind == "pruned":
             if self.init not in PRUNED_INITS:
                 raise ValueError(f"init: a pruned student starts from projections: one of {list(PRUNED_INITS)}")
@@ -483,6 +493,8 @@ def _check_against_model(config: Config) -> None:
             if getattr(found, "model_type", model.family) != model.family:
                 raise ConfigError(f"model.family: {model.family!r}, but {field}'s config.json says model_type "
                                   f"{found.model_type!r}; set model.family: {found.model_type} or leave it unset")
+    if config.student.path:
+        _check_student_path(config, read.get("teacher.path") or read.get("model.path"))
     source = read.get("teacher.path") or read.get("model.path")
     hidden, layers = ((source.hidden_size, source.num_hidden_layers) if source
                       else model_shape(model.family, model.size, None))
@@ -550,6 +562,32 @@ def _check_against_model(config: Config) -> None:
     if config.student.latent_slots >= config.model.max_positions:
         raise ConfigError(f"student.latent_slots: {config.student.latent_slots} does not fit in "
                           f"model.max_positions ({config.model.max_positions})")
+
+
+def _check_student_path(config: Config, teacher_config) -> None:
+    """A pretrained student reads the teacher's token ids: each of the teacher tokenizer's tokens has the same id in
+    its tokenizer; a method that matches full-width states needs the teacher's width."""
+    from .tokens import arithmetic_tokenizer
+    path, model = config.student.path, config.model
+    try:
+        student = pretrained_config(path, model.trust_remote_code)
+        student_vocabulary = load_tokenizer(path, model.trust_remote_code).get_vocab()
+    except (ModelSourceError, ImportError, OSError) as error:
+        raise ConfigError(f"student.path: {error}") from None
+    teacher_source = config.teacher.path or model.path
+    teacher_tokenizer = (load_tokenizer(teacher_source, model.trust_remote_code, None if config.teacher.path else
+                                        model.gguf_file) if teacher_source else arithmetic_tokenizer())
+    differ = [token for token, i in teacher_tokenizer.get_vocab().items() if student_vocabulary.get(token) != i]
+    if differ:
+        raise ConfigError(f"student.path: its tokenizer gives {len(differ)} of the teacher's tokens other ids (e.g. "
+                          f"{differ[:3]}); the student must read the teacher's token ids (save it with the teacher's "
+                          f"tokenizer)")
+    teacher_width = (teacher_config.hidden_size if teacher_config
+                     else model_shape(model.family, model.size, None)[0])
+    if config.student.method in ("icot_kd", "codi") and student.hidden_size != teacher_width:
+        raise ConfigError(f"student.method: {config.student.method} matches full-width hidden states, and the student "
+                          f"at student.path is {student.hidden_size} wide, the teacher {teacher_width}: use lori "
+                          f"(a learned projection) or a student of the teacher's width")
 
 
 def _check_fresh(config: Config) -> None:

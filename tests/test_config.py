@@ -182,3 +182,32 @@ def test_an_aligning_method_on_data_without_a_cot_is_refused_unless_the_teacher_
             load_config(None, [*data, f"student.method={method}"])
     assert load_config(None, [*data, "student.method=nocot"]).student.method == "nocot"
     assert load_config(None, [*data, "teacher.complete_cots=true"]).teacher.complete_cots
+
+
+def test_a_pretrained_student_must_read_the_teachers_token_ids_and_match_widths_where_states_are_compared(tmp_path):
+    from conftest import tiny_model_dir
+
+    from lori_ray.models import build_model
+    from lori_ray.tokens import arithmetic_tokenizer
+    tokenizer = arithmetic_tokenizer()
+    wide = tmp_path / "wide"  # another width and depth than the tiny teacher, the same tokenizer
+    build_model("llama", "small", len(tokenizer), 64, {"pad_token_id": tokenizer.pad_token_id}).save_pretrained(wide)
+    tokenizer.save_pretrained(wide)
+    config = load_config(Path(ROOT) / "configs/tiny.yaml", [f"student.path={wide}"])
+    assert config.student.path == str(wide)
+    with pytest.raises(ConfigError, match="student.method: icot_kd matches full-width hidden states, and the student "
+                                          "at student.path is 128 wide, the teacher 64"):
+        load_config(Path(ROOT) / "configs/tiny.yaml", [f"student.path={wide}", "student.method=icot_kd"])
+    other = tiny_model_dir(tmp_path / "other")  # another vocabulary: ids shifted by an added token
+    from transformers import AutoTokenizer
+    shifted = AutoTokenizer.from_pretrained(other)
+    vocabulary = shifted.get_vocab()
+    shifted.backend_tokenizer.model = type(shifted.backend_tokenizer.model)(
+        {t: (i + 1) % len(vocabulary) for t, i in vocabulary.items()}, unk_token="<unk>")
+    shifted.save_pretrained(other)
+    with pytest.raises(ConfigError, match=r"student.path: its tokenizer gives \d+ of the teacher's tokens other ids"):
+        load_config(Path(ROOT) / "configs/tiny.yaml", [f"student.path={other}"])
+    with pytest.raises(ConfigError, match="leave kind, init and size unset"):
+        load_config(None, [f"student.path={wide}", "student.init=scratch"])
+    with pytest.raises(ConfigError, match="student.path: no such directory"):
+        load_config(None, [f"student.path={tmp_path / 'missing'}"])

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import mlflow
 import pytest
+import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -154,3 +155,31 @@ def test_parallel_runs_start_after_the_shared_store_and_one_failure_keeps_the_ot
     assert overlapped.is_set()  # all three ran at once
     assert failure.value.reports == {"lori": "report lori", "nocot": "report nocot"}
     assert list(failure.value.failed) == ["icot_kd"]
+
+
+def test_a_separate_pretrained_student_of_another_width_and_depth_trains_and_answers(tmp_path, tiny_run):
+    """The user's own student (a 4-layer, 128-wide Llama saved with the teacher's tokenizer) distilled from the
+    session's 2-layer, 64-wide tiny teacher: its own weights are the start, the alignment goes through a
+    least-squares projection, its layers pair with the teacher's by relative depth."""
+    from conftest import job_env
+
+    from lori_ray.models import build_model
+    from lori_ray.tokens import load_tokenizer
+    teacher = tiny_run[0] / "teacher"
+    tokenizer = load_tokenizer(str(teacher))
+    mine = tmp_path / "my-student"
+    build_model("llama", "small", len(tokenizer), 64, {"pad_token_id": tokenizer.pad_token_id},
+                seed=7).save_pretrained(mine)
+    tokenizer.save_pretrained(mine)
+    result = subprocess.run([sys.executable, "jobs/distill.py", "--config", "configs/tiny.yaml", f"output_dir={tmp_path}",
+                             "cluster.num_cpus=2", f"teacher.path={teacher}", f"student.path={mine}",
+                             "student.train.num_workers=1", "trajectory.num_actors=1"],
+                            cwd=ROOT, env=job_env(), capture_output=True, text=True, timeout=900, check=False)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    init = load_file(tmp_path / "tiny" / "student-init" / "model.safetensors")
+    start = load_file(mine / "model.safetensors")
+    assert all(torch.equal(init[k], start[k]) for k in start if "embed" not in k and "lm_head" not in k)
+    student = AutoModelForCausalLM.from_pretrained(tmp_path / "tiny" / "student")
+    assert (student.config.hidden_size, student.config.num_hidden_layers) == (128, 4)
+    assert load_file(tmp_path / "tiny" / "data" / "projection.safetensors")  # the width-bridging projection
+    assert "| student (lori, no CoT) |" in result.stdout

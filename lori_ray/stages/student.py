@@ -40,7 +40,8 @@ def latent_slots(config: Config) -> int | None:
 
 def student_init(config: Config, teacher_dir: Path, slots: int, train: list[Example]) -> Path:
     """The initial student plus ``slots`` trainable latent-slot tokens: the teacher's weights, a fresh
-    preset, or (``kind: pruned``) the teacher through channel-selection or random projections."""
+    preset, the user's pretrained student (``student.path``), or (``kind: pruned``) the teacher through
+    channel-selection or random projections."""
     directory = config.run_dir / "student-init"
     student = config.student
     tokenizer = load_tokenizer(str(teacher_dir), config.model.trust_remote_code)
@@ -56,7 +57,9 @@ def student_init(config: Config, teacher_dir: Path, slots: int, train: list[Exam
             model.save_init(staging, teacher_dir)
             tokenizer.save_pretrained(staging)
         return directory
-    if student.init == "teacher":
+    if student.path:  # the user's pretrained student, reading the teacher's token ids (checked by the config)
+        model = load_model(Path(student.path), trust_remote_code=config.model.trust_remote_code)
+    elif student.init == "teacher":
         model = load_model(teacher_dir, trust_remote_code=config.model.trust_remote_code)
     else:
         teacher = json.loads((teacher_dir / "config.json").read_text())
