@@ -49,7 +49,8 @@ def table(base, reports: dict[tuple[str, int], object]) -> str:
     lines = [(f"task: {base.data.task} {base.data.eval_file or base.data.digits}, {teacher.examples} held-out "
               f"problems, {base.data.train_size} training problems; student budget {base.student.train.steps} "
               f"steps x batch {base.student.train.batch_size}; model {base.model.family}/"
-              f"{base.model.path or base.model.size}"),
+              f"{base.model.path or base.model.size}" + (f"; separate student {base.student.path}"
+                                                          if base.student.path else "")),
              "", ("| method | held-out exact match (mean ± std) | per seed | training problems | per-digit accuracy "
                   "| tokens/answer | inference s | speedup |"), "|---|---|---|---|---|---|---|---|",
              (f"| explicit CoT teacher | {teacher.accuracy:.3f} | – | – | "

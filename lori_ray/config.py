@@ -308,7 +308,7 @@ class StudentConfig(Section):
         if self.size is not None and self.init != "scratch":
             raise ValueError("size: only with init 'scratch' (init 'teacher' copies the teacher's shape)")
         if self.path is not None:
-            if self.kind == "pruned" or "init" in self.model_fields_set or self.size is not None:
+            if self.kind == "pruned" or self.init != "teacher" or self.size is not None:
                 raise ValueError("path: a pretrained student starts from its own weights; leave kind, init and size "
                                  "unset")
             if not Path(self.path).is_dir():
