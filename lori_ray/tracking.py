@@ -15,7 +15,7 @@ from unittest import mock
 from urllib.parse import unquote, urlsplit, urlunsplit
 
 import mlflow
-from mlflow.entities import Metric
+from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 
 from .fingerprint import StageChanged
@@ -306,6 +306,13 @@ class StepLogger:
         except queue.Full:
             self.dropped += 1
 
+    def log_params(self, params: dict[str, object]) -> None:
+        """Queue the stage's per-run constants (threads per worker, ...): params of its run, not per-step metrics."""
+        try:
+            self.queue.put_nowait((dict(params), None, True, 0))
+        except queue.Full:
+            self.dropped += 1
+
     def close(self, timeout_s: float = 30.0) -> None:
         """Send what is queued, waiting at most ``timeout_s`` (the thread is a daemon: what is left dies with the
         worker)."""
@@ -324,11 +331,14 @@ class StepLogger:
         while (item := self.queue.get()) is not None:
             self._send(*item)
 
-    def _send(self, metrics: dict[str, float], step: int, replayed_too: bool, timestamp: int) -> None:
-        if step <= self.logged_through and not replayed_too:
+    def _send(self, metrics: dict[str, float], step: int | None, replayed_too: bool, timestamp: int) -> None:
+        if step is not None and step <= self.logged_through and not replayed_too:
             return
         try:
-            self.client.log_batch(self.run_id, [Metric(k, float(v), timestamp, step) for k, v in metrics.items()])
+            if step is None:  # params (a restarted worker logs the same values again, which MLflow accepts)
+                self.client.log_batch(self.run_id, params=[Param(k, str(v)) for k, v in metrics.items()])
+            else:
+                self.client.log_batch(self.run_id, [Metric(k, float(v), timestamp, step) for k, v in metrics.items()])
         except Exception as error:  # noqa: BLE001 - tracking must never stop training
             self.failed += 1
             if self.failed == 1:

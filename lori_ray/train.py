@@ -313,6 +313,8 @@ def _train(stage: Stage, deepspeed) -> None:
                   flush=True)
 
     logger = StepLogger(stage.tracking_uri, stage.run_id) if rank == 0 and stage.run_id else None
+    if logger:  # per-run constants: params of the stage's run (the step lines still show them)
+        logger.log_params({"workers": world, "threads_per_worker": torch.get_num_threads()})
     if logger and resumed:
         logger.log(resumed, step, replayed_too=True)
     num_examples, per_rank = data["input_ids"].shape[0], train.batch_size // world
@@ -407,7 +409,7 @@ def _train(stage: Stage, deepspeed) -> None:
                     end = step
             sums, count, started, last = {}, 0, time.time(), report
             if logger:
-                logger.log({k: v for k, v in report.items() if k != "step"}, step)
+                logger.log({k: v for k, v in report.items() if k not in ("step", "threads_per_worker")}, step)
             if rank == 0:
                 print(f"[{stage.name}] step {step}/{train.steps} " +
                       " ".join(f"{k}={v:.4g}" for k, v in report.items() if k != "step") +

@@ -158,3 +158,19 @@ def test_a_tracking_store_failing_as_the_run_opens_is_one_error_before_any_work(
         entered.append(True)
     mlflow.set_tracking_uri(None)  # the dead server is not the next test's default
     assert not entered and mlflow.active_run() is None
+
+
+def test_per_run_constants_are_params_of_the_stage_run_not_step_metrics(tmp_path):
+    uri = store(tmp_path)
+    client = MlflowClient(uri)
+    run_id = client.create_run(client.create_experiment("e")).info.run_id
+    logger = StepLogger(uri, run_id)
+    logger.log_params({"workers": 2, "threads_per_worker": 1})
+    logger.log({"loss": 0.5}, 10)
+    logger.close()
+    logger = StepLogger(uri, run_id)  # a restarted worker: the same params again are accepted
+    logger.log_params({"workers": 2, "threads_per_worker": 1})
+    logger.close()
+    run = client.get_run(run_id)
+    assert run.data.params == {"workers": "2", "threads_per_worker": "1"} and logger.failed == 0
+    assert set(run.data.metrics) == {"loss"}
