@@ -81,7 +81,9 @@ def test_red_benchmark_prints_its_table_and_reruns_on_its_finished_stages(tmp_pa
     assert len(diagnostics) == 3 and all("erank_student_trained_layer_1" in r.data.metrics for r in diagnostics)
     assert all({"erank.png", "erank.json"} <= {a.path for a in client.list_artifacts(r.info.run_id)}
                for r in diagnostics)
-    assert "[teacher] done in" not in out and f"Teacher: {teacher}." in (run_dir / "student" / "README.md").read_text()
+    card = (run_dir / "student" / "README.md").read_text()
+    # the card names the teacher without the local absolute path: the last two parts of it
+    assert "[teacher] done in" not in out and "Teacher: tiny/teacher." in card and str(teacher) not in card
     # an interrupted bench reruns on its finished stages
     rerun = run(*command)
     assert rerun.count("[student] finished model found") == 3 and "[student] done in" not in rerun
