@@ -142,6 +142,24 @@ class ModelConfig(Section):
         return self
 
 
+class LoraConfig(Section):
+    """LoRA adapters (peft) instead of full fine-tuning: low-rank updates of ``target_modules`` train, the HF model's
+    own weights stay frozen except a student's latent-slot token rows; alignment heads train as always."""
+    rank: Int = Field(gt=0)
+    alpha: Float | None = Field(None, gt=0)  # the update is scaled by alpha / rank; default 2 x rank
+    dropout: Float = Field(0.0, ge=0, lt=1)
+    # module names (suffixes) of the linear layers that get updates, or all-linear (every linear layer but the
+    # output head)
+    target_modules: list[str] | Literal["all-linear"] = "all-linear"
+    # the published model always has the updates merged (every later stage, plain transformers and MLflow read it
+    # as it is); save_adapter also keeps the adapter in its adapter/ folder, for serving the base with adapters
+    save_adapter: bool = False
+
+    @property
+    def lora_alpha(self) -> float:
+        return self.alpha or 2.0 * self.rank
+
+
 class TrainConfig(Section):
     steps: Int = Field(500, gt=0)
     batch_size: Int = Field(64, gt=0)  # global, split over workers
@@ -178,6 +196,7 @@ class TrainConfig(Section):
     # stop at the first validation whose exact match reaches this (steps is then the cap, over which the learning
     # rate still decays): a stage that trains until it has learned, e.g. a CoT teacher until 0.99
     until_val: Float | None = Field(None, gt=0, le=1)
+    lora: LoraConfig | None = None  # train LoRA adapters (peft) of the stage's model instead of all its weights
 
     @model_validator(mode="after")
     def _batch(self):
@@ -313,6 +332,9 @@ class StudentConfig(Section):
                                  "unset")
             if not Path(self.path).is_dir():
                 raise ValueError(f"path: no such directory: {self.path}")
+        if self.train.lora and (self.kind == "pruned" or self.init == "scratch"):
+            raise ValueError("train.lora: adapters update pretrained weights; a pruned student's weights are "
+                             "projections of the teacher's, a scratch one's are random (train it whole)")
         if self.kind == "pruned":
             if self.init not in PRUNED_INITS:
                 raise ValueError(f"init: a pruned student starts from projections: one of {list(PRUNED_INITS)}")
@@ -435,6 +457,13 @@ class Config(Section):
             raise ValueError(f"{name!r} is not a plain name (letters, digits, '.', '_', '-'; no '/' or '..'): it "
                              "names the run directory under output_dir")
         return name
+
+    @model_validator(mode="after")
+    def _lora_on_pretrained(self):
+        if self.teacher.train.lora and not self.model.path and not self.teacher.path:
+            raise ValueError("teacher.train.lora: the teacher starts from a fresh preset (no model.path), whose "
+                             "random weights adapters cannot make a teacher of; train it whole or set model.path")
+        return self
 
     @property
     def run_dir(self) -> Path:

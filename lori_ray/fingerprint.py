@@ -20,7 +20,8 @@ _NOT_INPUTS = ("name", "tracking_uri", "run_id", "checkpoint_key", "inputs_diges
 # a stage's TrainConfig fields likewise: how often it checkpoints (a rerun may change it and still resume); and
 # settings added later, which digest only when set (see ``_settings``)
 _TRAIN_NOT_INPUTS = ("checkpoint_minutes",)
-_TRAIN_ADDED = {"until_val": None, "schedule": "linear", "min_lr": 0.1, "grad_accumulation": 1}  # field: its default
+_TRAIN_ADDED = {"until_val": None, "schedule": "linear", "min_lr": 0.1, "grad_accumulation": 1,
+                "lora": None}  # field: its default
 _STAGE_ADDED = ("fresh",)  # Stage fields added later, digested only when set
 _FILE_INPUTS = ("model_dir", "data_path", "val_path", "projection_path", "readout_path", "teacher_dir")
 

@@ -10,6 +10,7 @@ step is known exactly, for any Hugging Face tokenizer.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from itertools import chain
 from pathlib import Path
@@ -71,6 +72,12 @@ def tokenizer_from(source: str, trust_remote_code: bool = False, gguf_file: str 
 
 def latent_tokens(count: int) -> list[str]:
     return [f"<latent_{i}>" for i in range(count)]
+
+
+def latent_ids_of(tokenizer) -> list[int]:
+    """The ids of the latent-slot tokens ``tokenizer`` has (none for a teacher's)."""
+    vocab = tokenizer.get_vocab()
+    return sorted(vocab[token] for token in vocab if re.fullmatch(r"<latent_\d+>", token))
 
 
 def add_latent_tokens(tokenizer, count: int) -> list[int]:

@@ -202,16 +202,25 @@ def _process_group(deepspeed):
 def _build_objective(stage: Stage):
     from safetensors.torch import load_file
 
+    from .adapters import with_lora
     from .models import load_model
     from .objective import LMObjective, load_projection
     from .pruned import load_student
 
     model = load_student(stage.model_dir)
+    if stage.train.lora:
+        model = with_lora(model, stage.train.lora, lora_token_ids(stage))
     projection = load_projection(load_file(stage.projection_path)) if stage.projection_path else None
     readout = load_projection(load_file(stage.readout_path)) if stage.readout_path else None
     teacher = load_model(stage.teacher_dir) if stage.teacher_dir else None
     return LMObjective(model, stage.student_layers, projection, stage.weights, teacher, stage.kd_temperature,
                        stage.target_scale, readout, stage.continuous_latents)
+
+
+def lora_token_ids(stage: Stage) -> list[int]:
+    """The embedding rows a LoRA stage trains besides its adapters: the latent-slot tokens, new in a student."""
+    from .tokens import latent_ids_of, tokenizer_from
+    return latent_ids_of(tokenizer_from(stage.model_dir))
 
 
 def curriculum_level(stage: Stage, step: int) -> int:
@@ -456,6 +465,7 @@ def _report_checkpoint(engine, objective, metrics: dict, stage: Stage, step: int
     nothing (a restart after it resumes from the newest periodic checkpoint)."""
     import ray.train
 
+    from .adapters import publish as publish_adapted
     from .checkpoints import sign
     from .tokens import tokenizer_from
     rank = ray.train.get_context().get_world_rank()
@@ -474,7 +484,11 @@ def _report_checkpoint(engine, objective, metrics: dict, stage: Stage, step: int
         if rank == 0:
             directory = tempfile.mkdtemp(prefix="lori-ckpt-")
             hf = os.path.join(directory, "hf")
-            objective.model.save_pretrained(hf, state_dict=objective.model_state_dict(state))
+            if stage.train.lora:
+                publish_adapted(stage.model_dir, stage.train.lora, lora_token_ids(stage),
+                                objective.model_state_dict(state), hf)
+            else:
+                objective.model.save_pretrained(hf, state_dict=objective.model_state_dict(state))
             tokenizer_from(stage.model_dir).save_pretrained(hf)
     ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory) if directory else None,
                      checkpoint_dir_name=f"step-{step:06d}", delete_local_checkpoint_after_upload=True)
