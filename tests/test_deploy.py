@@ -16,6 +16,9 @@ import yaml
 from lori_ray.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))  # scripts/ is no package
+from kustomize_render import KustomizeError, new_reference, render
+
 MANIFESTS = sorted(p for p in (ROOT / "docker" / "kuberay").glob("*.yaml") if p.name != "pvc.yaml")
 PVC = ROOT / "docker" / "kuberay" / "pvc.yaml"
 SCHEMAS = {kind: json.loads((ROOT / "tests" / "schemas" / f"{kind.lower()}.schema.json").read_text())
@@ -35,6 +38,40 @@ def pod_specs(manifest):
     yield "head", spec["headGroupSpec"]["template"]["spec"]
     for group in spec["workerGroupSpecs"]:
         yield group["groupName"], group["template"]["spec"]
+
+
+@pytest.mark.parametrize("kustomization, files, error", [
+    ({"resources": ["a.yaml"], "namePrefix": "x-"}, {"a.yaml": "kind: Pod\nmetadata: {name: a}\n"}, "namePrefix"),
+    ({"configMapGenerator": [{"name": "c", "files": ["p.yaml"]}]}, {"p.yaml": "a: 1\n"}, "disableNameSuffixHash"),
+    ({"resources": ["../outside.yaml"]}, {}, "outside"),
+    ({"resources": ["a.yaml"], "patches": [{"target": {"kind": "Pod"}, "patch": "metadata: {name: b}"}]},
+     {"a.yaml": "kind: Pod\nmetadata: {name: a}\n"}, "JSON 6902"),
+    ({"resources": ["a.yaml"], "patches": [{"target": {"kind": "Job"}, "patch": "[]"}]},
+     {"a.yaml": "kind: Pod\nmetadata: {name: a}\n"}, "no object matches"),
+    ({"resources": ["a.yaml", "b.yaml"]}, {"a.yaml": "kind: Pod\nmetadata: {name: a}\n",
+                                          "b.yaml": "kind: Pod\nmetadata: {name: a}\n"}, "more than once"),
+])
+def test_the_renderer_refuses_what_it_does_not_render_as_kustomize(tmp_path, kustomization, files, error):
+    directory = tmp_path / "k"
+    directory.mkdir()
+    (tmp_path / "outside.yaml").write_text("kind: Pod\nmetadata: {name: o}\n")
+    (directory / "kustomization.yaml").write_text(yaml.safe_dump(kustomization))
+    for name, text in files.items():
+        (directory / name).write_text(text)
+    with pytest.raises(KustomizeError, match=error):
+        render(directory)
+
+
+@pytest.mark.parametrize("reference, image, expected", [
+    ("lori-ray", {"name": "lori-ray", "newName": "r.io/a/b", "newTag": "1"}, "r.io/a/b:1"),
+    ("lori-ray:old", {"name": "lori-ray", "newTag": "new"}, "lori-ray:new"),
+    ("lori-ray:1", {"name": "lori-ray", "newName": "r.io/b"}, "r.io/b:1"),
+    ("lori-ray:1", {"name": "lori-ray", "digest": "sha256:ab"}, "lori-ray@sha256:ab"),
+    ("host:5000/lori-ray:1", {"name": "host:5000/lori-ray", "newTag": "2"}, "host:5000/lori-ray:2"),
+    ("lori-ray-other", {"name": "lori-ray", "newTag": "2"}, "lori-ray-other"),
+])
+def test_the_renderer_rewrites_image_references_as_kustomize(reference, image, expected):
+    assert new_reference(reference, image) == expected
 
 
 @pytest.mark.parametrize("path", MANIFESTS, ids=lambda p: p.name)
