@@ -32,6 +32,7 @@ SCHEMAS = {kind: json.loads((ROOT / "tests" / "schemas" / f"{kind.lower()}.schem
 SECRET = "lori-ray-credentials"
 CREDENTIALS = ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "HF_TOKEN",
                "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL")
+DOCS = ("README.md", "docker/README.md")
 
 
 def object_id(overlay: str, obj: dict) -> str:
@@ -378,6 +379,28 @@ def test_the_shared_volume_claim_and_the_loader(overlay):
     env = {e["name"]: e.get("value") for e in container["env"]}  # it fills the caches the jobs read
     runtime_env = yaml.safe_load(find(overlay, "RayJob", "lori-ray-distill")["spec"]["runtimeEnvYAML"])["env_vars"]
     assert {k: env[k] for k in runtime_env} == runtime_env
+
+
+def selects(selector: str, labels: dict) -> bool:
+    """kubectl's -l for the two forms the docs use: key=value and 'key in (a,b)'."""
+    if match := re.fullmatch(r"([\w./-]+) in \(([\w,-]+)\)", selector):
+        return labels.get(match[1]) in match[2].split(",")
+    key, value = selector.split("=")
+    return labels.get(key) == value
+
+
+def test_the_documented_commands_apply_one_piece_at_a_time():
+    texts = [(ROOT / doc).read_text() for doc in DOCS] + [p.read_text() for p in KUBERAY.rglob("*.yaml")]
+    commands = [c for text in texts for c in re.findall(r"kubectl (?:apply|delete) -k [^`\n]*", text)]
+    components = set()
+    for command in commands:
+        # never the whole overlay: deleting it would delete the volume with the data
+        match = re.search(r"-k (docker/kuberay/overlays/(\w+)) -l ('[^']+'|\S+)", command)
+        assert match, command
+        picked = [o for o in OVERLAYS[match[2]] if selects(match[3].strip("'"), o["metadata"]["labels"])]
+        assert picked, command
+        components |= {o["metadata"]["labels"]["app.kubernetes.io/component"] for o in picked}
+    assert components == {o["metadata"]["labels"]["app.kubernetes.io/component"] for _, o in OBJECTS}
 
 
 def image_user() -> int:
