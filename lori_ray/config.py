@@ -91,6 +91,10 @@ class DataConfig(Section):
     # hf:OWNER/NAME[/CONFIG][@SPLIT]; a .txt stays iCoT lines) with these columns, e.g. {question: q, cot: why}
     fields: TableFields | None = None
     step_separator: str | None = None  # with fields: a regex between CoT steps; unset: '<<..>>' equations, else ' + '
+    # with fields: the text between steps in the teacher's CoT, e.g. "\n"; unset: the data's own (a newline between
+    # a list's items or a chat's lines, what step_separator first matches, else the format's ' + '); a model built
+    # from a preset keeps ' + ' (its vocabulary has no newline)
+    step_joiner: str | None = Field(None, min_length=1)
 
     @model_validator(mode="after")
     def _files(self):
@@ -108,6 +112,8 @@ class DataConfig(Section):
                 re.compile(self.step_separator)
             except re.error as error:
                 raise ValueError(f"step_separator: not a regular expression ({error})") from None
+        if self.step_joiner is not None and not self.fields:
+            raise ValueError("step_joiner: applies to table data only (set data.fields)")
         if self.fields and not (self.train_file or self.eval_file):
             raise ValueError("fields: applies to data files (data.train_file, data.eval_file)")
         if self.val_size >= self.train_size:

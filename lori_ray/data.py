@@ -35,36 +35,50 @@ class Example:
     question: str
     steps: tuple[str, ...]
     answer: str
+    # the text between two steps in the teacher's CoT (the user's own, e.g. a newline); None: the format's own
+    joiner: str | None = None
+
+    @property
+    def step_joiner(self) -> str:
+        return self.joiner if self.joiner is not None else format_joiner(self.steps)
 
     @property
     def cot(self) -> str:
-        return join_steps(self.steps)
+        return self.step_joiner.join(self.steps)
 
     def to_line(self) -> str:
         return f"{self.question}{COT_SEPARATOR}{self.cot} {ANSWER_SEPARATOR} {self.answer}"
 
 
-def split_steps(cot: str) -> tuple[str, ...]:
-    """CoT steps: each ``<<...>>`` equation (GSM8K), else each ``+``-separated partial product.
+ARITHMETIC_JOINER = " + "  # between the partial products of the multiplication format
+EQUATION_JOINER = " "  # between the <<...>> equations of the GSM8K format
+
+
+def format_joiner(steps: tuple[str, ...] | list[str]) -> str:
+    """The text between two steps in the iCoT formats: a space between equations, else `` + ``."""
+    return EQUATION_JOINER if any(step.startswith("<<") for step in steps) else ARITHMETIC_JOINER
+
+
+def split_steps(cot: str, joiner: str | None = None) -> tuple[str, ...]:
+    """CoT steps: at ``joiner`` (its text without the spaces around it, which a tokenizer may write otherwise; a
+    newline as it is), else each ``<<...>>`` equation (GSM8K), else each ``+``-separated partial product.
 
     A multiplication running sum ``( ... )`` stays with the partial product it follows.
     """
     cot = cot.strip()
     if not cot:
         return ()
+    if joiner is not None:
+        return tuple(step.strip() for step in cot.split(joiner.strip() or joiner) if step.strip())
     if "<<" in cot:
         return tuple(_EQUATION.findall(cot))
-    return tuple(step.strip() for step in cot.split(" + "))
+    return tuple(step.strip() for step in cot.split(ARITHMETIC_JOINER))
 
 
-def join_steps(steps: tuple[str, ...] | list[str]) -> str:
-    if any(step.startswith("<<") for step in steps):
-        return " ".join(steps)
-    return " + ".join(steps)
-
-
-def parse_line(line: str, where: str = "<line>", symbols: frozenset[str] | None = None) -> Example:
-    """``symbols``: the only whitespace-separated tokens allowed (a word-level vocabulary), else any text."""
+def parse_line(line: str, where: str = "<line>", symbols: frozenset[str] | None = None,
+               joiner: str | None = None) -> Example:
+    """``symbols``: the only whitespace-separated tokens allowed (a word-level vocabulary), else any text;
+    ``joiner``: the text between the CoT's steps (see :func:`split_steps`), kept with the example."""
     line = line.rstrip("\n")
     if line.count(COT_SEPARATOR) != 1:
         raise DataFormatError(f"{where}: expected exactly one '{COT_SEPARATOR}' between question and CoT")
@@ -82,7 +96,7 @@ def parse_line(line: str, where: str = "<line>", symbols: frozenset[str] | None 
     if unknown is not None:
         raise DataFormatError(f"{where}: {unknown[:20]!r} is not in the vocabulary of a model built from a preset "
                               f"({' '.join(sorted(symbols))}); set model.path to a pretrained model for other text")
-    return Example(question, split_steps(cot), answer)
+    return Example(question, split_steps(cot, joiner), answer, joiner)
 
 
 def _read(path: str | Path, parse, skip_bad: bool) -> list[Example]:
@@ -260,13 +274,14 @@ def load_hf_gsm8k(spec: str = "hf:openai/gsm8k", skip_bad: bool = False) -> list
 
 
 def read_examples(path: str | Path, skip_bad: bool = False, fields: dict[str, str | None] | None = None,
-                  step_separator: str | None = None, symbols: frozenset[str] | None = None) -> list[Example]:
+                  step_separator: str | None = None, symbols: frozenset[str] | None = None,
+                  step_joiner: str | None = None) -> list[Example]:
     """With ``fields``, a table (see :func:`read_table`); else (and for any ``.txt``) iCoT ``.txt`` or openai GSM8K
     ``.jsonl`` by extension, or ``hf:openai/gsm8k[@split]``; parquet and saved datasets need ``fields``. ``symbols``:
     an iCoT line with any other token is a bad line (a word-level vocabulary would read it as unknown tokens)."""
     columns_only = Path(path).suffix.lower() == ".parquet" or bool(saved_dataset(str(path)) or parquet_shards(str(path)))
     if fields and (columns_only or str(path).startswith(HF_PREFIX) or Path(path).suffix.lower() in TABLE_FORMATS):
-        return read_table(path, fields, step_separator, skip_bad)
+        return read_table(path, fields, step_separator, skip_bad, step_joiner)
     if columns_only:
         raise DataFormatError(f"{path}: a table (parquet, or a dataset saved by datasets) is read by its columns: "
                               "name them with data.fields (e.g. data.fields.question=problem)")
@@ -340,27 +355,34 @@ def _split_problem(folder: Path, split: str | None) -> str | None:
 
 
 def read_table(path: str | Path, fields: dict[str, str | None], step_separator: str | None = None,
-               skip_bad: bool = False) -> list[Example]:
+               skip_bad: bool = False, step_joiner: str | None = None) -> list[Example]:
     """The rows of a table through Hugging Face ``datasets`` (a local ``.jsonl``/``.json``/``.csv``/``.parquet``
     file, cached as Arrow by ``datasets``, or ``hf:OWNER/NAME[/CONFIG][@SPLIT]``), one example per row:
     ``fields`` names the ``question``, ``answer`` and (optional) ``cot`` columns; the CoT splits into steps at
-    ``step_separator`` (a regular expression), else by :func:`split_steps`. A missing column, or a row with an
-    empty question or answer, raises :class:`DataFormatError` naming the file and the row (1-based, header not
-    counted), or with ``skip_bad`` the row is skipped and counted in one warning. Parquet shards and a saved
-    DatasetDict split are read part by part: an error names the shard (or ``folder@split``) and its row."""
+    ``step_separator`` (a regular expression), else by :func:`split_steps`. The teacher's CoT joins the steps
+    with ``step_joiner``, else with the data's own: a newline between a list's items or a chat's lines, the text
+    ``step_separator`` first matches in the file, or the format's own (steps :func:`split_steps` found). A missing
+    column, or a row with an empty question or answer, raises :class:`DataFormatError` naming the file and the row
+    (1-based, header not counted), or with ``skip_bad`` the row is skipped and counted in one warning. Parquet
+    shards and a saved DatasetDict split are read part by part: an error names the shard (or ``folder@split``)
+    and its row."""
     roles = ("messages",) if fields.get("messages") else ("question", "cot", "answer")
     wanted = {role: fields[role] for role in roles if fields.get(role)}
     splitter = re.compile(step_separator) if step_separator else None
 
-    def steps_of(cot, chat: bool) -> tuple[str, ...]:
-        if isinstance(cot, (list, tuple)):  # one step per item (Coconut-style JSON)
-            return tuple(str(s).strip() for s in cot if s is not None and str(s).strip())
+    def steps_of(cot, chat: bool) -> tuple[tuple[str, ...], str | None]:
+        """The steps and the text the data has between them (None: none shown, or the format's own)."""
+        if isinstance(cot, (list, tuple)):  # one step per item (Coconut-style JSON), a line each as Coconut writes
+            return tuple(str(s).strip() for s in cot if s is not None and str(s).strip()), "\n"
         cot = "" if cot is None else str(cot).strip()
         if splitter:
-            return tuple(s.strip() for s in splitter.split(cot) if s.strip())
-        return tuple(s.strip() for s in cot.splitlines() if s.strip()) if chat else split_steps(cot)
+            between = splitter.search(cot)
+            return tuple(s.strip() for s in splitter.split(cot) if s.strip()), between and between.group()
+        if chat:
+            return tuple(s.strip() for s in cot.splitlines() if s.strip()), "\n"
+        return split_steps(cot), None
 
-    examples, bad = [], []
+    examples, bad, joiner = [], [], step_joiner
     for part, rows in _table_parts(str(path)):
         missing = {role: column for role, column in wanted.items() if column not in rows.column_names}
         if missing:
@@ -383,8 +405,10 @@ def read_table(path: str | Path, fields: dict[str, str | None], step_separator: 
                     raise DataFormatError(f"{part}: row {number}: {error}") from None
                 bad.append(f"{part}: {number}" if part != str(path) else number)
                 continue
-            examples.append(Example(question, steps_of(cot, "messages" in wanted), answer))
-    return _kept(path, examples, bad, "malformed rows (rows")
+            steps, between = steps_of(cot, "messages" in wanted)
+            examples.append((question, steps, answer))
+            joiner = joiner or between  # one joiner for the file: rows without two steps show none
+    return _kept(path, [Example(*example, joiner) for example in examples], bad, "malformed rows (rows")
 
 
 def chat_parts(messages, marker: str) -> tuple[str, str, str]:

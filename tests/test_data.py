@@ -333,3 +333,38 @@ def test_a_data_file_setting_that_names_no_data_is_a_config_error_naming_the_fie
         validate({"data": {"task": "file", "train_file": str(tmp_path / "empty"), "fields": {}}})
     with pytest.raises(ConfigError, match=r"data.eval_file: .*/x-\*.parquet: no file matches"):
         validate({"data": {"eval_file": f"{tmp_path}/x-*.parquet", "fields": {}}})
+
+
+def test_the_teachers_cot_joins_the_steps_with_the_datas_own_joiner_or_the_configured_one(tmp_path):
+    from lori_ray.data import read_table
+    rows = [{"q": "3 + 4 * 2", "steps": ["4 * 2 = 8", "3 + 8 = 11"], "text": "4 * 2 = 8 ;  3 + 8 = 11", "a": "11",
+             "chat": [{"role": "user", "content": "3 + 4 * 2"},
+                      {"role": "assistant", "content": "4 * 2 = 8\n3 + 8 = 11\n#### 11"}]},
+            {"q": "1 + 1", "steps": [], "text": "", "a": "2",
+             "chat": [{"role": "user", "content": "1 + 1"}, {"role": "assistant", "content": "#### 2"}]}]
+    path = tmp_path / "data.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    fields = {"question": "q", "cot": "steps", "answer": "a"}
+
+    def read(**options):
+        return read_table(path, {**fields, **options.pop("fields", {})}, **options)
+
+    listed, empty = read()
+    assert listed.cot == "4 * 2 = 8\n3 + 8 = 11" and empty.joiner == "\n"  # one joiner for the whole file
+    assert read(fields={"messages": "chat"})[0].cot == "4 * 2 = 8\n3 + 8 = 11"
+    # a CoT split at a regex keeps the text the regex first matched, for every row
+    assert [e.joiner for e in read(fields={"cot": "text"}, step_separator=r"\s*;\s*")] == [" ;  ", " ;  "]
+    assert read(step_joiner=" then ")[0].cot == "4 * 2 = 8 then 3 + 8 = 11"
+    equations = tmp_path / "gsm.csv"
+    equations.write_text("q,cot,a\nsum?,<<1+1=2>> <<2*3=6>>,6\n")
+    (gsm,) = read_table(equations, {"question": "q", "cot": "cot", "answer": "a"})
+    assert gsm.joiner is None and gsm.cot == "<<1+1=2>> <<2*3=6>>"  # the format's own
+
+
+def test_a_cot_written_with_a_joiner_splits_back_at_it():
+    from lori_ray.data import split_steps
+    assert split_steps(" 3+4=7\n7*2=14 ", "\n") == ("3+4=7", "7*2=14")
+    assert split_steps("a ; b;c", " ; ") == ("a", "b", "c")  # the joiner's visible text, spaces or none
+    assert split_steps("1 2 + 3 4", None) == ("1 2", "3 4")
+    example = parse_line("q|| 3+4=7\n7*2=14 #### 14", joiner="\n")
+    assert example.steps == ("3+4=7", "7*2=14") and example.joiner == "\n"
