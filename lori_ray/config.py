@@ -26,7 +26,7 @@ from pydantic import (
 )
 
 from . import storage
-from .data import HF_PREFIX
+from .data import source_problem
 from .models import FAMILIES, PRUNABLE, SIZES, ModelSourceError, is_hub_id, model_shape, pretrained_config
 from .tokens import load_tokenizer
 
@@ -80,15 +80,21 @@ class DataConfig(Section):
     train_size: Int = Field(8000, gt=0)
     val_size: Int = Field(256, ge=0)  # taken from the training examples; validation accuracy during training
     eval_size: Int = Field(200, gt=0)
-    train_file: str | None = None  # task=file: iCoT .txt or GSM8K .jsonl
+    # task=file: iCoT .txt or GSM8K .jsonl; with data.fields also a table (below)
+    train_file: str | None = None
     # held-out split (any task); unset with task=file: data.eval_size rows carved from train_file (seeded), never
     # trained on; multiplication then trains on generated data
     eval_file: str | None = None
     on_bad_line: Literal["fail", "skip"] = "fail"  # a malformed line stops the run (file:line), or is skipped
-    # read train_file/eval_file as tables through Hugging Face datasets (.jsonl, .json, .csv, .parquet, or hf:
-    # OWNER/NAME[/CONFIG][@SPLIT]; a .txt stays iCoT lines) with these columns, e.g. {question: q, cot: why}
+    # read train_file/eval_file as tables through Hugging Face datasets (.jsonl, .json, .csv, .parquet, a folder or
+    # glob of .parquet shards, a folder saved by datasets' save_to_disk (PATH@SPLIT: a DatasetDict's split), or
+    # hf:OWNER/NAME[/CONFIG][@SPLIT]; a .txt stays iCoT lines) with these columns, e.g. {question: q, cot: why}
     fields: TableFields | None = None
     step_separator: str | None = None  # with fields: a regex between CoT steps; unset: '<<..>>' equations, else ' + '
+    # with fields: the text between steps in the teacher's CoT, e.g. "\n"; unset: the data's own (a newline between
+    # a list's items or a chat's lines, what step_separator first matches, else the format's ' + '); a model built
+    # from a preset keeps ' + ' (its vocabulary has no newline)
+    step_joiner: str | None = Field(None, min_length=1)
 
     @model_validator(mode="after")
     def _files(self):
@@ -96,8 +102,9 @@ class DataConfig(Section):
             raise ValueError("train_file: required when task is 'file'")
         for field in ("train_file", "eval_file"):
             path = getattr(self, field)
-            if path and not path.startswith(HF_PREFIX) and not Path(path).is_file():
-                raise ValueError(f"{field}: no such file: {path}")
+            problem = path and source_problem(path)
+            if problem:
+                raise ValueError(f"{field}: {problem}")
         if self.step_separator is not None:
             if not self.fields:
                 raise ValueError("step_separator: applies to table data only (set data.fields)")
@@ -105,6 +112,8 @@ class DataConfig(Section):
                 re.compile(self.step_separator)
             except re.error as error:
                 raise ValueError(f"step_separator: not a regular expression ({error})") from None
+        if self.step_joiner is not None and not self.fields:
+            raise ValueError("step_joiner: applies to table data only (set data.fields)")
         if self.fields and not (self.train_file or self.eval_file):
             raise ValueError("fields: applies to data files (data.train_file, data.eval_file)")
         if self.val_size >= self.train_size:

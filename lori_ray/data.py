@@ -3,13 +3,15 @@
 Multiplication is generated procedurally (digits least-significant first, exactly like the
 published iCoT files); GSM8K converts from the openai jsonl annotation (a local ``train.jsonl``,
 or ``hf:openai/gsm8k`` through Hugging Face ``datasets`` where the hub is reachable) to the
-equation format ``question||<<a+b=c>> <<c*2=d>> #### d``; any table (``.jsonl``, ``.csv``, ``.parquet``, ``hf:``)
-goes through ``datasets`` with a column mapping (``read_table``). Past ~250 lines: one reader per source format,
-each with its own errors naming the file and line or row.
+equation format ``question||<<a+b=c>> <<c*2=d>> #### d``; any table (``.jsonl``, ``.csv``, ``.parquet``, ``hf:``,
+a folder or glob of parquet shards, a folder written by ``datasets``' ``save_to_disk``) goes through ``datasets``
+with a column mapping (``read_table``). Past ~250 lines: one reader per source format, each with its own errors
+naming the file and line or row.
 """
 
 from __future__ import annotations
 
+import glob
 import json
 import random
 import re
@@ -33,36 +35,50 @@ class Example:
     question: str
     steps: tuple[str, ...]
     answer: str
+    # the text between two steps in the teacher's CoT (the user's own, e.g. a newline); None: the format's own
+    joiner: str | None = None
+
+    @property
+    def step_joiner(self) -> str:
+        return self.joiner if self.joiner is not None else format_joiner(self.steps)
 
     @property
     def cot(self) -> str:
-        return join_steps(self.steps)
+        return self.step_joiner.join(self.steps)
 
     def to_line(self) -> str:
         return f"{self.question}{COT_SEPARATOR}{self.cot} {ANSWER_SEPARATOR} {self.answer}"
 
 
-def split_steps(cot: str) -> tuple[str, ...]:
-    """CoT steps: each ``<<...>>`` equation (GSM8K), else each ``+``-separated partial product.
+ARITHMETIC_JOINER = " + "  # between the partial products of the multiplication format
+EQUATION_JOINER = " "  # between the <<...>> equations of the GSM8K format
+
+
+def format_joiner(steps: tuple[str, ...] | list[str]) -> str:
+    """The text between two steps in the iCoT formats: a space between equations, else `` + ``."""
+    return EQUATION_JOINER if any(step.startswith("<<") for step in steps) else ARITHMETIC_JOINER
+
+
+def split_steps(cot: str, joiner: str | None = None) -> tuple[str, ...]:
+    """CoT steps: at ``joiner`` (its text without the spaces around it, which a tokenizer may write otherwise; a
+    newline as it is), else each ``<<...>>`` equation (GSM8K), else each ``+``-separated partial product.
 
     A multiplication running sum ``( ... )`` stays with the partial product it follows.
     """
     cot = cot.strip()
     if not cot:
         return ()
+    if joiner is not None:
+        return tuple(step.strip() for step in cot.split(joiner.strip() or joiner) if step.strip())
     if "<<" in cot:
         return tuple(_EQUATION.findall(cot))
-    return tuple(step.strip() for step in cot.split(" + "))
+    return tuple(step.strip() for step in cot.split(ARITHMETIC_JOINER))
 
 
-def join_steps(steps: tuple[str, ...] | list[str]) -> str:
-    if any(step.startswith("<<") for step in steps):
-        return " ".join(steps)
-    return " + ".join(steps)
-
-
-def parse_line(line: str, where: str = "<line>", symbols: frozenset[str] | None = None) -> Example:
-    """``symbols``: the only whitespace-separated tokens allowed (a word-level vocabulary), else any text."""
+def parse_line(line: str, where: str = "<line>", symbols: frozenset[str] | None = None,
+               joiner: str | None = None) -> Example:
+    """``symbols``: the only whitespace-separated tokens allowed (a word-level vocabulary), else any text;
+    ``joiner``: the text between the CoT's steps (see :func:`split_steps`), kept with the example."""
     line = line.rstrip("\n")
     if line.count(COT_SEPARATOR) != 1:
         raise DataFormatError(f"{where}: expected exactly one '{COT_SEPARATOR}' between question and CoT")
@@ -80,7 +96,7 @@ def parse_line(line: str, where: str = "<line>", symbols: frozenset[str] | None 
     if unknown is not None:
         raise DataFormatError(f"{where}: {unknown[:20]!r} is not in the vocabulary of a model built from a preset "
                               f"({' '.join(sorted(symbols))}); set model.path to a pretrained model for other text")
-    return Example(question, split_steps(cot), answer)
+    return Example(question, split_steps(cot, joiner), answer, joiner)
 
 
 def _read(path: str | Path, parse, skip_bad: bool) -> list[Example]:
@@ -104,8 +120,9 @@ def _read(path: str | Path, parse, skip_bad: bool) -> list[Example]:
     return _kept(path, examples, bad, "malformed lines (lines")
 
 
-def _kept(path, examples: list[Example], bad: list[int], skipped: str) -> list[Example]:
-    """The examples read, with one warning for the ``bad`` line or row numbers skipped; none at all is an error."""
+def _kept(path, examples: list[Example], bad: list[int | str], skipped: str) -> list[Example]:
+    """The examples read, with one warning for the ``bad`` line or row numbers skipped (``shard: row`` for a table
+    read in parts); none at all is an error."""
     if bad:
         warnings.warn(f"{path}: skipped {len(bad)} {skipped} {', '.join(map(str, bad[:10]))}"
                       f"{', ...' if len(bad) > 10 else ''})", stacklevel=4)
@@ -257,12 +274,17 @@ def load_hf_gsm8k(spec: str = "hf:openai/gsm8k", skip_bad: bool = False) -> list
 
 
 def read_examples(path: str | Path, skip_bad: bool = False, fields: dict[str, str | None] | None = None,
-                  step_separator: str | None = None, symbols: frozenset[str] | None = None) -> list[Example]:
-    """With ``fields``, a table file or ``hf:`` dataset (see :func:`read_table`); else (and for any ``.txt``)
-    iCoT ``.txt`` or openai GSM8K ``.jsonl`` by extension, or ``hf:openai/gsm8k[@split]``. ``symbols``: an iCoT
-    line with any other token is a bad line (a word-level vocabulary would read it as unknown tokens)."""
-    if fields and (str(path).startswith(HF_PREFIX) or Path(path).suffix.lower() in TABLE_FORMATS):
-        return read_table(path, fields, step_separator, skip_bad)
+                  step_separator: str | None = None, symbols: frozenset[str] | None = None,
+                  step_joiner: str | None = None) -> list[Example]:
+    """With ``fields``, a table (see :func:`read_table`); else (and for any ``.txt``) iCoT ``.txt`` or openai GSM8K
+    ``.jsonl`` by extension, or ``hf:openai/gsm8k[@split]``; parquet and saved datasets need ``fields``. ``symbols``:
+    an iCoT line with any other token is a bad line (a word-level vocabulary would read it as unknown tokens)."""
+    columns_only = Path(path).suffix.lower() == ".parquet" or bool(saved_dataset(str(path)) or parquet_shards(str(path)))
+    if fields and (columns_only or str(path).startswith(HF_PREFIX) or Path(path).suffix.lower() in TABLE_FORMATS):
+        return read_table(path, fields, step_separator, skip_bad, step_joiner)
+    if columns_only:
+        raise DataFormatError(f"{path}: a table (parquet, or a dataset saved by datasets) is read by its columns: "
+                              "name them with data.fields (e.g. data.fields.question=problem)")
     if str(path).startswith(HF_PREFIX):
         return load_hf_gsm8k(str(path), skip_bad)
     if str(path).endswith(".jsonl"):
@@ -272,51 +294,121 @@ def read_examples(path: str | Path, skip_bad: bool = False, fields: dict[str, st
 
 # the datasets builder for each table file a column mapping reads
 TABLE_FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+# what Dataset.save_to_disk and DatasetDict.save_to_disk write into the folder they save
+SAVED_DATASET_FILES = ("state.json", "dataset_dict.json")
+SPLIT_SEPARATOR = "@"  # PATH@SPLIT: a split of a saved DatasetDict, as hf:OWNER/NAME@SPLIT names a hub split
+
+
+def saved_dataset(spec: str) -> tuple[Path, str | None] | None:
+    """(folder, split) of a folder written by ``datasets``' ``save_to_disk``, ``PATH@SPLIT`` naming a split of a
+    saved DatasetDict; None for any other spec."""
+    path, split = Path(spec), None
+    if not path.exists() and SPLIT_SEPARATOR in spec:
+        base, split = spec.rsplit(SPLIT_SEPARATOR, 1)
+        path = Path(base)
+    if path.is_dir() and any((path / name).is_file() for name in SAVED_DATASET_FILES):
+        return path, split
+    return None
+
+
+def parquet_shards(spec: str) -> list[Path]:
+    """The files a glob matches, or the ``.parquet`` files in a folder, in name order (the order of their rows:
+    ``train-00000-of-00004.parquet`` first); [] for anything else."""
+    if glob.has_magic(spec):
+        return sorted(Path(p) for p in glob.glob(spec, recursive=True) if Path(p).is_file())
+    return sorted(Path(spec).glob("*.parquet")) if Path(spec).is_dir() else []
+
+
+def source_problem(spec: str) -> str | None:
+    """Why a data file setting names no data (no such file, a glob that matches none or matches other files
+    than parquet, a folder with neither a saved dataset nor parquet files, a split its DatasetDict lacks), or None.
+    ``hf:`` datasets are checked when they are loaded."""
+    if spec.startswith(HF_PREFIX) or Path(spec).is_file():
+        return None
+    saved = saved_dataset(spec)
+    if saved:
+        return _split_problem(*saved)
+    shards = parquet_shards(spec)
+    other = next((p for p in shards if p.suffix.lower() != ".parquet"), None)
+    if other:
+        return f"{spec}: matches {other}, not a .parquet file"
+    if shards:
+        return None
+    if glob.has_magic(spec):
+        return f"{spec}: no file matches"
+    if Path(spec).is_dir():
+        return f"{spec}: a folder with neither a dataset saved by datasets (save_to_disk) nor .parquet files"
+    return f"no such file: {spec}"
+
+
+def _split_problem(folder: Path, split: str | None) -> str | None:
+    listing = folder / "dataset_dict.json"  # a DatasetDict's splits; a Dataset saved alone has none
+    splits = json.loads(listing.read_text())["splits"] if listing.is_file() else None
+    if splits is None:
+        return f"{folder}{SPLIT_SEPARATOR}{split}: {folder} is a Dataset saved without splits" if split else None
+    if split is None and len(splits) > 1:
+        return (f"{folder}: a DatasetDict with the splits {', '.join(splits)}; name one as "
+                f"{folder}{SPLIT_SEPARATOR}SPLIT")
+    if split is not None and split not in splits:
+        return f"{folder}: no split {split!r}; its splits: {', '.join(splits)}"
+    return None
 
 
 def read_table(path: str | Path, fields: dict[str, str | None], step_separator: str | None = None,
-               skip_bad: bool = False) -> list[Example]:
+               skip_bad: bool = False, step_joiner: str | None = None) -> list[Example]:
     """The rows of a table through Hugging Face ``datasets`` (a local ``.jsonl``/``.json``/``.csv``/``.parquet``
     file, cached as Arrow by ``datasets``, or ``hf:OWNER/NAME[/CONFIG][@SPLIT]``), one example per row:
     ``fields`` names the ``question``, ``answer`` and (optional) ``cot`` columns; the CoT splits into steps at
-    ``step_separator`` (a regular expression), else by :func:`split_steps`. A missing column, or a row with an
-    empty question or answer, raises :class:`DataFormatError` naming the file and the row (1-based, header not
-    counted), or with ``skip_bad`` the row is skipped and counted in one warning."""
-    rows = _load_table(str(path))
+    ``step_separator`` (a regular expression), else by :func:`split_steps`. The teacher's CoT joins the steps
+    with ``step_joiner``, else with the data's own: a newline between a list's items or a chat's lines, the text
+    ``step_separator`` first matches in the file, or the format's own (steps :func:`split_steps` found). A missing
+    column, or a row with an empty question or answer, raises :class:`DataFormatError` naming the file and the row
+    (1-based, header not counted), or with ``skip_bad`` the row is skipped and counted in one warning. Parquet
+    shards and a saved DatasetDict split are read part by part: an error names the shard (or ``folder@split``)
+    and its row."""
     roles = ("messages",) if fields.get("messages") else ("question", "cot", "answer")
     wanted = {role: fields[role] for role in roles if fields.get(role)}
-    missing = {role: column for role, column in wanted.items() if column not in rows.column_names}
-    if missing:
-        raise DataFormatError(f"{path}: no column " + ", ".join(f"{c!r} (data.fields.{r})" for r, c in missing.items())
-                              + f"; its columns: {', '.join(rows.column_names)}")
     splitter = re.compile(step_separator) if step_separator else None
 
-    def steps_of(cot, chat: bool) -> tuple[str, ...]:
-        if isinstance(cot, (list, tuple)):  # one step per item (Coconut-style JSON)
-            return tuple(str(s).strip() for s in cot if s is not None and str(s).strip())
+    def steps_of(cot, chat: bool) -> tuple[tuple[str, ...], str | None]:
+        """The steps and the text the data has between them (None: none shown, or the format's own)."""
+        if isinstance(cot, (list, tuple)):  # one step per item (Coconut-style JSON), a line each as Coconut writes
+            return tuple(str(s).strip() for s in cot if s is not None and str(s).strip()), "\n"
         cot = "" if cot is None else str(cot).strip()
         if splitter:
-            return tuple(s.strip() for s in splitter.split(cot) if s.strip())
-        return tuple(s.strip() for s in cot.splitlines() if s.strip()) if chat else split_steps(cot)
+            between = splitter.search(cot)
+            return tuple(s.strip() for s in splitter.split(cot) if s.strip()), between and between.group()
+        if chat:
+            return tuple(s.strip() for s in cot.splitlines() if s.strip()), "\n"
+        return split_steps(cot), None
 
-    examples, bad = [], []
-    for number, row in enumerate(rows.select_columns(list(dict.fromkeys(wanted.values()))), start=1):
-        try:
-            if "messages" in wanted:
-                question, cot, answer = chat_parts(row[wanted["messages"]], fields.get("answer_marker") or "####")
-            else:
-                question, cot, answer = (row[wanted[r]] if r in wanted else None for r in ("question", "cot", "answer"))
-                question, answer = ("" if v is None else str(v).strip() for v in (question, answer))
-                empty = [role for role, value in (("question", question), ("answer", answer)) if not value]
-                if empty:
-                    raise DataFormatError(f"empty {empty[0]} (column {wanted[empty[0]]!r})")
-        except DataFormatError as error:
-            if not skip_bad:
-                raise DataFormatError(f"{path}: row {number}: {error}") from None
-            bad.append(number)
-            continue
-        examples.append(Example(question, steps_of(cot, "messages" in wanted), answer))
-    return _kept(path, examples, bad, "malformed rows (rows")
+    examples, bad, joiner = [], [], step_joiner
+    for part, rows in _table_parts(str(path)):
+        missing = {role: column for role, column in wanted.items() if column not in rows.column_names}
+        if missing:
+            raise DataFormatError(f"{part}: no column " + ", ".join(f"{c!r} (data.fields.{r})"
+                                                                    for r, c in missing.items())
+                                  + f"; its columns: {', '.join(rows.column_names)}")
+        for number, row in enumerate(rows.select_columns(list(dict.fromkeys(wanted.values()))), start=1):
+            try:
+                if "messages" in wanted:
+                    question, cot, answer = chat_parts(row[wanted["messages"]], fields.get("answer_marker") or "####")
+                else:
+                    question, cot, answer = (row[wanted[r]] if r in wanted else None
+                                             for r in ("question", "cot", "answer"))
+                    question, answer = ("" if v is None else str(v).strip() for v in (question, answer))
+                    empty = [role for role, value in (("question", question), ("answer", answer)) if not value]
+                    if empty:
+                        raise DataFormatError(f"empty {empty[0]} (column {wanted[empty[0]]!r})")
+            except DataFormatError as error:
+                if not skip_bad:
+                    raise DataFormatError(f"{part}: row {number}: {error}") from None
+                bad.append(f"{part}: {number}" if part != str(path) else number)
+                continue
+            steps, between = steps_of(cot, "messages" in wanted)
+            examples.append((question, steps, answer))
+            joiner = joiner or between  # one joiner for the file: rows without two steps show none
+    return _kept(path, [Example(*example, joiner) for example in examples], bad, "malformed rows (rows")
 
 
 def chat_parts(messages, marker: str) -> tuple[str, str, str]:
@@ -341,10 +433,32 @@ def chat_parts(messages, marker: str) -> tuple[str, str, str]:
     return user[-1], cot, answer
 
 
-def _load_table(spec: str):
+def _table_parts(spec: str) -> list[tuple[str, object]]:
+    """The rows of a table spec as (name, ``datasets.Dataset``) parts, each named as its errors name it: the spec
+    itself (a file, ``hf:``), each parquet shard of a folder or glob, or a saved dataset's ``folder[@split]``."""
     import datasets
 
     datasets.disable_progress_bars()  # one bar per file and split from every process would flood the job log
+    problem = source_problem(spec)
+    if problem:
+        raise DataFormatError(problem)
+    saved = saved_dataset(spec)
+    if saved:
+        folder, split = saved
+        try:
+            rows = datasets.load_from_disk(str(folder))
+        except Exception as error:  # a damaged save raises what Arrow or json raise (ArrowInvalid, KeyError, ...)
+            raise DataFormatError(f"{folder}: could not be read as a saved dataset: {type(error).__name__}: "
+                                  f"{error}") from error
+        if split is None and isinstance(rows, datasets.DatasetDict):  # its only split (source_problem checked)
+            split = next(iter(rows))
+        return [(f"{folder}{SPLIT_SEPARATOR}{split}", rows[split]) if split else (str(folder), rows)]
+    return [(str(shard), _load_table(str(shard))) for shard in parquet_shards(spec)] or [(spec, _load_table(spec))]
+
+
+def _load_table(spec: str):
+    import datasets
+
     if spec.startswith(HF_PREFIX):
         name, config, split = parse_hf_spec(spec)
         options, where = {"path": name, "name": config, "split": split}, "from the Hugging Face hub"

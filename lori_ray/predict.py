@@ -1,4 +1,5 @@
-"""Ask a trained model in plain form: ``python -m lori_ray.predict runs/demo/student "365 * 347"``.
+"""Ask a trained model in plain form: ``python -m lori_ray.predict runs/demo/student "365 * 347"``, or a file of
+questions (``--file questions.txt``, ``--file -`` for stdin), one answer per line.
 
 Every model directory a run produces carries ``lori-model.json`` (how to prompt it: the task's format, the
 student's latent slots and whether they are continuous thoughts) and a model card (``README.md``). This
@@ -12,7 +13,10 @@ import argparse
 import json
 import re
 import sys
+from collections.abc import Iterable, Iterator
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
+from itertools import islice
 from pathlib import Path
 
 CONTRACT_FILE = "lori-model.json"
@@ -234,16 +238,76 @@ print(Predictor("{directory}")(["{example}"]))
     write_local(directory / "README.md", card)
 
 
+def read_questions(lines: Iterable[bytes], where: str,
+                   field: str | None) -> Iterator[tuple[str, str | ValueError | None]]:
+    """(``where:line``, question) for each line: the line's text, or with ``field`` that field of the JSON object on
+    the line; a ValueError saying why in place of a question that cannot be read; None for a blank line."""
+    for number, raw in enumerate(lines, start=1):
+        at = f"{where}:{number}"
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as error:
+            yield at, ValueError(f"not UTF-8 text (byte {error.start + 1})")
+            continue
+        if not line.strip():
+            yield at, None
+            continue
+        if field is None:
+            yield at, line.strip()
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            yield at, ValueError(f"not JSON ({error.msg} at column {error.colno})")
+            continue
+        question = record.get(field) if isinstance(record, dict) else None
+        yield at, question if isinstance(question, str) else ValueError(f"no {field!r} text (--question-field)")
+
+
+def answer_lines(predictor: Predictor, questions: Iterable[tuple[str, str | ValueError | None]],
+                 batch_size: int) -> bool:
+    """A line on stdout for each line read, in order, a batch at a time (a file of any length, stdin as it comes):
+    its answer, or empty for a blank line and for a question it cannot read (whose error goes to stderr), so line N
+    of the answers is the answer to line N of the questions. Whether every question was answered."""
+    answered = True
+    questions = iter(questions)
+    while batch := list(islice(questions, batch_size)):
+        answers = iter(predictor.answer_each([q for _, q in batch if isinstance(q, str)]))
+        for at, question in batch:
+            result = next(answers) if isinstance(question, str) else question
+            if isinstance(result, ValueError):
+                print(f"error: {at}: {result}", file=sys.stderr)
+                answered = False
+            print(result if isinstance(result, str) else "", flush=True)
+    return answered
+
+
 def main(argv: list[str] | None = None) -> int:
     arguments = argparse.ArgumentParser(description="Ask a model a lori-ray run wrote, in plain form.")
     arguments.add_argument("model", help="a model directory of a run, e.g. runs/demo/student")
-    arguments.add_argument("questions", nargs="+", help='e.g. "365 * 347"')
+    given = arguments.add_mutually_exclusive_group(required=True)
+    given.add_argument("questions", nargs="*", default=[], help='e.g. "365 * 347"; each answered as "question = answer"')
+    given.add_argument("--file", metavar="PATH", help="one question per line, or a .jsonl of objects with the question "
+                                                      "in --question-field; '-' reads stdin; one answer per line")
+    arguments.add_argument("--question-field", metavar="NAME",
+                           help="read each line as a JSON object and ask its NAME (a .jsonl file: question)")
+    arguments.add_argument("--batch-size", type=int, default=100, help="questions generated together (--file)")
     args = arguments.parse_args(argv)
+    if args.batch_size < 1:  # (lori_ray.cli's at_least_one would import the training stack, and DeepSpeed's banner)
+        arguments.error(f"argument --batch-size: at least 1, got {args.batch_size}")
+    if args.file not in (None, "-") and not Path(args.file).is_file():  # said before the model loads
+        print(f"error: --file: no such file: {args.file}", file=sys.stderr)
+        return 2
     try:
         predictor = Predictor(args.model)
     except (FileNotFoundError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    if args.file is not None:
+        field = args.question_field or ("question" if args.file.endswith(".jsonl") else None)
+        with nullcontext(sys.stdin.buffer) if args.file == "-" else open(args.file, "rb") as source:
+            questions = read_questions(source, "stdin" if args.file == "-" else args.file, field)
+            return 0 if answer_lines(predictor, questions, args.batch_size) else 2
     results = predictor.answer_each(args.questions)
     for question, result in zip(args.questions, results):  # one line each; a question it cannot read fails alone
         if isinstance(result, ValueError):

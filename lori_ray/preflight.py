@@ -17,7 +17,14 @@ from typing import NamedTuple
 import yaml
 
 from .config import Config, ConfigError, DataConfig
-from .data import ARITHMETIC_SYMBOLS, DataFormatError, Example, generate_multiplication, read_examples
+from .data import (
+    ARITHMETIC_JOINER,
+    ARITHMETIC_SYMBOLS,
+    DataFormatError,
+    Example,
+    generate_multiplication,
+    read_examples,
+)
 from .storage import redact, scheme, unreachable
 
 
@@ -39,9 +46,16 @@ def _splits(data_json: str, seed: int, preset_vocabulary: bool = False) -> Split
     data = DataConfig.model_validate_json(data_json)
     fields = data.fields.model_dump() if data.fields else None
     symbols = frozenset(ARITHMETIC_SYMBOLS) if preset_vocabulary else None
+    joiner = data.step_joiner
+    if symbols and joiner is None:  # the data's own joiner (a newline) is no word of the arithmetic vocabulary
+        joiner = ARITHMETIC_JOINER
+    elif symbols and (not joiner.split() or not set(joiner.split()) <= symbols):
+        raise ConfigError(f"data.step_joiner: {joiner!r} writes no word, or one outside the vocabulary of a model "
+                          f"built from a preset ({' '.join(sorted(symbols))}); set model.path to a pretrained model "
+                          "for other text")
 
     def read(path: str) -> list[Example]:
-        return read_examples(path, data.on_bad_line == "skip", fields, data.step_separator, symbols)
+        return read_examples(path, data.on_bad_line == "skip", fields, data.step_separator, symbols, joiner)
 
     try:
         rows = read(data.train_file) if data.task == "file" else []

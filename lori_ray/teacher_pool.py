@@ -80,20 +80,22 @@ class TeacherWorker:
 
 def written_cots(model, layout: Layout, examples: list[Example], batch_size: int,
                  max_new_tokens: int) -> list[Example | None]:
-    """Greedy CoTs written by ``model`` for the questions, parsed into steps like a data line; an
-    example whose written answer differs from the gold one (or that does not parse) gives None."""
+    """Greedy CoTs written by ``model`` for the questions, parsed into steps like a data line (split at the
+    example's joiner, which the teacher learnt from the data); an example whose written answer differs from the
+    gold one (or that does not parse) gives None."""
     prompts = [layout.question(e) for e in examples]
     outputs, _ = greedy_generate(model, prompts, layout.pad, layout.eos, batch_size, max_new_tokens, static_cache=True)
     written = []
     for example, row in zip(examples, outputs):
         text = layout.tokenizer.decode(row, skip_special_tokens=True)
         try:
-            cot = parse_line(f"{example.question}{COT_SEPARATOR}{text}")
+            cot = parse_line(f"{example.question}{COT_SEPARATOR}{text}", joiner=example.joiner)
         except DataFormatError:
             written.append(None)
             continue
         right = normalize_answer(cot.answer) == normalize_answer(example.answer)
-        written.append(Example(example.question, cot.steps, example.answer) if right and cot.steps else None)
+        written.append(Example(example.question, cot.steps, example.answer, example.joiner) if right and cot.steps
+                       else None)
     return written
 
 

@@ -34,7 +34,9 @@ def cache_key(layout: Layout, kind: str, examples: list[Example]) -> str:
                                          getattr(tokenizer, "chat_template", None)])):
         digest.update(part.encode())
     for example in examples:  # \x1f/\x1e: separators no text holds, so two splits of one text differ
-        digest.update("\x1f".join((example.question, *example.steps, example.answer)).encode() + b"\x1e")
+        # a joiner of the user's after \x1d; none (the format's own) adds nothing: the keys of older caches hold
+        joiner = "" if example.joiner is None else "\x1d" + example.joiner
+        digest.update(("\x1f".join((example.question, *example.steps, example.answer)) + joiner).encode() + b"\x1e")
     return digest.hexdigest()[:24]
 
 
@@ -64,13 +66,16 @@ def _map(layout: Layout, kind: str, examples: list[Example], path: Path):
     build = getattr(layout, kind)
 
     def encode(batch: dict) -> dict:
-        rows = [build(Example(q, tuple(s), a)) for q, s, a in zip(batch["question"], batch["steps"], batch["answer"])]
+        rows = [build(Example(q, tuple(s), a, j))
+                for q, s, a, j in zip(batch["question"], batch["steps"], batch["answer"], batch["joiner"])]
         return {"input_ids": [r.input_ids for r in rows], "labels": [r.labels for r in rows],
                 "spans": [[list(span) for span in r.spans] for r in rows], "answer": [list(r.answer) for r in rows]}
 
     ids = ListOf(Value("int32"))
     source = Dataset.from_dict({"question": [e.question for e in examples], "steps": [list(e.steps) for e in examples],
-                                "answer": [e.answer for e in examples]})
+                                "answer": [e.answer for e in examples], "joiner": [e.joiner for e in examples]},
+                               features=Features({"question": Value("string"), "steps": ListOf(Value("string")),
+                                                  "answer": Value("string"), "joiner": Value("string")}))
     # datasets writes the file under a temporary name and moves it into place: a killed run leaves no half file
     return source.map(encode, batched=True, batch_size=4096, remove_columns=source.column_names,
                       features=Features({"input_ids": ids, "labels": ids, "spans": ListOf(ids), "answer": ids}),

@@ -1,10 +1,10 @@
 """Tokenizers and the token layouts of teacher and student sequences.
 
-Teacher (explicit CoT):  <bos> question || step1 + step2 ... #### answer <eos>
+Teacher (explicit CoT):  <bos> question || step1 + step2 ... #### answer <eos>  (+: the data's joiner)
 Student (implicit):      <bos> question || <latent_0> ... <latent_K-1> #### answer <eos>
 
-Segments are tokenized separately (each with a leading space) so the token span of every CoT
-step is known exactly, for any Hugging Face tokenizer.
+Segments are tokenized separately (each with a leading space; a step after a joiner that ends in a newline
+without one) so the token span of every CoT step is known exactly, for any Hugging Face tokenizer.
 """
 
 from __future__ import annotations
@@ -112,15 +112,19 @@ class Layout:
         self._digit_ids: set[int] | None = None
         self._encoded: dict[str, tuple[int, ...]] = {}
 
-    def _encode(self, text: str) -> list[int]:
+    def _tokens(self, text: str) -> list[int]:
         # memoised: a HF encode call costs ~40 us, and a data set of 300,000 problems makes millions of them,
         # most of them the same separators and steps
         ids = self._encoded.get(text)
         if ids is None:
             if len(self._encoded) >= ENCODE_CACHE_SIZE:
                 self._encoded.clear()
-            ids = self._encoded[text] = tuple(self.tokenizer.encode(" " + text, add_special_tokens=False))
+            ids = self._encoded[text] = tuple(self.tokenizer.encode(text, add_special_tokens=False))
         return list(ids)
+
+    def _encode(self, text: str) -> list[int]:
+        """A segment of the layout: its own tokens, after a space."""
+        return self._tokens(" " + text)
 
     def question(self, example: Example) -> list[int]:
         if self.chat:
@@ -133,13 +137,19 @@ class Layout:
         return self._encode(ANSWER_SEPARATOR) + self._encode(example.answer) + [self.eos]
 
     def teacher(self, example: Example) -> Sequence:
+        """The question, the steps with the example's joiner between them, and the answer. The joiner's trailing
+        spaces go with the next step (`` + `` is `` +`` then `` step``, the tokens of the iCoT formats); one that
+        ends otherwise (a newline) is written as it is and the next step right after it."""
         prompt = self.question(example)
+        joiner = example.step_joiner
+        between = joiner.rstrip(" ")
+        lead = joiner[len(between):]
         target, spans = [], []
         for i, step in enumerate(example.steps):
-            if i:
-                target += self._encode("+") if "<<" not in step else []
+            if i and between:
+                target += self._tokens(between)
             start = len(prompt) + len(target)
-            target += self._encode(step)
+            target += self._tokens((lead if i else " ") + step)
             spans.append((start, len(prompt) + len(target)))
         answer_start = len(prompt) + len(target)
         target += self._answer(example)

@@ -251,3 +251,120 @@ def test_a_malformed_chat_names_the_file_and_row_or_is_skipped(tmp_path, message
         read_table(path, fields)
     with pytest.warns(UserWarning, match="skipped 1 malformed rows"):
         assert len(read_table(path, fields, skip_bad=True)) == 1
+
+
+def rows_of(examples) -> dict[str, list]:
+    return {"problem": [e.question for e in examples], "steps": [list(e.steps) for e in examples],
+            "solution": [e.answer for e in examples]}
+
+
+TABLE_FIELDS = {"question": "problem", "cot": "steps", "answer": "solution"}
+
+
+def test_a_folder_saved_by_datasets_reads_by_its_columns_and_a_datasetdict_by_its_split(tmp_path):
+    from datasets import Dataset, DatasetDict
+
+    from lori_ray.data import source_problem
+    train, test = generate_multiplication(6, 2, 2, seed=1), generate_multiplication(3, 2, 2, seed=2)
+    Dataset.from_dict(rows_of(train)).save_to_disk(tmp_path / "one")
+    both = DatasetDict({"train": Dataset.from_dict(rows_of(train)), "test": Dataset.from_dict(rows_of(test))})
+    both.save_to_disk(tmp_path / "both")
+    DatasetDict({"train": Dataset.from_dict(rows_of(train))}).save_to_disk(tmp_path / "only")
+    same = [(e.question, e.steps, e.answer) for e in train]
+    for spec in (tmp_path / "one", f"{tmp_path / 'both'}@train", tmp_path / "only"):
+        assert [(e.question, e.steps, e.answer) for e in read_examples(spec, fields=TABLE_FIELDS)] == same
+    assert [e.question for e in read_examples(f"{tmp_path / 'both'}@test", fields=TABLE_FIELDS)] == \
+        [e.question for e in test]
+    assert source_problem(f"{tmp_path / 'both'}") == f"{tmp_path / 'both'}: a DatasetDict with the splits train, " \
+                                                     f"test; name one as {tmp_path / 'both'}@SPLIT"
+    assert source_problem(f"{tmp_path / 'both'}@valid") == f"{tmp_path / 'both'}: no split 'valid'; its splits: " \
+                                                           "train, test"
+    assert "is a Dataset saved without splits" in source_problem(f"{tmp_path / 'one'}@train")
+    with pytest.raises(DataFormatError, match=r"a DatasetDict with the splits train, test"):
+        read_examples(tmp_path / "both", fields=TABLE_FIELDS)
+    with pytest.raises(DataFormatError, match=r"one: a table \(parquet, or a dataset saved by datasets\) is read by "
+                                              r"its columns: name them with data.fields"):
+        read_examples(tmp_path / "one")
+    Dataset.from_dict({"problem": ["1 * 2", "3 * 4"], "solution": ["2", ""]}).save_to_disk(tmp_path / "bad")
+    with pytest.raises(DataFormatError, match=r"bad: no column 'steps' \(data.fields.cot\); its columns: problem, "):
+        read_examples(tmp_path / "bad", fields=TABLE_FIELDS)
+    with pytest.raises(DataFormatError, match=r"bad: row 2: empty answer \(column 'solution'\)"):
+        read_examples(tmp_path / "bad", fields={**TABLE_FIELDS, "cot": None})
+
+
+def test_parquet_shards_in_a_folder_or_a_glob_read_in_name_order_and_errors_name_the_shard_and_row(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from lori_ray.data import source_problem
+    examples = generate_multiplication(9, 2, 2, seed=4)
+    (tmp_path / "shards").mkdir()
+    for number, (start, end) in reversed(list(enumerate([(0, 4), (4, 7), (7, 9)]))):  # the names give the order
+        pq.write_table(pa.table(rows_of(examples[start:end])), tmp_path / "shards" / f"train-{number:05d}-of-00003.parquet")
+    (tmp_path / "shards" / "README.md").write_text("not a shard")
+    expected = [(e.question, e.steps, e.answer) for e in examples]
+    for spec in (tmp_path / "shards", f"{tmp_path}/shards/train-*.parquet", f"{tmp_path}/**/*.parquet"):
+        assert [(e.question, e.steps, e.answer) for e in read_examples(spec, fields=TABLE_FIELDS)] == expected
+    assert source_problem(f"{tmp_path}/shards/*") == f"{tmp_path}/shards/*: matches {tmp_path}/shards/README.md, " \
+                                                     "not a .parquet file"
+    assert source_problem(f"{tmp_path}/shards/test-*.parquet") == f"{tmp_path}/shards/test-*.parquet: no file matches"
+    (tmp_path / "empty").mkdir()
+    assert source_problem(str(tmp_path / "empty")) == (f"{tmp_path / 'empty'}: a folder with neither a dataset saved "
+                                                       "by datasets (save_to_disk) nor .parquet files")
+    assert source_problem(str(tmp_path / "none.parquet")) == f"no such file: {tmp_path / 'none.parquet'}"
+    broken = rows_of(examples[:3])
+    broken["solution"][1] = None
+    pq.write_table(pa.table(broken), tmp_path / "shards" / "train-00001-of-00003.parquet")
+    with pytest.raises(DataFormatError, match=re.escape(f"{tmp_path}/shards/train-00001-of-00003.parquet: row 2: "
+                                                        "empty answer (column 'solution')")):
+        read_examples(tmp_path / "shards", fields=TABLE_FIELDS)
+    with pytest.warns(UserWarning, match=r"skipped 1 malformed rows \(rows .*train-00001-of-00003.parquet: 2\)"):
+        assert len(read_examples(tmp_path / "shards", skip_bad=True, fields=TABLE_FIELDS)) == 8
+    pq.write_table(pa.table({"problem": ["1 * 2"]}), tmp_path / "shards" / "train-00001-of-00003.parquet")
+    with pytest.raises(DataFormatError, match=r"train-00001-of-00003.parquet: no column 'steps' \(data.fields.cot\)"):
+        read_examples(tmp_path / "shards", fields=TABLE_FIELDS)
+
+
+def test_a_data_file_setting_that_names_no_data_is_a_config_error_naming_the_field(tmp_path):
+    from lori_ray.config import ConfigError, validate
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match=r"data.train_file: .*empty: a folder with neither a dataset saved by "
+                                          r"datasets \(save_to_disk\) nor .parquet files"):
+        validate({"data": {"task": "file", "train_file": str(tmp_path / "empty"), "fields": {}}})
+    with pytest.raises(ConfigError, match=r"data.eval_file: .*/x-\*.parquet: no file matches"):
+        validate({"data": {"eval_file": f"{tmp_path}/x-*.parquet", "fields": {}}})
+
+
+def test_the_teachers_cot_joins_the_steps_with_the_datas_own_joiner_or_the_configured_one(tmp_path):
+    from lori_ray.data import read_table
+    rows = [{"q": "3 + 4 * 2", "steps": ["4 * 2 = 8", "3 + 8 = 11"], "text": "4 * 2 = 8 ;  3 + 8 = 11", "a": "11",
+             "chat": [{"role": "user", "content": "3 + 4 * 2"},
+                      {"role": "assistant", "content": "4 * 2 = 8\n3 + 8 = 11\n#### 11"}]},
+            {"q": "1 + 1", "steps": [], "text": "", "a": "2",
+             "chat": [{"role": "user", "content": "1 + 1"}, {"role": "assistant", "content": "#### 2"}]}]
+    path = tmp_path / "data.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    fields = {"question": "q", "cot": "steps", "answer": "a"}
+
+    def read(**options):
+        return read_table(path, {**fields, **options.pop("fields", {})}, **options)
+
+    listed, empty = read()
+    assert listed.cot == "4 * 2 = 8\n3 + 8 = 11" and empty.joiner == "\n"  # one joiner for the whole file
+    assert read(fields={"messages": "chat"})[0].cot == "4 * 2 = 8\n3 + 8 = 11"
+    # a CoT split at a regex keeps the text the regex first matched, for every row
+    assert [e.joiner for e in read(fields={"cot": "text"}, step_separator=r"\s*;\s*")] == [" ;  ", " ;  "]
+    assert read(step_joiner=" then ")[0].cot == "4 * 2 = 8 then 3 + 8 = 11"
+    equations = tmp_path / "gsm.csv"
+    equations.write_text("q,cot,a\nsum?,<<1+1=2>> <<2*3=6>>,6\n")
+    (gsm,) = read_table(equations, {"question": "q", "cot": "cot", "answer": "a"})
+    assert gsm.joiner is None and gsm.cot == "<<1+1=2>> <<2*3=6>>"  # the format's own
+
+
+def test_a_cot_written_with_a_joiner_splits_back_at_it():
+    from lori_ray.data import split_steps
+    assert split_steps(" 3+4=7\n7*2=14 ", "\n") == ("3+4=7", "7*2=14")
+    assert split_steps("a ; b;c", " ; ") == ("a", "b", "c")  # the joiner's visible text, spaces or none
+    assert split_steps("1 2 + 3 4", None) == ("1 2", "3 4")
+    example = parse_line("q|| 3+4=7\n7*2=14 #### 14", joiner="\n")
+    assert example.steps == ("3+4=7", "7*2=14") and example.joiner == "\n"

@@ -173,3 +173,46 @@ def test_the_evaluate_entry_point_scores_a_model_on_a_data_file_as_a_summary_or_
     missing = subprocess.run([*run[:3], str(tmp_path), "--data", str(tmp_path / "test.txt")], cwd=ROOT,
                              capture_output=True, text=True, timeout=120, check=False)
     assert missing.returncode == 2 and missing.stderr.startswith("error: ") and "Traceback" not in missing.stderr
+
+
+def test_questions_from_a_file_or_stdin_get_one_answer_a_line_in_order(tmp_path, monkeypatch, capsys):
+    import io
+    import json
+
+    from lori_ray.predict import main
+    directory = tiny_student_dir(tmp_path / "m")
+    questions = ["365 * 347", "999 * 100", "120 * 705"]
+    piped = subprocess.run([sys.executable, "-m", "lori_ray.predict", str(directory), "--file", "-"], cwd=ROOT,
+                           input="\n".join(questions), capture_output=True, text=True, timeout=120, check=False)
+    assert piped.returncode == 0 and piped.stdout == "\n".join(Predictor(directory)(questions)) + "\n"
+    capsys.readouterr()  # what generating in this process logged (DeepSpeed's accelerator line, on stdout)
+
+    # each answer on its question's line: a stand-in model answers with the question in its format
+    monkeypatch.setattr(Predictor, "_generate", lambda self, examples: [e.question for e in examples])
+    formatted = [model_question(q, CONTRACT) for q in questions]
+    text = tmp_path / "questions.txt"
+    text.write_text(f"{questions[0]}\n\n{questions[1]}\n12 * 34\n{questions[2]}\n")
+    assert main([str(directory), "--file", str(text), "--batch-size", "2"]) == 2  # batches that split the file
+    out, err = capsys.readouterr()
+    # line N answers line N: a blank line and the question it cannot read get an empty one
+    assert out.splitlines() == [formatted[0], "", formatted[1], "", formatted[2]]
+    assert err == f"error: {text}:4: '12 * 34': this model multiplies 3-digit by 3-digit numbers (no leading zeros)\n"
+
+    records = tmp_path / "questions.jsonl"
+    records.write_text("\n".join([json.dumps({"problem": questions[2]}), "{not json", json.dumps({"q": "1"}),
+                                  json.dumps({"problem": questions[0]})]) + "\n")
+    assert main([str(directory), "--file", str(records), "--question-field", "problem"]) == 2
+    out, err = capsys.readouterr()
+    assert out.splitlines() == [formatted[2], "", "", formatted[0]]
+    assert err.splitlines() == [
+        f"error: {records}:2: not JSON (Expecting property name enclosed in double quotes at column 2)",
+        f"error: {records}:3: no 'problem' text (--question-field)"]
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(json.dumps({"question": questions[1]}).encode())))
+    assert main([str(directory), "--file", "-", "--question-field", "question"]) == 0
+    assert capsys.readouterr().out == formatted[1] + "\n"
+
+    assert main([str(directory), "--file", str(tmp_path / "none.txt")]) == 2
+    assert capsys.readouterr().err == f"error: --file: no such file: {tmp_path / 'none.txt'}\n"
+    for wrong in ([questions[0], "--file", str(text)], ["--file", str(text), "--batch-size", "0"]):
+        with pytest.raises(SystemExit):  # questions or a file, not both; a batch of at least one
+            main([str(directory), *wrong])

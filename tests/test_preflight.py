@@ -66,6 +66,13 @@ CASES = {  # name: (overrides given tmp_path, message fragment)
     "step separator that is not a regex": (lambda t: file_task(t, write(t / "train.csv", ["q,cot,answer"]))
                                            + ["data.fields.question=q", "data.step_separator=(;"],
                                            "data.step_separator: not a regular expression"),
+    "step joiner without a column mapping": (lambda t: file_task(t, write(t / "train.txt", icot_lines(40)))
+                                             + ["data.step_joiner=;"],
+                                             "data.step_joiner: applies to table data only (set data.fields)"),
+    "step joiner outside a preset model's words": (
+        lambda t: file_task(t, write(t / "train.csv", ["q,cot,answer", "1 * 2,,2"])) + ["data.fields.question=q",
+                                                                                      "data.step_joiner=' ; '"],
+        "data.step_joiner: ' ; ' writes no word, or one outside the vocabulary of a model built from a preset"),
     "column mapping for generated data": (lambda t: ["data.fields.question=q"],
                                           "data.fields: applies to data files"),
     "too few examples for the splits": (lambda t: file_task(t, write(t / "train.txt", icot_lines(20))) +
@@ -208,8 +215,9 @@ def test_table_data_is_read_through_datasets_with_a_column_mapping(tmp_path):
                                    r"data.step_separator=\s*;\s*"])
     splits = load_data(config)
     kept = [e for e in problems if e.question not in {h.question for h in held_out}]
-    assert [*splits.train, *splits.val] == kept[:config.data.train_size]  # the steps split at the separator
-    assert splits.held_out == [replace(e, steps=()) for e in held_out]
+    # the steps split at the separator; a model built from a preset joins them with its ' +' (no ';' in its words)
+    assert [*splits.train, *splits.val] == [replace(e, joiner=" + ") for e in kept[:config.data.train_size]]
+    assert splits.held_out == [replace(e, steps=(), joiner=" + ") for e in held_out]
 
 
 def test_without_an_eval_file_the_held_out_split_is_carved_from_the_training_file_and_never_trained_on(tmp_path):

@@ -42,3 +42,12 @@ def test_the_key_changes_with_anything_a_sequence_depends_on():
                 cache_key(Layout(arithmetic_tokenizer()), "teacher", examples)}) == 6
     with pytest.raises(ValueError, match="kind must be one of"):
         cache_key(layout(), "teachers", examples)
+
+
+def test_a_users_joiner_reaches_the_cached_sequences_and_their_key(tmp_path):
+    examples = generate_multiplication(4, 2, 2, seed=0)
+    joined = [replace(e, joiner=" ( ") for e in examples]
+    assert len({cache_key(layout(), "teacher", examples), cache_key(layout(), "teacher", joined),
+                cache_key(layout(), "teacher", [replace(e, joiner=" ) ") for e in examples])}) == 3
+    assert tokenized(layout(), "teacher", joined, tmp_path, print) == [layout().teacher(e) for e in joined]
+    assert tokenized(layout(), "teacher", joined, tmp_path, print) != [layout().teacher(e) for e in examples]

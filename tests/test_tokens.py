@@ -1,3 +1,5 @@
+from dataclasses import replace
+
 import pytest
 import torch
 from test_data import GSM8K
@@ -125,3 +127,49 @@ def test_a_preset_of_any_family_keeps_the_tokenizer_it_was_saved_with(family, tm
         loaded = load_tokenizer(str(tmp_path / directory))
         assert Layout(loaded).teacher(example).input_ids == expected, (family, directory)
         assert loaded.decode(expected) == tokenizer.decode(expected)
+
+
+def byte_level_tokenizer():
+    """A small byte-level BPE (GPT-2's scheme: any text, newlines included, decodes back exactly)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+    core = Tokenizer(models.BPE())
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    core.train_from_iterator(["What is (3+4)*2?\n3+4=7\n7*2=14 #### 14"] * 4, trainers.BpeTrainer(
+        vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), special_tokens=["<eos>"]))
+    return PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<eos>", pad_token="<eos>")
+
+
+def test_list_valued_steps_keep_the_users_newline_in_the_teachers_cot_with_a_span_per_step(tmp_path):
+    import json
+
+    from lori_ray.data import read_table
+    path = tmp_path / "coconut.jsonl"
+    path.write_text(json.dumps({"question": "What is (3+4)*2?", "steps": ["3+4=7", "7*2=14"], "answer": "14"}) + "\n")
+    (example,) = read_table(path, {"question": "question", "cot": "steps", "answer": "answer"})
+    assert example.joiner == "\n" and example.cot == "3+4=7\n7*2=14"
+    lay = Layout(byte_level_tokenizer())
+    sequence = lay.teacher(example)
+    decode = lay.tokenizer.decode
+    assert decode(sequence.input_ids[sequence.spans[0][0]:sequence.answer[0]]) == " 3+4=7\n7*2=14"
+    assert [decode(sequence.input_ids[a:b]).strip() for a, b in sequence.spans] == ["3+4=7", "7*2=14"]
+    assert decode(sequence.input_ids) == " What is (3+4)*2? || 3+4=7\n7*2=14 #### 14<eos>"  # no <bos> here
+    # another joiner of the user's: its spaces go with the steps, a span still per step
+    sequence = lay.teacher(replace(example, joiner=" ; "))
+    assert decode(sequence.input_ids[sequence.spans[0][0]:sequence.answer[0]]) == " 3+4=7 ; 7*2=14"
+    assert len(sequence.spans) == 2
+
+
+def test_the_formats_own_joiners_give_the_tokens_they_always_gave():
+    lay = layout()
+    for example in (generate_multiplication(1, 4, 4, seed=0)[0], parse_line(GSM8K.replace("||", " ||", 1))):
+        tokenizer = lay.tokenizer
+        tokenizer.add_tokens([w for w in example.question.split() if w not in tokenizer.get_vocab()])
+        expected = list(lay.question(example))
+        for i, step in enumerate(example.steps):  # the layout before joiners: ' +' between partial products
+            expected += (tokenizer.encode(" +", add_special_tokens=False) if i and "<<" not in step else []) + \
+                tokenizer.encode(" " + step, add_special_tokens=False)
+        sequence = lay.teacher(example)
+        assert sequence.input_ids[:len(expected)] == expected
+        assert lay.teacher(replace(example, joiner=example.step_joiner)) == sequence

@@ -51,7 +51,7 @@ def completed_train(config: Config, teacher_dir: Path, train: list[Example]) -> 
     missing; cached in the run directory, so a rerun does not generate again."""
     path = config.run_dir / "data" / "train-completed.jsonl"
     if path.is_file():
-        return [Example(r["question"], tuple(r["steps"]), r["answer"])
+        return [Example(r["question"], tuple(r["steps"]), r["answer"], r.get("joiner"))  # none in older caches
                 for r in map(json.loads, path.read_text().splitlines())]
     completed = complete_missing_cots(teacher_dir, train, config.trajectory.num_actors, config.trajectory.batch_size,
                                       config.eval.max_new_tokens, config.model.trust_remote_code,
