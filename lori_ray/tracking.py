@@ -246,6 +246,12 @@ class PlainQuestions(mlflow.pyfunc.PythonModel):
         return self.predictor([str(q) for q in questions])
 
 
+def pip_requirements(versions: dict[str, str]) -> list[str]:
+    """Pins for a logged model's environment, without a local version label: ``torch==2.13.0+cpu`` only installs
+    from PyTorch's CPU index, ``torch==2.13.0`` on a GPU machine too (its default build)."""
+    return [f"{package}=={found.split('+')[0]}" for package, found in versions.items()]
+
+
 def log_model(name: str, directory: Path):
     """``directory`` (with its ``lori-model.json``) as a pyfunc model on the active run, carrying this package's
     code so that ``mlflow.pyfunc.load_model`` works where lori-ray is not installed."""
@@ -254,8 +260,8 @@ def log_model(name: str, directory: Path):
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, Schema
     signature = ModelSignature(inputs=Schema([ColSpec("string")]), outputs=Schema([ColSpec("string")]))
-    requirements = [f"{package}=={version(package)}" for package in ("torch", "transformers", "safetensors",
-                                                                     "tokenizers", "numpy", "pandas")]
+    requirements = pip_requirements({package: version(package) for package in
+                                     ("torch", "transformers", "safetensors", "tokenizers", "numpy", "pandas")})
     # the model as code (mlflow_model.py), not a pickled object; no per-file progress bars in the job log
     with warnings.catch_warnings(), mock.patch.dict(os.environ, {"MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}):
         warnings.simplefilter("ignore")  # pyfunc's notes on type hints and on the environment it cannot infer

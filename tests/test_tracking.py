@@ -174,3 +174,11 @@ def test_per_run_constants_are_params_of_the_stage_run_not_step_metrics(tmp_path
     run = client.get_run(run_id)
     assert run.data.params == {"workers": "2", "threads_per_worker": "1"} and logger.failed == 0
     assert set(run.data.metrics) == {"loss"}
+
+
+def test_a_logged_models_requirements_install_on_a_gpu_machine():
+    """The local version label of a CPU or CUDA wheel (``+cpu``, ``+cu130``) pins an index pip does not search by
+    default; the public version installs everywhere."""
+    from lori_ray.tracking import pip_requirements
+    assert pip_requirements({"torch": "2.13.0+cpu", "transformers": "5.25.0", "numpy": "2.3.1+cu130"}) == [
+        "torch==2.13.0", "transformers==5.25.0", "numpy==2.3.1"]
