@@ -386,7 +386,9 @@ class EvalConfig(Section):
 class TrackingConfig(Section):
     uri: str | None = None  # default: $MLFLOW_TRACKING_URI, else sqlite under the run directory
     experiment: str = "lori-ray"
-    log_models: bool = True  # the student (and a teacher the run trained) as MLflow pyfunc models on the parent run
+    # the student (and a teacher the run trained) as MLflow models, pyfunc and transformers flavours, on the parent
+    # run and on the stage run that trained each
+    log_models: bool = True
 
 
 SEARCH_KINDS = ("choice", "uniform", "loguniform", "randint")

@@ -184,11 +184,27 @@ def preflight(config: Config) -> Splits:
     return splits
 
 
+def _starting_point(config: Config, name: str) -> str:
+    """What a stage trains from: the pretrained model, the teacher's copy, a pruned teacher or a preset."""
+    model, student = config.model, config.student
+    if name == "teacher":
+        return f"from {model.path}" if model.path else f"from a random {model.family} '{model.size}' preset"
+    if student.path:
+        return f"from {student.path} (student.path)"
+    if student.kind == "pruned":
+        return f"from the teacher pruned to width {student.width} ({student.init} init)"
+    if student.init == "scratch":
+        return f"from a random {model.family} '{student.size or model.size}' preset"
+    return "from the teacher's weights"
+
+
 def _stage_line(config: Config, name: str, section, splits: Splits) -> str:
     output = config.run_dir / name
     train = section.train
-    work = (f"{train.steps} steps x batch {train.batch_size} = {train.steps * train.batch_size / len(splits.train):.2f} "
-            f"epochs on {max(train.num_workers, 1)} worker(s), ZeRO-{train.zero_stage} -> {output}")
+    how = f"LoRA rank {train.lora.rank} on {train.lora.target_modules}" if train.lora else "full fine-tuning"
+    work = (f"{_starting_point(config, name)}, {how}, {train.steps} steps x batch {train.batch_size} = "
+            f"{train.steps * train.batch_size / len(splits.train):.2f} epochs on {max(train.num_workers, 1)} "
+            f"worker(s), ZeRO-{train.zero_stage} -> {output}")
     if (output / "lori-stage.json").is_file():
         return f"{name}: finished on disk: reused if its inputs are unchanged (else refused: --restart-from {name}); {work}"
     return f"{name}: to train, {work}"

@@ -112,7 +112,8 @@ def run(config: Config, teacher_result: EvalResult | None = None, on_store=None)
             for name, directory in trained_here:
                 logged = tracked(log_model, name, directory)
                 if logged:
-                    log(f"[tracking] {name} logged as an MLflow model: {logged.model_uri}")
+                    log(f"[tracking] {name} logged as an MLflow model: {logged['pyfunc']} (pyfunc: plain questions "
+                        f"in, answers out), {logged['transformers']} (transformers: the text-generation pipeline)")
         save_report(config, report, inputs)  # last: a run stopped before this point evaluates (and logs) again
     return report
 

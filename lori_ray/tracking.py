@@ -252,22 +252,61 @@ def pip_requirements(versions: dict[str, str]) -> list[str]:
     return [f"{package}=={found.split('+')[0]}" for package, found in versions.items()]
 
 
-def log_model(name: str, directory: Path):
-    """``directory`` (with its ``lori-model.json``) as a pyfunc model on the active run, carrying this package's
-    code so that ``mlflow.pyfunc.load_model`` works where lori-ray is not installed."""
+def stage_run_id(name: str) -> str | None:
+    """The latest nested run called ``name`` under the active parent run (a stage this driver skipped because an
+    earlier driver of the same logical run finished it has its run from then)."""
+    parent = mlflow.active_run()
+    if parent is None:
+        return None
+    runs = MlflowClient().search_runs([parent.info.experiment_id],
+                                      f"tags.mlflow.parentRunId = '{parent.info.run_id}' and "
+                                      f"attributes.run_name = '{name}'",
+                                      order_by=["attributes.start_time DESC"], max_results=1)
+    return runs[0].info.run_id if runs else None
+
+
+def log_model(name: str, directory: Path) -> dict[str, str]:
+    """``directory`` (with its ``lori-model.json``) as two MLflow models on the active (parent) run, each listed on
+    the stage run that trained it (``name``) too; their URIs by flavour:
+
+    - ``pyfunc``: plain questions in, answers out through ``lori_ray.predict.Predictor`` (the latent slots, the
+      answer's parsing), carrying this package's code so ``mlflow.pyfunc.load_model`` works where lori-ray is not
+      installed; the model as code (mlflow_model.py), nothing pickled;
+    - ``transformers``: the HF model and tokenizer as a ``text-generation`` pipeline
+      (``mlflow.transformers.load_model``), for serving stacks built on that flavour; prompts as the model card
+      shows them (the latent slots are part of the prompt)."""
     from importlib.metadata import version
 
+    from mlflow.entities import LoggedModelOutput
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, Schema
+    from transformers import AutoModelForCausalLM, AutoTokenizer
     signature = ModelSignature(inputs=Schema([ColSpec("string")]), outputs=Schema([ColSpec("string")]))
     requirements = pip_requirements({package: version(package) for package in
                                      ("torch", "transformers", "safetensors", "tokenizers", "numpy", "pandas")})
-    # the model as code (mlflow_model.py), not a pickled object; no per-file progress bars in the job log
-    with warnings.catch_warnings(), mock.patch.dict(os.environ, {"MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}):
-        warnings.simplefilter("ignore")  # pyfunc's notes on type hints and on the environment it cannot infer
-        return mlflow.pyfunc.log_model(name=name, python_model=str(Path(__file__).with_name("mlflow_model.py")),
-                                       artifacts={"model": str(directory)}, code_paths=[str(Path(__file__).parent)],
-                                       signature=signature, pip_requirements=requirements)
+    # no per-file progress bars in the job log; pyfunc's notes on type hints and on the environment it cannot
+    # infer, and the transformers flavour's on the hub card and licence a local model has not, are not for users
+    quiet = logging.getLogger("mlflow.transformers")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), mock.patch.dict(os.environ, {"MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}):
+            warnings.simplefilter("ignore")
+            served = mlflow.pyfunc.log_model(
+                name=name, python_model=str(Path(__file__).with_name("mlflow_model.py")),
+                artifacts={"model": str(directory)}, code_paths=[str(Path(__file__).parent)], signature=signature,
+                pip_requirements=requirements)
+            components = {"model": AutoModelForCausalLM.from_pretrained(directory),
+                          "tokenizer": AutoTokenizer.from_pretrained(directory)}
+            pipeline = mlflow.transformers.log_model(transformers_model=components, name=f"{name}-transformers",
+                                                     task="text-generation", pip_requirements=requirements)
+    finally:
+        quiet.setLevel(level)
+    stage = stage_run_id(name)
+    if stage:
+        MlflowClient().log_outputs(stage, [LoggedModelOutput(served.model_id, 0),
+                                           LoggedModelOutput(pipeline.model_id, 0)])
+    return {"pyfunc": served.model_uri, "transformers": pipeline.model_uri}
 
 
 @contextlib.contextmanager

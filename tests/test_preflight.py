@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import ray
-from conftest import Answering
+from conftest import Answering, tiny_model_dir
 
 from lori_ray.cli import config_or_exit
 from lori_ray.cluster import free_port
@@ -146,9 +146,24 @@ def test_dry_run_prints_the_plan_and_print_config_the_resolved_yaml_with_nothing
     assert result.returncode == 0, result.stderr
     assert "  method: nocot\n" in result.stdout  # the YAML, overrides applied
     assert "data: 256 training, 32 validation, 16 held-out examples" in result.stdout
-    assert f"teacher: to train, 6 steps x batch 16 = 0.38 epochs on 2 worker(s), ZeRO-2 -> {tmp_path / 'runs'}" in result.stdout
-    assert "student (nocot): to train" in result.stdout
+    assert (f"teacher: to train, from a random llama 'tiny' preset, full fine-tuning, 6 steps x batch 16 = 0.38 epochs "
+            f"on 2 worker(s), ZeRO-2 -> {tmp_path / 'runs'}") in result.stdout
+    assert "student (nocot): to train, from the teacher's weights, full fine-tuning" in result.stdout
     assert not (tmp_path / "runs").exists()
+
+
+def test_the_plan_says_what_each_stage_trains_from_and_how(tmp_path):
+    """The user's own teacher through LoRA and a separate student, as the plan (--dry-run) shows them."""
+    from lori_ray.preflight import plan, preflight
+    teacher, student = tiny_model_dir(tmp_path / "my-teacher"), tiny_model_dir(tmp_path / "my-student")
+    config = config_or_exit(TINY, [f"output_dir={tmp_path / 'runs'}", f"model.path={teacher}",
+                                   "teacher.train.lora.rank=4", f"student.path={student}"])
+    lines = plan(config, preflight(config)).splitlines()
+    assert f"teacher: to train, from {teacher}, LoRA rank 4 on all-linear, 6 steps" in lines[2]
+    assert f"student (lori): to train, from {student} (student.path), full fine-tuning, 6 steps" in lines[4]
+    pruned = config_or_exit(TINY, [f"output_dir={tmp_path / 'runs'}", "student.kind=pruned", "student.width=32",
+                                   "student.init=activation"])
+    assert "from the teacher pruned to width 32 (activation init)" in plan(pruned, preflight(pruned))
 
 
 def test_no_credential_reaches_the_plan_the_printed_config_or_the_run_directory(tmp_path):

@@ -111,10 +111,30 @@ def test_student_and_teacher_are_mlflow_models_that_answer_plain_questions(tiny_
     answer = subprocess.run([sys.executable, "-m", "lori_ray.predict", str(run_dir / "student"), "12 * 34"],
                             cwd=ROOT, capture_output=True, text=True, timeout=120, check=False).stdout
     assert [f"12 * 34 = {a}\n" for a in student.predict(["12 * 34"])] == [answer]  # the same model, served
-    (parent,) = [r for r in mlflow.search_runs(experiment_names=["lori-ray"], output_format="list")
-                 if "mlflow.parentRunId" not in r.data.tags]
+    # the transformers flavour: the same model as a text-generation pipeline, prompted as the card shows
+    hf_uris = dict(re.findall(r"\[tracking\] (\w+) logged as an MLflow model: \S+ \(pyfunc[^)]*\), (models:/\S+) "
+                              r"\(transformers", stdout))
+    assert set(hf_uris) == {"student", "teacher"}
+    from lori_ray.predict import CONTRACT_FILE, Contract, plain_prompt
+    pipeline = mlflow.transformers.load_model(hf_uris["student"])
+    text, special = plain_prompt(run_dir / "student", Contract.read(run_dir / "student" / CONTRACT_FILE), "12 * 34")
+    generated = pipeline(text, max_new_tokens=8, do_sample=False, return_full_text=False,
+                         add_special_tokens=special)[0]["generated_text"]
+    model, tokenizer = (auto.from_pretrained(run_dir / "student") for auto in (AutoModelForCausalLM, AutoTokenizer))
+    ids = tokenizer(text, add_special_tokens=special, return_tensors="pt")
+    out = model.generate(**ids, max_new_tokens=8, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    assert generated == tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+    runs = mlflow.search_runs(experiment_names=["lori-ray"], output_format="list")
+    (parent,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     models = mlflow.search_logged_models(experiment_ids=[parent.info.experiment_id], output_format="list")
-    assert {m.name for m in models} == {"student", "teacher"} and {m.source_run_id for m in models} == {parent.info.run_id}
+    assert sorted(m.name for m in models) == ["student", "student-transformers", "teacher", "teacher-transformers"]
+    assert {m.source_run_id for m in models} == {parent.info.run_id}
+    # each is listed on the stage run that trained it, not only on the parent
+    stages = {r.info.run_name: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
+    by_id = {m.model_id: m.name for m in models}
+    for stage in ("teacher", "student"):
+        outputs = mlflow.MlflowClient().get_run(stages[stage].info.run_id).outputs.model_outputs
+        assert sorted(by_id[o.model_id] for o in outputs) == [stage, f"{stage}-transformers"]
 
 
 def test_parallel_runs_start_after_the_shared_store_and_one_failure_keeps_the_others(tmp_path, monkeypatch):
