@@ -411,25 +411,48 @@ def read_table(path: str | Path, fields: dict[str, str | None], step_separator: 
     return _kept(path, [Example(*example, joiner) for example in examples], bad, "malformed rows (rows")
 
 
-def chat_parts(messages, marker: str) -> tuple[str, str, str]:
+def turn_parts(content) -> list[str]:
+    """A chat turn's content as its text parts: a string is one part; a list (OpenAI-style content parts) holds
+    strings or ``{"type": "text", "text": ...}`` parts, other types (images, ...) are refused."""
+    if content is None:
+        return []
+    if not isinstance(content, (list, tuple)):
+        return [str(content).strip()]
+    parts = []
+    for part in content:
+        if isinstance(part, dict):
+            if part.get("type", "text") != "text" or not isinstance(part.get("text"), str):
+                raise DataFormatError(f"messages: a content part of type {part.get('type')!r}; only text parts are "
+                                      "read")
+            part = part["text"]
+        parts.append(str(part).strip())
+    return [part for part in parts if part]
+
+
+def chat_parts(messages, marker: str) -> tuple[str, str | tuple[str, ...], str]:
     """(question, CoT, answer) of a chat: the last user turn before the last assistant turn, whose content is the
-    CoT, ``marker`` and the answer (split at the marker's last occurrence)."""
+    CoT, ``marker`` and the answer (split at the marker's last occurrence). An assistant turn in content parts
+    gives its CoT as one step per part (list-valued steps), the marker and answer in the last part that has it."""
     if not isinstance(messages, (list, tuple)) or not all(isinstance(m, dict) for m in messages):
         raise DataFormatError("messages: not a list of {role, content} turns")
-    turns = [(str(m.get("role", "")), "" if m.get("content") is None else str(m["content"]).strip()) for m in messages]
+    turns = [(str(m.get("role", "")), turn_parts(m.get("content"))) for m in messages]
     last = max((i for i, (role, _) in enumerate(turns) if role == "assistant"), default=None)
     if last is None:
         raise DataFormatError("messages: no assistant turn")
-    user = [content for role, content in turns[:last] if role == "user"]
+    user = [" ".join(parts) for role, parts in turns[:last] if role == "user"]
     if not user or not user[-1]:
         raise DataFormatError("messages: no user turn (with content) before the assistant's")
     reply = turns[last][1]
-    if marker not in reply:
+    marked = max((i for i, part in enumerate(reply) if marker in part), default=None)
+    if marked is None:
         raise DataFormatError(f"messages: the assistant turn has no {marker!r} before its answer "
                               "(data.fields.answer_marker)")
-    cot, answer = (part.strip() for part in reply.rsplit(marker, 1))
+    last_step, answer = (part.strip() for part in reply[marked].rsplit(marker, 1))
+    answer = " ".join([answer, *reply[marked + 1:]]).strip()
     if not answer:
         raise DataFormatError(f"messages: empty answer after {marker!r}")
+    steps = [*reply[:marked], last_step]
+    cot = tuple(step for step in steps if step) if len(reply) > 1 else last_step
     return user[-1], cot, answer
 
 

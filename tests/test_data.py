@@ -234,6 +234,30 @@ def test_chat_files_and_list_valued_steps_read_as_questions_cots_and_answers(tmp
     assert example.steps == ("4 * 2 = 8", "3 + 8 = 11")  # the list's items, not its printed form
 
 
+def test_a_chat_in_content_parts_gives_one_step_per_part(tmp_path):
+    """OpenAI-style content parts (every turn a list of text parts): the assistant's parts are the list-valued
+    steps, the last part holding the marker ends them and holds the answer."""
+    from lori_ray.data import read_table
+
+    def text(*parts):
+        return [{"type": "text", "text": part} for part in parts]
+    chats = [{"messages": [{"role": "system", "content": text("be brief")}, {"role": "user", "content": text("3 + 4 * 2")},
+                           {"role": "assistant", "content": text("4 * 2 = 8", "3 + 8 = 11", "#### 11")}]},
+             {"messages": [{"role": "user", "content": text("2 *", "5")},
+                           {"role": "assistant", "content": text("2*5=10", "so #### 10")}]}]
+    path = tmp_path / "parts.jsonl"
+    path.write_text("".join(json.dumps(c) + "\n" for c in chats))
+    first, second = read_table(path, {"messages": "messages", "answer_marker": "####"})
+    assert (first.question, first.steps, first.answer) == ("3 + 4 * 2", ("4 * 2 = 8", "3 + 8 = 11"), "11")
+    assert (second.question, second.steps, second.answer) == ("2 * 5", ("2*5=10", "so"), "10")
+    assert first.cot == "4 * 2 = 8\n3 + 8 = 11"  # the teacher's CoT: one part a line
+    image = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]},
+             {"role": "assistant", "content": text("#### 1")}]
+    path.write_text(json.dumps({"messages": image}) + "\n")
+    with pytest.raises(DataFormatError, match=re.escape(f"{path}: row 1: messages: a content part of type 'image_url'")):
+        read_table(path, {"messages": "messages", "answer_marker": "####"})
+
+
 @pytest.mark.parametrize("messages, message", [
     ([{"role": "user", "content": "q"}], "row 1: messages: no assistant turn"),
     ([{"role": "assistant", "content": "x #### 1"}], "row 1: messages: no user turn"),

@@ -4,6 +4,7 @@ model keeps its tokenizer, chat template, embeddings and width but only its firs
 model answers "Paris" in test_smollm2.py): 135M parameters cost this test ~2 minutes of checkpoints and steps."""
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -74,18 +75,21 @@ def test_gsm8k_preset_runs_every_stage_on_smollm2(tmp_path):
 
 
 def chat_jsonl(path: Path, count: int, seed: int) -> Path:
-    """Chat-format rows: the question as the user turn, the assistant's steps one per line, then ``####`` and the
-    answer; a system turn first, as exported chats have."""
+    """Chat-format rows in OpenAI-style content parts: the question as the user turn, the assistant's steps as a
+    list (a text part each), the last part ``#### answer``; a system turn first, as exported chats have."""
     import random
     rng = random.Random(seed)
+
+    def text(*parts):
+        return [{"type": "text", "text": part} for part in parts]
     with open(path, "w") as f:
         for _ in range(count):
             a, b, c = rng.randint(2, 9), rng.randint(2, 9), rng.randint(2, 5)
             steps = [f"{a}+{b}={a + b}", f"{a + b}*{c}={(a + b) * c}"]
             f.write(json.dumps({"messages": [
-                {"role": "system", "content": "You are a careful calculator."},
-                {"role": "user", "content": f"What is ({a}+{b})*{c}?"},
-                {"role": "assistant", "content": "\n".join(steps) + f"\n#### {(a + b) * c}"}]}) + "\n")
+                {"role": "system", "content": text("You are a careful calculator.")},
+                {"role": "user", "content": text(f"What is ({a}+{b})*{c}?")},
+                {"role": "assistant", "content": text(*steps, f"#### {(a + b) * c}")}]}) + "\n")
     return path
 
 
@@ -150,8 +154,7 @@ def test_own_lora_teacher_own_student_own_chat_data_every_stage_then_plain_trans
     assert Predictor(run_dir / "student")([question])[0] in plain
     # MLflow: the student as a pyfunc model answering plain questions
     mlflow.set_tracking_uri(f"sqlite:///{run_dir / 'mlflow.db'}")
-    uri = next(line.split(": ")[-1] for line in result.stdout.splitlines()
-               if line.startswith("[tracking] student logged as an MLflow model"))
+    uri = re.search(r"\[tracking\] student logged as an MLflow model: (models:/\S+) \(pyfunc", result.stdout).group(1)
     answers = mlflow.pyfunc.load_model(uri).predict(["What is (3+4)*2?"])
     assert len(answers) == 1 and isinstance(answers[0], str)
     # the evaluation entry point on the user's own file
