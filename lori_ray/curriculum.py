@@ -1,5 +1,5 @@
 """Curricula that take the student from the teacher's CoT sequences to answering without them, applied to each
-training batch on the fly (seeded by step, so a resumed run sees the same batches).
+training batch on the fly (seeded by step, so a resumed run sees the same batches); docs/method.md#curricula.
 
 ``removal`` (ICoT-SI, Deng et al. 2024): the first CoT tokens go, ``tokens_per_epoch`` more per pass over the
 training data; removal smoothing removes ``o`` extra tokens with probability ∝ exp(-λ·o), so the next

@@ -1,6 +1,6 @@
 """Continuous thoughts (Coconut, Hao et al. 2024): the input embedding of each latent slot is the previous
 position's last-layer hidden state, so K latents are K serial passes through the model (depth), not K
-parallel input tokens.
+parallel input tokens (docs/method.md#latent-slots-pause-and-continuous).
 
 Latent slots are found by their token ids and may sit at different columns in different rows. The sequence
 is run left to right in chunks that end just before the next column holding a latent of some row; after

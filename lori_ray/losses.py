@@ -1,4 +1,4 @@
-"""LoRi trajectory-alignment losses in the teacher's low-rank subspace (SPEC, "Loss")."""
+"""LoRi trajectory-alignment losses in the teacher's low-rank subspace (docs/method.md#loss)."""
 
 from __future__ import annotations
 

@@ -1,7 +1,8 @@
 """The training objective around an HF causal LM: CE on the answer (and CoT for the teacher),
 plus LoRi alignment of the student's hidden states with the teacher's trajectory coordinates: at the
 latent slots (one slot per teacher step), and/or at the answer positions, where a student without a
-CoT computes its digits (a learned readout per layer and position predicts the whole trajectory)."""
+CoT computes its digits (a learned readout per layer and position predicts the whole trajectory).
+The method: docs/method.md#loss and docs/method.md#alignment-sites."""
 
 from __future__ import annotations
 

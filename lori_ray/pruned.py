@@ -6,7 +6,7 @@ start at Pᵀ·g. Each matrix has its own projection P ∈ R^{d_t × d_s}. Only 
 biases and the rows of tokens the teacher lacks (latent slots) are trained; ``merge`` folds them into a
 plain HF model of width d_s.
 
-Projection init (SPEC, "RED students"): ``random`` N(0, 0.02), the baseline that collapses;
+Projection init (docs/method.md#red-students): ``random`` N(0, 0.02), the baseline that collapses;
 ``activation`` keeps the d_s residual channels with the largest activations on calibration data, as
 columns of the identity; ``random_orthogonal`` an orthonormal random basis (an ablation).
 """
@@ -34,8 +34,8 @@ PRUNING_FILE, PARAMETERS_FILE = "pruning.json", "pruning.safetensors"
 
 def channel_scores(hidden_states: tuple[torch.Tensor, ...], attention_mask: torch.Tensor) -> torch.Tensor:
     """Importance of each residual channel: per layer, the mean over examples of the channel's L2 norm
-    over the sequence (SPEC), normalised to sum 1 per layer so that layers with large activations do
-    not decide alone; summed over layers → [d]."""
+    over the sequence (docs/method.md#red-students), normalised to sum 1 per layer so that layers with large
+    activations do not decide alone; summed over layers → [d]."""
     mask = attention_mask[..., None].to(hidden_states[0].dtype)
     scores = torch.zeros(hidden_states[0].shape[-1], dtype=torch.float64)
     for states in hidden_states:

@@ -1,4 +1,5 @@
-"""Streaming moments of teacher trajectories and the per-layer low-rank subspace fitted on them."""
+"""Streaming moments of teacher trajectories and the per-layer low-rank subspace fitted on them
+(docs/method.md#subspace)."""
 
 from __future__ import annotations
 

@@ -5,6 +5,7 @@ weights, data, layer selection, max rank). Every file is written whole (``storag
 ``manifest.json`` is written last, so a store without a manifest is incomplete and never read.
 Each shard extraction leaves one small marker under ``extractions/`` (an object store cannot
 append to a log): how often the teacher really ran. A stopped pass continues from the shards it wrote.
+The method: docs/method.md#teacher-trajectories.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ from lori_ray.losses import LoRiLoss, trajectory_scale
 
 
 def naive_lori(zs, zt):
-    """Loops straight from SPEC: first order = per-(b,l,k) squared distance / r + batch-mean term / r,
+    """Loops straight from docs/method.md#loss: first order = per-(b,l,k) squared distance / r + batch-mean term / r,
     second order = Σ_l ‖Cov_b(zs[:, l] flattened) − Cov_b(zt[:, l] flattened)‖²_F / r²."""
     batch, layers, steps, rank = zs.shape
     per_example = sum(((zs[b, l, k] - zt[b, l, k]) ** 2).sum() for b in range(batch) for l in range(layers)

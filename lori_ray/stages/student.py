@@ -139,7 +139,8 @@ def student_stage(config: Config, teacher_dir: Path, splits: Splits, store) -> t
     """Initial model, training tensors and stage fields of the configured method:
     ``lori`` (CE + subspace alignment), ``icot_kd`` (CE + full-width hidden MSE at the latent slots),
     ``codi`` (CE + full-width hidden MSE at ``####``), ``nocot`` (CE), ``coconut`` (CE through Coconut's
-    stages) or ``explicit`` (CE on the CoT and answer); any of them plus ``kd`` with the teacher run online."""
+    stages) or ``explicit`` (CE on the CoT and answer); any of them plus ``kd`` with the teacher run online
+    (docs/method.md#methods-and-baselines)."""
     method, slots, loss, train = config.student.method, latent_slots(config) or 0, config.loss, splits.train
     init = on_a_gpu(config.cluster.gpus_per_actor, student_init, config, teacher_dir, slots,
                     train[:config.student.calibration_size])
