@@ -77,7 +77,7 @@ def main() -> int:
 
     start(args, list(configs.values()))
     with user_errors(), ThreadPoolExecutor(max_workers=args.parallel) as pool:
-        results = dict(zip(seeds, pool.map(teacher_and_held_out, configs.values())))
+        results = dict(zip(seeds, pool.map(teacher_and_held_out, configs.values()), strict=True))
     target = base.teacher.train.until_val or 0.99
     curves = {seed: stage_history(first.tracking_uri(), config.tracking.experiment, config.name, "teacher",
                                   "val_accuracy") for seed, config in configs.items()}

@@ -123,7 +123,7 @@ class Predictor:
                 results.append("")
             except ValueError as error:
                 results.append(error)
-        for i, answer in zip(prompts, self._generate(list(prompts.values())) if prompts else []):
+        for i, answer in zip(prompts, self._generate(list(prompts.values())) if prompts else [], strict=True):
             results[i] = answer
         return results
 
@@ -309,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
             questions = read_questions(source, "stdin" if args.file == "-" else args.file, field)
             return 0 if answer_lines(predictor, questions, args.batch_size) else 2
     results = predictor.answer_each(args.questions)
-    for question, result in zip(args.questions, results):  # one line each; a question it cannot read fails alone
+    for question, result in zip(args.questions, results, strict=True):  # one line each; a question it cannot read fails alone
         if isinstance(result, ValueError):
             print(f"error: {result}", file=sys.stderr)
         else:

@@ -62,7 +62,7 @@ def naive_answer_kl(student_logits, student_labels, teacher_logits, teacher_labe
     for b in range(student_labels.shape[0]):
         s_pos = [i for i in range(student_labels.shape[1] - 1) if student_labels[b, i + 1] != -100]
         t_pos = [i for i in range(teacher_labels.shape[1] - 1) if teacher_labels[b, i + 1] != -100][-len(s_pos):]
-        for i, j in zip(s_pos, t_pos):
+        for i, j in zip(s_pos, t_pos, strict=False):
             p = torch.softmax(teacher_logits[b, j] / temperature, -1)
             q = torch.softmax(student_logits[b, i] / temperature, -1)[:len(p)]
             terms.append((p * (p.log() - q.log())).sum() * temperature**2)
