@@ -42,7 +42,10 @@ def test_line_round_trip(line):
 @pytest.mark.parametrize("line", [ICOT_4X4, ICOT_5X5])
 def test_generator_reproduces_published_lines(line):
     a, b = parse_line(line).question.split(" * ")
-    value = lambda digits: int("".join(reversed(digits.split())))
+
+    def value(digits):
+        return int("".join(reversed(digits.split())))
+
     assert multiplication_example(value(a), value(b), len(a.split()), len(b.split())).to_line() == line
 
 

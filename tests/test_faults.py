@@ -101,7 +101,10 @@ def test_killed_teacher_actor_is_replaced_and_every_example_is_stored_exactly_on
     store_dir = tmp_path / "store"
     thread, outcome = run_in_thread(build_store, model_dir, examples, [1, 2], 4, store_dir, 2, 16, 16, False, 0.0,
                                     lambda message: None)
-    extracted = lambda: list(store_dir.glob(f"*/{EXTRACTIONS}/*.json"))
+
+    def extracted():
+        return list(store_dir.glob(f"*/{EXTRACTIONS}/*.json"))
+
     workers = wait_for(lambda: len(extracted()) >= 2 and alive_pids("TeacherWorker"), 300, "extraction to start")
     killed_after = len(extracted())
     os.kill(workers[0], signal.SIGKILL)
@@ -123,7 +126,10 @@ def test_a_stopped_teacher_pass_continues_from_the_shards_it_wrote(cluster, tmp_
     """A pass stopped after half its shards (their files written, no subspace, projection or manifest yet): run
     again, the teacher extracts only the other half and the store is the one an uninterrupted pass builds."""
     model_dir, examples, store_dir = tiny_model_dir(tmp_path / "model"), generate_multiplication(256, 2, 2), tmp_path / "s"
-    build = lambda log: build_store(model_dir, examples, [1, 2], 4, store_dir, 2, 16, 16, False, 0.0, log)
+
+    def build(log):
+        return build_store(model_dir, examples, [1, 2], 4, store_dir, 2, 16, 16, False, 0.0, log)
+
     store = build(lambda message: None)
     uninterrupted = [store.shard("coords", n)["steps"] for n in range(16)]
     root = Path(store.uri)

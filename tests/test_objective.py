@@ -204,8 +204,8 @@ def test_answer_readout_is_one_linear_map_per_layer_and_position():
     with torch.no_grad():
         readout.bias.normal_()
     states = torch.randn(4, 2, 3, 8)
-    expected = torch.stack([torch.stack([states[:, l, p] @ readout.weight[l, p].T + readout.bias[l, p]
-                                         for p in range(3)], 1) for l in range(2)], 1)
+    expected = torch.stack([torch.stack([states[:, layer, p] @ readout.weight[layer, p].T + readout.bias[layer, p]
+                                         for p in range(3)], 1) for layer in range(2)], 1)
     torch.testing.assert_close(readout(states), expected)
 
 
