@@ -91,7 +91,8 @@ def main() -> int:
     arguments = parser(__doc__)
     arguments.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     arguments.add_argument("--seeds", type=at_least_one, default=1,
-                           help="student seeds per method: student.seed, student.seed + 1, ... (run names end -s<seed>)")
+                           help="student seeds per method: student.seed, student.seed + 1, ... "
+                                "(run names end -s<seed>)")
     add_parallel(arguments)
     args = arguments.parse_args()
     base = config_or_exit(args.config, args.overrides)

@@ -102,7 +102,8 @@ def written_cots(model, layout: Layout, examples: list[Example], batch_size: int
 def free() -> str:
     """The cluster's free CPUs (and GPUs), as a log line says them."""
     resources = ray.available_resources()
-    return ", ".join(f"{resources.get(name, 0):g} {name}" for name in ("CPU", "GPU") if name == "CPU" or name in resources)
+    return ", ".join(f"{resources.get(name, 0):g} {name}" for name in ("CPU", "GPU")
+                     if name == "CPU" or name in resources)
 
 
 class PlacedPool:

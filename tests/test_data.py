@@ -244,7 +244,8 @@ def test_a_chat_in_content_parts_gives_one_step_per_part(tmp_path):
 
     def text(*parts):
         return [{"type": "text", "text": part} for part in parts]
-    chats = [{"messages": [{"role": "system", "content": text("be brief")}, {"role": "user", "content": text("3 + 4 * 2")},
+    chats = [{"messages": [{"role": "system", "content": text("be brief")},
+                           {"role": "user", "content": text("3 + 4 * 2")},
                            {"role": "assistant", "content": text("4 * 2 = 8", "3 + 8 = 11", "#### 11")}]},
              {"messages": [{"role": "user", "content": text("2 *", "5")},
                            {"role": "assistant", "content": text("2*5=10", "so #### 10")}]}]
@@ -257,7 +258,8 @@ def test_a_chat_in_content_parts_gives_one_step_per_part(tmp_path):
     image = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]},
              {"role": "assistant", "content": text("#### 1")}]
     path.write_text(json.dumps({"messages": image}) + "\n")
-    with pytest.raises(DataFormatError, match=re.escape(f"{path}: row 1: messages: a content part of type 'image_url'")):
+    with pytest.raises(DataFormatError,
+                       match=re.escape(f"{path}: row 1: messages: a content part of type 'image_url'")):
         read_table(path, {"messages": "messages", "answer_marker": "####"})
 
 
@@ -327,7 +329,8 @@ def test_parquet_shards_in_a_folder_or_a_glob_read_in_name_order_and_errors_name
     examples = generate_multiplication(9, 2, 2, seed=4)
     (tmp_path / "shards").mkdir()
     for number, (start, end) in reversed(list(enumerate([(0, 4), (4, 7), (7, 9)]))):  # the names give the order
-        pq.write_table(pa.table(rows_of(examples[start:end])), tmp_path / "shards" / f"train-{number:05d}-of-00003.parquet")
+        pq.write_table(pa.table(rows_of(examples[start:end])),
+                       tmp_path / "shards" / f"train-{number:05d}-of-00003.parquet")
     (tmp_path / "shards" / "README.md").write_text("not a shard")
     expected = [(e.question, e.steps, e.answer) for e in examples]
     for spec in (tmp_path / "shards", f"{tmp_path}/shards/train-*.parquet", f"{tmp_path}/**/*.parquet"):

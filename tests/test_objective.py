@@ -84,7 +84,8 @@ def test_target_scale_makes_alignment_invariant_to_the_teachers_magnitude(aligne
     final norm for full-width states), and the scale c times larger: the same terms."""
     _, model, batch = student_batch(4)
     if aligned == "lori":
-        layers, names, scale, base_targets = [1, 2], ("first_order", "second_order"), [2.0, 0.5], torch.randn(4, 2, 2, 3)
+        layers, names, scale = [1, 2], ("first_order", "second_order"), [2.0, 0.5]
+        base_targets = torch.randn(4, 2, 2, 3)
     else:  # the last hidden state is the final norm's output: its gain scales it
         layers, names, scale, base_targets = [2], ("hidden_mse",), [0.5], torch.randn(4, 1, 2, 64)
     projection = TrajectoryProjection(2, 64, 3) if aligned == "lori" else None
