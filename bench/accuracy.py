@@ -60,7 +60,7 @@ def table(base, reports: dict[tuple[str, int], object]) -> str:
         runs = [r for (m, _), r in reports.items() if m == method]
         held_out = [r.student.accuracy for r in runs]
         train = [r.student_train.accuracy for r in runs if r.student_train]
-        digits = [statistics.mean(d) for d in zip(*(r.student.digit_accuracy for r in runs))]
+        digits = [statistics.mean(d) for d in zip(*(r.student.digit_accuracy for r in runs), strict=False)]
         seconds = statistics.mean(r.student.seconds for r in runs)
         lines.append(f"| {method} | {mean_std(held_out)} | {', '.join(f'{v:.3f}' for v in held_out)} | "
                      f"{mean_std(train) if train else '–'} | {format_digits(digits)} | "
@@ -91,7 +91,8 @@ def main() -> int:
     arguments = parser(__doc__)
     arguments.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     arguments.add_argument("--seeds", type=at_least_one, default=1,
-                           help="student seeds per method: student.seed, student.seed + 1, ... (run names end -s<seed>)")
+                           help="student seeds per method: student.seed, student.seed + 1, ... "
+                                "(run names end -s<seed>)")
     add_parallel(arguments)
     args = arguments.parse_args()
     base = config_or_exit(args.config, args.overrides)

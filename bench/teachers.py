@@ -40,7 +40,8 @@ def teacher_and_held_out(config):
 
     with DRIVER_TURNS.turn(), opened(config) as (splits, _parent):
         teacher_dir = teacher_sft(config, splits)
-        inputs = hashlib.sha256(json.dumps([digest(teacher_dir / FINGERPRINT_FILE), [e.to_line() for e in splits.held_out],
+        inputs = hashlib.sha256(json.dumps([digest(teacher_dir / FINGERPRINT_FILE),
+                                            [e.to_line() for e in splits.held_out],
                                             config.eval.model_dump()]).encode()).hexdigest()
         saved_path = config.run_dir / "teacher-held-out.json"
         saved = json.loads(saved_path.read_text()) if saved_path.is_file() else {}
@@ -77,18 +78,20 @@ def main() -> int:
 
     start(args, list(configs.values()))
     with user_errors(), ThreadPoolExecutor(max_workers=args.parallel) as pool:
-        results = dict(zip(seeds, pool.map(teacher_and_held_out, configs.values())))
+        results = dict(zip(seeds, pool.map(teacher_and_held_out, configs.values()), strict=True))
     target = base.teacher.train.until_val or 0.99
     curves = {seed: stage_history(first.tracking_uri(), config.tracking.experiment, config.name, "teacher",
                                   "val_accuracy") for seed, config in configs.items()}
     steps = sorted({step for curve in curves.values() for step, _, _ in curve})
     held_out = [r.accuracy for r in results.values()]
-    lines = [(f"task: {base.data.task} {base.data.eval_file or base.data.digits}, {next(iter(results.values())).examples}"
-              f" held-out problems, {base.data.train_size} training problems; teacher {base.model.family}/"
-              f"{base.model.path or base.model.size}, lr {base.teacher.train.lr:g}, warmup {base.teacher.train.warmup},"
+    lines = [(f"task: {base.data.task} {base.data.eval_file or base.data.digits}, "
+              f"{next(iter(results.values())).examples} held-out problems, {base.data.train_size} training problems; "
+              f"teacher {base.model.family}/{base.model.path or base.model.size}, "
+              f"lr {base.teacher.train.lr:g}, warmup {base.teacher.train.warmup},"
               f" batch {base.teacher.train.batch_size}, at most {base.teacher.train.steps} steps; held-out "
               f"{mean_std(held_out)} over {len(seeds)} seeds"), "",
-             f"| seed | reaches {target:g} | last validation | held-out exact match | tokens/answer | per-digit accuracy |",
+             (f"| seed | reaches {target:g} | last validation | held-out exact match | tokens/answer "
+              "| per-digit accuracy |"),
              "|---|---|---|---|---|---|"]
     for seed, result in results.items():
         curve = curves[seed]

@@ -150,7 +150,8 @@ def bare_forward(model_dir: Path, sequences: list, pad: int, batch_size: int) ->
     return tokens / (time.perf_counter() - started)
 
 
-def generation(model_dir: Path, prompts: list[list[int]], pad: int, eos: int, new_tokens: int, cache: str | None) -> float:
+def generation(model_dir: Path, prompts: list[list[int]], pad: int, eos: int, new_tokens: int,
+               cache: str | None) -> float:
     """New tokens/s of greedy HF ``generate`` for one batch (no early stop: every row writes ``new_tokens``)."""
     from lori_ray.models import load_model
     model = load_model(model_dir).to(DEVICE, DTYPE).eval()
@@ -250,7 +251,8 @@ def main() -> None:
                     compiled and compiled * per_token / peak, results.get("plain_compiled", (0, None))[1],
                     compiled / plain if compiled and plain else None)
             ours = results["ours"]["steps_per_s"] * tokens_per_step * args.workers if "ours" in results else None
-            row("ours", "Ray Train + DeepSpeed step (CE + LoRi)", ours, ours and ours * per_token / (peak * args.workers),
+            row("ours", "Ray Train + DeepSpeed step (CE + LoRi)", ours,
+                ours and ours * per_token / (peak * args.workers),
                 results["ours"].get("peak_memory_gb", float("nan")) if "ours" in results else None,
                 ours / (plain * args.workers) if ours and plain else None, "x per worker")
         if "extract" in parts:

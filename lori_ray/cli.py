@@ -36,7 +36,8 @@ def add_parallel(parser: argparse.ArgumentParser) -> None:
 
 
 def parser(doc: str) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=doc.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog="config keys (set in the YAML preset or as key.sub=value):\n"
                                             + "\n".join(config_reference()))
     parser.add_argument("--config", required=True, help="YAML preset, e.g. configs/demo.yaml")

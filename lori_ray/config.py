@@ -587,7 +587,8 @@ def _check_against_model(config: Config) -> None:
     if student.staged and student.latent_slots % student.latents_per_step:
         raise ConfigError(f"student.latents_per_step: {student.latents_per_step} does not divide "
                           f"student.latent_slots ({student.latent_slots}); the last stage has latent_slots latents")
-    has_slots = student.method in ("icot_kd", "coconut") or (student.method == "lori" and config.loss.align_at != "answer")
+    has_slots = (student.method in ("icot_kd", "coconut")
+                 or (student.method == "lori" and config.loss.align_at != "answer"))
     if student.continuous and not has_slots:
         raise ConfigError(f"student.latent: continuous needs latent slots; student.method {student.method}"
                           + (" with loss.align_at answer" if student.method == "lori" else "") + " has none")

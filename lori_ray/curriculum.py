@@ -94,8 +94,9 @@ def latent_stage(step: int, steps_per_stage: int, last: int) -> int:
 
 def replace_cot_steps(batch: Batch, stage: int, latent_ids: list[int], pad_id: int) -> Batch:
     """Coconut's stage ``stage``: each row's first ``stage`` CoT steps (with the separators after them; all of its
-    CoT when it has no more steps) are cut and ``latent_ids`` (the stage's s·c latents) take their place, unlabelled; the rest of the CoT and the answer stay. Needs ``cot_start``, ``cot_length`` and
-    ``step_starts``; ``answer_positions`` (-1 = none) move with their tokens; rows are right-padded anew."""
+    CoT when it has no more steps) are cut and ``latent_ids`` (the stage's s·c latents) take their place,
+    unlabelled; the rest of the CoT and the answer stay. Needs ``cot_start``, ``cot_length`` and ``step_starts``;
+    ``answer_positions`` (-1 = none) move with their tokens; rows are right-padded anew."""
     rows = []
     for row in range(batch["input_ids"].shape[0]):
         length, start = int(batch["attention_mask"][row].sum()), int(batch["cot_start"][row])

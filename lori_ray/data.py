@@ -279,7 +279,8 @@ def read_examples(path: str | Path, skip_bad: bool = False, fields: dict[str, st
     """With ``fields``, a table (see :func:`read_table`); else (and for any ``.txt``) iCoT ``.txt`` or openai GSM8K
     ``.jsonl`` by extension, or ``hf:openai/gsm8k[@split]``; parquet and saved datasets need ``fields``. ``symbols``:
     an iCoT line with any other token is a bad line (a word-level vocabulary would read it as unknown tokens)."""
-    columns_only = Path(path).suffix.lower() == ".parquet" or bool(saved_dataset(str(path)) or parquet_shards(str(path)))
+    columns_only = (Path(path).suffix.lower() == ".parquet"
+                    or bool(saved_dataset(str(path)) or parquet_shards(str(path))))
     if fields and (columns_only or str(path).startswith(HF_PREFIX) or Path(path).suffix.lower() in TABLE_FORMATS):
         return read_table(path, fields, step_separator, skip_bad, step_joiner)
     if columns_only:

@@ -38,11 +38,11 @@ def digit_accuracy(predicted: list[str], gold: list[str]) -> tuple[float, ...]:
     """Accuracy of each answer position: where exact match is near zero, which digits a model gets."""
     longest = max((len(g) for g in gold), default=0)
     hits, counts = [0] * longest, [0] * longest
-    for guess, answer in zip(predicted, gold):
+    for guess, answer in zip(predicted, gold, strict=True):
         for i, char in enumerate(answer):
             counts[i] += 1
             hits[i] += i < len(guess) and guess[i] == char
-    return tuple(h / c for h, c in zip(hits, counts))
+    return tuple(h / c for h, c in zip(hits, counts, strict=True))
 
 
 def format_digits(values) -> str:
@@ -92,7 +92,7 @@ def evaluate(model, layout: Layout, examples: list[Example], with_cot: bool, bat
                                        progress=progress, latent_ids=layout.latent_ids if continuous else None)
     predicted = [layout.decode_answer(row, with_cot) for row in outputs]
     gold = [normalize_answer(e.answer) for e in examples]
-    correct = sum(p == g for p, g in zip(predicted, gold))
+    correct = sum(p == g for p, g in zip(predicted, gold, strict=True))
     generated_tokens = sum(len(row) for row in outputs)
     return EvalResult(correct / len(examples), generated_tokens / len(examples), seconds, len(examples),
                       digit_accuracy(predicted, gold))

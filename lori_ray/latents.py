@@ -58,7 +58,7 @@ def continuous_forward(model: nn.Module, input_ids: torch.Tensor, attention_mask
             column = torch.where(fill, output.hidden_states[-1][:, -1].to(embeddings.dtype), embeddings[:, end])
             embeddings = torch.cat([embeddings[:, :end], column[:, None], embeddings[:, end + 1:]], 1)
         done = end
-    hidden_states = tuple(torch.cat(layer, 1) for layer in zip(*chunks))
+    hidden_states = tuple(torch.cat(layer, 1) for layer in zip(*chunks, strict=True))
     logits = None
     if compute_logits:
         last = hidden_states[-1] if logits_to_keep is None else hidden_states[-1][:, logits_to_keep]

@@ -69,7 +69,8 @@ def preset_config(family: str, size: str, vocab_size: int, max_positions: int, s
         shape["head_dim"] = shape["hidden_size"] // shape["num_attention_heads"]
     if family == "gpt2":  # multi-head attention, its own field names; no dropout, like the other presets
         shape = {"n_embd": shape["hidden_size"], "n_layer": shape["num_hidden_layers"],
-                 "n_head": shape["num_attention_heads"], "n_inner": shape["intermediate_size"], "n_positions": max_positions,
+                 "n_head": shape["num_attention_heads"], "n_inner": shape["intermediate_size"],
+                 "n_positions": max_positions,
                  "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}
     return AutoConfig.for_model(family, vocab_size=vocab_size, tie_word_embeddings=True, attn_implementation="sdpa",
                                 **special_ids, **shape)

@@ -153,10 +153,11 @@ class LMObjective(nn.Module):
     ``ce`` is the mean cross-entropy of the labelled tokens. With ``student_layers`` the hidden states
     at the latent slots are aligned with ``batch["targets"]``: through ``projection`` with the LoRi loss
     (``first_order``, ``second_order``), or without one as a full-width MSE (``hidden_mse``, the ICoT-KD
-    baseline); with ``target_scale`` [L] both sides are divided by it per layer first. With a ``teacher`` the ``kd`` term is the KL from its next-token distributions on
-    ``batch["teacher_*"]`` (the student's own sequences when absent) to the student's on the student's
-    labelled tokens. With a ``readout`` the states at ``batch["answer_positions"]`` [B, P] (-1: none) are
-    mapped to ``batch["answer_targets"]`` [B, L, F] (``answer_align``, MSE). ``weights`` maps each term to its factor.
+    baseline); with ``target_scale`` [L] both sides are divided by it per layer first. With a ``teacher`` the
+    ``kd`` term is the KL from its next-token distributions on ``batch["teacher_*"]`` (the student's own
+    sequences when absent) to the student's on the student's labelled tokens. With a ``readout`` the states at
+    ``batch["answer_positions"]`` [B, P] (-1: none) are mapped to ``batch["answer_targets"]`` [B, L, F]
+    (``answer_align``, MSE). ``weights`` maps each term to its factor.
     With ``continuous_latents`` those tokens are continuous thoughts (``latents.continuous_forward``).
     """
 

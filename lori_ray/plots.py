@@ -23,7 +23,7 @@ def spectrum_summary(subspace: Subspace, layers: list[int]) -> dict:
 def spectrum_figure(summary: dict, max_rank: int = 64):
     figure = Figure(figsize=(10, 4))
     curves, bars = figure.subplots(1, 2)
-    for layer, cumulative in zip(summary["layers"], summary["cumulative_explained_variance"]):
+    for layer, cumulative in zip(summary["layers"], summary["cumulative_explained_variance"], strict=True):
         ranks = range(1, min(max_rank, len(cumulative)) + 1)
         curves.plot(ranks, cumulative[:len(ranks)], label=f"layer {layer}")
     curves.set(xlabel="rank r", ylabel="explained variance", ylim=(0, 1.01),
@@ -57,7 +57,7 @@ def curves_figure(curves: dict[str, list[list[tuple[int, float, float]]]], metri
         for i, curve in enumerate(seeds):
             if not curve:
                 continue
-            steps, minutes, values = zip(*curve)
+            steps, minutes, values = zip(*curve, strict=True)
             label = method if i == 0 else None
             by_step.plot(steps, values, color=colour, marker=".", label=label)
             by_time.plot(minutes, values, color=colour, marker=".", label=label)

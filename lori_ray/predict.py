@@ -60,8 +60,8 @@ def model_question(question: str, contract: Contract) -> str:
         raise ValueError(f"{question!r}: expected 'A * B' with whole numbers")
     a, b = match.groups()
     if [len(a), len(b)] != contract.digits or any(len(n) > 1 and n[0] == "0" for n in (a, b)):
-        raise ValueError(f"{question!r}: this model multiplies {contract.digits[0]}-digit by {contract.digits[1]}-digit "
-                         f"numbers (no leading zeros)")
+        raise ValueError(f"{question!r}: this model multiplies {contract.digits[0]}-digit by "
+                         f"{contract.digits[1]}-digit numbers (no leading zeros)")
     return multiplication_example(int(a), int(b), *contract.digits).question
 
 
@@ -123,7 +123,7 @@ class Predictor:
                 results.append("")
             except ValueError as error:
                 results.append(error)
-        for i, answer in zip(prompts, self._generate(list(prompts.values())) if prompts else []):
+        for i, answer in zip(prompts, self._generate(list(prompts.values())) if prompts else [], strict=True):
             results[i] = answer
         return results
 
@@ -204,8 +204,9 @@ output = model.generate(**inputs, max_new_tokens=32, do_sample=False)
 print(tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)){reading}
 ```"""
     else:
-        plain = ("Plain `generate` cannot drive it (" + ("its latent slots are continuous thoughts" if contract.continuous
-                                                        else "its tokenizer does not rebuild the prompt from text")
+        plain = ("Plain `generate` cannot drive it ("
+                 + ("its latent slots are continuous thoughts" if contract.continuous
+                    else "its tokenizer does not rebuild the prompt from text")
                  + "): use the `Predictor` above.")
     card = f"""{model_card_header(contract, teacher)}
 # lori-ray {contract.role}: {contract.method}
@@ -286,7 +287,8 @@ def main(argv: list[str] | None = None) -> int:
     arguments = argparse.ArgumentParser(description="Ask a model a lori-ray run wrote, in plain form.")
     arguments.add_argument("model", help="a model directory of a run, e.g. runs/demo/student")
     given = arguments.add_mutually_exclusive_group(required=True)
-    given.add_argument("questions", nargs="*", default=[], help='e.g. "365 * 347"; each answered as "question = answer"')
+    given.add_argument("questions", nargs="*", default=[],
+                       help='e.g. "365 * 347"; each answered as "question = answer"')
     given.add_argument("--file", metavar="PATH", help="one question per line, or a .jsonl of objects with the question "
                                                       "in --question-field; '-' reads stdin; one answer per line")
     arguments.add_argument("--question-field", metavar="NAME",
@@ -309,7 +311,8 @@ def main(argv: list[str] | None = None) -> int:
             questions = read_questions(source, "stdin" if args.file == "-" else args.file, field)
             return 0 if answer_lines(predictor, questions, args.batch_size) else 2
     results = predictor.answer_each(args.questions)
-    for question, result in zip(args.questions, results):  # one line each; a question it cannot read fails alone
+    # one line each; a question it cannot read fails alone
+    for question, result in zip(args.questions, results, strict=True):
         if isinstance(result, ValueError):
             print(f"error: {result}", file=sys.stderr)
         else:

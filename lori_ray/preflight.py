@@ -206,7 +206,8 @@ def _stage_line(config: Config, name: str, section, splits: Splits) -> str:
             f"{train.steps * train.batch_size / len(splits.train):.2f} epochs on {max(train.num_workers, 1)} "
             f"worker(s), ZeRO-{train.zero_stage} -> {output}")
     if (output / "lori-stage.json").is_file():
-        return f"{name}: finished on disk: reused if its inputs are unchanged (else refused: --restart-from {name}); {work}"
+        return (f"{name}: finished on disk: reused if its inputs are unchanged "
+                f"(else refused: --restart-from {name}); {work}")
     return f"{name}: to train, {work}"
 
 

@@ -112,7 +112,9 @@ class TuckerMoments:
 
     @classmethod
     def zeros(cls, layers: int, steps: int, dim: int) -> TuckerMoments:
-        z = lambda *shape: torch.zeros(*shape, dtype=torch.float64)
+        def z(*shape):
+            return torch.zeros(*shape, dtype=torch.float64)
+
         return cls(0, z(layers, steps, dim), z(layers, layers), z(steps, steps), z(dim, dim))
 
     def update(self, x: torch.Tensor) -> None:

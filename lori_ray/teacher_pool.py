@@ -86,7 +86,7 @@ def written_cots(model, layout: Layout, examples: list[Example], batch_size: int
     prompts = [layout.question(e) for e in examples]
     outputs, _ = greedy_generate(model, prompts, layout.pad, layout.eos, batch_size, max_new_tokens, static_cache=True)
     written = []
-    for example, row in zip(examples, outputs):
+    for example, row in zip(examples, outputs, strict=True):
         text = layout.tokenizer.decode(row, skip_special_tokens=True)
         try:
             cot = parse_line(f"{example.question}{COT_SEPARATOR}{text}", joiner=example.joiner)
@@ -102,7 +102,8 @@ def written_cots(model, layout: Layout, examples: list[Example], batch_size: int
 def free() -> str:
     """The cluster's free CPUs (and GPUs), as a log line says them."""
     resources = ray.available_resources()
-    return ", ".join(f"{resources.get(name, 0):g} {name}" for name in ("CPU", "GPU") if name == "CPU" or name in resources)
+    return ", ".join(f"{resources.get(name, 0):g} {name}" for name in ("CPU", "GPU")
+                     if name == "CPU" or name in resources)
 
 
 class PlacedPool:
@@ -173,8 +174,8 @@ def complete_missing_cots(model_dir: str | Path, examples: list[Example], num_ac
         jobs = [[examples[i] for i in chunk] for chunk in chunks]
         results = pool.map(lambda actor, job: actor.complete.remote(job, max_new_tokens), jobs)
         bar = progress_bar(bars, "teacher CoTs", len(chunks), "chunk")
-        for done, (chunk, written) in enumerate(zip(chunks, results), 1):
-            for i, example in zip(chunk, written):
+        for done, (chunk, written) in enumerate(zip(chunks, results, strict=True), 1):
+            for i, example in zip(chunk, written, strict=True):
                 completed[i] = example or examples[i]
             bar.update()
             log(f"[teacher] wrote CoTs for chunk {done}/{len(chunks)} ({time.time() - started:.1f}s)")
@@ -246,5 +247,5 @@ def build_store(model_dir: str | Path, examples: list[Example], layers: list[int
                   "shards": len(shards), "examples": projected, "step_vectors": moments.count,
                   "skipped_without_cot": len(examples) - len(kept), "explained_variance": explained})
     log(f"[teacher] store {store.uri}: {projected} trajectories, explained variance at rank {max_rank}: "
-        + " ".join(f"L{layer}={v:.3f}" for layer, v in zip(layers, explained)))
+        + " ".join(f"L{layer}={v:.3f}" for layer, v in zip(layers, explained, strict=True)))
     return store

@@ -59,7 +59,7 @@ def tokenized(layout: Layout, kind: str, examples: list[Example], cache_dir: Pat
     columns = dataset.to_dict()
     return [Sequence(input_ids, labels, [tuple(span) for span in spans], tuple(answer))
             for input_ids, labels, spans, answer in zip(columns["input_ids"], columns["labels"], columns["spans"],
-                                                        columns["answer"])]
+                                                        columns["answer"], strict=True)]
 
 
 def _map(layout: Layout, kind: str, examples: list[Example], path: Path):
@@ -67,7 +67,7 @@ def _map(layout: Layout, kind: str, examples: list[Example], path: Path):
 
     def encode(batch: dict) -> dict:
         rows = [build(Example(q, tuple(s), a, j))
-                for q, s, a, j in zip(batch["question"], batch["steps"], batch["answer"], batch["joiner"])]
+                for q, s, a, j in zip(batch["question"], batch["steps"], batch["answer"], batch["joiner"], strict=True)]
         return {"input_ids": [r.input_ids for r in rows], "labels": [r.labels for r in rows],
                 "spans": [[list(span) for span in r.spans] for r in rows], "answer": [list(r.answer) for r in rows]}
 

@@ -388,7 +388,8 @@ class StepLogger:
             self.failed += 1
             if self.failed == 1:
                 warnings.warn(f"MLflow logging to run {self.run_id} failed, training continues "
-                              f"(further failures are counted, not shown): {redact(str(error))}")
+                              f"(further failures are counted, not shown): {redact(str(error))}",
+                              stacklevel=1)  # the logging thread's own loop: no caller of ours to point at
                 print(f"[tracking] WARNING: MLflow logging failed: {redact(str(error))}", file=sys.stderr, flush=True)
 
 

@@ -346,7 +346,8 @@ def _train(stage: Stage, deepspeed) -> None:
     end = train.steps
     while step < end:
         if fresh is None:
-            rows = batch_indices(step, num_examples, train.batch_size, stage.seed)[rank * per_rank:(rank + 1) * per_rank]
+            rows = batch_indices(step, num_examples, train.batch_size, stage.seed)
+            rows = rows[rank * per_rank:(rank + 1) * per_rank]
             batch = {k: v[rows] for k, v in data.items()}
         else:
             batch = fresh(step, rank, world)
@@ -361,7 +362,8 @@ def _train(stage: Stage, deepspeed) -> None:
         # every rank together): no NaN reaches the weights
         finite, step_metrics = True, {}
         parts = [batch] if train.grad_accumulation == 1 else [
-            {k: v[chunk::train.grad_accumulation] for k, v in batch.items()} for chunk in range(train.grad_accumulation)]
+            {k: v[chunk::train.grad_accumulation] for k, v in batch.items()}
+            for chunk in range(train.grad_accumulation)]
         for part in parts:
             loss, metrics = engine({k: v.to(engine.device) for k, v in trim_padding(part).items()})
             for k, v in metrics.items():
@@ -575,7 +577,8 @@ def fit(stage: Stage, output_dir: str | Path, storage_path: str | Path, callback
                                      resources_per_worker={"CPU": stage.train.cpus_per_worker,
                                                            **({"GPU": stage.gpus_per_worker}
                                                               if stage.gpus_per_worker > 0 else {})}),
-        run_config=RunConfig(name=stage.name, storage_path=str(storage_path), worker_runtime_env={"env_vars": WORKER_ENV},
+        run_config=RunConfig(name=stage.name, storage_path=str(storage_path),
+                             worker_runtime_env={"env_vars": WORKER_ENV},
                              failure_config=FailureConfig(max_failures=1),
                              checkpoint_config=CheckpointConfig(num_to_keep=2), callbacks=callbacks),
     )

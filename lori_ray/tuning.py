@@ -72,8 +72,8 @@ def make_trial(config: Config, teacher_dir: Path, splits, store_uri: str):
 def summary_table(rows: list[dict], keys: list[str], metric: str) -> str:
     lines = ["| trial | " + " | ".join(keys) + f" | {metric} |", "|---" * (len(keys) + 2) + "|"]
     for row in rows:
-        values = [f"{row['params'].get(k):.4g}" if isinstance(row["params"].get(k), float) else str(row["params"].get(k))
-                  for k in keys]
+        values = [f"{row['params'].get(k):.4g}" if isinstance(row["params"].get(k), float)
+                  else str(row["params"].get(k)) for k in keys]
         lines.append(f"| {row['trial']} | " + " | ".join(values) + f" | {row['metric']:.4f} |")
     return "\n".join(lines)
 
@@ -120,8 +120,9 @@ def run_search(config: Config) -> dict:
                                                     tags={"mlflow.parentRunId": parent.info.run_id})]))
         grid = tuner.fit()
 
-        rows = sorted(({"trial": r.metrics.get("trial_id"), "params": r.config, "metric": r.metrics.get(metric, float("nan")),
-                        "checkpoint": r.metrics.get("checkpoint_path")} for r in grid if r.metrics),
+        rows = sorted(({"trial": r.metrics.get("trial_id"), "params": r.config,
+                        "metric": r.metrics.get(metric, float("nan")), "checkpoint": r.metrics.get("checkpoint_path")}
+                       for r in grid if r.metrics),
                       key=lambda row: row["metric"], reverse=config.tune.mode == "max")
         table = summary_table(rows, list(config.tune.space), metric)
         print("\n" + table, flush=True)

@@ -29,7 +29,10 @@ def main() -> int:
                         "(then --out is required)")
     parser.add_argument("--force", action="store_true", help="convert again even if the directory is finished")
     args = parser.parse_args()
-    log = lambda message: print(message, flush=True)
+
+    def log(message):
+        print(message, flush=True)
+
     try:
         if args.gguf:
             if not args.out:

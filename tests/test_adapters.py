@@ -36,7 +36,7 @@ def test_only_the_adapters_and_the_latent_rows_train_and_the_merged_model_comput
     assert trainable and all("lora_" in name or "trainable_tokens" in name for name in trainable)
     assert any("q_proj" in name for name in trainable) and not any("k_proj" in name for name in trainable)
     with torch.no_grad():  # as training would: every trainable weight moves
-        for name, p in model.named_parameters():
+        for p in model.parameters():
             if p.requires_grad:
                 p.add_(torch.randn_like(p) * 0.1)
     inputs = torch.tensor([[1, 5, 6, ids[0], ids[1], 7]])

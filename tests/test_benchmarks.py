@@ -151,11 +151,13 @@ def test_teachers_benchmark_trains_one_teacher_per_seed_and_reruns_on_the_finish
                "teacher.train.num_workers=1", "teacher.train.eval_every=3", "--seeds", "2", "--parallel", "2")
     out = run(*command)
     assert out.count("[teacher] done in") == 2
-    rows = {int(line.split("|")[1]): line for line in out.splitlines() if re.match(r"\| \d \| (step|not reached)", line)}
+    rows = {int(line.split("|")[1]): line for line in out.splitlines()
+            if re.match(r"\| \d \| (step|not reached)", line)}
     assert set(rows) == {0, 1}
     assert all(re.search(r"\| [\d.]+ at step 6 \| [\d.]+ \| [\d.]+ \| [\d.]+ / [\d.]+ / [\d.]+ / [\d.]+ \|$", row)
                for row in rows.values())
-    assert re.search(r"^\| 3 \| [\d.]+ \| [\d.]+ \|$", out, re.MULTILINE) and re.search(r"^\| 6 \| [\d.]+ \| [\d.]+ \|$", out, re.MULTILINE)
+    assert (re.search(r"^\| 3 \| [\d.]+ \| [\d.]+ \|$", out, re.MULTILINE)
+            and re.search(r"^\| 6 \| [\d.]+ \| [\d.]+ \|$", out, re.MULTILINE))
     assert (tmp_path / "tiny-teachers.md").read_text().strip() in out
     for seed in (0, 1):
         assert f"\nseed: {seed}\n" in (tmp_path / f"tiny-teacher-s{seed}" / "config.yaml").read_text()

@@ -26,9 +26,9 @@ def test_removal_drops_each_rows_first_cot_tokens_like_list_slicing():
     counts = torch.tensor([0, 3, 8, 1, 10, 5])
     removed = remove_cot_tokens(batch, counts, layout.pad)
     expected = [s.input_ids[:s.spans[0][0]] + s.input_ids[s.spans[0][0] + c:]
-                for s, c in zip(sequences, counts.tolist())]
+                for s, c in zip(sequences, counts.tolist(), strict=True)]
     assert removed["input_ids"].shape[1] == max(len(e) for e in expected)  # all-padding columns are cut
-    for row, (sequence, count, ids) in enumerate(zip(sequences, counts.tolist(), expected)):
+    for row, (sequence, count, ids) in enumerate(zip(sequences, counts.tolist(), expected, strict=True)):
         start = sequence.spans[0][0]
         assert removed["input_ids"][row, :len(ids)].tolist() == ids
         assert removed["labels"][row, :len(ids)].tolist() == sequence.labels[:start] + sequence.labels[start + count:]

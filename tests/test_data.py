@@ -42,7 +42,10 @@ def test_line_round_trip(line):
 @pytest.mark.parametrize("line", [ICOT_4X4, ICOT_5X5])
 def test_generator_reproduces_published_lines(line):
     a, b = parse_line(line).question.split(" * ")
-    value = lambda digits: int("".join(reversed(digits.split())))
+
+    def value(digits):
+        return int("".join(reversed(digits.split())))
+
     assert multiplication_example(value(a), value(b), len(a.split()), len(b.split())).to_line() == line
 
 
@@ -241,7 +244,8 @@ def test_a_chat_in_content_parts_gives_one_step_per_part(tmp_path):
 
     def text(*parts):
         return [{"type": "text", "text": part} for part in parts]
-    chats = [{"messages": [{"role": "system", "content": text("be brief")}, {"role": "user", "content": text("3 + 4 * 2")},
+    chats = [{"messages": [{"role": "system", "content": text("be brief")},
+                           {"role": "user", "content": text("3 + 4 * 2")},
                            {"role": "assistant", "content": text("4 * 2 = 8", "3 + 8 = 11", "#### 11")}]},
              {"messages": [{"role": "user", "content": text("2 *", "5")},
                            {"role": "assistant", "content": text("2*5=10", "so #### 10")}]}]
@@ -254,7 +258,8 @@ def test_a_chat_in_content_parts_gives_one_step_per_part(tmp_path):
     image = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]},
              {"role": "assistant", "content": text("#### 1")}]
     path.write_text(json.dumps({"messages": image}) + "\n")
-    with pytest.raises(DataFormatError, match=re.escape(f"{path}: row 1: messages: a content part of type 'image_url'")):
+    with pytest.raises(DataFormatError,
+                       match=re.escape(f"{path}: row 1: messages: a content part of type 'image_url'")):
         read_table(path, {"messages": "messages", "answer_marker": "####"})
 
 
@@ -324,7 +329,8 @@ def test_parquet_shards_in_a_folder_or_a_glob_read_in_name_order_and_errors_name
     examples = generate_multiplication(9, 2, 2, seed=4)
     (tmp_path / "shards").mkdir()
     for number, (start, end) in reversed(list(enumerate([(0, 4), (4, 7), (7, 9)]))):  # the names give the order
-        pq.write_table(pa.table(rows_of(examples[start:end])), tmp_path / "shards" / f"train-{number:05d}-of-00003.parquet")
+        pq.write_table(pa.table(rows_of(examples[start:end])),
+                       tmp_path / "shards" / f"train-{number:05d}-of-00003.parquet")
     (tmp_path / "shards" / "README.md").write_text("not a shard")
     expected = [(e.question, e.steps, e.answer) for e in examples]
     for spec in (tmp_path / "shards", f"{tmp_path}/shards/train-*.parquet", f"{tmp_path}/**/*.parquet"):

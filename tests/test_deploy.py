@@ -21,7 +21,7 @@ from lori_ray.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))  # scripts/ is no package
-from kustomize_render import KustomizeError, new_reference, render
+from kustomize_render import KustomizeError, new_reference, render  # noqa: E402 - importable only once on sys.path
 
 KUBERAY = ROOT / "docker" / "kuberay"
 OVERLAYS = {p.parent.name: render(p.parent) for p in sorted((KUBERAY / "overlays").glob("*/kustomization.yaml"))}

@@ -101,7 +101,10 @@ def test_killed_teacher_actor_is_replaced_and_every_example_is_stored_exactly_on
     store_dir = tmp_path / "store"
     thread, outcome = run_in_thread(build_store, model_dir, examples, [1, 2], 4, store_dir, 2, 16, 16, False, 0.0,
                                     lambda message: None)
-    extracted = lambda: list(store_dir.glob(f"*/{EXTRACTIONS}/*.json"))
+
+    def extracted():
+        return list(store_dir.glob(f"*/{EXTRACTIONS}/*.json"))
+
     workers = wait_for(lambda: len(extracted()) >= 2 and alive_pids("TeacherWorker"), 300, "extraction to start")
     killed_after = len(extracted())
     os.kill(workers[0], signal.SIGKILL)
@@ -122,8 +125,12 @@ def test_killed_teacher_actor_is_replaced_and_every_example_is_stored_exactly_on
 def test_a_stopped_teacher_pass_continues_from_the_shards_it_wrote(cluster, tmp_path):
     """A pass stopped after half its shards (their files written, no subspace, projection or manifest yet): run
     again, the teacher extracts only the other half and the store is the one an uninterrupted pass builds."""
-    model_dir, examples, store_dir = tiny_model_dir(tmp_path / "model"), generate_multiplication(256, 2, 2), tmp_path / "s"
-    build = lambda log: build_store(model_dir, examples, [1, 2], 4, store_dir, 2, 16, 16, False, 0.0, log)
+    model_dir, examples = tiny_model_dir(tmp_path / "model"), generate_multiplication(256, 2, 2)
+    store_dir = tmp_path / "s"
+
+    def build(log):
+        return build_store(model_dir, examples, [1, 2], 4, store_dir, 2, 16, 16, False, 0.0, log)
+
     store = build(lambda message: None)
     uninterrupted = [store.shard("coords", n)["steps"] for n in range(16)]
     root = Path(store.uri)
@@ -230,7 +237,8 @@ def test_killed_driver_resumes_with_the_same_run_name(tmp_path, tiny_run):
     runs = client.search_runs([client.get_experiment_by_name("lori-ray").experiment_id])
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     assert len(parents) == 1 and not [r for r in runs if r.info.status == "RUNNING"]
-    stages = {r.data.tags["mlflow.runName"] for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id}
+    stages = {r.data.tags["mlflow.runName"] for r in runs
+              if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id}
     assert {"trajectories", "student", "evaluate"} <= stages
 
 

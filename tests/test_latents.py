@@ -85,7 +85,7 @@ def test_generation_decodes_from_the_filled_prompt_like_the_forward_token_by_tok
         model.lm_head.bias[LATENTS] = -1e4
     prompts = [[1, 5, 6, *LATENTS, 30], [1, 9, 10, 11, 6, *LATENTS, 30]]  # latents aligned by the left padding
     generated, _ = greedy_generate(model, prompts, pad=0, eos=2, batch_size=2, max_new_tokens=4, latent_ids=LATENTS)
-    for prompt, tokens in zip(prompts, generated):
+    for prompt, tokens in zip(prompts, generated, strict=True):
         sequence = list(prompt)
         for _ in range(len(tokens)):  # greedy by hand: the whole sequence through the continuous forward each time
             batch = left_pad([sequence], 0)

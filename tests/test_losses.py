@@ -7,14 +7,14 @@ def naive_lori(zs, zt):
     """Loops straight from docs/method.md#loss: first order = per-(b,l,k) squared distance / r + batch-mean term / r,
     second order = Σ_l ‖Cov_b(zs[:, l] flattened) − Cov_b(zt[:, l] flattened)‖²_F / r²."""
     batch, layers, steps, rank = zs.shape
-    per_example = sum(((zs[b, l, k] - zt[b, l, k]) ** 2).sum() for b in range(batch) for l in range(layers)
+    per_example = sum(((zs[b, layer, k] - zt[b, layer, k]) ** 2).sum() for b in range(batch) for layer in range(layers)
                       for k in range(steps)) / (batch * layers * steps) / rank
-    batch_mean = sum(((zs[:, l, k].mean(0) - zt[:, l, k].mean(0)) ** 2).sum() for l in range(layers)
+    batch_mean = sum(((zs[:, layer, k].mean(0) - zt[:, layer, k].mean(0)) ** 2).sum() for layer in range(layers)
                      for k in range(steps)) / (layers * steps) / rank
     second = 0.0
-    for l in range(layers):
-        cs = torch.cov(zs[:, l].reshape(batch, -1).T)
-        ct = torch.cov(zt[:, l].reshape(batch, -1).T)
+    for layer in range(layers):
+        cs = torch.cov(zs[:, layer].reshape(batch, -1).T)
+        ct = torch.cov(zt[:, layer].reshape(batch, -1).T)
         second = second + ((cs - ct) ** 2).sum() / rank**2
     return per_example + batch_mean, second
 
@@ -62,7 +62,7 @@ def naive_answer_kl(student_logits, student_labels, teacher_logits, teacher_labe
     for b in range(student_labels.shape[0]):
         s_pos = [i for i in range(student_labels.shape[1] - 1) if student_labels[b, i + 1] != -100]
         t_pos = [i for i in range(teacher_labels.shape[1] - 1) if teacher_labels[b, i + 1] != -100][-len(s_pos):]
-        for i, j in zip(s_pos, t_pos):
+        for i, j in zip(s_pos, t_pos, strict=False):
             p = torch.softmax(teacher_logits[b, j] / temperature, -1)
             q = torch.softmax(student_logits[b, i] / temperature, -1)[:len(p)]
             terms.append((p * (p.log() - q.log())).sum() * temperature**2)
@@ -103,7 +103,7 @@ def test_trajectory_scale_is_the_rms_deviation_per_layer_or_over_all():
     torch.manual_seed(0)
     targets = torch.randn(7, 3, 2, 5) * torch.tensor([0.5, 4.0, 30.0])[None, :, None, None] + 100.0
     per_layer = torch.stack([
-        ((targets[:, l] - targets[:, l].mean(0)) ** 2).mean().sqrt() for l in range(3)])
+        ((targets[:, layer] - targets[:, layer].mean(0)) ** 2).mean().sqrt() for layer in range(3)])
     torch.testing.assert_close(trajectory_scale(targets), per_layer)
     overall = ((targets - targets.mean(0)) ** 2).mean().sqrt()
     torch.testing.assert_close(trajectory_scale(targets, per_layer=False), overall.expand(3))
@@ -114,8 +114,8 @@ def test_readout_mse_averages_over_real_positions_like_a_loop():
     from lori_ray.losses import readout_mse
     predicted, targets = torch.randn(3, 2, 4, 5), torch.randn(3, 2, 5)
     mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0], [1, 0, 0, 0]], dtype=torch.bool)
-    errors = [(predicted[b, l, p] - targets[b, l]).pow(2).mean()
-              for b in range(3) for l in range(2) for p in range(4) if mask[b, p]]
+    errors = [(predicted[b, layer, p] - targets[b, layer]).pow(2).mean()
+              for b in range(3) for layer in range(2) for p in range(4) if mask[b, p]]
     torch.testing.assert_close(readout_mse(predicted, targets, mask), torch.stack(errors).mean())
 
 
@@ -131,6 +131,6 @@ def test_readout_mse_compares_each_position_with_its_own_target():
     from lori_ray.losses import readout_mse
     predicted, targets = torch.randn(2, 3, 4, 5), torch.randn(2, 3, 4, 5)
     mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]], dtype=torch.bool)
-    errors = [(predicted[b, l, p] - targets[b, l, p]).pow(2).mean()
-              for b in range(2) for l in range(3) for p in range(4) if mask[b, p]]
+    errors = [(predicted[b, layer, p] - targets[b, layer, p]).pow(2).mean()
+              for b in range(2) for layer in range(3) for p in range(4) if mask[b, p]]
     torch.testing.assert_close(readout_mse(predicted, targets, mask), torch.stack(errors).mean())

@@ -51,7 +51,8 @@ def test_pipeline_spans_two_nodes_and_keeps_everything_under_output_dir(cluster,
     # where the teacher actors and train workers ran, from the cluster's state API (a client with the token)
     query = ("import json; from ray.util.state import list_actors; "
              f"print(json.dumps([[a.class_name, a.node_id] for a in list_actors('{dashboard}', limit=1000)]))")
-    state = subprocess.run([sys.executable, "-c", query], env=env, capture_output=True, text=True, timeout=120, check=False)
+    state = subprocess.run([sys.executable, "-c", query], env=env, capture_output=True, text=True, timeout=120,
+                           check=False)
     assert state.returncode == 0, state.stdout[-3000:] + state.stderr[-3000:]
     actors = json.loads(state.stdout.strip().splitlines()[-1])
     nodes = {node for name, node in actors if name in ("TeacherWorker", "RayTrainWorker")}
@@ -69,6 +70,7 @@ def test_pipeline_spans_two_nodes_and_keeps_everything_under_output_dir(cluster,
     for stage in ("teacher", "student"):
         model = json.loads((run_dir / stage / "config.json").read_text())["model_type"]
         tokenizer = load_tokenizer(str(run_dir / stage))
-        assert model == "qwen2" and Layout(tokenizer).teacher(example) == Layout(arithmetic_tokenizer()).teacher(example)
+        assert model == "qwen2"
+        assert Layout(tokenizer).teacher(example) == Layout(arithmetic_tokenizer()).teacher(example)
     for directory in temp.values():  # nothing of ours stayed in a node's local temp dir
         assert not [p for p in directory.rglob("*") if p.suffix in (".safetensors", ".pt", ".db")]

@@ -135,7 +135,7 @@ def test_the_demo_head_listens_on_loopback_only(tmp_path):
                             timeout=300, env={**os.environ, "JOB": str(job), "RAY_DEMO_PORT": str(port),
                                               "RAY_DEMO_DASHBOARD_PORT": str(port + 2)}, check=False)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    line = next(l for l in result.stdout.splitlines() if l.startswith("SOCKETS "))
+    line = next(text for text in result.stdout.splitlines() if text.startswith("SOCKETS "))
     sockets = [tuple(s) for s in json.loads(line[len("SOCKETS "):])]
     names = {name for _, _, name in sockets}
     assert {"gcs_server", "raylet", "python"} <= names, names

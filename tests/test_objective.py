@@ -26,7 +26,7 @@ def test_segment_means_match_a_loop():
     torch.testing.assert_close(means[0][:, 1], hidden[0, :, 3:7].mean(1))
     torch.testing.assert_close(means[1][:, 0], hidden[1, :, [2, 4, 9]].mean(1))
     restored = unpack(pack(means, [7, 9]))
-    assert all(torch.equal(a, b) for a, b in zip(means, restored))
+    assert all(torch.equal(a, b) for a, b in zip(means, restored, strict=True))
 
 
 def test_projection_from_subspace_equals_subspace_coordinates():
@@ -84,7 +84,8 @@ def test_target_scale_makes_alignment_invariant_to_the_teachers_magnitude(aligne
     final norm for full-width states), and the scale c times larger: the same terms."""
     _, model, batch = student_batch(4)
     if aligned == "lori":
-        layers, names, scale, base_targets = [1, 2], ("first_order", "second_order"), [2.0, 0.5], torch.randn(4, 2, 2, 3)
+        layers, names, scale = [1, 2], ("first_order", "second_order"), [2.0, 0.5]
+        base_targets = torch.randn(4, 2, 2, 3)
     else:  # the last hidden state is the final norm's output: its gain scales it
         layers, names, scale, base_targets = [2], ("hidden_mse",), [0.5], torch.randn(4, 1, 2, 64)
     projection = TrajectoryProjection(2, 64, 3) if aligned == "lori" else None
@@ -193,7 +194,7 @@ def test_ce_from_labelled_positions_only_equals_the_full_hf_loss(family):
     torch.testing.assert_close(loss, full.loss)
     grads = torch.autograd.grad(loss, list(model.parameters()), allow_unused=True)
     expected = torch.autograd.grad(model(**batch).loss, list(model.parameters()), allow_unused=True)
-    for mine, theirs in zip(grads, expected):
+    for mine, theirs in zip(grads, expected, strict=True):
         if theirs is not None:
             torch.testing.assert_close(mine, theirs)
 
@@ -204,8 +205,8 @@ def test_answer_readout_is_one_linear_map_per_layer_and_position():
     with torch.no_grad():
         readout.bias.normal_()
     states = torch.randn(4, 2, 3, 8)
-    expected = torch.stack([torch.stack([states[:, l, p] @ readout.weight[l, p].T + readout.bias[l, p]
-                                         for p in range(3)], 1) for l in range(2)], 1)
+    expected = torch.stack([torch.stack([states[:, layer, p] @ readout.weight[layer, p].T + readout.bias[layer, p]
+                                         for p in range(3)], 1) for layer in range(2)], 1)
     torch.testing.assert_close(readout(states), expected)
 
 
@@ -273,7 +274,7 @@ def test_codi_aligns_the_students_state_at_the_separator_with_the_teachers(tmp_p
     worker.extract(str(tmp_path / "store"), 0, [0, 1, 2, 3, 4], examples)
     units = unpack(TrajectoryStore(tmp_path / "store").shard("hidden", 0))
     separator = tokenizer.convert_tokens_to_ids("####")
-    for example, unit in zip(examples, units):
+    for example, unit in zip(examples, units, strict=True):
         sequence = layout.teacher(example)
         assert sequence.input_ids[sequence.answer[0]] == separator
         with torch.no_grad():
@@ -300,6 +301,6 @@ def test_per_batch_padding_leaves_the_loss_and_its_gradients_unchanged():
     losses = [LMObjective(model)(batch)[0] for batch in (padded, trimmed)]
     torch.testing.assert_close(losses[0], losses[1])
     grads = [torch.autograd.grad(loss, list(model.parameters()), allow_unused=True) for loss in losses]
-    for mine, theirs in zip(*grads):
+    for mine, theirs in zip(*grads, strict=True):
         if theirs is not None:
             torch.testing.assert_close(mine, theirs)

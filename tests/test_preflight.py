@@ -58,10 +58,12 @@ CASES = {  # name: (overrides given tmp_path, message fragment)
         lambda t: file_task(t, write(t / "train.jsonl", [gsm8k(), gsm8k(answer="a <<1+1=2>> 2\n#### twenty-four")])),
         "train.jsonl:2: the final answer 'twenty-four' is not a number"),
     "table without the mapped column": (
-        lambda t: file_task(t, write(t / "train.jsonl", [json.dumps({"q": "1", "a": "2"})])) + ["data.fields.question=q"],
+        lambda t: (file_task(t, write(t / "train.jsonl", [json.dumps({"q": "1", "a": "2"})]))
+                   + ["data.fields.question=q"]),
         "train.jsonl: no column 'cot' (data.fields.cot), 'answer' (data.fields.answer); its columns: q, a"),
     "table row with an empty answer": (
-        lambda t: file_task(t, write(t / "train.csv", ["q,cot,answer", "1 * 2,,2", "3 * 4,,"])) + ["data.fields.question=q"],
+        lambda t: (file_task(t, write(t / "train.csv", ["q,cot,answer", "1 * 2,,2", "3 * 4,,"]))
+                   + ["data.fields.question=q"]),
         "train.csv: row 2: empty answer (column 'answer')"),
     "step separator that is not a regex": (lambda t: file_task(t, write(t / "train.csv", ["q,cot,answer"]))
                                            + ["data.fields.question=q", "data.step_separator=(;"],
@@ -100,7 +102,8 @@ CASES = {  # name: (overrides given tmp_path, message fragment)
         "tracking.uri: the MLflow server at http://alice:***@127.0.0.1:"),
     "more problems than the task has": (lambda t: ["data.train_size=9000"], "data.train_size: cannot draw 9000"),
     "bool for an int": (lambda t: ["subspace.rank=true"], "subspace.rank: Input should be a valid integer"),
-    "float for an int": (lambda t: ["student.train.steps=10.5"], "student.train.steps: Input should be a valid integer"),
+    "float for an int": (lambda t: ["student.train.steps=10.5"],
+                         "student.train.steps: Input should be a valid integer"),
     "name with a path": (lambda t: ["name=../elsewhere"], "is not a plain name"),
 }
 
@@ -253,7 +256,8 @@ def test_without_an_eval_file_the_held_out_split_is_carved_from_the_training_fil
 
 
 def test_size_settings_that_leave_out_supplied_rows_say_so(tmp_path):
-    overrides = [f"output_dir={tmp_path / 'runs'}", *file_task(tmp_path, write(tmp_path / "train.txt", icot_lines(400))),
+    overrides = [f"output_dir={tmp_path / 'runs'}",
+                 *file_task(tmp_path, write(tmp_path / "train.txt", icot_lines(400))),
                  "data.train_size=100", "data.eval_size=10"]
     with pytest.warns(UserWarning) as warned:
         config_or_exit(TINY, overrides)

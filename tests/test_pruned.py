@@ -108,7 +108,7 @@ def test_erank_matches_a_direct_svd_and_its_bounds():
     with torch.no_grad():
         states = teacher(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
     streamed = hidden_erank(teacher, ids, mask, chunk=3)  # two chunks
-    for layer, value in zip(states, streamed):
+    for layer, value in zip(states, streamed, strict=True):
         matrix = layer[mask.bool()].double()
         singular = torch.linalg.svdvals(matrix - matrix.mean(0))
         p = singular / singular.sum()

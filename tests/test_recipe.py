@@ -191,8 +191,9 @@ def test_a_separate_pretrained_student_of_another_width_and_depth_trains_and_ans
     build_model("llama", "small", len(tokenizer), 64, {"pad_token_id": tokenizer.pad_token_id},
                 seed=7).save_pretrained(mine)
     tokenizer.save_pretrained(mine)
-    result = subprocess.run([sys.executable, "jobs/distill.py", "--config", "configs/tiny.yaml", f"output_dir={tmp_path}",
-                             "cluster.num_cpus=2", f"teacher.path={teacher}", f"student.path={mine}",
+    result = subprocess.run([sys.executable, "jobs/distill.py", "--config", "configs/tiny.yaml",
+                             f"output_dir={tmp_path}", "cluster.num_cpus=2", f"teacher.path={teacher}",
+                             f"student.path={mine}",
                              "student.train.num_workers=1", "trajectory.num_actors=1"],
                             cwd=ROOT, env=job_env(), capture_output=True, text=True, timeout=900, check=False)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]

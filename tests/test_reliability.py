@@ -119,7 +119,8 @@ def test_until_val_ends_the_stage_at_the_first_validation_that_reaches_it(local_
     stage = tiny_stage(tmp_path, "until", num_workers=0, steps=100, log_every=2, eval_every=2, until_val=0.99)
     out, metrics = fit(replace(stage, val_path=stage.data_path), tmp_path / "out", tmp_path / "ray")
     assert metrics["step"] == 4 and metrics["val_accuracy"] == 0.995
-    assert "[until] stopped at step 4 of 100: validation 0.995 reached train.until_val (0.99)" in capsys.readouterr().out
+    assert ("[until] stopped at step 4 of 100: validation 0.995 reached train.until_val (0.99)"
+            in capsys.readouterr().out)
     assert (out / "model.safetensors").is_file()  # published like a last step
 
 

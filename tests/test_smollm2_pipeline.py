@@ -29,7 +29,8 @@ def gsm8k_jsonl(path: Path, count: int, seed: int) -> Path:
             a, b, c = rng.randint(2, 40), rng.randint(2, 40), rng.randint(2, 5)
             total = (a + b) * c
             question = f"Tom has {a} apples and buys {b} more. He then multiplies his apples by {c}. How many now?"
-            answer = f"He has {a}+{b}=<<{a}+{b}={a + b}>>{a + b}. Then {a + b}*{c}=<<{a + b}*{c}={total}>>{total}.\n#### {total}"
+            answer = (f"He has {a}+{b}=<<{a}+{b}={a + b}>>{a + b}. "
+                      f"Then {a + b}*{c}=<<{a + b}*{c}={total}>>{total}.\n#### {total}")
             f.write(json.dumps({"question": question, "answer": answer}) + "\n")
     return path
 

@@ -89,7 +89,7 @@ def test_tucker_recovers_planted_mode_factors_and_its_moments_stream():
     left.update(x[:250])
     right.update(x[250:])
     merged = left.merge(right)
-    for a, b in zip(whole.centred(), merged.centred()):
+    for a, b in zip(whole.centred(), merged.centred(), strict=True):
         torch.testing.assert_close(a, b)
     # the centred hidden Gram equals the direct computation on the unfolded, centred tensor
     y = (x - x.mean(0)).double()

@@ -39,7 +39,7 @@ def test_student_sequence_has_latents_and_no_cot():
     sequence = lay.student(example)
     assert [sequence.input_ids[a] for a, _ in sequence.spans] == lay.latent_ids
     assert "+" not in lay.tokenizer.decode(sequence.input_ids)
-    labelled = [t for t, y in zip(sequence.input_ids, sequence.labels) if y != IGNORE_INDEX]
+    labelled = [t for t, y in zip(sequence.input_ids, sequence.labels, strict=True) if y != IGNORE_INDEX]
     assert lay.decode_answer(labelled, with_cot=True) == example.answer.replace(" ", "")
     assert lay.student_prompt(example) == sequence.input_ids[:len(lay.student_prompt(example))]
 

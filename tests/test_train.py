@@ -82,7 +82,8 @@ def test_curriculum_batch_shows_each_coconut_stage_at_its_steps():
     first, shown = curriculum_batch(stage, batch, 0, rank=0)
     assert shown == {"latent_stage": 0.0} and torch.equal(first["input_ids"], batch["input_ids"])
     middle, _ = curriculum_batch(stage, batch, 7, rank=0)
-    assert (middle["input_ids"] == latents[0]).sum(1).tolist() == [1] * 4 and not (middle["input_ids"] == latents[1]).any()
+    assert (middle["input_ids"] == latents[0]).sum(1).tolist() == [1] * 4
+    assert not (middle["input_ids"] == latents[1]).any()
     last, shown = curriculum_batch(stage, batch, 12, rank=0)
     expected = collate([Layout(tokenizer, latents).student(e) for e in examples], tokenizer.pad_token_id)
     assert shown == {"latent_stage": 2.0} and torch.equal(last["input_ids"], expected["input_ids"])

@@ -108,7 +108,8 @@ class Report:
         if self.student_train:
             lines.append(f"\n{student} on {self.student_train.examples} training problems: "
                          f"{self.student_train.accuracy:.3f} (held-out {self.student.accuracy:.3f})")
-        lines.append(f"\nexplained variance of the rank-{self.rank} subspace (mean over layers): {self.explained_variance:.3f}")
+        lines.append(f"\nexplained variance of the rank-{self.rank} subspace (mean over layers): "
+                     f"{self.explained_variance:.3f}")
         return "\n".join(lines)
 
 

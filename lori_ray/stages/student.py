@@ -119,7 +119,8 @@ def fresh_field(config: Config, splits: Splits, slots: int, targets: str = "none
         f"{len(excluded)} validation and held-out questions" + ("; the teacher's targets computed in each step"
                                                                if targets != "none" else ""))
     return {"fresh": FreshProblems(digits=tuple(config.data.digits), seed=config.student_seed, excluded=excluded,
-                                   latent_slots=slots, segments=config.trajectory.segments, steps=steps, targets=targets,
+                                   latent_slots=slots, segments=config.trajectory.segments, steps=steps,
+                                   targets=targets,
                                    teacher_dir=str(teacher_dir) if teacher_dir else None,
                                    teacher_layers=list(teacher_layers), targets_path=str(targets_path or "") or None,
                                    readout=readout, slot_targets=slot_targets)}

@@ -38,5 +38,6 @@ def trajectory_stage(config: Config, teacher_dir: Path, train: list[Example]):
         tracked(mlflow.log_figure, spectrum_figure(spectrum), "subspace_spectrum.png")
         for rank in range(1, config.subspace.max_rank + 1):
             tracked(mlflow.log_metric, "explained_variance", subspace.explained_variance(rank).mean().item(), step=rank)
-        tracked(mlflow.log_metrics, {f"erank_layer_{layer}": value for layer, value in zip(layers, spectrum["erank"])})
+        tracked(mlflow.log_metrics, {f"erank_layer_{layer}": value
+                                     for layer, value in zip(layers, spectrum["erank"], strict=True)})
     return store
