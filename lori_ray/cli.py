@@ -12,6 +12,7 @@ from contextlib import contextmanager
 from typing import get_args
 
 from pydantic import BaseModel
+from pydantic.fields import FieldInfo
 
 from .config import Config, ConfigError, load_config
 from .preflight import check_rerun, shared_teacher_path
@@ -118,36 +119,63 @@ def configs_sharing_teacher(path: str, overrides: dict) -> dict:
     return {first_key: first, **{key: config_or_exit(path, values, teacher_path=teacher) for key, values in later}}
 
 
-def _field_notes(section: type[BaseModel]) -> dict[str, str]:
-    """Each field's comment in ``config.py`` (on its line, or the lines just above it)."""
+def field_notes(section: type[BaseModel]) -> dict[str, str]:
+    """Each field's description, else its comment in ``config.py`` (on its line, or the lines just above it)."""
     import inspect
+    import io
+    import tokenize
+    source = inspect.getsource(section)
+    comments = {token.start[0]: token.string.lstrip("#").strip()  # real comments: a '#' in a string is none
+                for token in tokenize.generate_tokens(io.StringIO(source).readline) if token.type == tokenize.COMMENT}
     notes, above = {}, []
-    for line in inspect.getsource(section).splitlines()[1:]:
+    for number, line in enumerate(source.splitlines()[1:], 2):
         stripped = line.strip()
         if stripped.startswith("#"):
-            above.append(stripped.lstrip("# "))
+            above.append(comments.get(number, ""))
             continue
-        match = re.match(r"^(\w+):.*?(?:#\s*(.*))?$", stripped)
+        match = re.match(r"^(\w+):", stripped)
         if match and match[1] in section.model_fields:
-            notes[match[1]] = " ".join([*above, match[2] or ""]).strip()
+            notes[match[1]] = " ".join([*above, comments.get(number, "")]).strip()
         above = []
-    return notes
+    return notes | {name: field.description for name, field in section.model_fields.items() if field.description}
+
+
+def type_name(annotation: object) -> str:
+    """A field's type as the config reference writes it: ``int``, ``str | None``, ``Literal['a', 'b']``."""
+    kind = re.sub(r"typing\.|Annotated\[(\w+), Strict\(strict=True\)(?:, AllowInfNan\(allow_inf_nan=False\))?\]",
+                  r"\1", str(annotation))
+    kind = re.sub(r"<class '(?:\w+\.)*(\w+)'>|(?:\w+\.)+(\w+)", r"\1\2", kind)
+    return re.sub(r"Optional\[(.*)\]$", r"\1 | None", kind)
+
+
+def default_text(field: FieldInfo) -> str:
+    """A field's default as the config reference writes it (``required`` where it has none)."""
+    if field.is_required():
+        return "required"
+    return "none" if field.default is None else str(field.default)
+
+
+def config_sections(section: type[BaseModel] | None = None,
+                    prefix: str = "") -> Iterator[tuple[str, type[BaseModel], str, FieldInfo]]:
+    """Every config key, depth first: (its section's prefix, the section, the field's name, the field). A nested
+    section (``teacher.train``) is not a key itself; an optional one (``data.fields``) is, and its keys follow it."""
+    section = section or Config
+    for name, field in section.model_fields.items():
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            yield from config_sections(annotation, f"{prefix}{name}.")
+            continue
+        yield prefix, section, name, field
+        for section_type in get_args(annotation):  # an optional section (unset by default): set one to use it
+            if isinstance(section_type, type) and issubclass(section_type, BaseModel):
+                yield from config_sections(section_type, f"{prefix}{name}.")
 
 
 def config_reference(section: type[BaseModel] | None = None, prefix: str = "") -> list[str]:
     """Every config key with its type, default and note, for ``--help``."""
-    section = section or Config
-    notes, lines = _field_notes(section), []
-    for name, field in section.model_fields.items():
-        annotation = field.annotation
-        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-            lines += config_reference(annotation, f"{prefix}{name}.")
-            continue
-        optional = [arg for arg in get_args(annotation) if isinstance(arg, type) and issubclass(arg, BaseModel)]
-        kind = re.sub(r"typing\.|Annotated\[(\w+), Strict\(strict=True\)\]", r"\1", str(annotation))
-        kind = re.sub(r"<class '(?:\w+\.)*(\w+)'>|(?:\w+\.)+(\w+)", r"\1\2", kind)
-        default = field.default if field.default is not None else "none"
-        lines.append(f"  {prefix}{name} ({kind}, default {default})" + (f": {notes[name]}" if notes.get(name) else ""))
-        for section_type in optional:  # an optional section (unset by default): its keys, set one to use it
-            lines += config_reference(section_type, f"{prefix}{name}.")
+    lines, notes = [], {}
+    for key_prefix, owner, name, field in config_sections(section, prefix):
+        note = notes.setdefault(owner, field_notes(owner)).get(name)
+        lines.append(f"  {key_prefix}{name} ({type_name(field.annotation)}, default {default_text(field)})"
+                     + (f": {note}" if note else ""))
     return lines

@@ -63,23 +63,28 @@ def _check_location(field: str, location: str | None) -> None:
 
 class TableFields(Section):
     """The columns of a table data file that hold each part of an example."""
-    question: str = "question"
+    question: str = Field("question", description="the column that holds the question")
     # None: no CoT column (answer-only data; the teacher can write CoTs: complete_cots); a column of lists is one
     # step per item
     cot: str | None = "cot"
-    answer: str = "answer"
+    answer: str = Field("answer", description="the column that holds the answer")
     # a chat column instead of the three above: a list of {role, content} turns, the question the last user turn,
     # the last assistant turn the CoT (one step per line, or data.step_separator) then answer_marker and the answer
     messages: str | None = None
-    answer_marker: str = Field("####", min_length=1)
+    answer_marker: str = Field("####", min_length=1, description="with messages: the text in the last assistant turn "
+                                                                 "between the CoT and the answer")
 
 
 class DataConfig(Section):
-    task: Literal["multiplication", "file"] = "multiplication"
+    task: Literal["multiplication", "file"] = Field(
+        "multiplication", description="multiplication: problems generated in the iCoT line format (data.digits); file:"
+                                      " read data.train_file")
     digits: tuple[Int, Int] = (3, 3)  # multiplication: digits of each factor
-    train_size: Int = Field(8000, gt=0)
+    train_size: Int = Field(8000, gt=0, description="training examples: generated problems, or a cap on a file's rows "
+                                                    "(a warning says how many it leaves out)")
     val_size: Int = Field(256, ge=0)  # taken from the training examples; validation accuracy during training
-    eval_size: Int = Field(200, gt=0)
+    eval_size: Int = Field(200, gt=0, description="held-out examples: generated, or carved from train_file without "
+                                                  "eval_file; a cap on a file's rows")
     # task=file: iCoT .txt or GSM8K .jsonl; with data.fields also a table (below)
     train_file: str | None = None
     # held-out split (any task); unset with task=file: data.eval_size rows carved from train_file (seeded), never
@@ -124,14 +129,18 @@ class DataConfig(Section):
 
 
 class ModelConfig(Section):
-    family: str = "llama"
-    size: str = "small"
+    family: str = Field("llama", description="the family of a model built from config: llama, qwen2, qwen3, mistral, "
+                                             "gemma, phi3, gpt2 (RED's pruned students: llama, qwen2); with model.path"
+                                             " or teacher.path it must be their config.json's model_type")
+    size: str = Field("small", description="the size preset of a model built from config: tiny, small, base, 135m, 1b")
     # a pretrained model (its tokenizer is used): a local HF directory, a .gguf file, or a hub id (owner/name); a
     # GGUF or hub model is saved once as a local HF directory under $LORI_RAY_CACHE (~/.cache/lori-ray)/models
     path: str | None = None
     gguf_file: str | None = None  # the GGUF file's name when model.path is the directory that holds it
-    max_positions: Int = Field(256, gt=0)
-    trust_remote_code: bool = False
+    max_positions: Int = Field(256, gt=0, description="the longest sequence in tokens (question, CoT or latent slots, "
+                                                      "answer); a longer one is refused by the preflight")
+    trust_remote_code: bool = Field(False, description="run a pretrained model's own Python code (off: transformers' "
+                                                       "built-in classes only)")
 
     @field_validator("path")
     @classmethod
@@ -154,9 +163,9 @@ class ModelConfig(Section):
 class LoraConfig(Section):
     """LoRA adapters (peft) instead of full fine-tuning: low-rank updates of ``target_modules`` train, the HF model's
     own weights stay frozen except a student's latent-slot token rows; alignment heads train as always."""
-    rank: Int = Field(gt=0)
+    rank: Int = Field(gt=0, description="the adapters' rank (required once lora is set)")
     alpha: Float | None = Field(None, gt=0)  # the update is scaled by alpha / rank; default 2 x rank
-    dropout: Float = Field(0.0, ge=0, lt=1)
+    dropout: Float = Field(0.0, ge=0, lt=1, description="dropout on the adapters' input")
     # module names (suffixes) of the linear layers that get updates, or all-linear (every linear layer but the
     # output head)
     target_modules: list[str] | Literal["all-linear"] = "all-linear"
@@ -170,9 +179,10 @@ class LoraConfig(Section):
 
 
 class TrainConfig(Section):
-    steps: Int = Field(500, gt=0)
+    steps: Int = Field(500, gt=0, description="optimizer steps (the cap when max_minutes or until_val ends the stage "
+                                              "sooner)")
     batch_size: Int = Field(64, gt=0)  # global, split over workers
-    lr: Float = Field(1e-3, gt=0)
+    lr: Float = Field(1e-3, gt=0, description="peak learning rate (AdamW)")
     warmup: Int = Field(50, ge=0)  # steps of linear warmup from lr/warmup to lr
     # after the warmup the learning rate decays to min_lr x lr over the steps (or train.max_minutes, whichever
     # ends first): linearly, or along a half cosine
@@ -181,9 +191,9 @@ class TrainConfig(Section):
     # time, for the same global batch in less memory
     grad_accumulation: Int = Field(1, gt=0)
     min_lr: Float = Field(0.1, ge=0, le=1)  # the end of the decay, a fraction of lr
-    weight_decay: Float = Field(0.0, ge=0)
-    grad_clip: Float = Field(1.0, gt=0)
-    zero_stage: Int = Field(2, ge=0, le=3)
+    weight_decay: Float = Field(0.0, ge=0, description="AdamW weight decay")
+    grad_clip: Float = Field(1.0, gt=0, description="gradient norm clipping")
+    zero_stage: Int = Field(2, ge=0, le=3, description="DeepSpeed ZeRO stage, 0-3")
     precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
     compile: bool = False  # torch.compile the objective (pays on GPU; minutes of compilation on CPU)
     num_workers: Int = Field(2, ge=0)  # 0 runs the loop in the driver process
@@ -195,7 +205,7 @@ class TrainConfig(Section):
     # sitting continues from there when the same command runs again (how often it saves, not what it computes:
     # may differ on a rerun)
     checkpoint_minutes: Float | None = Field(None, gt=0)
-    log_every: Int = Field(25, gt=0)
+    log_every: Int = Field(25, gt=0, description="steps between progress lines and logged metrics (and Tune reports)")
     max_bad_steps: Int = Field(10, gt=0)  # consecutive NaN/Inf losses (updates skipped) before the stage stops
     eval_every: Int = Field(0, ge=0)  # validation exact match every N steps (a multiple of log_every); 0: at the end
     # a wall-clock budget for this attempt: the stage ends at the first log interval past it (validated,
@@ -236,8 +246,9 @@ class TeacherConfig(Section):
 
 class TrajectoryConfig(Section):
     layers: list[Int] | None = None  # teacher layers (1-based); None = all
-    num_actors: Int = Field(2, gt=0)
-    batch_size: Int = Field(64, gt=0)
+    num_actors: Int = Field(2, gt=0, description="Ray actors that hold the frozen teacher for the trajectory pass; the"
+                                                 " pool starts with those Ray can place, the others join when placed")
+    batch_size: Int = Field(64, gt=0, description="examples per teacher forward in the trajectory pass")
     store_dir: str | None = None  # a path or URI (s3://, gs://, ...); default: <output_dir>/trajectories
     # what one trajectory unit averages: each CoT step's tokens, or (multiplication) for each answer digit the
     # states that write that digit's place in every CoT number; with loss.align_at answer, answer position p
@@ -251,12 +262,13 @@ class TrajectoryConfig(Section):
 
 
 class SubspaceConfig(Section):
-    rank: Int = Field(8, gt=0)
+    rank: Int = Field(8, gt=0, description="r: the rank of the subspace the student is aligned in (at most max_rank)")
     max_rank: Int = Field(16, gt=0)  # coordinates are stored at max_rank; any rank <= max_rank reuses them
     # pca: a basis per layer; tucker: shared layer × step × hidden factors (HOSVD), core ranks
     # (tucker_ranks[0], tucker_ranks[1], rank), fitted from the stored trajectories at K = student.latent_slots
     kind: Literal["pca", "tucker"] = "pca"
-    tucker_ranks: tuple[Int, Int] = (2, 2)
+    tucker_ranks: tuple[Int, Int] = Field((2, 2), description="kind=tucker: the core ranks of the layer and step "
+                                                              "factors")
 
     @model_validator(mode="after")
     def _order(self):
@@ -277,7 +289,10 @@ class StudentConfig(Section):
     # full: the teacher's shape (init teacher) or a preset (init scratch); pruned: RED, the teacher at
     # residual width `width` (and `depth` layers) through projections initialised by `init`
     kind: Literal["full", "pruned"] = "full"
-    init: Literal["teacher", "scratch"] | PrunedInit = "teacher"
+    init: Literal["teacher", "scratch"] | PrunedInit = Field(
+        "teacher", description="kind=full: teacher (its weights) or scratch (a fresh preset, student.size); "
+                               "kind=pruned: activation (RED channel selection), random or random_orthogonal "
+                               "projections")
     size: str | None = None  # init=scratch: a size preset (another width → least-squares projection init)
     # a pretrained student (a local HF directory): its own weights, width and depth, the teacher's tokenizer (the
     # same token ids; its extra tokens kept); aligned through a least-squares projection when its width differs,
@@ -286,7 +301,8 @@ class StudentConfig(Section):
     width: Int | None = Field(None, gt=0)  # kind=pruned: residual width d_s
     depth: Int | None = Field(None, gt=0)  # kind=pruned: layers kept, evenly spaced (default: all)
     calibration_size: Int = Field(256, gt=0)  # kind=pruned: training examples that score channels
-    latent_slots: Int = Field(3, gt=0)
+    latent_slots: Int = Field(3, gt=0, description="K: latent slots between the question and ####; the teacher's "
+                                                   "trajectory is resampled to K steps")
     # pause: the latent slots are trained input tokens (parallel positions); continuous: each slot's input is
     # the last-layer state at the position before it (Coconut's continuous thoughts: K serial passes)
     latent: Literal["pause", "continuous"] = "pause"
@@ -297,10 +313,13 @@ class StudentConfig(Section):
     # latents, one more stage every steps_per_stage steps (default: the budget split evenly over the stages
     # 0..latent_slots/latents_per_step), the last stage being the student's own layout
     curriculum: Literal["none", "removal", "stages"] = "none"
-    removal_tokens_per_epoch: Float = Field(8.0, gt=0)
-    removal_smoothing: Float = Field(4.0, ge=0)
-    latents_per_step: Int = Field(1, gt=0)
-    steps_per_stage: Int | None = Field(None, gt=0)
+    removal_tokens_per_epoch: Float = Field(8.0, gt=0, description="curriculum=removal: CoT tokens removed per pass "
+                                                                   "over the training data")
+    removal_smoothing: Float = Field(4.0, ge=0, description="curriculum=removal: o more tokens removed with "
+                                                            "probability ∝ exp(-removal_smoothing·o); 0: none")
+    latents_per_step: Int = Field(1, gt=0, description="curriculum=stages: latents that replace each CoT step")
+    steps_per_stage: Int | None = Field(None, gt=0, description="curriculum=stages: steps per stage; default: the "
+                                                                "budget split evenly over the stages")
     reset_optimizer: bool = False  # clear AdamW's moments at each curriculum increment (ICoT-SI and Coconut do)
     seed: Int | None = None  # batch order and fresh weights of the student; default: the run's seed
     # split: the training split, its trajectories from the store; fresh (generated multiplication): new problems
@@ -361,31 +380,34 @@ class StudentConfig(Section):
 
 
 class LossConfig(Section):
-    ce: Float = Field(1.0, ge=0)
+    ce: Float = Field(1.0, ge=0, description="weight of the cross-entropy on the labelled tokens")
     # lori: where the student's states meet the teacher's trajectory. latents: slot k ↔ teacher step k
     # (first/second order in the subspace); answer: at ``####`` and each answer token a learned readout per
     # (layer, position) predicts the whole trajectory (student.latent_slots steps × subspace.rank), weight
     # ``answer``, and the student has no latent slots; both: the two together
     align_at: Literal["latents", "answer", "both"] = "latents"
-    answer: Float = Field(0.5, ge=0)
-    first_order: Float = Field(1.0, ge=0)
-    second_order: Float = Field(1.0, ge=0)
+    answer: Float = Field(0.5, ge=0, description="λ_answer: weight of the answer-position readout (align_at answer or "
+                                                 "both)")
+    first_order: Float = Field(1.0, ge=0, description="λ1: first-order alignment (lori), or the weight of icot_kd's "
+                                                      "and codi's full-width MSE")
+    second_order: Float = Field(1.0, ge=0, description="λ2: second-order (covariance) alignment (lori)")
     layers: list[Int] | None = None  # teacher layers to align (a subset of trajectory.layers); None = all stored
     # divide student and teacher trajectories by the teacher's RMS deviation per layer (one value for Tucker
     # cores), so λ1/λ2 mean the same for a 1M-parameter model and a pretrained LLM with large hidden states
     normalize: bool = True
     kd: Float = Field(0.0, ge=0)  # KL(teacher ‖ student) on the student's labelled tokens, teacher run online
-    kd_temperature: Float = Field(1.0, gt=0)
+    kd_temperature: Float = Field(1.0, gt=0, description="temperature of loss.kd's KL")
 
 
 class EvalConfig(Section):
-    batch_size: Int = Field(100, gt=0)
-    max_new_tokens: Int = Field(64, gt=0)
+    batch_size: Int = Field(100, gt=0, description="questions generated at a time in evaluation")
+    max_new_tokens: Int = Field(64, gt=0, description="tokens generated per answer at most (the teacher's CoT "
+                                                      "included; shorter than its longest CoT and answer is refused)")
 
 
 class TrackingConfig(Section):
     uri: str | None = None  # default: $MLFLOW_TRACKING_URI, else sqlite under the run directory
-    experiment: str = "lori-ray"
+    experiment: str = Field("lori-ray", description="the MLflow experiment")
     # the student (and a teacher the run trained) as MLflow models, pyfunc and transformers flavours, on the parent
     # run and on the stage run that trained each
     log_models: bool = True
@@ -398,14 +420,20 @@ class TuneConfig(Section):
     """A Ray Tune search over student hyperparameters; ``space`` maps config fields to distributions:
     ``subspace.rank: {choice: [2, 4, 8]}``, ``loss.first_order: {loguniform: [0.1, 10]}``."""
 
-    num_samples: Int = Field(4, gt=0)
-    metric: str = "val_accuracy"
-    mode: Literal["max", "min"] = "max"
-    scheduler: Literal["asha", "fifo"] = "asha"
+    num_samples: Int = Field(4, gt=0, description="trials")
+    metric: str = Field("val_accuracy", description="what trials report and the scheduler reads: val_accuracy is exact"
+                                                    " match on the validation split")
+    mode: Literal["max", "min"] = Field("max", description="whether metric is maximised or minimised")
+    scheduler: Literal["asha", "fifo"] = Field("asha", description="asha: stop weak trials early (after grace_period "
+                                                                   "reports); fifo: every trial runs to its end")
     grace_period: Int = Field(1, gt=0)  # reports (log_every steps) before ASHA may stop a trial
-    search: Literal["random", "optuna"] = "random"
+    search: Literal["random", "optuna"] = Field("random", description="random sampling, or optuna (needs the optuna "
+                                                                      "package)")
     max_concurrent_trials: Int | None = Field(None, gt=0)  # default: cluster CPUs // workers per trial
-    space: dict[str, dict[str, list]] = {}
+    space: dict[str, dict[str, list]] = Field({}, description="config key → one distribution: {choice: [...]}, "
+                                                              "{uniform: [low, high]}, {loguniform: [low, high]} or "
+                                                              "{randint: [low, high]}; every value it can take is "
+                                                              "validated before Ray starts")
 
     @model_validator(mode="after")
     def _space(self):
@@ -425,7 +453,9 @@ class ClusterConfig(Section):
     num_cpus: Int | None = Field(None, gt=0)  # local cluster only; default: this machine's cores
     # GPUs per train worker / teacher actor; None: 1 when the cluster has GPUs, else 0 (CPU)
     gpus_per_worker: Float | None = Field(None, ge=0)
-    gpus_per_actor: Float | None = Field(None, ge=0)
+    gpus_per_actor: Float | None = Field(None, ge=0, description="GPUs per teacher actor (and per task of the "
+                                                                 "student's initialisation, evaluation and eRank); "
+                                                                 "None: 1 when the cluster has GPUs, else 0 (CPU)")
     storage_path: str | None = None  # Ray Train checkpoints: a path or URI (s3://, gs://, ...); default: <run dir>/ray
     # how long a training stage waits for its workers' CPUs (and GPUs) to be free on the cluster, saying what it
     # waits for, before it fails; None: without limit
@@ -438,9 +468,11 @@ class ClusterConfig(Section):
 
 
 class Config(Section):
-    name: str = "run"
-    output_dir: str = "runs"
-    seed: Int = 0
+    name: str = Field("run", description="the run's name: its directory under output_dir (letters, digits, '.', '_', "
+                                         "'-')")
+    output_dir: str = Field("runs", description="where runs are written (runs/<name>/: models, trajectory store, "
+                                                "checkpoints, MLflow store); on a cluster, a path every node shares")
+    seed: Int = Field(0, description="the run's seed: generated data and its split, initial weights, batch order")
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
     teacher: TeacherConfig = TeacherConfig()

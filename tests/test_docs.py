@@ -46,3 +46,18 @@ def test_every_cited_section_of_the_method_exists():
     assert cited, "nothing cites docs/method.md"
     missing = sorted(f"{path}: docs/method.md#{name}" for path, name in cited if name not in headings)
     assert not missing, "no such heading in docs/method.md:\n" + "\n".join(missing)
+
+
+def test_the_configuration_reference_is_generated_from_the_schema():
+    """docs/configuration.md is what scripts/config_reference.py writes from lori_ray/config.py today."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("config_reference", ROOT / "scripts" / "config_reference.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert (ROOT / "docs" / "configuration.md").read_text() == module.render(), \
+        "docs/configuration.md is stale: run python scripts/config_reference.py"
+    from lori_ray.cli import config_reference
+    keys = [line.split()[0] for line in config_reference()]
+    text = module.render()
+    assert all(f"| `{key.rsplit('.', 1)[-1]}` |" in text for key in keys)  # every key has its row
+    assert "| `rank` | `int` | `required` |" in text and "| `answer_marker` | `str` | `####` | with messages" in text
