@@ -198,7 +198,7 @@ class TrainConfig(Section):
     compile: bool = False  # torch.compile the objective (pays on GPU; minutes of compilation on CPU)
     num_workers: Int = Field(2, ge=0)  # 0 runs the loop in the driver process
     # CPU cores (torch threads) each worker takes: on a many-core node, fewer workers with more threads each (on
-    # the 2-core dev machine two workers x 1 thread ran 4.7 steps/s, one worker x 2 threads 3.9: README)
+    # the 2-core dev machine two workers x 1 thread ran 4.7 steps/s, one worker x 2 threads 3.9: docs/results/demo.md)
     cpus_per_worker: Int = Field(1, gt=0)
     checkpoint_every: Int = Field(0, ge=0)  # resumable (DeepSpeed) checkpoints; 0: none, only the final model
     # also a resumable checkpoint at the first log interval N minutes after the last one: a stage longer than a

@@ -37,7 +37,7 @@ fi
 
 echo "[demo] starting a Ray head on 127.0.0.1:$GCS_PORT (dashboard http://127.0.0.1:$DASHBOARD_PORT)"
 # setsid: every process of this head shares one session id, so stop_head kills exactly them.
-# Multi-node off: every Ray process on 127.0.0.1 (README "Failure handling"); Ray Train's settings for one
+# Multi-node off: every Ray process on 127.0.0.1 (docs/security.md); Ray Train's settings for one
 # machine, as lori_ray/cluster.py LOCAL_TRAIN_SETTINGS gives a local cluster.
 setsid bash -c 'echo $$ > "$0"; exec "$@"' "$STATE/session" \
   env RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 RAY_TRAIN_ENABLE_PREEMPTION_WATCHER=0 RAY_TRAIN_HEALTH_CHECK_INTERVAL_S=0.5 \

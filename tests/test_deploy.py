@@ -32,7 +32,7 @@ SCHEMAS = {kind: json.loads((ROOT / "tests" / "schemas" / f"{kind.lower()}.schem
 SECRET = "lori-ray-credentials"
 CREDENTIALS = ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "HF_TOKEN",
                "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL")
-DOCS = ("README.md", "docker/README.md")
+DOCS = ("README.md", "docs/kubernetes.md", "docs/own-models.md", "docker/README.md")
 
 
 def object_id(overlay: str, obj: dict) -> str:

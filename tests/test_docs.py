@@ -1,5 +1,7 @@
-"""The method is cited from the repository's own docs/method.md: no citation of a document outside it, and every
-``docs/method.md#<anchor>`` the code, tests or docs cite is a heading there."""
+"""The docs hold together: the method is cited from the repository's own docs/method.md (no citation of a document
+outside it, and every ``docs/method.md#<anchor>`` the code, tests or docs cite is a heading there); every relative
+link of README.md and docs/ resolves, to a heading where it names one; README.md stays a short front page; the
+configuration reference is what the schema generates."""
 
 import re
 from pathlib import Path
@@ -14,7 +16,7 @@ CITATION = re.compile(r"docs/method\.md#([\w-]+)")
 
 def cited_files() -> list[Path]:
     files = [p for d in SOURCES for p in sorted((ROOT / d).rglob("*")) if p.is_file() and p.suffix in SUFFIXES]
-    return [*files, ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    return [*files, ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
 
 
 def anchor(heading: str) -> str:
@@ -61,3 +63,75 @@ def test_the_configuration_reference_is_generated_from_the_schema():
     text = module.render()
     assert all(f"| `{key.rsplit('.', 1)[-1]}` |" in text for key in keys)  # every key has its row
     assert "| `rank` | `int` | `required` |" in text and "| `answer_marker` | `str` | `####` | with messages" in text
+
+
+LINK = re.compile(r"(?<!!)\[[^\]]*\]\(([^)\s]+)\)")
+README_MAX_LINES = 300
+
+
+def markdown_files() -> list[Path]:
+    return [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
+
+
+def links(markdown: str) -> list[str]:
+    """The targets of a markdown file's links, outside code blocks and inline code."""
+    text = re.sub(r"```.*?```", "", markdown, flags=re.DOTALL)
+    text = re.sub(r"`[^`\n]*`", "", text)
+    return LINK.findall(text)
+
+
+def shown(path: Path) -> str:
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
+
+
+def broken_links(path: Path) -> list[str]:
+    broken = []
+    for target in links(path.read_text()):
+        if re.match(r"[a-z][a-z0-9+.-]*:", target):  # http:, https:, mailto: — not checked offline
+            continue
+        file, _, name = target.partition("#")
+        resolved = (path.parent / file).resolve() if file else path
+        if not resolved.exists():
+            broken.append(f"{shown(path)}: {target}: no such file")
+        elif name and resolved.suffix == ".md" and name not in anchors(resolved.read_text()):
+            broken.append(f"{shown(path)}: {target}: no such heading in {shown(resolved)}")
+    return broken
+
+
+def test_links_are_found_and_checked(tmp_path):
+    page = tmp_path / "page.md"
+    page.write_text("# Top\n[a](page.md#top) [b](#top) [c](missing.md) [d](page.md#nowhere) `[e](x.md)`\n"
+                    "[f](https://example.com) ![g](img.png)\n```\n[h](gone.md)\n```\n")
+    assert links(page.read_text()) == ["page.md#top", "#top", "missing.md", "page.md#nowhere", "https://example.com"]
+    assert broken_links(page) == [f"{page}: missing.md: no such file",
+                                  f"{page}: page.md#nowhere: no such heading in {page.resolve()}"]
+
+
+def test_every_relative_link_in_the_docs_resolves():
+    files = markdown_files()
+    assert len(files) > 10 and all(links(path.read_text()) for path in files[:2])
+    broken = [problem for path in files for problem in broken_links(path)]
+    assert not broken, "broken links:\n" + "\n".join(broken)
+
+
+def test_the_readme_is_a_front_page():
+    lines = (ROOT / "README.md").read_text().splitlines()
+    assert len(lines) <= README_MAX_LINES, f"README.md has {len(lines)} lines; move detail into docs/"
+    text = "\n".join(lines)
+    for command in ("make demo", "make test", "docs/own-models.md", "docs/configuration.md"):
+        assert command in text
+    assert max(len(line) for line in lines if not line.startswith("|")) <= 120
+
+
+def test_every_docs_page_is_reachable_from_the_readme():
+    """No orphan page: each file under docs/ is linked from README.md or from a page linked from it."""
+    seen, todo = set(), [ROOT / "README.md"]
+    while todo:
+        path = todo.pop()
+        if path in seen or path.suffix != ".md" or not path.exists():
+            continue
+        seen.add(path)
+        todo += [(path.parent / target.partition("#")[0]).resolve() for target in links(path.read_text())
+                 if not re.match(r"[a-z][a-z0-9+.-]*:", target) and target.partition("#")[0]]
+    orphans = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "docs").rglob("*.md") if p.resolve() not in seen)
+    assert not orphans, f"not linked from README.md or its pages: {orphans}"

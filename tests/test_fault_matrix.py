@@ -1,4 +1,4 @@
-"""The fault matrix (README "Failure handling"), on the tiny preset: what the run does and what is left on disk when
+"""The fault matrix (docs/failure-handling.md), on the tiny preset: what the run does and what is left on disk when
 the driver is killed (SIGKILL, with the local cluster it started) in each stage and the same command is run again,
 when an object store does not answer (refused before Ray starts) and when the MLflow server goes away mid-run (the
 run goes on). Killed train workers and teacher actors are in ``test_faults.py``."""

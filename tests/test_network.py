@@ -69,7 +69,7 @@ def test_a_local_cluster_listens_on_loopback_only_and_its_workers_find_it(tmp_pa
                                                                           another_local_cluster):
     """GCS, raylet, dashboard, its agents, the driver, an actor, and a Ray Train worker group with its gloo
     process group: every socket they listen on is bound to loopback, except torch.distributed's rendezvous store
-    while a stage trains (torch binds its server to the wildcard address; README "Security" says so). With
+    while a stage trains (torch binds its server to the wildcard address; docs/security.md says so). With
     another local cluster on the machine, a worker that looks its cluster up without an address (as Ray Train's
     placement-group cleaner does) still finds its own."""
     monkeypatch.delenv("RAY_ADDRESS", raising=False)  # the process's token file, as Ray caches the first it reads
