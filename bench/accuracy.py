@@ -9,7 +9,8 @@ reuses both, so every student gets the same teacher, data, steps and batch; seed
 student's batch order and fresh weights (``student.seed``). Prints per method: held-out exact match
 (mean ± std over seeds, and each seed), exact match on as many training problems (memorisation
 shows as a gap), per-digit accuracy, generated tokens per answer, inference time and speedup over
-the CoT teacher. Writes <output_dir>/<name>/accuracy.md and curves.png (validation exact match
+the CoT teacher. Writes <output_dir>/<name>/accuracy.md (headed by the command, date, commit and machine:
+``lori_ray.provenance``) and curves.png (validation exact match
 against steps and minutes, one line per seed), and logs both to MLflow (run <name>-benchmark).
 """
 
@@ -20,6 +21,7 @@ from typing import get_args
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from lori_ray import provenance
 from lori_ray.cli import (
     add_parallel,
     at_least_one,
@@ -122,8 +124,8 @@ def main() -> int:
     # the curves come from MLflow: a server gone away gives the table without them
     histories = {key: tracked(stage_history, first.tracking_uri(), config.tracking.experiment, config.name, "student",
                               "val_accuracy") or [] for key, config in configs.items()}
-    text = table(base, reports) + "\n\nValidation exact match while training (minutes since each student's stage " \
-        "began):\n\n" + milestones(histories)
+    text = provenance.header() + table(base, reports) + "\n\nValidation exact match while training (minutes since " \
+        "each student's stage began):\n\n" + milestones(histories)
     print("\n" + text, flush=True)
     curves = {}
     for (method, _), history in histories.items():

@@ -169,6 +169,9 @@ log "summary"
 {
   echo "# GPU suite results ($(date -u +%FT%TZ), TINY=$TINY)"
   echo
+  # the command, date, commit and machine, as every bench script heads its results (lori_ray/provenance.py)
+  timeout 30 "$PY" -m lori_ray.provenance -- env TINY="$TINY" BUDGET="${BUDGET:-}" SECTIONS="${SECTIONS:-}" \
+    bash bench/gpu_suite.sh 2>/dev/null || echo "- machine: $(uname -sm), $(nproc) cores"
   grep -E "^torch |^transformers " "$OUT/env.txt"
   grep -E "^IMPORTS|^python -c" "$LOG" | tail -n 2
   for name in unpack prune deepspeed-unpack deepspeed-install imports 135m 1b lori 135m-compile 1b-generate; do

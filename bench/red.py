@@ -13,6 +13,8 @@ the table and the per-layer eRank to <output_dir>/<name>/red.md and red.json. ``
 full-width student of the same method (student.kind=full) and the pruned ones' speedup over it: with an
 implicit method (``student.method=lori``) the table shows what width reduction and skipping the CoT give
 together.
+
+red.md is headed by the command, date, commit and machine (``lori_ray.provenance``).
 """
 
 import json
@@ -21,6 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from lori_ray import provenance
 from lori_ray.cli import add_parallel, config_or_exit, configs_sharing_teacher, inspected, parser, start, user_errors
 from lori_ray.config import PRUNED_INITS
 
@@ -76,7 +79,7 @@ def main() -> int:
                      f"{mean(report.erank['student init']):.2f} | {mean(report.erank['student trained']):.2f} |")
     lines.append("\neRank: mean over layers (embedding output included) of exp(entropy of the normalised singular "
                  f"values) of centred hidden states on {base.student.calibration_size} training examples.")
-    table = "\n".join(lines)
+    table = provenance.header() + "\n".join(lines)
     print("\n" + table, flush=True)
     out = base.run_dir
     out.mkdir(parents=True, exist_ok=True)

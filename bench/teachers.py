@@ -8,7 +8,7 @@ match (every CoT and answer token the argmax given the gold prefix, which is gre
 each evaluation, the first step and minute at or above the target (``teacher.train.until_val``, else 0.99), and
 the held-out exact match of the teacher writing its own CoT. Finished teachers are found on disk and not trained
 again, and a stage with ``train.checkpoint_minutes`` resumes, so a stopped benchmark continues when run again.
-Writes <output_dir>/<name>-teachers.md.
+Writes <output_dir>/<name>-teachers.md, headed by the command, date, commit and machine.
 """
 
 import hashlib
@@ -21,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from accuracy import mean_std, milestone  # bench/, the script's own folder
 
+from lori_ray import provenance
 from lori_ray.cli import at_least_one, config_or_exit, inspected, parser, start, user_errors
 
 
@@ -103,7 +104,7 @@ def main() -> int:
     for step in steps:
         cells = [next((f"{value:.3f}" for s, _, value in curves[seed] if s == step), "") for seed in seeds]
         lines.append(f"| {step:,} | " + " | ".join(cells) + " |")
-    text = "\n".join(lines)
+    text = provenance.header() + "\n".join(lines)
     print("\n" + text, flush=True)
     path = Path(base.output_dir) / f"{base.name}-teachers.md"
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -13,7 +13,8 @@ Prints one table:
 Runs on CPU with small sizes (what CI exercises) and on a GPU with the real ones.
 
 `--parts` picks the measurements (train, extract, generate); `--plain-compile` adds a torch.compile'd
-plain step; `--json PATH` also writes the figures as JSON. A measurement that fails is reported as
+plain step; `--json PATH` also writes the figures as JSON, `--markdown PATH` the table headed by the command,
+date, commit and machine (``lori_ray.provenance``). A measurement that fails is reported as
 failed (traceback on stderr) and the others still run; the exit status is then 1.
 """
 
@@ -32,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch
 from safetensors.torch import save_file
 
+from lori_ray import provenance
 from lori_ray.cli import at_least_one
 from lori_ray.data import generate_multiplication
 from lori_ray.models import build_model
@@ -202,6 +204,8 @@ def main() -> None:
     parser.add_argument("--peak-size", type=int, default=8192 if CUDA else 1024)
     parser.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {','.join(PARTS)}")
     parser.add_argument("--json", type=Path, help="also write the figures to this JSON file")
+    parser.add_argument("--markdown", type=Path, help="also write the table, headed by the command, date, commit "
+                        "and machine, to this markdown file")
     args = parser.parse_args()
     parts = {p.strip() for p in args.parts.split(",") if p.strip()}
     if not parts or parts - set(PARTS):
@@ -343,13 +347,16 @@ def main() -> None:
         measure("static", lambda: generation(model_dir, prompts, layout.pad, layout.eos, args.new_tokens, "static"))
     done.append(True)
 
-    print(f"\ndevice: {device}; model {args.family}/{args.size} ({params / 1e6:.1f}M parameters), "
-          f"micro-batch {args.batch} x {args.seq} tokens, {args.workers} worker(s), ZeRO-{args.zero}"
-          f"{', compiled' if args.compile else ''}, "
-          f"{'bf16' if CUDA else 'fp32'}; matmul peak {peak / 1e12:.2f} TFLOP/s")
-    print("\n| measurement | tokens/s | MFU | peak GPU GB | ratio |\n|---|---|---|---|---|")
-    for r in rows().values():
-        print(render(r))
+    table = "\n".join([
+        (f"device: {device}; model {args.family}/{args.size} ({params / 1e6:.1f}M parameters), "
+         f"micro-batch {args.batch} x {args.seq} tokens, {args.workers} worker(s), ZeRO-{args.zero}"
+         f"{', compiled' if args.compile else ''}, {'bf16' if CUDA else 'fp32'}; "
+         f"matmul peak {peak / 1e12:.2f} TFLOP/s"),
+        "", "| measurement | tokens/s | MFU | peak GPU GB | ratio |", "|---|---|---|---|---|",
+        *(render(r) for r in rows().values())])
+    print("\n" + table)
+    if args.markdown:
+        provenance.write_results(args.markdown, table)
     write_json()
     if failed:
         print(f"\nfailed: {', '.join(failed)} (tracebacks on stderr)")

@@ -12,6 +12,8 @@ import pytest
 from conftest import job_env
 from transformers import AutoModelForCausalLM
 
+from lori_ray.provenance import MARKER
+
 pytestmark = pytest.mark.cluster  # a real Ray cluster or a full pipeline: `make test-fast` skips it
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,9 +31,13 @@ def rate(table: str, row: str) -> float:
     return float(line.split("|")[2].replace(",", ""))
 
 
-def test_throughput_benchmark_prints_every_measurement():
+def test_throughput_benchmark_prints_every_measurement(tmp_path):
     out = run("bench/throughput.py", "--size", "tiny", "--steps", "3", "--seq", "64", "--extract", "64",
-              "--generate", "8", "--new-tokens", "8", "--peak-size", "256", "--compile")  # train.compile too
+              "--generate", "8", "--new-tokens", "8", "--peak-size", "256", "--compile",  # train.compile too
+              "--markdown", str(tmp_path / "throughput.md"))
+    written = (tmp_path / "throughput.md").read_text()
+    assert written.startswith(MARKER + "\n- command: `python bench/throughput.py --size tiny ")
+    assert written.split("\n\n", 1)[1].strip() in out  # the printed table, under its provenance header
     assert re.search(r"matmul peak [\d.]+ TFLOP/s", out)
     for row in ("plain PyTorch eager step", "Ray Train + DeepSpeed step", "bare teacher forward",
                 "trajectory extraction", "HF generate, batch 8", "HF generate + static cache"):
@@ -61,6 +67,7 @@ def test_red_benchmark_prints_its_table_and_reruns_on_its_finished_stages(tmp_pa
     assert re.search(r"\| width 64 \| teacher \| [\d.]+ \| [\d.]+ \| [\d.]+ \| [\d.]+x \| 1.00x \|", out)
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "tiny-full" / "student").config.hidden_size == 64
     assert (tmp_path / "tiny" / "red.json").is_file()
+    assert (tmp_path / "tiny" / "red.md").read_text().startswith(MARKER + "\n- command: `python bench/red.py")
     # one MLflow store for the comparison: the first student's
     assert (tmp_path / "tiny-w32-random" / "mlflow.db").is_file()
     assert not (tmp_path / "tiny-w32-activation" / "mlflow.db").exists()
@@ -119,6 +126,7 @@ def test_accuracy_benchmark_aggregates_student_seeds_and_draws_their_curves(tmp_
     assert len(cells[4].split(" / ")) == 4  # 2x2 multiplication: four answer digits
     assert "| explicit CoT teacher |" in out and re.search(r"\| lori \| 1 \| (step|not reached).* at step 6 ", out)
     assert (tmp_path / "tiny" / "accuracy.md").read_text().strip() in out
+    assert (tmp_path / "tiny" / "accuracy.md").read_text().startswith(MARKER + "\n- command: `python bench/accuracy.py")
     assert (tmp_path / "tiny" / "curves.png").stat().st_size > 0
     # each seed trained with its own student seed, under its own name, logged to the first run's store
     import mlflow
@@ -159,6 +167,7 @@ def test_teachers_benchmark_trains_one_teacher_per_seed_and_reruns_on_the_finish
     assert (re.search(r"^\| 3 \| [\d.]+ \| [\d.]+ \|$", out, re.MULTILINE)
             and re.search(r"^\| 6 \| [\d.]+ \| [\d.]+ \|$", out, re.MULTILINE))
     assert (tmp_path / "tiny-teachers.md").read_text().strip() in out
+    assert (tmp_path / "tiny-teachers.md").read_text().startswith(MARKER + "\n- command: `python bench/teachers.py")
     for seed in (0, 1):
         assert f"\nseed: {seed}\n" in (tmp_path / f"tiny-teacher-s{seed}" / "config.yaml").read_text()
     weights = [AutoModelForCausalLM.from_pretrained(tmp_path / f"tiny-teacher-s{seed}" / "teacher").lm_head.weight
