@@ -413,7 +413,7 @@ class TrackingConfig(Section):
     log_models: bool = True
 
 
-SEARCH_KINDS = ("choice", "uniform", "loguniform", "randint")
+SEARCH_KINDS = ("choice", "grid", "uniform", "loguniform", "randint")  # grid: every value, each num_samples times
 
 
 class TuneConfig(Section):
@@ -430,7 +430,9 @@ class TuneConfig(Section):
     search: Literal["random", "optuna"] = Field("random", description="random sampling, or optuna (needs the optuna "
                                                                       "package)")
     max_concurrent_trials: Int | None = Field(None, gt=0)  # default: cluster CPUs // workers per trial
+    evaluate: Literal["best", "all"] = "best"  # which finished trials' students are scored on the held-out split
     space: dict[str, dict[str, list]] = Field({}, description="config key → one distribution: {choice: [...]}, "
+                                                              "{grid: [...]} (every value, each num_samples times), "
                                                               "{uniform: [low, high]}, {loguniform: [low, high]} or "
                                                               "{randint: [low, high]}; every value it can take is "
                                                               "validated before Ray starts")
@@ -441,10 +443,10 @@ class TuneConfig(Section):
             if len(spec) != 1 or next(iter(spec)) not in SEARCH_KINDS:
                 raise ValueError(f"space: {key} needs exactly one of {list(SEARCH_KINDS)}, got {spec}")
             kind, values = next(iter(spec.items()))
-            if kind != "choice" and len(values) != 2:
+            if kind not in ("choice", "grid") and len(values) != 2:
                 raise ValueError(f"space: {key}: {kind} takes [low, high], got {values}")
             if not values:
-                raise ValueError(f"space: {key}: choice needs at least one value")
+                raise ValueError(f"space: {key}: {kind} needs at least one value")
         return self
 
 
@@ -716,7 +718,7 @@ def _check_search_space(config: Config) -> None:
     for key, spec in config.tune.space.items():
         (kind, values), = spec.items()
         # range bounds, and a float inside a continuous range (an integer field cannot take it)
-        candidates = values if kind in ("choice", "randint") else [*values[:2], (values[0] + values[1]) / 2]
+        candidates = values if kind in ("choice", "grid", "randint") else [*values[:2], (values[0] + values[1]) / 2]
         for value in candidates:
             try:
                 with_overrides(config.model_copy(update={"tune": TuneConfig()}), {key: value})

@@ -1,3 +1,4 @@
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -92,9 +93,28 @@ def test_every_trial_is_an_mlflow_run_with_params_and_metrics(search):
         history = mlflow.MlflowClient().get_metric_history(run.info.run_id, "ce")
         assert len(history) >= 1
     assert "best_held_out_accuracy" in parent.data.metrics
+    # the best trial's held-out score on its own run too (the parallel-coordinates view)
+    scored = [run for run in trials if "held_out_accuracy" in run.data.metrics]
+    assert len(scored) == 1 and scored[0].data.metrics["held_out_accuracy"] == parent.data.metrics[
+        "best_held_out_accuracy"]
     artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(parent.info.run_id)}
     assert {"tune_summary.md", "accuracy_vs_rank.png", "best_trial.json"} <= artifacts
     assert "| trial | subspace.rank | loss.first_order |" in stdout
+    summary = json.loads(mlflow.artifacts.load_text(f"runs:/{parent.info.run_id}/best_trial.json"))
+    assert 0.0 <= summary["held_out_accuracy"] <= 1.0 and summary["trials"] == 2
+
+
+def test_the_best_student_is_published_and_answers_through_predict(search):
+    output, stdout, _ = search
+    student = output / "tune-demo" / "best-student"
+    assert f"[tune] its student: {student}" in stdout
+    contract = json.loads((student / "lori-model.json").read_text())
+    assert contract["role"] == "student" and contract["latent_slots"] in (1, 2)
+    assert (student / "README.md").exists()
+    answer = subprocess.run([sys.executable, "-m", "lori_ray.predict", str(student), "12 * 34"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=300, check=False)
+    assert answer.returncode == 0, answer.stderr[-2000:]
+    assert answer.stdout.startswith("12 * 34 = ")  # a tiny student's answer, right or wrong
 
 
 def test_teacher_ran_once_for_all_trials_and_a_rerun_resumes(search):
