@@ -616,6 +616,11 @@ def _trained_with(curriculum: str) -> str:
             slotless = [site for site in spec.sites if not spec.has_slots(site)]  # removal needs no slots
             narrowed = curriculum == "removal" and spec.sites and len(slotless) < len(spec.sites)
             names.append(f"{name} with loss.align_at {' or '.join(slotless)}" if narrowed else name)
+    return _listed(names)
+
+
+def _listed(names: list[str]) -> str:
+    """'a, b and c'."""
     return ", ".join(names[:-1]) + " and " + names[-1] if len(names) > 1 else names[0]
 
 
@@ -652,7 +657,7 @@ def _check_fresh(config: Config) -> None:
     if config.data.task != "multiplication":
         why = f"draws generated multiplication problems; data.task is {config.data.task}"
     elif not student.spec.fresh:
-        why = f"trains {', '.join(m for m, spec in METHODS.items() if spec.fresh)} students, not {student.method}"
+        why = f"trains {_listed([m for m, spec in METHODS.items() if spec.fresh])} students, not {student.method}"
     elif student.removes_cot or student.staged:
         why = f"has no CoT sequences for student.curriculum {student.curriculum}"
     elif config.loss.kd:
