@@ -86,7 +86,8 @@ def main() -> None:
 
     # .to(device): the objective's own buffers (target_scale) start on the CPU; in training DeepSpeed moves them
     ce_only = step_ms(LMObjective(model).to(device), batch, args.steps)
-    with_lori = LMObjective(model, layers, projection, {"ce": 1.0, "first_order": 1.0, "second_order": 1.0}).to(device)
+    weights = {"ce": 1.0, "first_order": 1.0, "second_order": 1.0}
+    with_lori = LMObjective(model, layers, projection, weights, terms=list(weights)).to(device)
     lori = step_ms(with_lori, batch, args.steps)
     tokens = int(batch["attention_mask"].sum())
     print(f"device={device} model={args.family}/{args.size} batch={args.batch} rank={args.rank} K={args.latents} "

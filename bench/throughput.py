@@ -126,7 +126,8 @@ def our_training_step(work: Path, model_dir: Path, batch: dict, steps: int, zero
     train = TrainConfig(steps=2 * steps, batch_size=len(rows["input_ids"]), lr=1e-4, warmup=1, zero_stage=zero,
                         num_workers=workers, log_every=steps, compile=compile)
     stage = Stage(name="throughput", model_dir=str(model_dir), data_path=str(work / "data.safetensors"), train=train,
-                  weights={"ce": 1.0, "first_order": 1.0, "second_order": 1.0}, student_layers=layers,
+                  weights={"ce": 1.0, "first_order": 1.0, "second_order": 1.0},
+                  terms=["ce", "first_order", "second_order"], student_layers=layers,
                   projection_path=str(work / "projection.safetensors"), gpus_per_worker=1.0 if CUDA else 0.0)
     _, metrics = fit(stage, work / "out", work / "ray")
     return metrics

@@ -27,6 +27,7 @@ from pydantic import (
 
 from . import storage
 from .data import source_problem
+from .methods import METHODS, MethodSpec
 from .models import FAMILIES, PRUNABLE, SIZES, ModelSourceError, is_hub_id, model_shape, pretrained_config
 from .tokens import load_tokenizer
 
@@ -36,9 +37,9 @@ Int = Annotated[int, Strict()]
 Float = Annotated[float, Strict(), AllowInfNan(False)]
 
 
-# the student methods (see StudentConfig.method) and RED's projection inits (``pruned.initial_projection``),
+# the student methods (their specs: ``methods.METHODS``) and RED's projection inits (``pruned.initial_projection``),
 # declared once: benchmarks and the pruned students take their lists from here
-Method = Literal["nocot", "icot_kd", "codi", "icot_si", "coconut", "lori", "explicit"]
+Method = Literal[tuple(METHODS)]
 PrunedInit = Literal["activation", "random", "random_orthogonal"]
 PRUNED_INITS: tuple[str, ...] = get_args(PrunedInit)
 
@@ -284,7 +285,7 @@ class StudentConfig(Section):
     # loss.first_order; CODI's self-distillation with the frozen teacher); nocot: CE only, question ->
     # answer with no latent slots; icot_si: nocot with curriculum removal (ICoT-SI); explicit: the
     # student writes the CoT like the teacher (CE, plus loss.kd for logit distillation); coconut: CE only,
-    # continuous latents and the stages curriculum (Coconut)
+    # continuous latents and the stages curriculum (Coconut). Each is declared in lori_ray/methods.py
     method: Method = "lori"
     # full: the teacher's shape (init teacher) or a preset (init scratch); pruned: RED, the teacher at
     # residual width `width` (and `depth` layers) through projections initialised by `init`
@@ -329,19 +330,24 @@ class StudentConfig(Section):
     train: TrainConfig = TrainConfig(steps=500)
 
     @property
+    def spec(self) -> MethodSpec:
+        """What the method is made of (``methods.MethodSpec``)."""
+        return METHODS[self.method]
+
+    @property
     def removes_cot(self) -> bool:
         """Trained with the removal curriculum (``icot_si`` is nocot with it)."""
-        return self.method == "icot_si" or self.curriculum == "removal"
+        return "removal" in (self.spec.curriculum, self.curriculum)
 
     @property
     def staged(self) -> bool:
         """Trained with Coconut's stages (``coconut`` is CE with them)."""
-        return self.method == "coconut" or self.curriculum == "stages"
+        return "stages" in (self.spec.curriculum, self.curriculum)
 
     @property
     def continuous(self) -> bool:
         """The latent slots are continuous thoughts."""
-        return self.method == "coconut" or self.latent == "continuous"
+        return self.spec.latent == "continuous" or self.latent == "continuous"
 
     @property
     def stages(self) -> int:
@@ -599,44 +605,57 @@ def _check_against_model(config: Config) -> None:
             raise ConfigError(f"student.width: {student.width} is larger than the teacher's hidden size ({hidden})")
         if student.depth and student.depth > layers:
             raise ConfigError(f"student.depth: {student.depth} is more than the teacher's {layers} layers")
-    aligns = student.method in ("lori", "icot_kd", "codi")
-    if (aligns and config.data.fields is not None and config.data.fields.cot is None and not config.data.fields.messages
+    spec, align_at = student.spec, config.loss.align_at
+    fields = config.data.fields
+    if (spec.alignment != "none" and fields is not None and fields.cot is None and not fields.messages
             and not config.teacher.complete_cots):
         raise ConfigError(f"student.method: {student.method} aligns the student with the teacher's CoT, and the data "
                           f"has none (data.fields.cot is null): set teacher.complete_cots: true for the teacher to "
                           f"write them, or train student.method nocot")
-    if student.method == "explicit" and not (config.loss.ce or config.loss.kd):
+    if spec.writes_cot and not (config.loss.ce or config.loss.kd):
         raise ConfigError("loss: an explicit student needs loss.ce or loss.kd above 0")
     if config.trajectory.segments == "digits" and (config.data.task != "multiplication" or config.model.path):
         raise ConfigError("trajectory.segments: 'digits' needs the multiplication task and its one-token-per-digit "
                           "tokenizer (no model.path)")
-    if student.removes_cot and not (student.method in ("nocot", "icot_si") or
-                         (student.method == "lori" and config.loss.align_at == "answer")):
-        raise ConfigError(f"student.curriculum: removal trains nocot, icot_si and lori with loss.align_at answer, "
-                          f"not {student.method}" + (f" aligned at {config.loss.align_at}"
-                                                     if student.method == "lori" else ""))
-    if student.staged and student.method != "coconut":
-        raise ConfigError(f"student.curriculum: stages trains coconut (CE on what is left of the CoT), not "
-                          f"{student.method}")
+    if student.removes_cot and not ("removal" in spec.curricula and not spec.has_slots(align_at)):
+        raise ConfigError(f"student.curriculum: removal trains {_trained_with('removal')}, not {student.method}"
+                          + (f" aligned at {align_at}" if len(spec.sites) > 1 else ""))
+    if student.staged and "stages" not in spec.curricula:
+        raise ConfigError(f"student.curriculum: stages trains {_trained_with('stages')} (CE on what is left of the "
+                          f"CoT), not {student.method}")
     if student.staged and student.latent_slots % student.latents_per_step:
         raise ConfigError(f"student.latents_per_step: {student.latents_per_step} does not divide "
                           f"student.latent_slots ({student.latent_slots}); the last stage has latent_slots latents")
-    has_slots = (student.method in ("icot_kd", "coconut")
-                 or (student.method == "lori" and config.loss.align_at != "answer"))
-    if student.continuous and not has_slots:
+    if student.continuous and not spec.has_slots(align_at):
         raise ConfigError(f"student.latent: continuous needs latent slots; student.method {student.method}"
-                          + (" with loss.align_at answer" if student.method == "lori" else "") + " has none")
+                          + (f" with loss.align_at {align_at}" if len(spec.sites) > 1 else "") + " has none")
     if student.continuous and student.kind == "pruned":
         raise ConfigError("student.latent: continuous is for kind full students (a pruned student's forward "
                           "has no separate decoder to run in chunks)")
-    if student.method == "codi" and config.trajectory.segments != "steps":
+    if spec.site(align_at) == "separator" and config.trajectory.segments != "steps":
         raise ConfigError(f"trajectory.segments: {config.trajectory.segments!r} does not apply to student.method "
-                          "codi, which aligns the teacher's state at `####` alone")
+                          f"{student.method}, which aligns the teacher's state at `####` alone")
     if student.problems == "fresh":
         _check_fresh(config)
     if config.student.latent_slots >= config.model.max_positions:
         raise ConfigError(f"student.latent_slots: {config.student.latent_slots} does not fit in "
                           f"model.max_positions ({config.model.max_positions})")
+
+
+def _trained_with(curriculum: str) -> str:
+    """The methods a curriculum trains, for an error message."""
+    names = []
+    for name, spec in METHODS.items():
+        if curriculum in spec.curricula:
+            slotless = [site for site in spec.sites if not spec.has_slots(site)]  # removal needs no slots
+            narrowed = curriculum == "removal" and spec.sites and len(slotless) < len(spec.sites)
+            names.append(f"{name} with loss.align_at {' or '.join(slotless)}" if narrowed else name)
+    return _listed(names)
+
+
+def _listed(names: list[str]) -> str:
+    """'a, b and c'."""
+    return ", ".join(names[:-1]) + " and " + names[-1] if len(names) > 1 else names[0]
 
 
 def _check_student_path(config: Config, teacher_config) -> None:
@@ -659,7 +678,7 @@ def _check_student_path(config: Config, teacher_config) -> None:
                           f"tokenizer)")
     teacher_width = (teacher_config.hidden_size if teacher_config
                      else model_shape(model.family, model.size, None)[0])
-    if config.student.method in ("icot_kd", "codi") and student.hidden_size != teacher_width:
+    if config.student.spec.alignment == "hidden" and student.hidden_size != teacher_width:
         raise ConfigError(f"student.method: {config.student.method} matches full-width hidden states, and the student "
                           f"at student.path is {student.hidden_size} wide, the teacher {teacher_width}: use lori "
                           f"(a learned projection) or a student of the teacher's width")
@@ -671,16 +690,17 @@ def _check_fresh(config: Config) -> None:
     student, why = config.student, None
     if config.data.task != "multiplication":
         why = f"draws generated multiplication problems; data.task is {config.data.task}"
-    elif student.method not in ("lori", "icot_kd", "nocot"):
-        why = f"trains lori, icot_kd and nocot students, not {student.method}"
+    elif not student.spec.fresh:
+        why = f"trains {_listed([m for m, spec in METHODS.items() if spec.fresh])} students, not {student.method}"
     elif student.removes_cot or student.staged:
         why = f"has no CoT sequences for student.curriculum {student.curriculum}"
     elif config.loss.kd:
         why = "has no teacher sequences for loss.kd"
-    elif student.method == "lori" and config.subspace.kind != "pca":
+    elif student.spec.alignment == "subspace" and config.subspace.kind != "pca":
         why = "computes PCA coordinates (subspace.kind pca), not a Tucker core"
-    elif student.method == "icot_kd" and config.trajectory.segments != "steps":
-        why = "aligns icot_kd's latent slots with the teacher's CoT steps (trajectory.segments steps)"
+    elif student.spec.alignment == "hidden" and config.trajectory.segments != "steps":
+        why = (f"aligns {student.method}'s latent slots with the teacher's CoT steps (trajectory.segments "
+               f"steps)")
     if why:
         raise ConfigError(f"student.problems: fresh {why}")
 

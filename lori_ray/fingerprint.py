@@ -65,6 +65,10 @@ def stage_inputs(stage) -> dict[str, str]:
     if stage.fresh is not None and stage.fresh.targets_path:  # the subspace fresh problems are projected on
         inputs["fresh_targets"] = digest(stage.fresh.targets_path)
     settings["train"] = _train_settings(settings["train"])
+    # a student's loss terms are its weights' keys (the objective checks it); its weights digest as they did before
+    # the terms were explicit, when they named kd whatever the terms (weight 0 without a teacher)
+    if settings.pop("terms", None) is not None:
+        settings["weights"] = {"kd": 0.0, **settings["weights"]}
     inputs["settings"] = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
     return inputs
 

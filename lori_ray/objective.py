@@ -6,6 +6,8 @@ The method: docs/method.md#loss and docs/method.md#alignment-sites."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -13,6 +15,7 @@ from torch import nn
 from .batch import Batch
 from .latents import continuous_forward
 from .losses import AnswerKL, LoRiLoss, readout_mse
+from .methods import TERMS
 from .models import keep_layers
 from .subspace import Subspace
 
@@ -147,24 +150,72 @@ def labelled_logits(model: nn.Module, input_ids: torch.Tensor, attention_mask: t
     return output, targets[:, keep]
 
 
+# the terms that read hidden states: at the latent slots (or ``####``), and at the answer positions
+SLOT_TERMS = frozenset({"first_order", "second_order", "hidden_mse"})
+HIDDEN_STATE_TERMS = SLOT_TERMS | {"answer_align"}
+
+
+def check_terms(terms: Sequence[str], weights: dict[str, float], layers: bool, projection: bool, readout: bool,
+                teacher: bool) -> frozenset[str]:
+    """``terms`` as a set, when each is a known term with a weight and the module it needs, each weight has its
+    term, and each module given is used; ValueError naming the term otherwise."""
+    terms = frozenset(terms)
+    unknown = sorted(terms - set(TERMS))
+    if unknown:
+        raise ValueError(f"unknown loss terms {unknown}; the objective computes {list(TERMS)}")
+    if "ce" not in terms:
+        raise ValueError("loss term 'ce' is always computed: list it among the terms (weight 0 keeps it out of the "
+                         "loss)")
+    for term in TERMS:
+        if term in weights and term not in terms:
+            raise ValueError(f"loss term {term!r} has a weight ({weights[term]}) but is not computed: the terms are "
+                             f"{sorted(terms)}")
+        if term in terms and term not in weights:
+            raise ValueError(f"loss term {term!r} is computed but has no weight: the weights are {weights}")
+    stray = sorted(set(weights) - set(TERMS))
+    if stray:
+        raise ValueError(f"loss terms {stray} have weights but are not computed: the terms are {sorted(terms)}")
+    lori, full_width = bool({"first_order", "second_order"} & terms), "hidden_mse" in terms
+    needs = {"a projection (first_order, second_order)": (lori, projection),
+             "student_layers (an alignment term)": (bool(terms & HIDDEN_STATE_TERMS), layers),
+             "a readout (answer_align)": ("answer_align" in terms, readout),
+             "a teacher (kd)": ("kd" in terms, teacher)}
+    for what, (wanted, given) in needs.items():
+        if wanted and not given:
+            raise ValueError(f"loss terms {sorted(terms)} need {what}")
+    if lori and full_width:
+        raise ValueError("hidden_mse aligns full-width states, first_order and second_order projected ones: one of "
+                         "the two")
+    if lori and not {"first_order", "second_order"} <= terms:
+        raise ValueError(f"first_order and second_order come together (the LoRi loss); the terms are {sorted(terms)}")
+    unused = [name for name, given, wanted in (("projection", projection, lori), ("readout", readout,
+                                                "answer_align" in terms), ("teacher", teacher, "kd" in terms))
+              if given and not wanted]
+    if unused:
+        raise ValueError(f"a {unused[0]} is given but no loss term uses it: the terms are {sorted(terms)}")
+    return terms
+
+
 class LMObjective(nn.Module):
     """``forward(batch) -> (loss, metrics)``; the only module DeepSpeed wraps.
 
-    ``ce`` is the mean cross-entropy of the labelled tokens. With ``student_layers`` the hidden states
-    at the latent slots are aligned with ``batch["targets"]``: through ``projection`` with the LoRi loss
-    (``first_order``, ``second_order``), or without one as a full-width MSE (``hidden_mse``, the ICoT-KD
-    baseline); with ``target_scale`` [L] both sides are divided by it per layer first. With a ``teacher`` the
-    ``kd`` term is the KL from its next-token distributions on ``batch["teacher_*"]`` (the student's own
-    sequences when absent) to the student's on the student's labelled tokens. With a ``readout`` the states at
-    ``batch["answer_positions"]`` [B, P] (-1: none) are mapped to ``batch["answer_targets"]`` [B, L, F]
-    (``answer_align``, MSE). ``weights`` maps each term to its factor.
-    With ``continuous_latents`` those tokens are continuous thoughts (``latents.continuous_forward``).
+    It computes exactly ``terms`` (a method's, ``methods.MethodSpec.terms``) and sums them with ``weights``, one
+    weight per term: a term without a weight, a weight without its term, or a term without the module it needs
+    raises ValueError. ``ce`` is the mean cross-entropy of the labelled tokens. ``first_order`` and
+    ``second_order`` (the LoRi loss) align the hidden states of ``student_layers`` at ``batch["latent_positions"]``
+    through ``projection`` with ``batch["targets"]``; ``hidden_mse`` aligns them without one, at full width (the
+    ICoT-KD and CODI baselines); with ``target_scale`` [L] both sides are divided by it per layer first.
+    ``answer_align`` maps the states at ``batch["answer_positions"]`` [B, P] (-1: none) through ``readout`` to
+    ``batch["answer_targets"]`` [B, L, F] (MSE). ``kd`` is the KL from the ``teacher``'s next-token distributions
+    on ``batch["teacher_*"]`` (the student's own sequences when absent) to the student's on the student's
+    labelled tokens. With ``continuous_latents`` those tokens are continuous thoughts (``latents.continuous_forward``).
     """
 
     def __init__(self, model: nn.Module, student_layers: list[int] = (), projection: nn.Module | None = None,
                  weights: dict[str, float] | None = None, teacher: nn.Module | None = None,
                  kd_temperature: float = 1.0, target_scale: list[float] | None = None,
-                 readout: AnswerReadout | None = None, continuous_latents: list[int] | None = None):
+                 readout: AnswerReadout | None = None, continuous_latents: list[int] | None = None,
+                 terms: Sequence[str] = ("ce",)):
         super().__init__()
         self.model = model
         self.continuous_latents = list(continuous_latents or [])
@@ -172,6 +223,8 @@ class LMObjective(nn.Module):
         self.projection = projection
         self.readout = readout
         self.weights = dict(weights or {"ce": 1.0})
+        self.terms = check_terms(terms, self.weights, bool(self.student_layers), projection is not None,
+                                 readout is not None, teacher is not None)
         self.lori = LoRiLoss()
         self.answer_kl = AnswerKL(kd_temperature)
         scale = torch.tensor(target_scale or [1.0] * len(self.student_layers), dtype=torch.float32)
@@ -191,24 +244,26 @@ class LMObjective(nn.Module):
         return output.logits, targets
 
     def forward(self, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
+        wanted = self.terms
         output, targets = labelled_logits(self.model, batch["input_ids"], batch["attention_mask"], batch["labels"],
-                                          self.continuous_latents, output_hidden_states=bool(self.student_layers))
+                                          self.continuous_latents,
+                                          output_hidden_states=bool(wanted & HIDDEN_STATE_TERMS))
         logits = output.logits
         terms = {"ce": F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)}
-        if self.student_layers and "latent_positions" in batch:
+        if wanted & SLOT_TERMS:
             states = slot_states(output.hidden_states, self.student_layers, batch["latent_positions"]).float()
             teacher_states = batch["targets"] / self.target_scale
             if self.projection is not None:
                 terms.update(self.lori(self.projection(states) / self.target_scale, teacher_states))
             else:
                 terms["hidden_mse"] = (states / self.target_scale - teacher_states).pow(2).mean()
-        if self.readout is not None:
+        if "answer_align" in wanted:
             positions = batch["answer_positions"]
             states = slot_states(output.hidden_states, self.student_layers, positions.clamp_min(0)).float()
             terms["answer_align"] = readout_mse(self.readout(states), batch["answer_targets"], positions >= 0)
-        if self._teacher:
+        if "kd" in wanted:
             terms["kd"] = self.answer_kl(logits, targets, *self._teacher_logits(batch, logits))
-        loss = sum(self.weights.get(name, 0.0) * value for name, value in terms.items())
+        loss = sum(self.weights[name] * value for name, value in terms.items())
         metrics = {name: value.detach().item() for name, value in terms.items()}
         metrics["loss"] = loss.detach().item()
         return loss, metrics

@@ -48,7 +48,8 @@ class Stage:
     data_path: str  # safetensors: input_ids, labels, attention_mask [, latent_positions, targets, answer_*, cot_*]
     train: TrainConfig
     seed: int = 0
-    weights: dict = field(default_factory=lambda: {"ce": 1.0})
+    weights: dict = field(default_factory=lambda: {"ce": 1.0})  # a factor per loss term, one for each of ``terms``
+    terms: list[str] | None = None  # the loss terms the objective computes (``methods``); None: ce alone
     student_layers: list[int] = field(default_factory=list)
     projection_path: str | None = None  # safetensors with weight, bias
     readout_path: str | None = None  # safetensors with the answer readout's initial weight, bias
@@ -214,7 +215,7 @@ def _build_objective(stage: Stage):
     readout = load_projection(load_file(stage.readout_path)) if stage.readout_path else None
     teacher = load_model(stage.teacher_dir) if stage.teacher_dir else None
     return LMObjective(model, stage.student_layers, projection, stage.weights, teacher, stage.kd_temperature,
-                       stage.target_scale, readout, stage.continuous_latents)
+                       stage.target_scale, readout, stage.continuous_latents, terms=stage.terms or ("ce",))
 
 
 def lora_token_ids(stage: Stage) -> list[int]:

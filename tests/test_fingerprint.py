@@ -185,3 +185,22 @@ def test_restart_from_deletes_a_stage_only_as_it_starts_after_the_earlier_stages
         (Path(output).exists(), checkpoints.exists())))
     train_stage(config, "student", model, data, config.student.train)
     assert trained == [(False, False)]  # the old student and its checkpoints were gone before it trained again
+
+
+def test_a_students_explicit_loss_terms_digest_as_its_weights_did_before(tmp_path):
+    """Before the objective took explicit terms, a student's weights named kd (0 without a teacher) and no terms:
+    a stage finished then is still found finished; another weight or term is another input."""
+    config = load_config(ROOT / "configs/tiny.yaml", [f"output_dir={tmp_path / 'runs'}", "cluster.gpus_per_worker=0"])
+    model, data = stage_files(tmp_path)
+
+    def settings(**fields) -> str:
+        return stage_inputs(make_stage(config, "student", model, data, config.student.train, **fields))["settings"]
+
+    before = settings(weights={"ce": 1.0, "kd": 0.0, "first_order": 1.0, "second_order": 1.0})
+    assert settings(weights={"ce": 1.0, "first_order": 1.0, "second_order": 1.0},
+                    terms=["ce", "first_order", "second_order"]) == before
+    assert settings(weights={"ce": 1.0, "kd": 0.5}, terms=["ce", "kd"]) == settings(weights={"ce": 1.0, "kd": 0.5})
+    assert settings(weights={"ce": 1.0, "first_order": 2.0, "second_order": 1.0},
+                    terms=["ce", "first_order", "second_order"]) != before
+    # a teacher stage (ce alone, no terms given) digests as it always did
+    assert settings() == settings(weights={"ce": 1.0})

@@ -105,7 +105,8 @@ def test_objective_trains_through_the_continuous_forward():
     labels = torch.where(torch.arange(input_ids.shape[1]) > 6, input_ids, -100).masked_fill(attention_mask == 0, -100)
     positions = torch.stack([(row == LATENTS[0]).nonzero()[0] + torch.arange(3) for row in input_ids])
     targets = torch.randn(3, 1, 3, 64)
-    objective = LMObjective(model, [2], weights={"ce": 1.0, "hidden_mse": 1.0}, continuous_latents=LATENTS)
+    objective = LMObjective(model, [2], weights={"ce": 1.0, "hidden_mse": 1.0}, continuous_latents=LATENTS,
+                            terms=["ce", "hidden_mse"])
     _, metrics = objective({"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
                             "latent_positions": positions, "targets": targets})
     output = continuous_forward(model, input_ids, attention_mask, LATENTS)

@@ -54,7 +54,8 @@ def test_objective_trains_latent_embeddings_through_alignment_only():
     tokenizer, model, batch = student_batch(4)
     latents = tokenizer.convert_tokens_to_ids(["<latent_0>", "<latent_1>"])
     batch["targets"] = torch.randn(4, 2, 2, 3)
-    objective = LMObjective(model, [1, 2], TrajectoryProjection(2, 64, 3), {"first_order": 1.0, "second_order": 1.0})
+    weights = {"ce": 0.0, "first_order": 1.0, "second_order": 1.0}
+    objective = LMObjective(model, [1, 2], TrajectoryProjection(2, 64, 3), weights, terms=list(weights))
     loss, metrics = objective(batch)
     loss.backward()
     embedding_grad = model.get_input_embeddings().weight.grad
@@ -69,7 +70,7 @@ def test_objective_trains_latent_embeddings_through_alignment_only():
 def test_without_projection_alignment_is_full_width_mse_at_the_slots():
     _, model, batch = student_batch(3)
     batch["targets"] = torch.randn(3, 1, 2, 64)
-    _, metrics = LMObjective(model, [2], None, {"ce": 1.0, "hidden_mse": 0.5})(batch)
+    _, metrics = LMObjective(model, [2], None, {"ce": 1.0, "hidden_mse": 0.5}, terms=["ce", "hidden_mse"])(batch)
     hidden = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                    output_hidden_states=True).hidden_states[2]
     slots = torch.stack([hidden[b, batch["latent_positions"][b]] for b in range(3)])  # [B, K, d]
@@ -89,7 +90,7 @@ def test_target_scale_makes_alignment_invariant_to_the_teachers_magnitude(aligne
     else:  # the last hidden state is the final norm's output: its gain scales it
         layers, names, scale, base_targets = [2], ("hidden_mse",), [0.5], torch.randn(4, 1, 2, 64)
     projection = TrajectoryProjection(2, 64, 3) if aligned == "lori" else None
-    weights = {name: 1.0 for name in names}
+    weights = {"ce": 1.0, **{name: 1.0 for name in names}}
 
     def terms(factor: float, target_scale) -> dict:
         mapped = None
@@ -99,7 +100,7 @@ def test_target_scale_makes_alignment_invariant_to_the_teachers_magnitude(aligne
         gain = model.model.norm.weight.data.clone()
         if projection is None:
             model.model.norm.weight.data.mul_(factor)
-        objective = LMObjective(model, layers, mapped, weights,
+        objective = LMObjective(model, layers, mapped, weights, terms=list(weights),
                                 target_scale=target_scale and [factor * s for s in target_scale])
         result = objective({**batch, "targets": factor * base_targets})[1]
         model.model.norm.weight.data.copy_(gain)
@@ -165,7 +166,7 @@ def test_kd_term_runs_the_frozen_teacher_on_its_own_sequences():
     batch.update({f"teacher_{k}": v for k, v in
                   collate([teacher_layout.teacher(e) for e in examples], tokenizer.pad_token_id).items()})
     teacher = build_model("llama", "tiny", len(tokenizer), 64, special, seed=2)
-    objective = LMObjective(model, weights={"ce": 1.0, "kd": 0.5}, teacher=teacher)
+    objective = LMObjective(model, weights={"ce": 1.0, "kd": 0.5}, teacher=teacher, terms=["ce", "kd"])
     loss, metrics = objective(batch)
     assert metrics["kd"] > 0 and loss.item() == pytest.approx(metrics["ce"] + 0.5 * metrics["kd"], rel=1e-5)
     loss.backward()
@@ -174,12 +175,14 @@ def test_kd_term_runs_the_frozen_teacher_on_its_own_sequences():
     # alongside trajectory alignment the KL still sees the answer labels, not the trajectory targets
     batch["latent_positions"] = torch.tensor([[a for a, _ in s.spans] for s in sequences])
     batch["targets"] = torch.randn(4, 2, 2, 3)
-    _, aligned = LMObjective(model, [1, 2], TrajectoryProjection(2, 64, 3),
-                             {"ce": 1.0, "first_order": 1.0, "kd": 0.5}, teacher=teacher)(batch)
+    weights = {"ce": 1.0, "first_order": 1.0, "second_order": 1.0, "kd": 0.5}
+    _, aligned = LMObjective(model, [1, 2], TrajectoryProjection(2, 64, 3), weights, teacher=teacher,
+                             terms=list(weights))(batch)
     assert aligned["kd"] == pytest.approx(metrics["kd"], rel=1e-5)
     # an explicit student trains on the teacher's sequences: the same model gives KL 0
     explicit = collate([teacher_layout.teacher(e) for e in examples], tokenizer.pad_token_id)
-    _, same = LMObjective(model, weights={"kd": 1.0}, teacher=copy.deepcopy(model))(explicit)
+    _, same = LMObjective(model, weights={"ce": 0.0, "kd": 1.0}, teacher=copy.deepcopy(model),
+                          terms=["ce", "kd"])(explicit)
     assert same["kd"] == pytest.approx(0.0, abs=1e-6)
 
 
@@ -225,7 +228,8 @@ def test_answer_alignment_reads_the_trajectory_at_the_answer_positions_only():
     batch["answer_targets"] = torch.randn(3, 2, 6)
     torch.manual_seed(1)
     readout = AnswerReadout(2, batch["answer_positions"].shape[1], 6, 64)
-    loss, metrics = LMObjective(model, [1, 2], weights={"ce": 1.0, "answer_align": 0.5}, readout=readout)(batch)
+    loss, metrics = LMObjective(model, [1, 2], weights={"ce": 1.0, "answer_align": 0.5}, readout=readout,
+                                terms=["ce", "answer_align"])(batch)
     hidden = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                    output_hidden_states=True).hidden_states
     errors = []
@@ -252,8 +256,8 @@ def test_objective_runs_in_bf16_with_every_alignment_head():
     batch["targets"] = torch.randn(4, 2, 2, 3)
     batch["answer_positions"] = torch.tensor([[5, 6, 7]] * 4)
     batch["answer_targets"] = torch.randn(4, 2, 6)
-    objective = LMObjective(model, [1, 2], TrajectoryProjection(2, 64, 3),
-                            {"ce": 1.0, "first_order": 1.0, "second_order": 1.0, "answer_align": 1.0},
+    weights = {"ce": 1.0, "first_order": 1.0, "second_order": 1.0, "answer_align": 1.0}
+    objective = LMObjective(model, [1, 2], TrajectoryProjection(2, 64, 3), weights, terms=list(weights),
                             readout=AnswerReadout(2, 3, 6, 64)).to(torch.bfloat16)
     loss, metrics = objective(batch)
     loss.backward()

@@ -16,6 +16,7 @@ from ..config import Config
 from ..data import Example, multiplication_digits
 from ..evaluate import EvalResult, evaluate, format_digits
 from ..fingerprint import FINGERPRINT_FILE, digest
+from ..methods import METHODS
 from ..models import load_model
 from ..plots import erank_figure
 from ..predict import Contract, write_model_files
@@ -99,7 +100,7 @@ class Report:
 
     def table(self) -> str:
         speedup = self.teacher.seconds / max(self.student.seconds, 1e-9)
-        student = f"student ({self.method}{'' if self.method == 'explicit' else ', no CoT'})"
+        student = f"student ({self.method}{'' if METHODS[self.method].writes_cot else ', no CoT'})"
         rows = [("teacher (explicit CoT)", self.teacher, "1.00x"), (student, self.student, f"{speedup:.2f}x")]
         lines = ["| model | accuracy | tokens/answer | inference s | speedup | per-digit accuracy |",
                  "|---|---|---|---|---|---|"]

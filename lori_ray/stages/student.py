@@ -17,6 +17,7 @@ from ..curriculum import RemovalSchedule, StageSchedule, cot_spans, step_starts
 from ..data import Example
 from ..fresh import FreshProblems
 from ..losses import standardization, trajectory_scale
+from ..methods import term_weights
 from ..models import build_model, load_model
 from ..objective import AnswerReadout, TrajectoryProjection, TuckerProjection, pair_layers, slot_states
 from ..preflight import Splits
@@ -30,12 +31,10 @@ from .training import calibration_batch, model_shape_of, sequences_of, train_sta
 
 def latent_slots(config: Config) -> int | None:
     """Latent slots of the student; ``None``: it writes the CoT (``explicit``)."""
-    method = config.student.method
-    if method == "explicit":
+    spec = config.student.spec
+    if spec.writes_cot:
         return None
-    if method in ("nocot", "icot_si", "codi") or (method == "lori" and config.loss.align_at == "answer"):
-        return 0
-    return config.student.latent_slots
+    return config.student.latent_slots if spec.has_slots(config.loss.align_at) else 0
 
 
 def student_init(config: Config, teacher_dir: Path, slots: int, train: list[Example]) -> Path:
@@ -137,17 +136,20 @@ def calibrated_projection(model_dir: Path, data_path: Path, layers: list[int], f
 
 
 def student_stage(config: Config, teacher_dir: Path, splits: Splits, store) -> tuple[Path, Path, dict]:
-    """Initial model, training tensors and stage fields of the configured method:
-    ``lori`` (CE + subspace alignment), ``icot_kd`` (CE + full-width hidden MSE at the latent slots),
-    ``codi`` (CE + full-width hidden MSE at ``####``), ``nocot`` (CE), ``coconut`` (CE through Coconut's
-    stages) or ``explicit`` (CE on the CoT and answer); any of them plus ``kd`` with the teacher run online
-    (docs/method.md#methods-and-baselines)."""
-    method, slots, loss, train = config.student.method, latent_slots(config) or 0, config.loss, splits.train
+    """Initial model, training tensors and stage fields of the configured method, as its spec
+    (``methods.METHODS``) declares it: its sequences and curriculum, the teacher's targets at its alignment
+    site (coordinates in the subspace, or full-width hidden states), the heads that map the student's states
+    there (a projection at the slots, a readout at the answer), and its loss terms with their weights; any method
+    plus ``kd`` with the teacher run online (docs/method.md#methods-and-baselines)."""
+    spec, slots, loss, train = config.student.spec, latent_slots(config) or 0, config.loss, splits.train
+    site, subspace = spec.site(loss.align_at), spec.alignment == "subspace"
+    terms = spec.terms(loss.align_at, kd=bool(loss.kd))
+    losses = {"terms": list(terms), "weights": term_weights(terms, loss)}
     init = on_a_gpu(config.cluster.gpus_per_actor, student_init, config, teacher_dir, slots,
                     train[:config.student.calibration_size])
     tokenizer = load_tokenizer(str(init))
     layout = Layout(tokenizer, add_latent_tokens(tokenizer, slots))
-    kind = "teacher" if method == "explicit" else "student"
+    kind = "teacher" if spec.writes_cot else "student"
     data_path = config.run_dir / "data" / "student.safetensors"
     kd = {"teacher_dir": str(teacher_dir), "kd_temperature": loss.kd_temperature} if loss.kd else {}
     # the student's own seed (batch order, fresh weights): seeds of one method share teacher and data
@@ -163,39 +165,39 @@ def student_stage(config: Config, teacher_dir: Path, splits: Splits, store) -> t
     def with_teacher(index=None) -> dict[str, torch.Tensor]:
         """The teacher's own sequences (of ``train[i]`` for i in ``index``) for the kd term (an explicit student
         already trains on them)."""
-        if not loss.kd or method == "explicit":
+        if not loss.kd or spec.writes_cot:
             return {}
         sequences = train_sequences("teacher")
         return teacher_sequences(sequences if index is None else [sequences[i] for i in index], layout.pad)
 
     if config.student.removes_cot or config.student.staged:
         kind = "teacher"  # trained on the teacher's sequences, losing their CoT (validation has none)
-    if method in ("nocot", "icot_si", "coconut", "explicit"):
+    if site is None:  # no alignment: CE (and kd) on its sequences
         sequences = train_sequences(kind)
         schedule, fields = curriculum(config, sequences, layout)
         data = write_tensors(sequences, layout.pad, config.model.max_positions, data_path,
                              **with_teacher(), **schedule)
-        return init, data, {"weights": {"ce": loss.ce, "kd": loss.kd}, **fields, **common,
-                            **fresh_field(config, splits, slots)}
+        return init, data, {**losses, **fields, **common, **fresh_field(config, splits, slots)}
 
     stored_layers = store.manifest["layers"]
     student_width, student_layers = model_shape_of(init, config)
     teacher_width, teacher_layers = model_shape_of(teacher_dir, config)
     pairs = pair_layers(student_layers, teacher_layers, config.loss.layers or stored_layers)
     rows = [stored_layers.index(t) for _, t in pairs]
-    align_at = config.loss.align_at if method == "lori" else "latents"
+    reads_answer, aligns_slots = spec.reads_answer(loss.align_at), spec.aligns_slots(loss.align_at)
     # digit segments (PCA): one trajectory unit per answer digit, read at the answer position that writes that
     # digit (not resampled); a Tucker core mixes the units, so every position reads all of it
-    per_digit = config.trajectory.segments == "digits" and align_at != "latents" and config.subspace.kind == "pca"
-    steps = None if per_digit or method == "codi" else config.student.latent_slots
+    per_digit = config.trajectory.segments == "digits" and reads_answer and config.subspace.kind == "pca"
+    # ``####`` alone: the store's one unit per example
+    steps = None if per_digit or site == "separator" else config.student.latent_slots
     tucker = None
-    if method == "lori" and config.subspace.kind == "tucker":
+    if subspace and config.subspace.kind == "tucker":
         if rows != list(range(len(stored_layers))):
             raise ConfigError(f"subspace.kind: tucker needs a student layer paired with each stored teacher layer "
                               f"{stored_layers}; pairs are {pairs}")
         index, targets, tucker = store.tucker(steps, *config.subspace.tucker_ranks, config.subspace.rank)
         log(f"[student] Tucker fit, explained variance per mode: {tucker.explained_variance()}")
-    elif method == "lori":
+    elif subspace:
         index, targets = store.coordinates(config.subspace.rank, steps)
         targets = targets[:, rows]
     else:
@@ -206,10 +208,9 @@ def student_stage(config: Config, teacher_dir: Path, splits: Splits, store) -> t
     student_layers = [s for s, _ in pairs]
     tensors, fields = curriculum(config, sequences, layout)
     fields.update(student_layers=student_layers, **common)
-    weights = {"ce": loss.ce, "kd": loss.kd}
     tensors.update(with_teacher(index))
     fresh_tensors = {}  # what fresh problems' targets are computed with (``fresh``)
-    if align_at != "latents":
+    if reads_answer:
         positions = answer_positions(sequences)
         if per_digit:  # answer position p (which writes digit p) reads digit p's column
             answer_targets, positions = targets, positions[:, :targets.shape[2]]
@@ -226,45 +227,41 @@ def student_stage(config: Config, teacher_dir: Path, splits: Splits, store) -> t
         readout_path = config.run_dir / "data" / "readout.safetensors"
         save_file({k: v.detach().contiguous() for k, v in readout.state_dict().items()}, readout_path)
         fields["readout_path"] = str(readout_path)
-        weights["answer_align"] = loss.answer
         log(f"[student] answer alignment: {len(pairs)} layers x {positions.shape[1]} positions read "
             f"{answer_targets.shape[-1]} trajectory features{' of their digit' if per_digit else ''}")
-        if align_at == "both" and per_digit:  # the latent slots still align with K resampled units
+        if aligns_slots and per_digit:  # the latent slots still align with K resampled units
             targets = resample_steps(targets, config.student.latent_slots)
-    if align_at != "answer":  # codi: the one aligned position is ``####``
-        aligned = [[s.answer[0]] if method == "codi" else [start for start, _ in s.spans] for s in sequences]
+    if aligns_slots:
+        aligned = [[s.answer[0]] if site == "separator" else [start for start, _ in s.spans] for s in sequences]
         tensors.update(latent_positions=torch.tensor(aligned),
                        targets=targets.float())
         if loss.normalize:  # Tucker cores mix layers: one scale for all of them
             fields["target_scale"] = trajectory_scale(targets, per_layer=tucker is None).tolist()
     data = write_tensors(sequences, layout.pad, config.model.max_positions, data_path, **tensors)
     if config.student.problems == "fresh":
-        if method == "lori":
-            subspace = store.subspace().truncate(config.subspace.rank)
-            fresh_tensors.update(mean=subspace.mean[rows], basis=subspace.basis[rows],
-                                 eigenvalues=subspace.eigenvalues[rows])
-        fields.update(fresh_field(config, splits, slots, "coordinates" if method == "lori" else "hidden",
-                                  teacher_dir, [t for _, t in pairs], fresh_tensors, readout=align_at != "latents",
-                                  slot_targets=align_at != "answer", steps=steps))
-    if method in ("icot_kd", "codi"):
-        return init, data, {"weights": {**weights, "hidden_mse": loss.first_order}, **fields}
-    if align_at == "answer":
-        return init, data, {"weights": weights, **fields}
+        if subspace:
+            fitted = store.subspace().truncate(config.subspace.rank)
+            fresh_tensors.update(mean=fitted.mean[rows], basis=fitted.basis[rows],
+                                 eigenvalues=fitted.eigenvalues[rows])
+        fields.update(fresh_field(config, splits, slots, "coordinates" if subspace else "hidden",
+                                  teacher_dir, [t for _, t in pairs], fresh_tensors, readout=reads_answer,
+                                  slot_targets=aligns_slots, steps=steps))
+    if not (subspace and aligns_slots):  # full-width states need no projection; a readout alone neither
+        return init, data, {**losses, **fields}
 
     same_width = student_width == teacher_width
     if tucker is not None:
         projection = (TuckerProjection.from_tucker(tucker) if same_width else calibrated_projection(
             init, data, student_layers, lambda states, targets: TuckerProjection.fit(tucker, states, targets)))
     elif same_width:
-        subspace = store.subspace().truncate(config.subspace.rank)
-        selected = type(subspace)(subspace.mean[rows], subspace.basis[rows], subspace.eigenvalues[rows])
+        fitted = store.subspace().truncate(config.subspace.rank)
+        selected = type(fitted)(fitted.mean[rows], fitted.basis[rows], fitted.eigenvalues[rows])
         projection = TrajectoryProjection.from_subspace(selected)
     else:
         projection = calibrated_projection(init, data, student_layers, TrajectoryProjection.fit)
     projection_path = config.run_dir / "data" / "projection.safetensors"
     save_file({k: v.detach().contiguous() for k, v in projection.state_dict().items()}, projection_path)
-    weights.update(first_order=loss.first_order, second_order=loss.second_order)
-    return init, data, {"weights": weights, "projection_path": str(projection_path), **fields}
+    return init, data, {**losses, "projection_path": str(projection_path), **fields}
 
 
 def distill_student(config: Config, teacher_dir: Path, splits: Splits, store) -> tuple[Path, Path]:

@@ -20,7 +20,7 @@ from .training import model_shape_of
 def trajectory_segments(config: Config) -> str:
     """What one unit of the stored trajectories averages (``Layout.segments``): codi's target is the
     teacher's state at ``####``; every other method reads ``trajectory.segments``."""
-    return "separator" if config.student.method == "codi" else config.trajectory.segments
+    return "separator" if config.student.spec.site(config.loss.align_at) == "separator" else config.trajectory.segments
 
 
 def trajectory_stage(config: Config, teacher_dir: Path, train: list[Example]):
