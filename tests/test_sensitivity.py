@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from lori_ray.config import ConfigError, load_config
-from lori_ray.tuning import search_space, summary_table
+from lori_ray.tuning import search_space, summary_table, trial_count
 
 ROOT = Path(__file__).resolve().parents[1]
 spec = importlib.util.spec_from_file_location("sensitivity", ROOT / "bench/sensitivity.py")
@@ -27,6 +27,16 @@ def test_grid_is_every_value_and_validated():
         load_config(ROOT / "configs/tune-demo.yaml", ['tune.space={"subspace.rank": {"grid": [2, 99]}}'])
     with pytest.raises(ConfigError, match=r"tune.space: loss.ce: grid needs at least one value"):
         load_config(ROOT / "configs/tune-demo.yaml", ['tune.space={"loss.ce": {"grid": []}}'])
+
+
+def test_trial_count_is_samples_times_grid_combinations(tmp_path):
+    base = load_config(ROOT / "configs/implicit-3x3.yaml", [f"output_dir={tmp_path}"])
+    searches = sensitivity.search_configs(base, arguments())
+    assert trial_count(searches["rank"]) == 3 * 2 * 2 and trial_count(searches["second_order"]) == 1 * 2
+    assert trial_count(load_config(ROOT / "configs/tune-demo.yaml")) == 3
+    random = load_config(ROOT / "configs/tune-demo.yaml", ["tune.num_samples=4",
+                                                           'tune.space={"subspace.rank": {"choice": [2, 4]}}'])
+    assert trial_count(random) == 4
 
 
 def test_searches_share_teacher_data_and_store_and_vary_one_thing_each(tmp_path):

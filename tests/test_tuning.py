@@ -58,6 +58,9 @@ def run_tune(output: Path, teacher: Path) -> subprocess.CompletedProcess:
     # shape; teacher SFT is the distillation job's code path): the mechanics, not the accuracy, are under test
     fast = ["model.size=tiny", "data.train_size=544", f"teacher.path={teacher}", "student.train.steps=12",
             "student.train.log_every=4", "tune.num_samples=2",
+            # a random search over four fields (the preset's is a grid over the alignment site)
+            ('tune.space={"subspace.rank": {"choice": [2, 4, 8]}, "loss.first_order": {"loguniform": [0.1, 10.0]}, '
+            '"loss.second_order": {"loguniform": [0.01, 1.0]}, "student.latent_slots": {"choice": [1, 2]}}'),
             "student.train.num_workers=1",  # one worker each: both trials at once
             "trajectory.num_actors=1"]
     return subprocess.run([sys.executable, "jobs/tune.py", "--config", "configs/tune-demo.yaml",
