@@ -5,7 +5,7 @@
 
 Prints one table:
   * matmul peak (bf16 on GPU, fp32 on CPU), the denominator of MFU;
-  * training: a plain-PyTorch eager AdamW step (CE only) and our production loop (`lori_ray.train`:
+  * training: a plain-PyTorch eager AdamW step (CE only) and our production loop (`lori_ray.worker`:
     Ray Train workers, DeepSpeed ZeRO, CE + LoRi loss) — tokens/s, MFU, peak GPU memory;
   * teacher extraction: `build_store` through the Ray actor pool (two passes: step means + moments,
     then coordinates; actor start included) vs a bare forward with hidden states on the same sequences;
@@ -115,7 +115,8 @@ def our_training_step(work: Path, model_dir: Path, batch: dict, steps: int, zero
                       compile: bool) -> dict:
     """The production loop through Ray Train: the last report's window excludes the warm-up steps."""
     from lori_ray.config import TrainConfig
-    from lori_ray.train import Stage, fit
+    from lori_ray.driver import fit
+    from lori_ray.worker import Stage
     layers = list(range(1, 1 + batch["targets"].shape[1]))
     projection = TrajectoryProjection(len(layers), _hidden(model_dir), batch["targets"].shape[-1])
     save_file({k: v.detach().contiguous() for k, v in projection.state_dict().items()}, work / "projection.safetensors")

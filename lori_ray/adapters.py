@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from .config import LoraConfig
+from .tokens import latent_ids_of, tokenizer_from
 
 ADAPTER_DIR = "adapter"  # in the published model's directory, with lora.save_adapter
 
@@ -43,3 +44,8 @@ def publish(base_dir: str | Path, lora: LoraConfig, trainable_token_ids: list[in
     if lora.save_adapter:  # names its base by the directory it was loaded from
         model.save_pretrained(Path(directory) / ADAPTER_DIR)
     model.merge_and_unload().save_pretrained(directory)
+
+
+def lora_token_ids(model_dir: str | Path) -> list[int]:
+    """The embedding rows a LoRA stage trains besides its adapters: the latent-slot tokens, new in a student."""
+    return latent_ids_of(tokenizer_from(str(model_dir)))

@@ -79,9 +79,9 @@ def user_errors() -> Iterator[None]:
     cluster within ``cluster.wait_minutes``, a tracking store that failed as the run started or a checkpoint
     storage lost mid-stage."""
     from .cluster import ResourcesUnavailable
+    from .driver import StorageLost
     from .fingerprint import StageChanged
     from .tracking import TrackingUnavailable
-    from .train import StorageLost
     try:
         yield
     except StageChanged as error:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 
 from .data import Example, normalize_answer
 from .latents import continuous_forward
@@ -81,6 +83,35 @@ def greedy_generate(model, prompts: list[list[int]], pad: int, eos: int, batch_s
         if progress:
             progress(len(outputs), len(prompts))
     return outputs, seconds
+
+
+@torch.no_grad()
+def exact_match(model, data: dict[str, torch.Tensor], rank: int, world: int, batch_size: int,
+                latent_ids: list[int] | None = None) -> float:
+    """Fraction of sequences whose every labelled token is the argmax given the gold prefix.
+
+    For the answer (and CoT) tokens this equals exact match of greedy generation, in one forward
+    pass. Rows are strided over ranks with the same number of forwards on each (ZeRO-3 gathers
+    parameters collectively). ``latent_ids``: those tokens are continuous thoughts.
+    """
+    device = next(model.parameters()).device
+    total = data["input_ids"].shape[0]
+    rows = torch.arange(rank, total, world)
+    counts = torch.zeros(2, dtype=torch.float64, device=device)  # correct, seen
+    for chunk in range(math.ceil(math.ceil(total / world) / batch_size)):
+        part = rows[chunk * batch_size:(chunk + 1) * batch_size]
+        counted = len(part) > 0
+        part = part if counted else torch.tensor([0])  # a rank with fewer rows still joins the forward
+        input_ids, attention_mask = data["input_ids"][part].to(device), data["attention_mask"][part].to(device)
+        logits = (continuous_forward(model, input_ids, attention_mask, latent_ids) if latent_ids else
+                  model(input_ids=input_ids, attention_mask=attention_mask)).logits
+        gold = data["labels"][part, 1:].to(device)
+        hits = ((logits[:, :-1].argmax(-1) == gold) | (gold == -100)).all(1)
+        if counted:
+            counts += torch.tensor([hits.sum().item(), len(part)], dtype=torch.float64, device=device)
+    if dist.is_initialized():
+        dist.all_reduce(counts)
+    return (counts[0] / counts[1]).item()
 
 
 def evaluate(model, layout: Layout, examples: list[Example], with_cot: bool, batch_size: int = 100,

@@ -17,6 +17,7 @@ import mlflow
 
 from . import storage
 from .config import Config
+from .driver import DRIVER_TURNS
 from .evaluate import EvalResult
 from .preflight import Splits, load_data, shared_teacher_path
 from .stages import log
@@ -36,7 +37,6 @@ from .stages.training import forget_stage, restart_later
 from .stages.trajectories import trajectory_stage
 from .storage import write_local
 from .tracking import log_model, pipeline_run, stage_run, tracked
-from .train import DRIVER_TURNS
 
 STAGES = ("teacher", "student")
 

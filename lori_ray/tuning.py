@@ -22,6 +22,7 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
 from . import storage
 from .config import Config, with_overrides
+from .driver import fit
 from .recipe import opened
 from .stages import log
 from .stages.evaluate import evaluate_model
@@ -30,7 +31,6 @@ from .stages.teacher_sft import teacher_sft
 from .stages.training import make_stage
 from .stages.trajectories import trajectory_stage
 from .tracking import tracked, without_credentials
-from .train import fit
 from .trajectories import TrajectoryStore
 
 

@@ -1,42 +1,51 @@
-"""One training stage: Ray Train ``TorchTrainer`` whose workers are DeepSpeed ZeRO engines.
+"""The worker side of a training stage: Ray Train runs ``train_loop`` on every worker (or in the driver with
+``num_workers=0``), a DeepSpeed ZeRO engine around the stage's objective.
 
-The driver writes a stage directory (initial HF model, tokenized tensors, optional projection);
-every worker reads it, trains, and reports metrics and checkpoints through ``ray.train``. The
-last checkpoint holds the trained model as an HF directory under ``hf/``. Longer than the project's ~250 lines
-because the worker loop and the driver's ``fit`` must agree on what a checkpoint holds and how a restarted
-worker resumes; the loop itself (``_train``) reads top to bottom as one training step.
+Every worker reads the stage directory the driver wrote (initial HF model, tokenized tensors, optional projection),
+trains, and reports metrics and checkpoints through ``ray.train`` (what a checkpoint holds and how a restarted
+worker finds it: ``checkpoints``). The driver's side, ``fit``, is in ``driver``.
 """
 
 from __future__ import annotations
 
 import functools
+import logging
 import math
 import os
-import secrets
-import shutil
-import tempfile
-import threading
 import time
 import warnings
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import ray.train
 import torch
+import torch.distributed as dist
+from safetensors.torch import load_file
 
-from .batch import Batch
+from .adapters import lora_token_ids, with_lora
+from .batch import Batch, trim_padding
+from .checkpoints import report_checkpoint, resume_checkpoint, verify
 from .config import TrainConfig
-from .curriculum import RemovalSchedule, StageSchedule
-from .fresh import FreshProblems
+from .curriculum import (
+    RemovalSchedule,
+    StageSchedule,
+    latent_stage,
+    remove_cot_tokens,
+    replace_cot_steps,
+    sample_removals,
+    scheduled_removal,
+)
+from .evaluate import exact_match
+from .fresh import FreshBatches, FreshProblems
+from .models import load_model
+from .objective import LMObjective, load_projection
+from .progress import progress_bar
+from .pruned import load_student
+from .tracking import StepLogger
 
 # must be set before deepspeed is imported anywhere in the process
 os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
-WORKER_ENV = {  # DS_ACCELERATOR is not here: each worker sets it above, from the GPUs Ray gave it
-    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
-    "TOKENIZERS_PARALLELISM": "false",
-    "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",  # otherwise every worker print reaches the driver twice
-    **({"LORI_VERBOSE": "1"} if os.environ.get("LORI_VERBOSE") == "1" else {}),
-}
 
 
 @dataclass
@@ -89,7 +98,6 @@ def budget_spent(started: float, max_minutes: float | None) -> float:
     """The fraction of a wall-clock budget spent since ``started`` (0 without one), the same on every rank: they
     decay their learning rate alike, stop at the same step (``train.max_minutes``) and checkpoint together
     (``train.checkpoint_minutes``)."""
-    import torch.distributed as dist
     if max_minutes is None:
         return 0.0
     spent = torch.tensor([(time.time() - started) / (max_minutes * 60)])
@@ -98,41 +106,8 @@ def budget_spent(started: float, max_minutes: float | None) -> float:
     return spent.item()
 
 
-@torch.no_grad()
-def exact_match(model, data: dict[str, torch.Tensor], rank: int, world: int, batch_size: int,
-                latent_ids: list[int] | None = None) -> float:
-    """Fraction of sequences whose every labelled token is the argmax given the gold prefix.
-
-    For the answer (and CoT) tokens this equals exact match of greedy generation, in one forward
-    pass. Rows are strided over ranks with the same number of forwards on each (ZeRO-3 gathers
-    parameters collectively). ``latent_ids``: those tokens are continuous thoughts.
-    """
-    import torch.distributed as dist
-
-    from .latents import continuous_forward
-    device = next(model.parameters()).device
-    total = data["input_ids"].shape[0]
-    rows = torch.arange(rank, total, world)
-    counts = torch.zeros(2, dtype=torch.float64, device=device)  # correct, seen
-    for chunk in range(math.ceil(math.ceil(total / world) / batch_size)):
-        part = rows[chunk * batch_size:(chunk + 1) * batch_size]
-        counted = len(part) > 0
-        part = part if counted else torch.tensor([0])  # a rank with fewer rows still joins the forward
-        input_ids, attention_mask = data["input_ids"][part].to(device), data["attention_mask"][part].to(device)
-        logits = (continuous_forward(model, input_ids, attention_mask, latent_ids) if latent_ids else
-                  model(input_ids=input_ids, attention_mask=attention_mask)).logits
-        gold = data["labels"][part, 1:].to(device)
-        hits = ((logits[:, :-1].argmax(-1) == gold) | (gold == -100)).all(1)
-        if counted:
-            counts += torch.tensor([hits.sum().item(), len(part)], dtype=torch.float64, device=device)
-    if dist.is_initialized():
-        dist.all_reduce(counts)
-    return (counts[0] / counts[1]).item()
-
-
 def all_finite(loss: torch.Tensor) -> bool:
     """Whether the loss is finite on every rank (all ranks must agree to skip a step)."""
-    import torch.distributed as dist
     finite = torch.isfinite(loss.detach()).float().reshape(1)
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(finite, op=dist.ReduceOp.MIN)
@@ -184,7 +159,6 @@ def _process_group(deepspeed):
     DeepSpeed however the stage ends. DeepSpeed keeps clones of the world group; Ray's in-driver mode ends the
     group with torch alone (after a stage that returned; after one that raised, not at all), and the next stage
     in that driver failed on the stale clone ("Group ... is not registered")."""
-    import torch.distributed as dist
     if dist.is_initialized():  # a Ray Train worker's, or a caller's
         yield
         return
@@ -200,16 +174,9 @@ def _process_group(deepspeed):
 
 
 def _build_objective(stage: Stage):
-    from safetensors.torch import load_file
-
-    from .adapters import with_lora
-    from .models import load_model
-    from .objective import LMObjective, load_projection
-    from .pruned import load_student
-
     model = load_student(stage.model_dir)
     if stage.train.lora:
-        model = with_lora(model, stage.train.lora, lora_token_ids(stage))
+        model = with_lora(model, stage.train.lora, lora_token_ids(stage.model_dir))
     projection = load_projection(load_file(stage.projection_path)) if stage.projection_path else None
     readout = load_projection(load_file(stage.readout_path)) if stage.readout_path else None
     teacher = load_model(stage.teacher_dir) if stage.teacher_dir else None
@@ -217,15 +184,8 @@ def _build_objective(stage: Stage):
                        stage.target_scale, readout, stage.continuous_latents)
 
 
-def lora_token_ids(stage: Stage) -> list[int]:
-    """The embedding rows a LoRA stage trains besides its adapters: the latent-slot tokens, new in a student."""
-    from .tokens import latent_ids_of, tokenizer_from
-    return latent_ids_of(tokenizer_from(stage.model_dir))
-
-
 def curriculum_level(stage: Stage, step: int) -> int:
     """How far the curriculum has gone at ``step`` (CoT tokens removed, or Coconut's stage); 0 without one."""
-    from .curriculum import latent_stage, scheduled_removal
     if stage.removal:
         return scheduled_removal(step, stage.removal.steps_per_token)
     if stage.stages:
@@ -236,7 +196,6 @@ def curriculum_level(stage: Stage, step: int) -> int:
 def curriculum_batch(stage: Stage, batch: Batch, step: int, rank: int) -> tuple[Batch, dict[str, float]]:
     """The batch as the curriculum shows it at ``step`` (seeded by step, so a resumed run sees the same), and
     the curriculum's own metric (``cot_removed`` per row, or ``latent_stage``)."""
-    from .curriculum import remove_cot_tokens, replace_cot_steps, sample_removals
     level = curriculum_level(stage, step)
     if stage.removal:
         generator = torch.Generator().manual_seed(stage.seed * 1_000_003 + step * 7 + rank)
@@ -261,8 +220,7 @@ def quiet_ray_train() -> None:
     log step) drowned the job's own progress lines; ``LORI_VERBOSE=1`` keeps them."""
     if os.environ.get("LORI_VERBOSE") == "1":
         return
-    import logging
-
+    # Ray's internals, imported only where they are used: the rest of the module does not depend on them
     from ray.train.v2._internal.execution import context, storage
     for name in (context.__file__, storage.__name__):  # Ray names the first logger by its file path
         logging.getLogger(name).setLevel(logging.WARNING)
@@ -281,15 +239,6 @@ def train_loop(config: dict) -> None:
 
 def _train(stage: Stage, deepspeed) -> None:
     """The stage's training loop; ``train_loop`` has set up the process (threads, logging, process group)."""
-    import ray.train
-    from safetensors.torch import load_file
-
-    from .batch import trim_padding
-    from .checkpoints import verify
-    from .fresh import FreshBatches
-    from .progress import progress_bar
-    from .tracking import StepLogger
-
     train = stage.train
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
@@ -428,14 +377,14 @@ def _train(stage: Stage, deepspeed) -> None:
             periodic = ((train.checkpoint_every and step % train.checkpoint_every == 0)
                         or budget_spent(saved, train.checkpoint_minutes) >= 1)
             if periodic and step < end:
-                _report_checkpoint(engine, objective, report, stage, step, restarts, final=False)
+                report_checkpoint(engine, objective, report, stage, step, restarts, final=False)
                 saved = time.time()
             elif step < end:
                 ray.train.report(report)
     bar.close()
     if logger:
         logger.close()
-    _report_checkpoint(engine, objective, last, stage, step, restarts, final=True)
+    report_checkpoint(engine, objective, last, stage, step, restarts, final=True)
 
 
 def time_left(elapsed: float, done: int, remaining: int) -> str:
@@ -443,164 +392,3 @@ def time_left(elapsed: float, done: int, remaining: int) -> str:
     seconds = round(elapsed / max(done, 1) * remaining)
     hours, minutes = divmod(seconds // 60, 60)
     return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{seconds % 60:02d}s" if minutes else f"{seconds}s"
-
-
-def resume_checkpoint(stage: Stage, world: int, recorded):
-    """The checkpoint a (re)started stage resumes from: on a filesystem, the newest complete one of its inputs
-    in its folder, whatever Ray recorded (a worker killed between upload and record would otherwise lose it);
-    on an object store, the one Ray recorded. Also whether it is verified already (the one found in the folder
-    is; Ray's must be, once downloaded). Raises TamperedCheckpoint for one that no worker of ours wrote."""
-    import ray.train
-
-    from .checkpoints import newest_complete
-    if stage.checkpoint_root and Path(stage.checkpoint_root).is_dir():
-        found = newest_complete(Path(stage.checkpoint_root), world, stage.inputs_digest, stage.checkpoint_key)
-        return (ray.train.Checkpoint.from_directory(str(found[1])), True) if found else (None, False)
-    return recorded, False
-
-
-def _report_checkpoint(engine, objective, metrics: dict, stage: Stage, step: int, restarts: int,
-                       final: bool) -> None:
-    """A periodic checkpoint: every rank saves and signs its DeepSpeed shards (weights and optimizer state, what a
-    restart resumes from). The ``final`` one: the HF model and tokenizer under ``hf/``, from rank 0, and no
-    DeepSpeed state — nothing resumes after the last step, and for a 1B model that state is ~12 GB written for
-    nothing (a restart after it resumes from the newest periodic checkpoint)."""
-    import ray.train
-
-    from .adapters import publish as publish_adapted
-    from .checkpoints import sign
-    from .tokens import tokenizer_from
-    rank = ray.train.get_context().get_world_rank()
-    directory = None
-    if not final:
-        directory = tempfile.mkdtemp(prefix="lori-ckpt-")
-        engine.save_checkpoint(os.path.join(directory, "ds"), tag="state",
-                               client_state={"step": step, "restarts": restarts})
-        sign(Path(directory) / "ds", rank, step, stage.inputs_digest, stage.checkpoint_key)
-    else:
-        if engine.zero_optimization_stage() == 3:
-            state = engine._zero3_consolidated_16bit_state_dict()  # collective: every rank calls it
-        else:
-            state = engine.module.state_dict()
-        refuse_non_finite(state if rank == 0 else None, stage.name, step, metrics, engine.device)
-        if rank == 0:
-            directory = tempfile.mkdtemp(prefix="lori-ckpt-")
-            hf = os.path.join(directory, "hf")
-            if stage.train.lora:
-                publish_adapted(stage.model_dir, stage.train.lora, lora_token_ids(stage),
-                                objective.model_state_dict(state), hf)
-            else:
-                objective.model.save_pretrained(hf, state_dict=objective.model_state_dict(state))
-            tokenizer_from(stage.model_dir).save_pretrained(hf)
-    ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory) if directory else None,
-                     checkpoint_dir_name=f"step-{step:06d}", delete_local_checkpoint_after_upload=True)
-
-
-def refuse_non_finite(state: dict | None, name: str, step: int, metrics: dict, device="cpu") -> None:
-    """Raise on every rank when the model rank 0 is about to publish (``state``; None on the other ranks) has a
-    non-finite weight: skipped NaN steps (fewer than ``max_bad_steps``) or a diverged run would otherwise publish
-    it as finished, and a rerun would reuse it."""
-    import torch.distributed as dist
-    bad = [key for key, tensor in (state or {}).items() if tensor.is_floating_point() and not tensor.isfinite().all()]
-    flag = torch.tensor([float(len(bad))], device=device)  # on the engine's device: nccl broadcasts CUDA tensors
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.broadcast(flag, src=0)
-    if flag.item():
-        terms = " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k != "step" and isinstance(v, float))
-        raise FloatingPointError(f"[{name}] not published: the model has non-finite weights at step {step} "
-                                 f"({', '.join(bad[:3]) or 'on rank 0'}{', ...' if len(bad) > 3 else ''}); last "
-                                 f"logged terms: {terms or 'none (no step was applied)'}. Lower the learning rate "
-                                 f"or the loss weights.")
-
-
-class DriverTurns:
-    """The driver-side work of runs sharing one driver (``recipe.run_sharing_teacher``) one run at a time:
-    Hugging Face's model loading patches torch globally (its empty-weights context), so threads cannot build
-    models side by side. A run gives its turn away while Ray Train runs its stage, the long part."""
-
-    def __init__(self):
-        self._lock, self._mine = threading.Lock(), threading.local()
-
-    @contextmanager
-    def turn(self):
-        with self._lock:
-            self._mine.held = True
-            try:
-                yield
-            finally:
-                self._mine.held = False
-
-    @contextmanager
-    def away(self):
-        """Let another run have the turn meanwhile, if this thread holds it."""
-        if not getattr(self._mine, "held", False):
-            yield
-            return
-        self._mine.held = False
-        self._lock.release()
-        try:
-            yield
-        finally:
-            self._lock.acquire()
-            self._mine.held = True
-
-
-DRIVER_TURNS = DriverTurns()
-
-
-class StorageLost(RuntimeError):
-    """The checkpoint storage stopped answering while a stage trained."""
-
-
-def fit(stage: Stage, output_dir: str | Path, storage_path: str | Path, callbacks: list | None = None,
-        fingerprint: dict[str, str] | None = None, wait_minutes: float | None = None) -> tuple[Path, dict]:
-    """Run the stage under Ray Train and publish the trained HF model at ``output_dir`` whole, with the
-    ``fingerprint`` of its inputs (``fingerprint.stage_inputs``) inside. The workers' resources are waited for
-    first, up to ``wait_minutes`` (``cluster.wait_for_resources``)."""
-    from . import storage
-    from .cluster import wait_for_resources
-    from .fingerprint import stage_inputs, write_fingerprint
-    from .storage import published_directory
-
-    root = storage.join(storage.absolute(str(storage_path)), stage.name)
-    # the key lives in the driver's memory (or the run directory, see ``checkpoints.run_key``); only the
-    # signatures travel
-    stage = replace(stage, checkpoint_key=stage.checkpoint_key or secrets.token_hex(32),
-                    checkpoint_root=root if storage.scheme(root) == "" else None)
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    trainer = TorchTrainer(
-        train_loop,
-        train_loop_config=asdict(stage),
-        scaling_config=ScalingConfig(num_workers=stage.train.num_workers, use_gpu=stage.gpus_per_worker > 0,
-                                     resources_per_worker={"CPU": stage.train.cpus_per_worker,
-                                                           **({"GPU": stage.gpus_per_worker}
-                                                              if stage.gpus_per_worker > 0 else {})}),
-        run_config=RunConfig(name=stage.name, storage_path=str(storage_path),
-                             worker_runtime_env={"env_vars": WORKER_ENV},
-                             failure_config=FailureConfig(max_failures=1),
-                             checkpoint_config=CheckpointConfig(num_to_keep=2), callbacks=callbacks),
-    )
-    workers = stage.train.num_workers
-    with DRIVER_TURNS.away():
-        wait_for_resources(stage.name, {"CPU": workers * stage.train.cpus_per_worker,
-                                        "GPU": workers * stage.gpus_per_worker}, wait_minutes)
-        try:
-            result = trainer.fit()
-        except Exception as error:
-            # Ray Train reports a storage that went away mid-stage as a controller or worker error (after its
-            # retry); asked again, the storage says whether that is what happened
-            if why := storage.unreachable(root, timeout_s=30):
-                raise StorageLost(f"[{stage.name}] cluster.storage_path {storage.redact(root)} stopped taking "
-                                  f"checkpoints mid-stage ({storage.redact(why)}); the stages published before "
-                                  f"are kept. Run the same command again once it is back: the stage resumes "
-                                  f"from its newest complete checkpoint there, if one is left") from error
-            raise
-    if result.checkpoint is None:
-        raise RuntimeError(f"stage {stage.name} finished without a checkpoint")
-    output_dir = Path(output_dir)
-    with result.checkpoint.as_directory() as directory, published_directory(output_dir) as staging:
-        shutil.copytree(Path(directory) / "hf", staging, dirs_exist_ok=True)
-        write_fingerprint(staging, fingerprint or stage_inputs(stage))
-    return output_dir, dict(result.metrics or {})
