@@ -190,7 +190,7 @@ class LMObjective(nn.Module):
                                           batch.get("teacher_labels", batch["labels"]))
         return output.logits, targets
 
-    def forward(self, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
+    def forward(self, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         output, targets = labelled_logits(self.model, batch["input_ids"], batch["attention_mask"], batch["labels"],
                                           self.continuous_latents, output_hidden_states=bool(self.student_layers))
         logits = output.logits
@@ -209,8 +209,8 @@ class LMObjective(nn.Module):
         if self._teacher:
             terms["kd"] = self.answer_kl(logits, targets, *self._teacher_logits(batch, logits))
         loss = sum(self.weights.get(name, 0.0) * value for name, value in terms.items())
-        metrics = {name: value.detach().item() for name, value in terms.items()}
-        metrics["loss"] = loss.detach().item()
+        metrics = {name: value.detach() for name, value in terms.items()}  # tensors: no wait for the device
+        metrics["loss"] = loss.detach()
         return loss, metrics
 
     def model_state_dict(self, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

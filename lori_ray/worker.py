@@ -17,6 +17,7 @@ import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import ray.train
 import torch
@@ -238,153 +239,221 @@ def train_loop(config: dict) -> None:
 
 
 def _train(stage: Stage, deepspeed) -> None:
-    """The stage's training loop; ``train_loop`` has set up the process (threads, logging, process group)."""
+    """The stage's training loop; ``train_loop`` has set up the process (threads, logging, process group). The step
+    keeps its loss terms as tensors: the host waits for the device only at the finiteness check (one flag per
+    micro-batch, which the NaN guard needs before backward) and at the log interval."""
+    run = _setup(stage, deepspeed)
+    train, engine = stage.train, run.engine
+    step, end, bad_steps, interval = run.step, train.steps, 0, Interval()
+    last, saved = {"step": step}, run.began  # saved: when this attempt last saved a resumable checkpoint
+    bar = progress_bar(stage.progress_bar and run.rank == 0, stage.name, train.steps, "step", done=step)
+    engine.train()
+    while step < end:
+        batch, shown = run.batch(step)
+        if stage.reset_optimizer and step > 0 and curriculum_level(stage, step) != curriculum_level(stage, step - 1):
+            reset_optimizer_state(engine)
+            run.say(f"optimizer reset at step {step} (curriculum level {curriculum_level(stage, step)})")
+        finite, terms = train_step(engine, batch, train.grad_accumulation)
+        step += 1
+        bar.update()
+        if not finite:  # no gradient of it was applied; too many in a row end the stage
+            bad_steps += 1
+            if bad_steps >= train.max_bad_steps:
+                raise FloatingPointError(
+                    f"[{stage.name}] loss was NaN/Inf for {bad_steps} consecutive steps (last: step {step}, "
+                    f"{synced({**terms, **shown})}); no non-finite gradient was applied, the last checkpoint is "
+                    f"intact. Lower the learning rate or the loss weights.")
+            continue
+        bad_steps = 0
+        interval.add({**terms, **shown})
+        if step % train.log_every == 0 or step == end:
+            last, end = log_interval(run, interval, step, end)
+            if step < end and ((train.checkpoint_every and step % train.checkpoint_every == 0)
+                               or budget_spent(saved, train.checkpoint_minutes) >= 1):
+                report_checkpoint(engine, run.objective, last, stage, step, run.restarts, final=False)
+                saved = time.time()
+            elif step < end:
+                ray.train.report(last)
+    bar.close()
+    if run.logger:
+        run.logger.close()
+    report_checkpoint(engine, run.objective, last, stage, step, run.restarts, final=True)
+
+
+def train_step(engine, batch: Batch, micro_batches: int) -> tuple[bool, dict[str, torch.Tensor]]:
+    """One optimizer step on ``batch`` in ``micro_batches`` parts (``train.grad_accumulation``); DeepSpeed scales
+    each loss and steps the optimizer at the last. A non-finite micro-batch is left out of the gradient (its
+    backward skipped, on every rank together): no NaN reaches the weights. Returns whether every micro-batch was
+    finite, and the loss terms averaged over them (detached, not synchronised)."""
+    finite, terms = True, {}
+    parts = [batch] if micro_batches == 1 else [{k: v[chunk::micro_batches] for k, v in batch.items()}
+                                                for chunk in range(micro_batches)]
+    for part in parts:
+        loss, metrics = engine({k: v.to(engine.device) for k, v in trim_padding(part).items()})
+        for name, value in metrics.items():
+            terms[name] = terms.get(name, 0.0) + value / micro_batches
+        if all_finite(loss):  # the step's one wait for the device: every rank must agree before backward
+            engine.backward(loss)
+        else:
+            finite = False
+        if micro_batches > 1 or finite:  # with one micro-batch a bad step skips the update whole
+            engine.step()
+    return finite, terms
+
+
+def synced(values: dict) -> dict[str, float]:
+    """``values`` as floats, the tensors among them brought to the host together (one wait for the device)."""
+    tensors = [k for k, v in values.items() if isinstance(v, torch.Tensor)]
+    read = dict(zip(tensors, torch.stack([values[k].float() for k in tensors]).tolist(), strict=True)
+                if tensors else ())
+    return {k: read.get(k, v) for k, v in values.items()}
+
+
+@dataclass
+class Interval:
+    """What a log interval sums: the steps' metrics (loss terms as device tensors until ``means``), their count,
+    and when it began."""
+
+    sums: dict = field(default_factory=dict)
+    count: int = 0
+    started: float = field(default_factory=time.time)
+
+    def add(self, metrics: dict) -> None:
+        for name, value in metrics.items():
+            self.sums[name] = self.sums.get(name, 0.0) + value
+        self.count += 1
+
+    def means(self) -> dict[str, float]:
+        return {name: value / self.count for name, value in synced(self.sums).items()}
+
+    def restart(self) -> None:
+        self.sums, self.count, self.started = {}, 0, time.time()
+
+
+@dataclass
+class Run:
+    """A worker's stage once set up (``_setup``): what the loop and the log interval share."""
+
+    stage: Stage
+    engine: Any
+    objective: LMObjective
+    rank: int
+    world: int
+    data: dict[str, torch.Tensor]
+    validation: dict[str, torch.Tensor] | None
+    fresh: FreshBatches | None
+    logger: StepLogger | None
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    spent: list[float]  # of train.max_minutes, as of the last log interval (the learning rate schedule reads it)
+    step: int = 0  # where this attempt starts: 0, or the step resumed from
+    restarts: int = 0
+    resumed: dict = field(default_factory=dict)
+    began: float = field(default_factory=time.time)  # for the time left: this attempt's pace, validation included
+
+    @property
+    def per_rank(self) -> int:
+        return self.stage.train.batch_size // self.world
+
+    def say(self, message: str) -> None:
+        """One line of the job's output, from rank 0."""
+        if self.rank == 0:
+            print(f"[{self.stage.name}] {message}", flush=True)
+
+    def batch(self, step: int) -> tuple[Batch, dict[str, float]]:
+        """This rank's rows of ``step``'s batch, as the curriculum shows them, and the curriculum's metric."""
+        if self.fresh is None:
+            rows = batch_indices(step, self.data["input_ids"].shape[0], self.stage.train.batch_size, self.stage.seed)
+            rows = rows[self.rank * self.per_rank:(self.rank + 1) * self.per_rank]
+            batch = {k: v[rows] for k, v in self.data.items()}
+        else:
+            batch = self.fresh(step, self.rank, self.world)
+        return curriculum_batch(self.stage, batch, step, self.rank)
+
+
+def _setup(stage: Stage, deepspeed) -> Run:
+    """The objective inside a DeepSpeed engine with its optimizer and schedule, the data, the checkpoint this
+    attempt resumes from, and the step logger."""
     train = stage.train
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
-
     torch.manual_seed(stage.seed)
     objective = _build_objective(stage)
     data = load_file(stage.data_path)
     validation = load_file(stage.val_path) if stage.val_path else None
     optimizer = torch.optim.AdamW([p for p in objective.parameters() if p.requires_grad], lr=train.lr,
                                   weight_decay=train.weight_decay, betas=(0.9, 0.95))
-    spent = [0.0]  # of train.max_minutes, as of the last log interval
+    spent = [0.0]
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_factor(step, train.warmup, train.steps, spent[0], train.schedule, train.min_lr))
     engine, *_ = deepspeed.initialize(model=objective, optimizer=optimizer, lr_scheduler=scheduler,
                                       config=deepspeed_config(train, world))
     if train.compile:
         engine.compile()
+    logger = StepLogger(stage.tracking_uri, stage.run_id) if rank == 0 and stage.run_id else None
+    fresh = FreshBatches(stage.fresh, stage.model_dir, train.batch_size) if stage.fresh else None
+    run = Run(stage, engine, objective, rank, world, data, validation, fresh, logger, scheduler, spent)
 
-    step, restarts, resumed = 0, 0, {}
     checkpoint, verified = resume_checkpoint(stage, world, ray.train.get_checkpoint())
     if checkpoint:
         with checkpoint.as_directory() as directory:
             if verified or verify(Path(directory) / "ds", world, stage.inputs_digest, stage.checkpoint_key) is not None:
                 _, client_state = engine.load_checkpoint(os.path.join(directory, "ds"), tag="state")
-                step, restarts = client_state["step"], client_state.get("restarts", 0) + 1
-                resumed = {"restarts": restarts, "resumed_from_step": step}
-        if rank == 0:
-            print(f"[{stage.name}] " + (f"resumed from step {step} (restart {restarts})" if resumed else
-                                         f"{checkpoint.path} is incomplete or from other inputs: starting afresh"),
-                  flush=True)
-
-    logger = StepLogger(stage.tracking_uri, stage.run_id) if rank == 0 and stage.run_id else None
+                run.step, run.restarts = client_state["step"], client_state.get("restarts", 0) + 1
+                run.resumed = {"restarts": run.restarts, "resumed_from_step": run.step}
+        run.say(f"resumed from step {run.step} (restart {run.restarts})" if run.resumed else
+                f"{checkpoint.path} is incomplete or from other inputs: starting afresh")
     if logger:  # per-run constants: params of the stage's run (the step lines still show them)
         logger.log_params({"workers": world, "threads_per_worker": torch.get_num_threads()})
-    if logger and resumed:
-        logger.log(resumed, step, replayed_too=True)
-    num_examples, per_rank = data["input_ids"].shape[0], train.batch_size // world
-    fresh = FreshBatches(stage.fresh, stage.model_dir, train.batch_size) if stage.fresh else None
-    if rank == 0:  # a student that sees its problems many times memorises them instead of learning to compute
-        threads = torch.get_num_threads()
-        each = (f"{stage.gpus_per_worker:g} GPU" if torch.cuda.is_available()
-                else f"{threads} CPU thread{'s' if threads > 1 else ''}")
-        seen = (f"{num_examples} training examples, {train.steps} steps x batch {train.batch_size} = "
-                f"{train.steps * train.batch_size / num_examples:.2f} epochs" if fresh is None else
-                f"{train.steps} steps x batch {train.batch_size} of fresh {stage.fresh.digits[0]}x"
-                f"{stage.fresh.digits[1]} problems" + (", their teacher targets computed in the step"
-                                                       if stage.fresh.targets != "none" else ""))
-        print(f"[{stage.name}] {seen} on {world} worker{'s' if world > 1 else ''} x {each}", flush=True)
-    started, sums, count, last, bad_steps = time.time(), {}, 0, {"step": step}, 0
-    began, first_step = started, step  # for the time left: this run's pace, validation and checkpoints included
-    saved = began  # when this attempt last saved a resumable checkpoint (train.checkpoint_minutes)
-    bar = progress_bar(stage.progress_bar and rank == 0, stage.name, train.steps, "step", done=step)
-    engine.train()
-    end = train.steps
-    while step < end:
-        if fresh is None:
-            rows = batch_indices(step, num_examples, train.batch_size, stage.seed)
-            rows = rows[rank * per_rank:(rank + 1) * per_rank]
-            batch = {k: v[rows] for k, v in data.items()}
-        else:
-            batch = fresh(step, rank, world)
-        batch, shown = curriculum_batch(stage, batch, step, rank)
-        if stage.reset_optimizer and step > 0 and curriculum_level(stage, step) != curriculum_level(stage, step - 1):
-            reset_optimizer_state(engine)
-            if rank == 0:
-                print(f"[{stage.name}] optimizer reset at step {step} (curriculum level "
-                      f"{curriculum_level(stage, step)})", flush=True)
-        # train.grad_accumulation micro-batches per optimizer step; DeepSpeed scales each loss and steps the
-        # optimizer at the last. A non-finite micro-batch is left out of the gradient (its backward skipped, on
-        # every rank together): no NaN reaches the weights
-        finite, step_metrics = True, {}
-        parts = [batch] if train.grad_accumulation == 1 else [
-            {k: v[chunk::train.grad_accumulation] for k, v in batch.items()}
-            for chunk in range(train.grad_accumulation)]
-        for part in parts:
-            loss, metrics = engine({k: v.to(engine.device) for k, v in trim_padding(part).items()})
-            for k, v in metrics.items():
-                step_metrics[k] = step_metrics.get(k, 0.0) + v / train.grad_accumulation
-            if all_finite(loss):
-                engine.backward(loss)
-            else:
-                finite = False
-            if train.grad_accumulation > 1 or finite:  # with one micro-batch a bad step skips the update whole
-                engine.step()
-        metrics = {**step_metrics, **shown}
-        if not finite:
-            bad_steps += 1
-            step += 1
-            bar.update()
-            if bad_steps >= train.max_bad_steps:
-                raise FloatingPointError(
-                    f"[{stage.name}] loss was NaN/Inf for {bad_steps} consecutive steps (last: step {step}, "
-                    f"{metrics}); no non-finite gradient was applied, the last checkpoint is intact. Lower the "
-                    f"learning rate or the loss weights.")
-            continue
-        bad_steps = 0
-        step += 1
-        bar.update()
-        for k, v in metrics.items():
-            sums[k] = sums.get(k, 0.0) + v
-        count += 1
-        if step % train.log_every == 0 or step == end:
-            spent[0] = budget_spent(began, train.max_minutes)
-            if step < end and spent[0] >= 1:
-                if rank == 0:
-                    print(f"[{stage.name}] stopped at step {step} of {train.steps}: train.max_minutes "
-                          f"({train.max_minutes:g}) spent", flush=True)
-                end = step  # this interval is the last: validated, checkpointed, published
-            report = {k: v / count for k, v in sums.items()}
-            report.update(step=step, lr=scheduler.get_last_lr()[0], steps_per_s=count / (time.time() - started),
-                          **resumed)
-            if train.max_minutes:
-                report["budget_spent"] = spent[0]  # fraction of train.max_minutes
-            if torch.cuda.is_available():
-                report["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 1e9
-            else:  # steps_per_s compares across runs only with the cores behind it
-                report["threads_per_worker"] = torch.get_num_threads()
-            due = step == end or (train.eval_every and step % train.eval_every == 0)
-            if validation is not None and due:
-                engine.eval()
-                report["val_accuracy"] = exact_match(engine.module.model, validation, rank, world, per_rank,
-                                                     stage.continuous_latents)
-                engine.train()
-                if step < end and train.until_val is not None and report["val_accuracy"] >= train.until_val:
-                    if rank == 0:  # every rank has the same all-reduced accuracy, so all stop here
-                        print(f"[{stage.name}] stopped at step {step} of {train.steps}: validation "
-                              f"{report['val_accuracy']:.3f} reached train.until_val ({train.until_val:g})", flush=True)
-                    end = step
-            sums, count, started, last = {}, 0, time.time(), report
-            if logger:
-                logger.log({k: v for k, v in report.items() if k not in ("step", "threads_per_worker")}, step)
-            if rank == 0:
-                print(f"[{stage.name}] step {step}/{train.steps} " +
-                      " ".join(f"{k}={v:.4g}" for k, v in report.items() if k != "step") +
-                      f" eta={time_left(time.time() - began, step - first_step, train.steps - step)}", flush=True)
-            periodic = ((train.checkpoint_every and step % train.checkpoint_every == 0)
-                        or budget_spent(saved, train.checkpoint_minutes) >= 1)
-            if periodic and step < end:
-                report_checkpoint(engine, objective, report, stage, step, restarts, final=False)
-                saved = time.time()
-            elif step < end:
-                ray.train.report(report)
-    bar.close()
-    if logger:
-        logger.close()
-    report_checkpoint(engine, objective, last, stage, step, restarts, final=True)
+    if logger and run.resumed:
+        logger.log(run.resumed, run.step, replayed_too=True)
+    # a student that sees its problems many times memorises them instead of learning to compute
+    threads, examples = torch.get_num_threads(), data["input_ids"].shape[0]
+    each = (f"{stage.gpus_per_worker:g} GPU" if torch.cuda.is_available()
+            else f"{threads} CPU thread{'s' if threads > 1 else ''}")
+    seen = (f"{examples} training examples, {train.steps} steps x batch {train.batch_size} = "
+            f"{train.steps * train.batch_size / examples:.2f} epochs" if fresh is None else
+            f"{train.steps} steps x batch {train.batch_size} of fresh {stage.fresh.digits[0]}x"
+            f"{stage.fresh.digits[1]} problems" + (", their teacher targets computed in the step"
+                                                   if stage.fresh.targets != "none" else ""))
+    run.say(f"{seen} on {world} worker{'s' if world > 1 else ''} x {each}")
+    run.began = time.time()
+    return run
+
+
+def log_interval(run: Run, interval: Interval, step: int, end: int) -> tuple[dict, int]:
+    """The report of the interval that ends at ``step`` (its metrics' means, the learning rate, the pace, validation
+    when due), logged and printed; and the stage's end, brought forward to ``step`` when ``train.max_minutes`` is
+    spent or validation reached ``train.until_val``. Starts the next interval."""
+    stage, train, engine = run.stage, run.stage.train, run.engine
+    run.spent[0] = budget_spent(run.began, train.max_minutes)
+    if step < end and run.spent[0] >= 1:
+        run.say(f"stopped at step {step} of {train.steps}: train.max_minutes ({train.max_minutes:g}) spent")
+        end = step  # this interval is the last: validated, checkpointed, published
+    report = interval.means()
+    report.update(step=step, lr=run.scheduler.get_last_lr()[0],
+                  steps_per_s=interval.count / (time.time() - interval.started), **run.resumed)
+    if train.max_minutes:
+        report["budget_spent"] = run.spent[0]  # fraction of train.max_minutes
+    if torch.cuda.is_available():
+        report["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 1e9
+    else:  # steps_per_s compares across runs only with the cores behind it
+        report["threads_per_worker"] = torch.get_num_threads()
+    if run.validation is not None and (step == end or (train.eval_every and step % train.eval_every == 0)):
+        engine.eval()
+        report["val_accuracy"] = exact_match(engine.module.model, run.validation, run.rank, run.world, run.per_rank,
+                                             stage.continuous_latents)
+        engine.train()
+        if step < end and train.until_val is not None and report["val_accuracy"] >= train.until_val:
+            # every rank has the same all-reduced accuracy, so all stop here
+            run.say(f"stopped at step {step} of {train.steps}: validation {report['val_accuracy']:.3f} reached "
+                    f"train.until_val ({train.until_val:g})")
+            end = step
+    interval.restart()
+    if run.logger:
+        run.logger.log({k: v for k, v in report.items() if k not in ("step", "threads_per_worker")}, step)
+    run.say(f"step {step}/{train.steps} " + " ".join(f"{k}={v:.4g}" for k, v in report.items() if k != "step") +
+            f" eta={time_left(time.time() - run.began, step - run.step, train.steps - step)}")
+    return report, end
 
 
 def time_left(elapsed: float, done: int, remaining: int) -> str:
