@@ -27,7 +27,8 @@ from pydantic import (
 
 from . import storage
 from .data import source_problem
-from .models import FAMILIES, PRUNABLE, SIZES, ModelSourceError, is_hub_id, model_shape, pretrained_config
+from .model_sources import ModelSourceError, is_hub_id
+from .models import FAMILIES, PRUNABLE, SIZES, model_shape, pretrained_config
 from .tokens import load_tokenizer
 
 # no bool or float where an integer is meant (YAML `true` or `8.0` is a mistake, not 1 or 8); ints pass as floats;
