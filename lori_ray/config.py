@@ -170,6 +170,9 @@ class LoraConfig(Section):
         return self.alpha or 2.0 * self.rank
 
 
+MIN_LR = 0.1  # the default end of the learning rate's decay, a fraction of train.lr
+
+
 class TrainConfig(Section):
     steps: Int = Field(500, gt=0)
     batch_size: Int = Field(64, gt=0)  # global, split over workers
@@ -181,7 +184,7 @@ class TrainConfig(Section):
     # micro-batches per optimizer step: each worker runs batch_size / (num_workers x grad_accumulation) rows at a
     # time, for the same global batch in less memory
     grad_accumulation: Int = Field(1, gt=0)
-    min_lr: Float = Field(0.1, ge=0, le=1)  # the end of the decay, a fraction of lr
+    min_lr: Float = Field(MIN_LR, ge=0, le=1)  # the end of the decay, a fraction of lr
     weight_decay: Float = Field(0.0, ge=0)
     grad_clip: Float = Field(1.0, gt=0)
     zero_stage: Int = Field(2, ge=0, le=3)

@@ -22,6 +22,8 @@ from .fingerprint import stage_inputs, write_fingerprint
 from .storage import published_directory
 from .worker import Stage, train_loop
 
+MAX_FAILURES = 1  # Ray Train restarts a failed stage once, from its newest complete checkpoint
+CHECKPOINTS_KEPT = 2  # per stage in storage: the newest and, should it be incomplete, the one before it
 WORKER_ENV = {  # DS_ACCELERATOR is not here: each worker sets it, from the GPUs Ray gave it (``worker``)
     "HF_HUB_DISABLE_PROGRESS_BARS": "1",
     "TOKENIZERS_PARALLELISM": "false",
@@ -88,8 +90,8 @@ def fit(stage: Stage, output_dir: str | Path, storage_path: str | Path, callback
                                                               if stage.gpus_per_worker > 0 else {})}),
         run_config=RunConfig(name=stage.name, storage_path=str(storage_path),
                              worker_runtime_env={"env_vars": WORKER_ENV},
-                             failure_config=FailureConfig(max_failures=1),
-                             checkpoint_config=CheckpointConfig(num_to_keep=2), callbacks=callbacks),
+                             failure_config=FailureConfig(max_failures=MAX_FAILURES),
+                             checkpoint_config=CheckpointConfig(num_to_keep=CHECKPOINTS_KEPT), callbacks=callbacks),
     )
     workers = stage.train.num_workers
     with DRIVER_TURNS.away():

@@ -12,7 +12,7 @@ import torch.distributed as dist
 
 from .data import Example, normalize_answer
 from .latents import continuous_forward
-from .tokens import Layout, left_pad
+from .tokens import IGNORE_INDEX, Layout, left_pad
 
 
 @dataclass
@@ -106,7 +106,7 @@ def exact_match(model, data: dict[str, torch.Tensor], rank: int, world: int, bat
         logits = (continuous_forward(model, input_ids, attention_mask, latent_ids) if latent_ids else
                   model(input_ids=input_ids, attention_mask=attention_mask)).logits
         gold = data["labels"][part, 1:].to(device)
-        hits = ((logits[:, :-1].argmax(-1) == gold) | (gold == -100)).all(1)
+        hits = ((logits[:, :-1].argmax(-1) == gold) | (gold == IGNORE_INDEX)).all(1)
         if counted:
             counts += torch.tensor([hits.sum().item(), len(part)], dtype=torch.float64, device=device)
     if dist.is_initialized():

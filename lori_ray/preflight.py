@@ -67,7 +67,7 @@ def _splits(data_json: str, seed: int, preset_vocabulary: bool = False) -> Split
             order = random.Random(f"held-out-{seed}").sample(range(len(rows)), min(data.eval_size, len(rows) - 1))
             held_out = [rows[i] for i in sorted(order)]
         else:
-            held_out = _generated("data.eval_size", data.eval_size, data.digits, seed + 1)
+            held_out = _generated("data.eval_size", data.eval_size, data.digits, seed + HELD_OUT_SEED_OFFSET)
         questions = {e.question for e in held_out}
         if data.task == "multiplication":
             train = _generated("data.train_size", data.train_size, data.digits, seed, exclude=questions)
@@ -90,6 +90,9 @@ def dropped(field: str, path: str, supplied: int, used: int, carved: bool = Fals
     if used < supplied:
         warnings.warn(f"{field}: {used} of the {supplied} {'remaining ' if carved else ''}rows of {path} are used "
                       f"({supplied - used} left out); raise {field} to use them all", UserWarning, stacklevel=2)
+
+
+HELD_OUT_SEED_OFFSET = 1  # generated held-out problems: a seed of their own, next to the training set's
 
 
 def _generated(field: str, count: int, digits: tuple[int, int], seed: int, exclude=frozenset()) -> list[Example]:

@@ -27,7 +27,7 @@ from safetensors.torch import load_file
 from .adapters import lora_token_ids, with_lora
 from .batch import Batch, trim_padding
 from .checkpoints import report_checkpoint, resume_checkpoint, verify
-from .config import TrainConfig
+from .config import MIN_LR, TrainConfig
 from .curriculum import (
     RemovalSchedule,
     StageSchedule,
@@ -45,8 +45,11 @@ from .progress import progress_bar
 from .pruned import load_student
 from .tracking import StepLogger
 
-# must be set before deepspeed is imported anywhere in the process
-os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
+
+ADAMW_BETAS = (0.9, 0.95)  # the optimizer's moment decays (a shorter second-moment memory than torch's 0.999)
+# a run's seed times a large prime plus the epoch (or the step): draws of neighbouring seeds never coincide
+SEED_STRIDE = 1_000_003
+STEP_SEED_STRIDE = 7  # the curriculum's per-step draw: step x 7 + rank, distinct for up to 7 ranks
 
 
 @dataclass
@@ -92,7 +95,7 @@ def batch_indices(step: int, num_examples: int, batch_size: int, seed: int) -> t
 @functools.lru_cache(maxsize=2)
 def epoch_order(num_examples: int, seed: int, epoch: int) -> torch.Tensor:
     # once per epoch, not per step: a permutation of 300,000 rows costs milliseconds, a GPU step about as much
-    return torch.randperm(num_examples, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+    return torch.randperm(num_examples, generator=torch.Generator().manual_seed(seed * SEED_STRIDE + epoch))
 
 
 def budget_spent(started: float, max_minutes: float | None) -> float:
@@ -116,7 +119,7 @@ def all_finite(loss: torch.Tensor) -> bool:
 
 
 def lr_factor(step: int, warmup: int, total: int, budget_spent: float = 0.0, schedule: str = "linear",
-              min_lr: float = 0.1) -> float:
+              min_lr: float = MIN_LR) -> float:
     """Linear warmup, then a linear or cosine decay to ``min_lr`` over the steps or the wall-clock budget, whichever
     ends first."""
     if step < warmup:
@@ -146,6 +149,9 @@ def deepspeed_config(train: TrainConfig, world_size: int) -> dict:
 
 
 def _import_deepspeed():
+    """DeepSpeed, imported on a worker only (the driver never needs it), set up for this process's device."""
+    # DeepSpeed picks its accelerator once, as it is first imported: from the GPUs Ray gave this worker
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
     warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
     import deepspeed
     # the shared-memory comm op is JIT-compiled on first use (~40 s on CPU); gloo suffices here
@@ -199,7 +205,7 @@ def curriculum_batch(stage: Stage, batch: Batch, step: int, rank: int) -> tuple[
     the curriculum's own metric (``cot_removed`` per row, or ``latent_stage``)."""
     level = curriculum_level(stage, step)
     if stage.removal:
-        generator = torch.Generator().manual_seed(stage.seed * 1_000_003 + step * 7 + rank)
+        generator = torch.Generator().manual_seed(stage.seed * SEED_STRIDE + step * STEP_SEED_STRIDE + rank)
         counts = sample_removals(level, batch["cot_length"], stage.removal.smoothing, generator)
         return remove_cot_tokens(batch, counts, stage.removal.pad_id), {"cot_removed": counts.float().mean().item()}
     if stage.stages:
@@ -381,7 +387,7 @@ def _setup(stage: Stage, deepspeed) -> Run:
     data = load_file(stage.data_path)
     validation = load_file(stage.val_path) if stage.val_path else None
     optimizer = torch.optim.AdamW([p for p in objective.parameters() if p.requires_grad], lr=train.lr,
-                                  weight_decay=train.weight_decay, betas=(0.9, 0.95))
+                                  weight_decay=train.weight_decay, betas=ADAMW_BETAS)
     spent = [0.0]
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_factor(step, train.warmup, train.steps, spent[0], train.schedule, train.min_lr))
