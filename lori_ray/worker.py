@@ -45,7 +45,6 @@ from .progress import progress_bar
 from .pruned import load_student
 from .tracking import StepLogger
 
-
 ADAMW_BETAS = (0.9, 0.95)  # the optimizer's moment decays (a shorter second-moment memory than torch's 0.999)
 # a run's seed times a large prime plus the epoch (or the step): draws of neighbouring seeds never coincide
 SEED_STRIDE = 1_000_003
