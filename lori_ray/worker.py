@@ -29,9 +29,9 @@ from .batch import Batch, trim_padding
 from .checkpoints import report_checkpoint, resume_checkpoint, verify
 from .config import MIN_LR, TrainConfig
 from .curriculum import (
+    PhaseSchedule,
     RemovalSchedule,
-    StageSchedule,
-    latent_stage,
+    latent_phase,
     remove_cot_tokens,
     replace_cot_steps,
     sample_removals,
@@ -72,8 +72,8 @@ class Stage:
     tracking_uri: str | None = None
     run_id: str | None = None  # MLflow run that rank 0 logs step metrics to
     removal: RemovalSchedule | None = None  # ICoT-SI's removal curriculum
-    stages: StageSchedule | None = None  # Coconut's stages
-    reset_optimizer: bool = False  # clear the optimizer's moments at each removal increment or stage
+    phases: PhaseSchedule | None = None  # Coconut's curriculum (the config's ``stages``)
+    reset_optimizer: bool = False  # clear the optimizer's moments at each removal increment or phase
     continuous_latents: list[int] | None = None  # token ids of the latent slots, when they are continuous thoughts
     fresh: FreshProblems | None = None  # new problems every step instead of the rows of ``data_path``
     progress_bar: bool = False  # rank 0 advances a bar the driver draws (``progress``: its output is a terminal)
@@ -191,11 +191,11 @@ def _build_objective(stage: Stage):
 
 
 def curriculum_level(stage: Stage, step: int) -> int:
-    """How far the curriculum has gone at ``step`` (CoT tokens removed, or Coconut's stage); 0 without one."""
+    """How far the curriculum has gone at ``step`` (CoT tokens removed, or Coconut's phase); 0 without one."""
     if stage.removal:
         return scheduled_removal(step, stage.removal.steps_per_token)
-    if stage.stages:
-        return latent_stage(step, stage.stages.steps_per_stage, stage.stages.last)
+    if stage.phases:
+        return latent_phase(step, stage.phases.steps_per_stage, stage.phases.last)
     return 0
 
 
@@ -207,9 +207,9 @@ def curriculum_batch(stage: Stage, batch: Batch, step: int, rank: int) -> tuple[
         generator = torch.Generator().manual_seed(stage.seed * SEED_STRIDE + step * STEP_SEED_STRIDE + rank)
         counts = sample_removals(level, batch["cot_length"], stage.removal.smoothing, generator)
         return remove_cot_tokens(batch, counts, stage.removal.pad_id), {"cot_removed": counts.float().mean().item()}
-    if stage.stages:
-        latents = stage.stages.latent_ids[:level * stage.stages.latents_per_step]
-        return replace_cot_steps(batch, level, latents, stage.stages.pad_id), {"latent_stage": float(level)}
+    if stage.phases:  # its metric keeps the name earlier runs logged it under
+        latents = stage.phases.latent_ids[:level * stage.phases.latents_per_step]
+        return replace_cot_steps(batch, level, latents, stage.phases.pad_id), {"latent_stage": float(level)}
     return batch, {}
 
 

@@ -66,7 +66,7 @@ def test_schedule_and_deepspeed_config():
 
 
 def test_curriculum_batch_shows_each_coconut_stage_at_its_steps():
-    from lori_ray.curriculum import StageSchedule, cot_spans, step_starts
+    from lori_ray.curriculum import PhaseSchedule, cot_spans, step_starts
     from lori_ray.tokens import add_latent_tokens, collate
     from lori_ray.worker import Stage, curriculum_batch, curriculum_level
     tokenizer = arithmetic_tokenizer()
@@ -77,7 +77,7 @@ def test_curriculum_batch_shows_each_coconut_stage_at_its_steps():
     batch["cot_start"], batch["cot_length"] = cot_spans(sequences)
     batch["step_starts"] = step_starts(sequences)
     stage = Stage(name="s", model_dir="", data_path="", train=TrainConfig(),
-                  stages=StageSchedule(steps_per_stage=5, last=2, latents_per_step=1, latent_ids=latents,
+                  phases=PhaseSchedule(steps_per_stage=5, last=2, latents_per_step=1, latent_ids=latents,
                                        pad_id=tokenizer.pad_token_id))
     assert [curriculum_level(stage, step) for step in (0, 4, 5, 9, 10, 99)] == [0, 0, 1, 1, 2, 2]
     first, shown = curriculum_batch(stage, batch, 0, rank=0)
