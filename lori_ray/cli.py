@@ -5,6 +5,7 @@ field or file:line named."""
 from __future__ import annotations
 
 import argparse
+import inspect
 import re
 import sys
 from collections.abc import Iterator
@@ -52,6 +53,7 @@ def parser(doc: str) -> argparse.ArgumentParser:
 
 def inspected(args, config: Config) -> bool:
     """``--print-config`` or ``--dry-run``: print the resolved config or the plan (nothing written, no Ray)."""
+    # this module's imports of the package happen where used: --help and config validation start in a second
     from .storage import redact  # neither prints a credential of the URIs it names
     if args.print_config:
         print(redact(config.to_yaml()), end="")
@@ -120,7 +122,6 @@ def configs_sharing_teacher(path: str, overrides: dict) -> dict:
 
 def _field_notes(section: type[BaseModel]) -> dict[str, str]:
     """Each field's comment in ``config.py`` (on its line, or the lines just above it)."""
-    import inspect
     notes, above = {}, []
     for line in inspect.getsource(section).splitlines()[1:]:
         stripped = line.strip()

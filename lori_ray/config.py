@@ -29,7 +29,7 @@ from . import storage
 from .data import source_problem
 from .model_sources import ModelSourceError, is_hub_id
 from .models import FAMILIES, PRUNABLE, SIZES, model_shape, pretrained_config
-from .tokens import load_tokenizer
+from .tokens import arithmetic_tokenizer, load_tokenizer
 
 # no bool or float where an integer is meant (YAML `true` or `8.0` is a mistake, not 1 or 8); ints pass as floats;
 # no .inf or .nan anywhere (an infinite learning rate trained a model of NaNs)
@@ -612,7 +612,6 @@ def _check_against_model(config: Config) -> None:
 def _check_student_path(config: Config, teacher_config) -> None:
     """A pretrained student reads the teacher's token ids: each of the teacher tokenizer's tokens has the same id in
     its tokenizer; a method that matches full-width states needs the teacher's width."""
-    from .tokens import arithmetic_tokenizer
     path, model = config.student.path, config.model
     try:
         student = pretrained_config(path, model.trust_remote_code)

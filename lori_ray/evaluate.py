@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import argparse
+import json
 import math
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -10,7 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from .data import Example, normalize_answer
+from .data import DataFormatError, Example, normalize_answer, read_examples
 from .latents import continuous_forward
 from .tokens import IGNORE_INDEX, Layout, left_pad
 
@@ -132,10 +135,6 @@ def evaluate(model, layout: Layout, examples: list[Example], with_cot: bool, bat
 def main(argv: list[str] | None = None) -> int:
     """``python -m lori_ray.evaluate MODEL --data FILE``: a model directory a run wrote, scored on a data file in
     its training format (iCoT ``.txt``, GSM8K ``.jsonl``, or a table with ``--field role=column``)."""
-    import argparse
-    import json
-    import sys
-
     arguments = argparse.ArgumentParser(description="Exact match of a lori-ray model on a data file (greedy).")
     arguments.add_argument("model", help="a model directory of a run, e.g. runs/demo/student")
     arguments.add_argument("--data", required=True, help="iCoT .txt, GSM8K .jsonl, or a table with --field")
@@ -147,8 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     arguments.add_argument("--json", action="store_true", help="one JSON object instead of the summary")
     args = arguments.parse_args(argv)
 
-    from .data import DataFormatError, read_examples
-    from .predict import Predictor
+    from .predict import Predictor  # here, not at the top: predict imports this module's greedy_generate
     fields = None
     if args.field:
         if not all("=" in f for f in args.field):

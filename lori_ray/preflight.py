@@ -26,6 +26,7 @@ from .data import (
     read_examples,
 )
 from .storage import redact, scheme, unreachable
+from .tokens import Layout, arithmetic_tokenizer, load_tokenizer
 
 
 class Splits(NamedTuple):
@@ -106,7 +107,6 @@ def check_lengths(config: Config, splits: Splits) -> None:
     """Every teacher sequence (question, CoT, answer) and student sequence (question, latent slots, answer)
     fits in ``model.max_positions``. Generated multiplication has one shape per task, so its held-out
     problems stand for all; data files are checked line by line."""
-    from .tokens import Layout, arithmetic_tokenizer, load_tokenizer
     model = config.model
     tokenizer = (load_tokenizer(model.path, model.trust_remote_code, model.gguf_file) if model.path
                  else arithmetic_tokenizer())
@@ -164,7 +164,7 @@ def check_storage(config: Config, timeout_s: float = 30.0) -> None:
 def check_tracking(config: Config, timeout_s: float = 10.0) -> None:
     """An MLflow tracking server answers before the run starts: the parent run is opened first thing, and a
     server that is down would otherwise be found there after MLflow's retries, as a traceback."""
-    from .tracking import server_unanswering
+    from .tracking import server_unanswering  # MLflow's import (seconds) only when a run checks its server
     uri = config.tracking_uri()
     if why := server_unanswering(uri, timeout_s):
         field = "tracking.uri" if config.tracking.uri else "MLFLOW_TRACKING_URI"

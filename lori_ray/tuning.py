@@ -105,7 +105,7 @@ def run_search(config: Config) -> dict:
                          if config.tune.scheduler == "asha" else FIFOScheduler())
             search_alg = None
             if config.tune.search == "optuna":
-                from ray.tune.search.optuna import OptunaSearch
+                from ray.tune.search.optuna import OptunaSearch  # needs optuna, only for this search
                 search_alg = OptunaSearch()
             concurrent = max_concurrent_trials(config)
             log(f"[tune] {config.tune.num_samples} trials, at most {concurrent} at a time")
