@@ -101,7 +101,7 @@ import time
 started = time.time()
 failed = []
 for name in ("torch", "transformers", "ray", "deepspeed", "mlflow", "pydantic", "pyarrow.fs", "pandas", "msgpack",
-             "datasets", "ray.train", "ray.train.torch", "lori_ray.train", "lori_ray.teacher_pool", "lori_ray.tracking",
+             "datasets", "ray.train", "ray.train.torch", "lori_ray.worker", "lori_ray.driver", "lori_ray.teacher_pool", "lori_ray.tracking",
              "lori_ray.tokenized", "mlflow.store.tracking.sqlalchemy_store"):
     try:
         module = importlib.import_module(name)

@@ -29,6 +29,7 @@ def teacher_and_held_out(config):
     """Train (or find) the teacher of ``config`` and its held-out result, evaluated once per teacher."""
     import mlflow
 
+    from lori_ray.driver import DRIVER_TURNS
     from lori_ray.evaluate import EvalResult
     from lori_ray.fingerprint import FINGERPRINT_FILE, digest
     from lori_ray.recipe import opened
@@ -37,7 +38,6 @@ def teacher_and_held_out(config):
     from lori_ray.stages.teacher_sft import teacher_sft
     from lori_ray.storage import write_local
     from lori_ray.tracking import stage_run, tracked
-    from lori_ray.train import DRIVER_TURNS
 
     with DRIVER_TURNS.turn(), opened(config) as (splits, _parent):
         teacher_dir = teacher_sft(config, splits)

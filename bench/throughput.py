@@ -1,17 +1,19 @@
 """Throughput side by side on one model and batch: plain PyTorch vs our Ray Train + DeepSpeed student step.
 
     python bench/throughput.py [--family llama] [--size small] [--batch 16] [--seq 128] [--steps 20]
-                               [--zero 2] [--workers 1] [--extract 512] [--generate 64]
+                               [--zero 2] [--workers 1] [--threads 1] [--extract 512] [--generate 64]
 
 Prints one table:
   * matmul peak (bf16 on GPU, fp32 on CPU), the denominator of MFU;
-  * training: a plain-PyTorch eager AdamW step (CE only) and our production loop (`lori_ray.train`:
+  * training: a plain-PyTorch eager AdamW step (CE only) and our production loop (`lori_ray.worker`:
     Ray Train workers, DeepSpeed ZeRO, CE + LoRi loss) — tokens/s, MFU, peak GPU memory;
   * teacher extraction: `build_store` through the Ray actor pool (two passes: step means + moments,
     then coordinates; actor start included) vs a bare forward with hidden states on the same sequences;
   * teacher free generation: HF `generate` (dynamic cache) vs HF `generate` with a static cache.
 Runs on CPU with small sizes (what CI exercises) and on a GPU with the real ones.
 
+On CPU the plain step runs with the torch threads each of our workers takes (`--threads`, default 1, the
+`train.cpus_per_worker` default): the ratio compares steps on the same cores.
 `--parts` picks the measurements (train, extract, generate); `--plain-compile` adds a torch.compile'd
 plain step; `--json PATH` also writes the figures as JSON, `--markdown PATH` the table headed by the command,
 date, commit and machine (``lori_ray.provenance``). A measurement that fails is reported as
@@ -89,9 +91,18 @@ def free_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def plain_torch_step(model_dir: Path, batch: dict, steps: int, compile: bool = False) -> tuple[float, float]:
-    """(seconds per step, peak GB) of AdamW on CE, bf16 autocast on GPU; eager unless ``compile``."""
+def plain_torch_step(model_dir: Path, batch: dict, steps: int, compile: bool = False,
+                     threads: int | None = None) -> tuple[float, float]:
+    """(seconds per step, peak GB) of AdamW on CE, bf16 autocast on GPU; eager unless ``compile``. On CPU with
+    ``threads`` torch threads: as many as each of our workers takes (``train.cpus_per_worker``)."""
     from lori_ray.models import load_model
+    if threads and not CUDA:
+        before = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            return plain_torch_step(model_dir, batch, steps, compile)
+        finally:
+            torch.set_num_threads(before)  # the extraction and generation rows use the process's threads
     model = load_model(model_dir).to(DEVICE).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=CUDA)
     if compile:
@@ -114,17 +125,18 @@ def plain_torch_step(model_dir: Path, batch: dict, steps: int, compile: bool = F
 
 
 def our_training_step(work: Path, model_dir: Path, batch: dict, steps: int, zero: int, workers: int,
-                      compile: bool) -> dict:
+                      compile: bool, threads: int) -> dict:
     """The production loop through Ray Train: the last report's window excludes the warm-up steps."""
     from lori_ray.config import TrainConfig
-    from lori_ray.train import Stage, fit
+    from lori_ray.driver import fit
+    from lori_ray.worker import Stage
     layers = list(range(1, 1 + batch["targets"].shape[1]))
     projection = TrajectoryProjection(len(layers), _hidden(model_dir), batch["targets"].shape[-1])
     save_file({k: v.detach().contiguous() for k, v in projection.state_dict().items()}, work / "projection.safetensors")
     rows = {k: v.repeat(workers, *[1] * (v.dim() - 1)) for k, v in batch.items()}  # the same micro-batch per worker
     save_file({k: v.contiguous() for k, v in rows.items()}, work / "data.safetensors")
     train = TrainConfig(steps=2 * steps, batch_size=len(rows["input_ids"]), lr=1e-4, warmup=1, zero_stage=zero,
-                        num_workers=workers, log_every=steps, compile=compile)
+                        num_workers=workers, cpus_per_worker=threads, log_every=steps, compile=compile)
     stage = Stage(name="throughput", model_dir=str(model_dir), data_path=str(work / "data.safetensors"), train=train,
                   weights={"ce": 1.0, "first_order": 1.0, "second_order": 1.0},
                   terms=["ce", "first_order", "second_order"], student_layers=layers,
@@ -195,6 +207,9 @@ def main() -> None:
     parser.add_argument("--zero", type=int, default=2)
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--compile", action="store_true", help="torch.compile our training step (train.compile)")
+    parser.add_argument("--threads", type=at_least_one, default=1,
+                        help="CPU only: torch threads of each worker (train.cpus_per_worker) and of the plain step, "
+                             "so the two compare on the same cores")
     parser.add_argument("--plain-compile", action="store_true", help="also time a torch.compile'd plain step")
     parser.add_argument("--latents", type=at_least_one, default=4,
                         help="latent slots the LoRi step aligns (its first- and second-order terms need one)")
@@ -230,7 +245,8 @@ def main() -> None:
 
     peak = matmul_peak(args.peak_size)
     free_memory()
-    device = torch.cuda.get_device_name() if CUDA else f"CPU ({torch.get_num_threads()} threads)"
+    device = (torch.cuda.get_device_name() if CUDA else
+              f"CPU ({args.threads} thread{'s' if args.threads > 1 else ''} per step, of {torch.get_num_threads()})")
     tokens_per_step = args.batch * args.seq
     prompts = [teacher_layout.question(e) for e in examples[:args.generate]]
     sequences = [teacher_layout.teacher(e) for e in examples[:args.extract]]
@@ -317,12 +333,13 @@ def main() -> None:
         nonlocal ray_started
         from lori_ray.cluster import start_local
         if not ray_started:
-            start_local(max(2, args.workers), include_dashboard=False)
+            start_local(max(2, args.workers * args.threads), include_dashboard=False)
             ray_started = True
 
     def ours():
         start_ray()
-        return our_training_step(work, model_dir, batch, args.steps, args.zero, args.workers, args.compile)
+        return our_training_step(work, model_dir, batch, args.steps, args.zero, args.workers, args.compile,
+                                 args.threads)
 
     def pool():
         from lori_ray.teacher_pool import build_store
@@ -333,9 +350,10 @@ def main() -> None:
         return extract_tokens / (time.perf_counter() - started)
 
     if "train" in parts:
-        measure("plain", lambda: plain_torch_step(model_dir, batch, args.steps))
+        measure("plain", lambda: plain_torch_step(model_dir, batch, args.steps, threads=args.threads))
         if args.plain_compile:
-            measure("plain_compiled", lambda: plain_torch_step(model_dir, batch, args.steps, compile=True))
+            measure("plain_compiled", lambda: plain_torch_step(model_dir, batch, args.steps, compile=True,
+                                                                threads=args.threads))
         measure("ours", ours)
     if "extract" in parts:
         measure("pool", pool)

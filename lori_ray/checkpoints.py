@@ -7,6 +7,9 @@ file, and is itself signed. A checkpoint is *complete* when every rank's manifes
 restarted stage resumes from the newest complete checkpoint of its own inputs, whatever Ray recorded (a worker
 killed between upload and record would otherwise send it back). A file whose HMAC does not match, or a file
 under ``ds/`` that no manifest lists, is refused before anything is unpickled.
+
+A worker reports them (``report_checkpoint``): periodic ones hold every rank's signed DeepSpeed state, the final one
+the HF model under ``hf/``; ``resume_checkpoint`` picks the one a (re)started stage continues from.
 """
 
 from __future__ import annotations
@@ -17,7 +20,20 @@ import json
 import os
 import re
 import secrets
+import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+import ray.train
+import torch
+import torch.distributed as dist
+
+from .adapters import lora_token_ids
+from .adapters import publish as publish_adapted
+from .tokens import tokenizer_from
+
+if TYPE_CHECKING:
+    from .worker import Stage
 
 MANIFEST = "manifest-rank-{rank}.json"
 STEP_DIRECTORY = re.compile(r"^step-(\d+)$")
@@ -115,3 +131,62 @@ def newest_complete(root: Path, world: int, inputs: str, key: str) -> tuple[int,
         if step is not None:
             return step, path
     return None
+
+
+def resume_checkpoint(stage: Stage, world: int, recorded):
+    """The checkpoint a (re)started stage resumes from: on a filesystem, the newest complete one of its inputs
+    in its folder, whatever Ray recorded (a worker killed between upload and record would otherwise lose it);
+    on an object store, the one Ray recorded. Also whether it is verified already (the one found in the folder
+    is; Ray's must be, once downloaded). Raises TamperedCheckpoint for one that no worker of ours wrote."""
+    if stage.checkpoint_root and Path(stage.checkpoint_root).is_dir():
+        found = newest_complete(Path(stage.checkpoint_root), world, stage.inputs_digest, stage.checkpoint_key)
+        return (ray.train.Checkpoint.from_directory(str(found[1])), True) if found else (None, False)
+    return recorded, False
+
+
+def report_checkpoint(engine, objective, metrics: dict, stage: Stage, step: int, restarts: int,
+                       final: bool) -> None:
+    """A periodic checkpoint: every rank saves and signs its DeepSpeed shards (weights and optimizer state, what a
+    restart resumes from). The ``final`` one: the HF model and tokenizer under ``hf/``, from rank 0, and no
+    DeepSpeed state — nothing resumes after the last step, and for a 1B model that state is ~12 GB written for
+    nothing (a restart after it resumes from the newest periodic checkpoint)."""
+    rank = ray.train.get_context().get_world_rank()
+    directory = None
+    if not final:
+        directory = tempfile.mkdtemp(prefix="lori-ckpt-")
+        engine.save_checkpoint(os.path.join(directory, "ds"), tag="state",
+                               client_state={"step": step, "restarts": restarts})
+        sign(Path(directory) / "ds", rank, step, stage.inputs_digest, stage.checkpoint_key)
+    else:
+        if engine.zero_optimization_stage() == 3:
+            state = engine._zero3_consolidated_16bit_state_dict()  # collective: every rank calls it
+        else:
+            state = engine.module.state_dict()
+        refuse_non_finite(state if rank == 0 else None, stage.name, step, metrics, engine.device)
+        if rank == 0:
+            directory = tempfile.mkdtemp(prefix="lori-ckpt-")
+            hf = os.path.join(directory, "hf")
+            if stage.train.lora:
+                publish_adapted(stage.model_dir, stage.train.lora, lora_token_ids(stage.model_dir),
+                                objective.model_state_dict(state), hf)
+            else:
+                objective.model.save_pretrained(hf, state_dict=objective.model_state_dict(state))
+            tokenizer_from(stage.model_dir).save_pretrained(hf)
+    ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory) if directory else None,
+                     checkpoint_dir_name=f"step-{step:06d}", delete_local_checkpoint_after_upload=True)
+
+
+def refuse_non_finite(state: dict | None, name: str, step: int, metrics: dict, device="cpu") -> None:
+    """Raise on every rank when the model rank 0 is about to publish (``state``; None on the other ranks) has a
+    non-finite weight: skipped NaN steps (fewer than ``max_bad_steps``) or a diverged run would otherwise publish
+    it as finished, and a rerun would reuse it."""
+    bad = [key for key, tensor in (state or {}).items() if tensor.is_floating_point() and not tensor.isfinite().all()]
+    flag = torch.tensor([float(len(bad))], device=device)  # on the engine's device: nccl broadcasts CUDA tensors
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.broadcast(flag, src=0)
+    if flag.item():
+        terms = " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k != "step" and isinstance(v, float))
+        raise FloatingPointError(f"[{name}] not published: the model has non-finite weights at step {step} "
+                                 f"({', '.join(bad[:3]) or 'on rank 0'}{', ...' if len(bad) > 3 else ''}); last "
+                                 f"logged terms: {terms or 'none (no step was applied)'}. Lower the learning rate "
+                                 f"or the loss weights.")

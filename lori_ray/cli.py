@@ -5,8 +5,11 @@ field or file:line named."""
 from __future__ import annotations
 
 import argparse
+import inspect
+import io
 import re
 import sys
+import tokenize
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import get_args
@@ -53,6 +56,7 @@ def parser(doc: str) -> argparse.ArgumentParser:
 
 def inspected(args, config: Config) -> bool:
     """``--print-config`` or ``--dry-run``: print the resolved config or the plan (nothing written, no Ray)."""
+    # this module's imports of the package happen where used: --help and config validation start in a second
     from .storage import redact  # neither prints a credential of the URIs it names
     if args.print_config:
         print(redact(config.to_yaml()), end="")
@@ -80,9 +84,9 @@ def user_errors() -> Iterator[None]:
     cluster within ``cluster.wait_minutes``, a tracking store that failed as the run started or a checkpoint
     storage lost mid-stage."""
     from .cluster import ResourcesUnavailable
+    from .driver import StorageLost
     from .fingerprint import StageChanged
     from .tracking import TrackingUnavailable
-    from .train import StorageLost
     try:
         yield
     except StageChanged as error:
@@ -121,9 +125,6 @@ def configs_sharing_teacher(path: str, overrides: dict) -> dict:
 
 def field_notes(section: type[BaseModel]) -> dict[str, str]:
     """Each field's description, else its comment in ``config.py`` (on its line, or the lines just above it)."""
-    import inspect
-    import io
-    import tokenize
     source = inspect.getsource(section)
     comments = {token.start[0]: token.string.lstrip("#").strip()  # real comments: a '#' in a string is none
                 for token in tokenize.generate_tokens(io.StringIO(source).readline) if token.type == tokenize.COMMENT}

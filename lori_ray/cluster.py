@@ -68,7 +68,7 @@ def wait_for_resources(what: str, needed: dict[str, float], wait_minutes: float 
         if not asked:
             asked = True
             try:  # an autoscaling cluster (KubeRay) adds nodes for them; elsewhere this asks nothing of anyone
-                from ray.autoscaler.sdk import request_resources
+                from ray.autoscaler.sdk import request_resources  # inside the try: not in every Ray install
                 request_resources(bundles=[needed])
             except Exception as error:  # noqa: BLE001 - no autoscaler to ask: waiting is all there is
                 log(f"[{what}] the cluster's autoscaler could not be asked for {needed} ({type(error).__name__})")

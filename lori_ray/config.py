@@ -28,8 +28,9 @@ from pydantic import (
 from . import storage
 from .data import source_problem
 from .methods import METHODS, MethodSpec
-from .models import FAMILIES, PRUNABLE, SIZES, ModelSourceError, is_hub_id, model_shape, pretrained_config
-from .tokens import load_tokenizer
+from .model_sources import ModelSourceError, is_hub_id
+from .models import FAMILIES, PRUNABLE, SIZES, model_shape, pretrained_config
+from .tokens import arithmetic_tokenizer, load_tokenizer
 
 # no bool or float where an integer is meant (YAML `true` or `8.0` is a mistake, not 1 or 8); ints pass as floats;
 # no .inf or .nan anywhere (an infinite learning rate trained a model of NaNs)
@@ -179,6 +180,9 @@ class LoraConfig(Section):
         return self.alpha or 2.0 * self.rank
 
 
+MIN_LR = 0.1  # the default end of the learning rate's decay, a fraction of train.lr
+
+
 class TrainConfig(Section):
     steps: Int = Field(500, gt=0, description="optimizer steps (the cap when max_minutes or until_val ends the stage "
                                               "sooner)")
@@ -191,7 +195,7 @@ class TrainConfig(Section):
     # micro-batches per optimizer step: each worker runs batch_size / (num_workers x grad_accumulation) rows at a
     # time, for the same global batch in less memory
     grad_accumulation: Int = Field(1, gt=0)
-    min_lr: Float = Field(0.1, ge=0, le=1)  # the end of the decay, a fraction of lr
+    min_lr: Float = Field(MIN_LR, ge=0, le=1)  # the end of the decay, a fraction of lr
     weight_decay: Float = Field(0.0, ge=0, description="AdamW weight decay")
     grad_clip: Float = Field(1.0, gt=0, description="gradient norm clipping")
     zero_stage: Int = Field(2, ge=0, le=3, description="DeepSpeed ZeRO stage, 0-3")
@@ -661,7 +665,6 @@ def _listed(names: list[str]) -> str:
 def _check_student_path(config: Config, teacher_config) -> None:
     """A pretrained student reads the teacher's token ids: each of the teacher tokenizer's tokens has the same id in
     its tokenizer; a method that matches full-width states needs the teacher's width."""
-    from .tokens import arithmetic_tokenizer
     path, model = config.student.path, config.model
     try:
         student = pretrained_config(path, model.trust_remote_code)

@@ -5,8 +5,9 @@ training batch on the fly (seeded by step, so a resumed run sees the same batche
 training data; removal smoothing removes ``o`` extra tokens with probability ∝ exp(-λ·o), so the next
 increment is never a surprise. The removal is a left shift of each row's tokens after its CoT start.
 
-``stages`` (Coconut, Hao et al. 2024): at stage s the first s CoT steps of every row give way to s·c latent
-tokens; the last stage has no language CoT left and is the student's own layout.
+``stages`` (Coconut, Hao et al. 2024; the config keeps the paper's word): at phase s the first s CoT steps of every
+row give way to s·c latent tokens; the last phase has no language CoT left and is the student's own layout. In the
+code a *stage* is a pipeline stage (teacher, trajectories, student, evaluation); Coconut's are *phases*.
 """
 
 from __future__ import annotations
@@ -27,10 +28,11 @@ class RemovalSchedule(BaseModel):
     pad_id: int
 
 
-class StageSchedule(BaseModel):
-    """Coconut's stages as a training stage runs them (the batch has ``cot_start``, ``cot_length``, ``step_starts``)."""
+class PhaseSchedule(BaseModel):
+    """Coconut's phases as a training stage runs them (the batch has ``cot_start``, ``cot_length``, ``step_starts``).
+    ``steps_per_stage``: ``student.steps_per_stage`` of the config, which keeps Coconut's word."""
     steps_per_stage: int
-    last: int  # the last stage: no language CoT left
+    last: int  # the last phase: no language CoT left
     latents_per_step: int
     latent_ids: list[int]
     pad_id: int
@@ -87,21 +89,21 @@ def remove_cot_tokens(batch: Batch, counts: torch.Tensor, pad_id: int) -> Batch:
     return trim_padding(shifted)
 
 
-def latent_stage(step: int, steps_per_stage: int, last: int) -> int:
-    """Coconut's stage at ``step``: one more CoT step replaced every ``steps_per_stage`` steps, up to ``last``."""
+def latent_phase(step: int, steps_per_stage: int, last: int) -> int:
+    """Coconut's phase at ``step``: one more CoT step replaced every ``steps_per_stage`` steps, up to ``last``."""
     return min(step // steps_per_stage, last)
 
 
-def replace_cot_steps(batch: Batch, stage: int, latent_ids: list[int], pad_id: int) -> Batch:
-    """Coconut's stage ``stage``: each row's first ``stage`` CoT steps (with the separators after them; all of its
-    CoT when it has no more steps) are cut and ``latent_ids`` (the stage's s·c latents) take their place,
+def replace_cot_steps(batch: Batch, phase: int, latent_ids: list[int], pad_id: int) -> Batch:
+    """Coconut's phase ``phase``: each row's first ``phase`` CoT steps (with the separators after them; all of its
+    CoT when it has no more steps) are cut and ``latent_ids`` (the phase's s·c latents) take their place,
     unlabelled; the rest of the CoT and the answer stay. Needs ``cot_start``, ``cot_length`` and ``step_starts``;
     ``answer_positions`` (-1 = none) move with their tokens; rows are right-padded anew."""
     rows = []
     for row in range(batch["input_ids"].shape[0]):
         length, start = int(batch["attention_mask"][row].sum()), int(batch["cot_start"][row])
         starts = [s for s in batch["step_starts"][row].tolist() if s >= 0]
-        cut = starts[stage] if stage < len(starts) else start + int(batch["cot_length"][row])
+        cut = starts[phase] if phase < len(starts) else start + int(batch["cot_length"][row])
         ids, labels = batch["input_ids"][row], batch["labels"][row]
         rows.append((torch.cat([ids[:start], torch.tensor(latent_ids, dtype=ids.dtype), ids[cut:length]]),
                      torch.cat([labels[:start], torch.full((len(latent_ids),), IGNORE_INDEX, dtype=labels.dtype),

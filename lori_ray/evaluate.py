@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import argparse
+import json
+import math
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 
-from .data import Example, normalize_answer
+from .data import DataFormatError, Example, normalize_answer, read_examples
 from .latents import continuous_forward
-from .tokens import Layout, left_pad
+from .tokens import IGNORE_INDEX, Layout, left_pad
 
 
 @dataclass
@@ -83,6 +88,35 @@ def greedy_generate(model, prompts: list[list[int]], pad: int, eos: int, batch_s
     return outputs, seconds
 
 
+@torch.no_grad()
+def exact_match(model, data: dict[str, torch.Tensor], rank: int, world: int, batch_size: int,
+                latent_ids: list[int] | None = None) -> float:
+    """Fraction of sequences whose every labelled token is the argmax given the gold prefix.
+
+    For the answer (and CoT) tokens this equals exact match of greedy generation, in one forward
+    pass. Rows are strided over ranks with the same number of forwards on each (ZeRO-3 gathers
+    parameters collectively). ``latent_ids``: those tokens are continuous thoughts.
+    """
+    device = next(model.parameters()).device
+    total = data["input_ids"].shape[0]
+    rows = torch.arange(rank, total, world)
+    counts = torch.zeros(2, dtype=torch.float64, device=device)  # correct, seen
+    for chunk in range(math.ceil(math.ceil(total / world) / batch_size)):
+        part = rows[chunk * batch_size:(chunk + 1) * batch_size]
+        counted = len(part) > 0
+        part = part if counted else torch.tensor([0])  # a rank with fewer rows still joins the forward
+        input_ids, attention_mask = data["input_ids"][part].to(device), data["attention_mask"][part].to(device)
+        logits = (continuous_forward(model, input_ids, attention_mask, latent_ids) if latent_ids else
+                  model(input_ids=input_ids, attention_mask=attention_mask)).logits
+        gold = data["labels"][part, 1:].to(device)
+        hits = ((logits[:, :-1].argmax(-1) == gold) | (gold == IGNORE_INDEX)).all(1)
+        if counted:
+            counts += torch.tensor([hits.sum().item(), len(part)], dtype=torch.float64, device=device)
+    if dist.is_initialized():
+        dist.all_reduce(counts)
+    return (counts[0] / counts[1]).item()
+
+
 def evaluate(model, layout: Layout, examples: list[Example], with_cot: bool, batch_size: int = 100,
              max_new_tokens: int = 64, progress: Callable[[int, int], None] | None = None,
              continuous: bool = False) -> EvalResult:
@@ -101,10 +135,6 @@ def evaluate(model, layout: Layout, examples: list[Example], with_cot: bool, bat
 def main(argv: list[str] | None = None) -> int:
     """``python -m lori_ray.evaluate MODEL --data FILE``: a model directory a run wrote, scored on a data file in
     its training format (iCoT ``.txt``, GSM8K ``.jsonl``, or a table with ``--field role=column``)."""
-    import argparse
-    import json
-    import sys
-
     arguments = argparse.ArgumentParser(description="Exact match of a lori-ray model on a data file (greedy).")
     arguments.add_argument("model", help="a model directory of a run, e.g. runs/demo/student")
     arguments.add_argument("--data", required=True, help="iCoT .txt, GSM8K .jsonl, or a table with --field")
@@ -116,8 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     arguments.add_argument("--json", action="store_true", help="one JSON object instead of the summary")
     args = arguments.parse_args(argv)
 
-    from .data import DataFormatError, read_examples
-    from .predict import Predictor
+    from .predict import Predictor  # here, not at the top: predict imports this module's greedy_generate
     fields = None
     if args.field:
         if not all("=" in f for f in args.field):

@@ -23,6 +23,7 @@ _TRAIN_NOT_INPUTS = ("checkpoint_minutes",)
 _TRAIN_ADDED = {"until_val": None, "schedule": "linear", "min_lr": 0.1, "grad_accumulation": 1,
                 "lora": None}  # field: its default
 _STAGE_ADDED = ("fresh",)  # Stage fields added later, digested only when set
+_STAGE_RENAMED = {"phases": "stages"}  # Stage fields renamed since: digested under their first name
 _FILE_INPUTS = ("model_dir", "data_path", "val_path", "projection_path", "readout_path", "teacher_dir")
 
 
@@ -60,7 +61,7 @@ def stage_inputs(stage) -> dict[str, str]:
     fields = asdict(stage)
     inputs = {name: digest(fields[name]) for name in _FILE_INPUTS if fields.get(name)}
     # typed settings (the stage's TrainConfig) digest as their fields, as they did when they travelled as dicts
-    settings = {k: v.model_dump() if hasattr(v, "model_dump") else v for k, v in fields.items()
+    settings = {_STAGE_RENAMED.get(k, k): v.model_dump() if hasattr(v, "model_dump") else v for k, v in fields.items()
                 if k not in _NOT_INPUTS + _FILE_INPUTS and not (k in _STAGE_ADDED and v is None)}
     if stage.fresh is not None and stage.fresh.targets_path:  # the subspace fresh problems are projected on
         inputs["fresh_targets"] = digest(stage.fresh.targets_path)

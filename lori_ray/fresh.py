@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 
 from .batch import Batch, answer_positions
 from .data import Example, random_multiplication
+from .models import load_model
 from .subspace import Subspace, resample_steps
 from .tokens import Layout, add_latent_tokens, collate, load_tokenizer
 from .trajectories import stack, teacher_step_means
@@ -66,7 +67,6 @@ class FreshBatches:
         self.layout = Layout(tokenizer, add_latent_tokens(tokenizer, fresh.latent_slots) if fresh.latent_slots else [])
         self.teacher = self.teacher_layout = None
         if fresh.targets != "none":
-            from .models import load_model
             self.teacher = load_model(fresh.teacher_dir).eval().requires_grad_(False)
             self.teacher_layout = Layout(load_tokenizer(fresh.teacher_dir))
         self.tensors = load_file(fresh.targets_path) if fresh.targets_path else {}

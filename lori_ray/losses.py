@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .tokens import IGNORE_INDEX
+
 
 def batch_covariance(x: torch.Tensor) -> torch.Tensor:
     """Covariance across the batch (dim 0) of ``x`` [B, L, F] → [L, F, F]."""
@@ -83,9 +85,9 @@ class AnswerKL(nn.Module):
 
     def forward(self, student_logits: torch.Tensor, student_targets: torch.Tensor,
                 teacher_logits: torch.Tensor, teacher_targets: torch.Tensor) -> torch.Tensor:
-        student_mask = student_targets != -100
+        student_mask = student_targets != IGNORE_INDEX
         counts = student_mask.sum(1)
-        teacher_mask = teacher_targets != -100
+        teacher_mask = teacher_targets != IGNORE_INDEX
         from_end = teacher_mask.flip(1).cumsum(1).flip(1)  # labelled positions at or after each one
         teacher_mask &= from_end <= counts[:, None]
         if not torch.equal(teacher_mask.sum(1), counts):

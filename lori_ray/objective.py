@@ -243,7 +243,7 @@ class LMObjective(nn.Module):
                                           batch.get("teacher_labels", batch["labels"]))
         return output.logits, targets
 
-    def forward(self, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
+    def forward(self, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         wanted = self.terms
         output, targets = labelled_logits(self.model, batch["input_ids"], batch["attention_mask"], batch["labels"],
                                           self.continuous_latents,
@@ -264,8 +264,8 @@ class LMObjective(nn.Module):
         if "kd" in wanted:
             terms["kd"] = self.answer_kl(logits, targets, *self._teacher_logits(batch, logits))
         loss = sum(self.weights[name] * value for name, value in terms.items())
-        metrics = {name: value.detach().item() for name, value in terms.items()}
-        metrics["loss"] = loss.detach().item()
+        metrics = {name: value.detach() for name, value in terms.items()}  # tensors: no wait for the device
+        metrics["loss"] = loss.detach()
         return loss, metrics
 
     def model_state_dict(self, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

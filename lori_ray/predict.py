@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass
 from itertools import islice
 from pathlib import Path
 
+# the package's other modules are imported where used: answering a question needs none of the training stack
 CONTRACT_FILE = "lori-model.json"
 _PRODUCT = re.compile(r"^\s*(\d+)\s*[*x×]\s*(\d+)\s*$")
 

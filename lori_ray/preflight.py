@@ -26,6 +26,7 @@ from .data import (
     read_examples,
 )
 from .storage import redact, scheme, unreachable
+from .tokens import Layout, arithmetic_tokenizer, load_tokenizer
 
 
 class Splits(NamedTuple):
@@ -67,7 +68,7 @@ def _splits(data_json: str, seed: int, preset_vocabulary: bool = False) -> Split
             order = random.Random(f"held-out-{seed}").sample(range(len(rows)), min(data.eval_size, len(rows) - 1))
             held_out = [rows[i] for i in sorted(order)]
         else:
-            held_out = _generated("data.eval_size", data.eval_size, data.digits, seed + 1)
+            held_out = _generated("data.eval_size", data.eval_size, data.digits, seed + HELD_OUT_SEED_OFFSET)
         questions = {e.question for e in held_out}
         if data.task == "multiplication":
             train = _generated("data.train_size", data.train_size, data.digits, seed, exclude=questions)
@@ -92,6 +93,9 @@ def dropped(field: str, path: str, supplied: int, used: int, carved: bool = Fals
                       f"({supplied - used} left out); raise {field} to use them all", UserWarning, stacklevel=2)
 
 
+HELD_OUT_SEED_OFFSET = 1  # generated held-out problems: a seed of their own, next to the training set's
+
+
 def _generated(field: str, count: int, digits: tuple[int, int], seed: int, exclude=frozenset()) -> list[Example]:
     try:
         return generate_multiplication(count, *digits, seed=seed, exclude=exclude)
@@ -103,7 +107,6 @@ def check_lengths(config: Config, splits: Splits) -> None:
     """Every teacher sequence (question, CoT, answer) and student sequence (question, latent slots, answer)
     fits in ``model.max_positions``. Generated multiplication has one shape per task, so its held-out
     problems stand for all; data files are checked line by line."""
-    from .tokens import Layout, arithmetic_tokenizer, load_tokenizer
     model = config.model
     tokenizer = (load_tokenizer(model.path, model.trust_remote_code, model.gguf_file) if model.path
                  else arithmetic_tokenizer())
@@ -161,7 +164,7 @@ def check_storage(config: Config, timeout_s: float = 30.0) -> None:
 def check_tracking(config: Config, timeout_s: float = 10.0) -> None:
     """An MLflow tracking server answers before the run starts: the parent run is opened first thing, and a
     server that is down would otherwise be found there after MLflow's retries, as a traceback."""
-    from .tracking import server_unanswering
+    from .tracking import server_unanswering  # MLflow's import (seconds) only when a run checks its server
     uri = config.tracking_uri()
     if why := server_unanswering(uri, timeout_s):
         field = "tracking.uri" if config.tracking.uri else "MLFLOW_TRACKING_URI"

@@ -33,7 +33,7 @@ def progress_bar(shown: bool, desc: str, total: int, unit: str, done: int = 0):
     """A bar over ``total`` ``unit``s of which ``done`` are done already (a resumed stage), or ``NoBar``."""
     if not shown:
         return NoBar()
-    from ray.experimental.tqdm_ray import tqdm
+    from ray.experimental.tqdm_ray import tqdm  # Ray's, where a bar is drawn (bars_wanted runs before Ray starts)
     bar = tqdm(desc=desc, total=total, unit=unit)
     bar.n = done
     bar.refresh()  # drawn now, so that its rate counts from the start of the work, not from its first update

@@ -23,6 +23,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from .config import PRUNED_INITS
+from .latents import continuous_forward
 from .models import keep_layers, load_model
 from .subspace import Moments, effective_rank
 
@@ -206,7 +207,6 @@ def hidden_erank(model: nn.Module, input_ids: torch.Tensor, attention_mask: torc
     """eRank of each layer's hidden states (embedding output first) over the real tokens, as a
     (tokens × d) matrix, centred. Streamed in chunks through second moments: the singular values of the
     centred matrix are the square roots of its scatter matrix's eigenvalues. ``latent_ids``: continuous thoughts."""
-    from .latents import continuous_forward
     moments = None
     for start in range(0, len(input_ids), chunk):
         mask, ids = attention_mask[start:start + chunk], input_ids[start:start + chunk]

@@ -17,6 +17,7 @@ import mlflow
 
 from . import storage
 from .config import Config
+from .driver import DRIVER_TURNS
 from .evaluate import EvalResult
 from .preflight import Splits, load_data, shared_teacher_path
 from .stages import log
@@ -36,7 +37,6 @@ from .stages.training import forget_stage, restart_later
 from .stages.trajectories import trajectory_stage
 from .storage import write_local
 from .tracking import log_model, pipeline_run, stage_run, tracked
-from .train import DRIVER_TURNS
 
 STAGES = ("teacher", "student")
 
@@ -125,15 +125,16 @@ def run_sharing_teacher(configs: dict, parallel: int = 1) -> dict:
     starting as soon as the first run's store is built (each Ray Train stage must fit the cluster beside the
     others: fewer workers, or fractional ``cluster.gpus_per_worker``); one at a time, later runs also reuse the
     first one's held-out evaluation of the teacher."""
+    tracking_uri = next(iter(configs.values())).tracking_uri()
+    # copies: the caller's configs stay as they were given
+    configs = {key: with_updates(config, "tracking", uri=config.tracking.uri or tracking_uri)
+               for key, config in configs.items()}
     first = next(iter(configs.values()))
-    tracking_uri = first.tracking_uri()
-    for config in configs.values():
-        config.tracking.uri = config.tracking.uri or tracking_uri
     if parallel <= 1:
         reports, teacher_result = {}, None
         for key, config in configs.items():
             if config is not first:
-                config.teacher.path = shared_teacher_path(first)
+                config = with_updates(config, "teacher", path=shared_teacher_path(first))
             reports[key] = run(config, teacher_result)
             teacher_result = reports[key].teacher
         return reports
@@ -144,9 +145,8 @@ def run_sharing_teacher(configs: dict, parallel: int = 1) -> dict:
         if not Path(shared_teacher_path(first)).is_dir():
             raise RuntimeError(f"{config.name}: not started, the first run ({first.name}) failed before its teacher "
                                f"and trajectory store were built")
-        config.teacher.path = shared_teacher_path(first)
         with DRIVER_TURNS.turn():
-            return run(config)
+            return run(with_updates(config, "teacher", path=shared_teacher_path(first)))
 
     def first_run() -> Report:
         try:
@@ -168,6 +168,12 @@ def run_sharing_teacher(configs: dict, parallel: int = 1) -> dict:
     if failed:
         raise RunsFailed(reports, failed)
     return reports
+
+
+def with_updates(config: Config, section: str, **fields) -> Config:
+    """A copy of ``config`` whose ``section`` has ``fields`` changed (``config`` and its sections are left as
+    they are)."""
+    return config.model_copy(update={section: getattr(config, section).model_copy(update=fields)})
 
 
 class RunsFailed(RuntimeError):

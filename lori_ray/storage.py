@@ -11,6 +11,8 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import threading
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -86,8 +88,6 @@ def unreachable(location: str, timeout_s: float = 30.0) -> str | None:
     ``timeout_s`` (a wrong endpoint, no credentials, a bucket that does not exist), or None. Without it a run
     would find out at its first checkpoint upload, after the teacher trained; a client that retries forever is
     given up on at ``timeout_s`` (its thread is left to the process's end)."""
-    import threading
-    import uuid
     outcome: list[str | None] = []
 
     def attempt() -> None:

@@ -21,6 +21,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from .data import ANSWER_SEPARATOR, ARITHMETIC_SYMBOLS, COT_SEPARATOR, Example, normalize_answer
+from .model_sources import hub_errors, resolve_model_source
 
 SPECIAL_TOKENS = {"pad_token": "<pad>", "bos_token": "<bos>", "eos_token": "<eos>", "unk_token": "<unk>"}
 IGNORE_INDEX = -100
@@ -44,8 +45,6 @@ def arithmetic_tokenizer() -> PreTrainedTokenizerFast:
 
 def load_tokenizer(path: str, trust_remote_code: bool = False, gguf_file: str | None = None):
     """The tokenizer of a model directory, a GGUF file (or its directory plus ``gguf_file``) or a hub id."""
-    from .models import hub_errors, resolve_model_source
-
     source, gguf_file = resolve_model_source(path, gguf_file)
     with hub_errors(source):
         tokenizer = tokenizer_from(source, trust_remote_code, gguf_file)

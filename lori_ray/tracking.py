@@ -6,24 +6,34 @@ import contextlib
 import logging
 import os
 import queue
+import subprocess
 import sys
 import threading
 import time
 import warnings
+from importlib.metadata import version
 from pathlib import Path
 from unittest import mock
 from urllib.parse import unquote, urlsplit, urlunsplit
 
 import mlflow
-from mlflow.entities import Metric, Param
+import requests
+from mlflow.entities import LoggedModelOutput, Metric, Param
+from mlflow.exceptions import MlflowException
+from mlflow.models import ModelSignature
 from mlflow.tracking import MlflowClient
+from mlflow.types import ColSpec, Schema
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from .fingerprint import StageChanged
 from .storage import redact
 
-# MLflow announces creating and migrating its sqlite store at INFO on every run; LORI_VERBOSE=1 keeps it
-if os.environ.get("LORI_VERBOSE") != "1":
-    logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
+
+def quiet_mlflow() -> None:
+    """MLflow announces creating and migrating its sqlite store at INFO on every run; ``LORI_VERBOSE=1`` keeps it.
+    Called where a process starts tracking (``pipeline_run``, ``StepLogger``, ``stage_history``)."""
+    if os.environ.get("LORI_VERBOSE") != "1":
+        logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
 
 
 class TrackingOutage:
@@ -64,13 +74,7 @@ class TrackingUnavailable(RuntimeError):
     """The tracking store failed as a run opened its parent run: nothing has been trained yet."""
 
 
-def _outages() -> tuple[type[BaseException], ...]:
-    import requests
-    from mlflow.exceptions import MlflowException
-    return MlflowException, requests.RequestException, ConnectionError, TimeoutError
-
-
-OUTAGES = _outages()
+OUTAGES = (MlflowException, requests.RequestException, ConnectionError, TimeoutError)
 tracked = TrackingOutage()  # one per process: an outage is the server's, whichever run or thread meets it
 
 
@@ -123,7 +127,6 @@ def close_stale_children(client: MlflowClient, experiment_id: str, parent_id: st
 
 def git_commit() -> str | None:
     """The commit of the lori-ray checkout this code runs from (None when installed without git)."""
-    import subprocess
     try:
         result = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
                                 text=True, timeout=10, check=False)
@@ -150,7 +153,6 @@ def server_unanswering(uri: str, timeout_s: float = 10.0) -> str | None:
     probe): it does not answer within ``timeout_s``, or answers that the credentials (from the URI or MLflow's
     MLFLOW_TRACKING_USERNAME/_PASSWORD/_TOKEN variables) are refused. One request, no retries: MLflow's own
     client would retry for about four minutes before the run's first line."""
-    import requests
     parts = urlsplit(uri)
     if parts.scheme not in ("http", "https"):
         return None
@@ -175,6 +177,7 @@ def server_unanswering(uri: str, timeout_s: float = 10.0) -> str | None:
 def pipeline_run(uri: str, experiment: str, name: str, params: dict, config_yaml: str, run_dir: str):
     """The parent run of the logical run in ``run_dir``: a rerun (after a dead driver, or to evaluate again)
     continues it, and ends as KILLED the stage runs its dead driver left RUNNING."""
+    quiet_mlflow()
     uri = without_credentials(uri)
     mlflow.set_tracking_uri(uri)
     # the server must answer here, before any work: a run that cannot track at all is refused at its start
@@ -222,7 +225,7 @@ def end_run(status: str = "FINISHED") -> None:
     if tracked.error is None:
         tracked(mlflow.end_run, status)
         return
-    from mlflow.tracking import fluent
+    from mlflow.tracking import fluent  # MLflow's internals, only on this rare path
     stack = fluent._active_run_stack.get()  # no public way to forget an active run without ending it
     if stack:
         stack.pop()
@@ -238,7 +241,7 @@ class PlainQuestions(mlflow.pyfunc.PythonModel):
     _skip_type_hint_validation = True
 
     def load_context(self, context):
-        from .predict import Predictor
+        from .predict import Predictor  # in the serving process, as MLflow loads the model
         self.predictor = Predictor(context.artifacts["model"])
 
     def predict(self, context, model_input, params=None):
@@ -275,12 +278,6 @@ def log_model(name: str, directory: Path) -> dict[str, str]:
     - ``transformers``: the HF model and tokenizer as a ``text-generation`` pipeline
       (``mlflow.transformers.load_model``), for serving stacks built on that flavour; prompts as the model card
       shows them (the latent slots are part of the prompt)."""
-    from importlib.metadata import version
-
-    from mlflow.entities import LoggedModelOutput
-    from mlflow.models import ModelSignature
-    from mlflow.types import ColSpec, Schema
-    from transformers import AutoModelForCausalLM, AutoTokenizer
     signature = ModelSignature(inputs=Schema([ColSpec("string")]), outputs=Schema([ColSpec("string")]))
     requirements = pip_requirements({package: version(package) for package in
                                      ("torch", "transformers", "safetensors", "tokenizers", "numpy", "pandas")})
@@ -335,6 +332,7 @@ class StepLogger:
     QUEUE_LIMIT = 10_000
 
     def __init__(self, uri: str, run_id: str):
+        quiet_mlflow()
         self.client = MlflowClient(without_credentials(uri))
         self.run_id = run_id
         self.failed = self.dropped = 0
@@ -396,6 +394,7 @@ class StepLogger:
 def stage_history(uri: str, experiment: str, run_name: str, stage: str, metric: str) -> list[tuple[int, float, float]]:
     """``metric`` of the latest ``stage`` run under a pipeline run named ``run_name``, as (step, minutes since
     the stage started, value): a learning curve against steps and against wall-clock."""
+    quiet_mlflow()
     client = MlflowClient(without_credentials(uri))
     found = client.get_experiment_by_name(experiment)
     if found is None:

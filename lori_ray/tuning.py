@@ -24,6 +24,7 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
 from . import storage
 from .config import Config, with_overrides
+from .driver import fit
 from .recipe import opened
 from .stages import log
 from .stages.evaluate import describe_models, evaluate_model
@@ -33,7 +34,6 @@ from .stages.training import make_stage
 from .stages.trajectories import trajectory_stage
 from .storage import published_directory
 from .tracking import tracked, without_credentials
-from .train import fit
 from .trajectories import TrajectoryStore
 
 
@@ -156,7 +156,7 @@ def run_search(config: Config) -> dict:
                          if config.tune.scheduler == "asha" else FIFOScheduler())
             search_alg = None
             if config.tune.search == "optuna":
-                from ray.tune.search.optuna import OptunaSearch
+                from ray.tune.search.optuna import OptunaSearch  # needs optuna, only for this search
                 search_alg = OptunaSearch()
             concurrent = max_concurrent_trials(config)
             log(f"[tune] {trial_count(config)} trials, at most {concurrent} at a time")

@@ -17,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from lori_ray.models import DTYPES, convert_gguf, ensure_smollm2, smollm2_dir
+from lori_ray.conversions import DTYPES, convert_gguf, ensure_smollm2, smollm2_dir
 
 
 def main() -> int:

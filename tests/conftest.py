@@ -51,7 +51,7 @@ def tiny_stage(directory: Path, name: str, examples: int = 32, **train):
     from lori_ray.config import load_config
     from lori_ray.data import generate_multiplication
     from lori_ray.tokens import Layout, arithmetic_tokenizer, collate
-    from lori_ray.train import Stage
+    from lori_ray.worker import Stage
     layout = Layout(arithmetic_tokenizer())
     data = directory / "data.safetensors"
     save_file(collate([layout.teacher(e) for e in generate_multiplication(examples, 2, 2)], layout.pad), data)

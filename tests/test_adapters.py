@@ -55,7 +55,7 @@ def test_only_the_adapters_and_the_latent_rows_train_and_the_merged_model_comput
 def test_a_lora_stage_trains_the_adapters_under_deepspeed_and_publishes_the_merged_model(tmp_path):
     stage = tiny_stage(tmp_path, "lora", num_workers=0, steps=3, log_every=3, lr=1e-2,
                        lora=LoraConfig(rank=2, save_adapter=True))
-    from lori_ray.train import fit
+    from lori_ray.driver import fit
     out, metrics = fit(stage, tmp_path / "lora", tmp_path / "ray")
     before, after = load_file(tmp_path / "model" / "model.safetensors"), load_file(out / "model.safetensors")
     assert metrics["step"] == 3 and set(after) == set(before)  # a plain HF model: no peft names

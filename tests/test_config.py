@@ -17,7 +17,7 @@ PRESETS = sorted((ROOT / "configs").glob("*.yaml"))
 @pytest.mark.parametrize("preset", PRESETS, ids=lambda p: p.name)
 def test_presets_load(preset):
     if "smollm2" in preset.name:  # its model.path is the converted GGUF in the cache
-        from lori_ray.models import ensure_smollm2
+        from lori_ray.conversions import ensure_smollm2
         ensure_smollm2()
     config = load_config(preset)
     assert config.subspace.rank <= config.subspace.max_rank

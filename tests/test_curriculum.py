@@ -103,5 +103,5 @@ def test_a_middle_coconut_stage_keeps_the_later_steps_in_language():
 
 
 def test_coconut_stages_advance_every_steps_per_stage_up_to_the_last():
-    from lori_ray.curriculum import latent_stage
-    assert [latent_stage(step, 3, 2) for step in range(10)] == [0, 0, 0, 1, 1, 1, 2, 2, 2, 2]
+    from lori_ray.curriculum import latent_phase
+    assert [latent_phase(step, 3, 2) for step in range(10)] == [0, 0, 0, 1, 1, 1, 2, 2, 2, 2]

@@ -19,8 +19,8 @@ from transformers import AutoModelForCausalLM
 from lori_ray.checkpoints import verify
 from lori_ray.cluster import ResourcesUnavailable, start_local, wait_for_resources
 from lori_ray.data import generate_multiplication
+from lori_ray.driver import fit
 from lori_ray.teacher_pool import PlacedPool, build_store
-from lori_ray.train import fit
 from lori_ray.trajectories import EXTRACTIONS
 
 pytestmark = pytest.mark.cluster  # a real Ray cluster or a full pipeline: `make test-fast` skips it

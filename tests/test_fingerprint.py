@@ -119,7 +119,7 @@ def test_a_stage_carries_its_typed_settings_across_ray_and_digests_them_as_befor
 
     from lori_ray.config import TrainConfig
     from lori_ray.curriculum import RemovalSchedule
-    from lori_ray.train import Stage
+    from lori_ray.worker import Stage
     (tmp_path / "model").write_text("m")
     (tmp_path / "data").write_text("d")
     stage = Stage(name="s", model_dir=str(tmp_path / "model"), data_path=str(tmp_path / "data"),
@@ -138,7 +138,7 @@ def test_how_often_a_stage_checkpoints_is_not_an_input_and_until_val_is_one_only
     from dataclasses import replace
 
     from lori_ray.config import TrainConfig
-    from lori_ray.train import Stage
+    from lori_ray.worker import Stage
     model, data = stage_files(tmp_path)
     stage = Stage(name="s", model_dir=str(model), data_path=str(data), train=TrainConfig(steps=7, eval_every=25))
     before = stage_inputs(stage)

@@ -10,7 +10,8 @@ import pytest
 from conftest import job_env, tiny_model_dir
 
 from lori_ray.config import Config
-from lori_ray.models import FAMILIES, MARKER, SIZES, build_model, keep_layers
+from lori_ray.conversions import MARKER
+from lori_ray.models import FAMILIES, SIZES, build_model, keep_layers
 from lori_ray.stages.training import model_shape_of
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -63,7 +64,7 @@ def test_a_hub_model_is_saved_once_as_the_local_directory_every_stage_reads(tmp_
     hub_cache(tmp_path / "hub", "lori-test/tiny-llama", tiny_model_dir(tmp_path / "model"))
     # the config accepts the id (its shape and vocabulary read through the hub cache), then the stages' directory
     # is saved once and found by the next call
-    script = ("from lori_ray.config import load_config; from lori_ray.models import local_model_dir; "
+    script = ("from lori_ray.config import load_config; from lori_ray.conversions import local_model_dir; "
               "load_config('configs/tiny.yaml', ['model.path=lori-test/tiny-llama']); "
               "print(local_model_dir('lori-test/tiny-llama', log=lambda m: print('first:', m))); "
               "print(local_model_dir('lori-test/tiny-llama', log=lambda m: print('second:', m)))")

@@ -14,8 +14,8 @@ from lori_ray import storage
 from lori_ray.cluster import free_port, start_local
 from lori_ray.config import load_config
 from lori_ray.data import generate_multiplication
+from lori_ray.driver import fit
 from lori_ray.teacher_pool import build_store
-from lori_ray.train import fit
 from lori_ray.trajectories import MANIFEST, TrajectoryStore
 
 pytestmark = pytest.mark.cluster  # a real Ray cluster or a full pipeline: `make test-fast` skips it

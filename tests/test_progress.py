@@ -6,8 +6,8 @@ from dataclasses import replace
 
 from conftest import tiny_stage
 
+from lori_ray.driver import fit
 from lori_ray.progress import NoBar, bars_wanted, progress_bar
-from lori_ray.train import fit
 
 
 class Terminal(io.StringIO):

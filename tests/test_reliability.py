@@ -24,11 +24,11 @@ from lori_ray.data import (
     read_examples,
     write_icot,
 )
+from lori_ray.driver import fit
 from lori_ray.models import load_model
 from lori_ray.teacher_pool import TeacherWorker
 from lori_ray.tokens import arithmetic_tokenizer
 from lori_ray.tracking import StepLogger
-from lori_ray.train import fit
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -94,7 +94,7 @@ def test_a_model_with_non_finite_weights_is_never_published(local_ray, tmp_path)
 
 
 def test_refuse_non_finite_names_the_tensors_and_the_last_terms():
-    from lori_ray.train import refuse_non_finite
+    from lori_ray.checkpoints import refuse_non_finite
     refuse_non_finite({"w": torch.ones(2), "ids": torch.tensor([1])}, "s", 3, {"ce": 1.0})  # finite: no error
     with pytest.raises(FloatingPointError, match=r"\[s\] not published: .* at step 3 \(w\); last logged terms: ce=1"):
         refuse_non_finite({"w": torch.tensor([1.0, float("nan")])}, "s", 3, {"ce": 1.0, "step": 3})
@@ -115,7 +115,7 @@ def test_a_wall_clock_budget_ends_the_stage_at_a_log_interval_and_publishes_it(l
 @pytest.mark.cluster
 def test_until_val_ends_the_stage_at_the_first_validation_that_reaches_it(local_ray, tmp_path, monkeypatch, capsys):
     accuracies = iter([0.5, 0.995, 1.0])  # what validation measures at steps 2, 4, 6 (the rule is under test)
-    monkeypatch.setattr("lori_ray.train.exact_match", lambda *args: next(accuracies))
+    monkeypatch.setattr("lori_ray.worker.exact_match", lambda *args: next(accuracies))
     stage = tiny_stage(tmp_path, "until", num_workers=0, steps=100, log_every=2, eval_every=2, until_val=0.99)
     out, metrics = fit(replace(stage, val_path=stage.data_path), tmp_path / "out", tmp_path / "ray")
     assert metrics["step"] == 4 and metrics["val_accuracy"] == 0.995

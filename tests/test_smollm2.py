@@ -13,19 +13,9 @@ from transformers import LlamaForCausalLM
 
 from lori_ray import models
 from lori_ray.config import ConfigError, load_config
-from lori_ray.models import (
-    MARKER,
-    SIZES,
-    ModelSourceError,
-    convert_gguf,
-    ensure_smollm2,
-    is_hub_id,
-    load_model,
-    model_shape,
-    resolve_model_source,
-    smollm2_dir,
-    smollm2_gguf_path,
-)
+from lori_ray.conversions import MARKER, convert_gguf, ensure_smollm2, smollm2_dir, smollm2_gguf_path
+from lori_ray.model_sources import ModelSourceError, is_hub_id, resolve_model_source
+from lori_ray.models import SIZES, load_model, model_shape
 from lori_ray.tokens import load_tokenizer
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]

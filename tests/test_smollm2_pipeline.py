@@ -13,7 +13,7 @@ import pytest
 from conftest import job_env
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from lori_ray.models import ensure_smollm2
+from lori_ray.conversions import ensure_smollm2
 
 pytestmark = pytest.mark.cluster  # a real Ray cluster or a full pipeline: `make test-fast` skips it
 

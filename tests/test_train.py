@@ -6,9 +6,10 @@ import torch
 
 from lori_ray.config import TrainConfig
 from lori_ray.data import generate_multiplication
+from lori_ray.evaluate import exact_match
 from lori_ray.models import build_model
 from lori_ray.tokens import IGNORE_INDEX, Layout, arithmetic_tokenizer, left_pad
-from lori_ray.train import batch_indices, deepspeed_config, exact_match, lr_factor, time_left
+from lori_ray.worker import batch_indices, deepspeed_config, lr_factor, time_left
 
 
 def test_exact_match_equals_greedy_generation():
@@ -65,9 +66,9 @@ def test_schedule_and_deepspeed_config():
 
 
 def test_curriculum_batch_shows_each_coconut_stage_at_its_steps():
-    from lori_ray.curriculum import StageSchedule, cot_spans, step_starts
+    from lori_ray.curriculum import PhaseSchedule, cot_spans, step_starts
     from lori_ray.tokens import add_latent_tokens, collate
-    from lori_ray.train import Stage, curriculum_batch, curriculum_level
+    from lori_ray.worker import Stage, curriculum_batch, curriculum_level
     tokenizer = arithmetic_tokenizer()
     latents = add_latent_tokens(tokenizer, 2)
     examples = generate_multiplication(4, 2, 2, seed=1)
@@ -76,7 +77,7 @@ def test_curriculum_batch_shows_each_coconut_stage_at_its_steps():
     batch["cot_start"], batch["cot_length"] = cot_spans(sequences)
     batch["step_starts"] = step_starts(sequences)
     stage = Stage(name="s", model_dir="", data_path="", train=TrainConfig(),
-                  stages=StageSchedule(steps_per_stage=5, last=2, latents_per_step=1, latent_ids=latents,
+                  phases=PhaseSchedule(steps_per_stage=5, last=2, latents_per_step=1, latent_ids=latents,
                                        pad_id=tokenizer.pad_token_id))
     assert [curriculum_level(stage, step) for step in (0, 4, 5, 9, 10, 99)] == [0, 0, 1, 1, 2, 2]
     first, shown = curriculum_batch(stage, batch, 0, rank=0)
@@ -90,7 +91,7 @@ def test_curriculum_batch_shows_each_coconut_stage_at_its_steps():
 
 
 def test_optimizer_reset_clears_adam_moments_inside_a_deepspeed_zero2_engine():
-    from lori_ray.train import _import_deepspeed, _process_group, reset_optimizer_state
+    from lori_ray.worker import _import_deepspeed, _process_group, reset_optimizer_state
     deepspeed = _import_deepspeed()
     with _process_group(deepspeed):
         model = torch.nn.Linear(4, 2)
@@ -118,7 +119,7 @@ def test_stages_in_the_driver_one_after_another_each_train(tmp_path):
     not registered"), so a run with both stages in the driver never reached its student."""
     from conftest import tiny_stage
 
-    from lori_ray.train import fit
+    from lori_ray.driver import fit
     stage = tiny_stage(tmp_path, "first", num_workers=0, steps=2, log_every=2, max_bad_steps=1)
     with pytest.raises(Exception, match="loss was NaN/Inf"):  # a stage that fails, then two that train
         fit(replace(stage, name="failed", weights={"ce": float("nan")}), tmp_path / "failed", tmp_path / "ray")
@@ -140,7 +141,7 @@ def test_gradient_accumulation_takes_the_same_steps_as_the_whole_batch(tmp_path)
     from conftest import tiny_stage
     from safetensors.torch import load_file
 
-    from lori_ray.train import fit
+    from lori_ray.driver import fit
     stage = tiny_stage(tmp_path, "whole", num_workers=0, steps=3, log_every=3, batch_size=16)
     assert deepspeed_config(stage.train.model_copy(update={"grad_accumulation": 2}), 1)[
         "train_micro_batch_size_per_gpu"] == 8

@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 from ..batch import answer_positions, teacher_sequences
 from ..cluster import on_a_gpu
 from ..config import Config, ConfigError
-from ..curriculum import RemovalSchedule, StageSchedule, cot_spans, step_starts
+from ..curriculum import PhaseSchedule, RemovalSchedule, cot_spans, step_starts
 from ..data import Example
 from ..fresh import FreshProblems
 from ..losses import standardization, trajectory_scale
@@ -88,7 +88,7 @@ def curriculum(config: Config, sequences, layout: Layout) -> tuple[dict[str, tor
             f"latent(s) every {steps_per_stage} steps; no language CoT left from step "
             f"{steps_per_stage * student.stages} of {student.train.steps}")
         return ({"cot_start": starts, "cot_length": lengths, "step_starts": step_starts(sequences)},
-                {"stages": StageSchedule(steps_per_stage=steps_per_stage, last=student.stages,
+                {"phases": PhaseSchedule(steps_per_stage=steps_per_stage, last=student.stages,
                                          latents_per_step=student.latents_per_step, latent_ids=layout.latent_ids,
                                          pad_id=layout.pad), **fields})
     steps_per_token = len(sequences) / student.train.batch_size / student.removal_tokens_per_epoch

@@ -8,8 +8,9 @@ from pathlib import Path
 
 from ..cluster import gpus
 from ..config import Config
+from ..conversions import local_model_dir
 from ..data import Example
-from ..models import build_model, local_model_dir
+from ..models import build_model
 from ..preflight import Splits
 from ..progress import bars_wanted
 from ..storage import published_directory

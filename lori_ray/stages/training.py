@@ -16,13 +16,14 @@ from ..checkpoints import run_key
 from ..cluster import gpus
 from ..config import Config, ConfigError
 from ..data import Example
+from ..driver import fit
 from ..fingerprint import finished, inputs_digest, stage_inputs
 from ..models import model_shape
 from ..progress import bars_wanted
 from ..tokenized import tokenized
 from ..tokens import Layout, Sequence, collate
 from ..tracking import stage_run, tracked
-from ..train import Stage, fit
+from ..worker import Stage
 from . import log
 
 
