@@ -9,12 +9,21 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+CLUSTER = ROOT / "tests" / "cluster"
 
 
 def pytest_configure(config):
     """Tests that start Ray themselves run it as ``lori_ray.cluster.connect`` runs a local cluster."""
     from lori_ray.cluster import use_local_train_settings
     use_local_train_settings()
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects: `-m "not cluster"` leaves them out
+def pytest_collection_modifyitems(config, items):
+    """Every test under ``tests/cluster/`` is marked ``cluster``: it starts a Ray cluster or runs a pipeline."""
+    for item in items:
+        if CLUSTER in item.path.parents:
+            item.add_marker(pytest.mark.cluster)
 
 
 def pytest_sessionfinish(session, exitstatus):
@@ -55,7 +64,7 @@ def tiny_stage(directory: Path, name: str, examples: int = 32, **train):
     layout = Layout(arithmetic_tokenizer())
     data = directory / "data.safetensors"
     save_file(collate([layout.teacher(e) for e in generate_multiplication(examples, 2, 2)], layout.pad), data)
-    settings = load_config(Path(__file__).parents[1] / "configs/tiny.yaml").teacher.train.model_copy(update=train)
+    settings = load_config(ROOT / "configs/tiny.yaml").teacher.train.model_copy(update=train)
     return Stage(name=name, model_dir=str(tiny_model_dir(directory / "model")), data_path=str(data), train=settings)
 
 

@@ -13,7 +13,6 @@ from lori_ray.models import build_model
 from lori_ray.teacher_pool import complete_missing_cots, written_cots
 from lori_ray.tokens import Layout, arithmetic_tokenizer, collate
 
-pytestmark = pytest.mark.cluster  # a real Ray cluster or a full pipeline: `make test-fast` skips it
 
 @pytest.fixture(scope="module")
 def memorising_teacher(tmp_path_factory):

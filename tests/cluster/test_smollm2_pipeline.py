@@ -9,15 +9,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 from conftest import job_env
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from lori_ray.models import ensure_smollm2
 
-pytestmark = pytest.mark.cluster  # a real Ray cluster or a full pipeline: `make test-fast` skips it
-
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def gsm8k_jsonl(path: Path, count: int, seed: int) -> Path:

@@ -6,7 +6,7 @@ configuration reference is what the schema generates."""
 import re
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 METHOD = ROOT / "docs" / "method.md"
 SOURCES = ("lori_ray", "jobs", "bench", "scripts", "tests")
 SUFFIXES = {".py", ".sh", ".md", ".yaml", ".yml", ".toml", ".txt"}

@@ -19,7 +19,7 @@ import yaml
 
 from lori_ray.config import load_config
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "scripts"))  # scripts/ is no package
 from kustomize_render import KustomizeError, new_reference, render  # noqa: E402 - importable only once on sys.path
 

@@ -17,7 +17,7 @@ from lori_ray.cli import config_or_exit
 from lori_ray.cluster import free_port
 from lori_ray.data import generate_multiplication, read_examples, write_icot
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TINY = str(ROOT / "configs/tiny.yaml")
 
 

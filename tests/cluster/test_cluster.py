@@ -5,12 +5,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 from conftest import job_env
 
-pytestmark = pytest.mark.cluster  # starts a Ray cluster: `make test-fast` leaves it out
-
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 # a cluster that declares one GPU and no CPUs, like a KubeRay GPU pod beside a head started with num-cpus 0
 PROBE = """

@@ -14,7 +14,7 @@ from lori_ray.recipe import forget_stages
 from lori_ray.stages.training import make_stage, train_stage
 from lori_ray.storage import published_directory, write_local
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def stage_files(tmp_path: Path) -> tuple[Path, Path]:

@@ -18,9 +18,7 @@ from lori_ray.teacher_pool import build_store
 from lori_ray.train import fit
 from lori_ray.trajectories import MANIFEST, TrajectoryStore
 
-pytestmark = pytest.mark.cluster  # a real Ray cluster or a full pipeline: `make test-fast` skips it
-
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 BUCKET = "lori-ray"
 
 

@@ -8,15 +8,12 @@ import sys
 from pathlib import Path
 
 import mlflow
-import pytest
 from conftest import job_env
 from transformers import AutoModelForCausalLM
 
 from lori_ray.provenance import MARKER
 
-pytestmark = pytest.mark.cluster  # a real Ray cluster or a full pipeline: `make test-fast` skips it
-
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def run(*args: str, timeout: int = 900) -> str:

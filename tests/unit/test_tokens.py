@@ -2,7 +2,6 @@ from dataclasses import replace
 
 import pytest
 import torch
-from test_data import GSM8K
 from transformers import AutoTokenizer
 
 from lori_ray.data import generate_multiplication, multiplication_example, parse_line
@@ -15,6 +14,8 @@ from lori_ray.tokens import (
     collate,
     left_pad,
 )
+
+from .test_data import GSM8K
 
 
 def layout(latents=3):

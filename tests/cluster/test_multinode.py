@@ -15,9 +15,7 @@ from lori_ray.cluster import free_port
 from lori_ray.data import generate_multiplication
 from lori_ray.tokens import Layout, arithmetic_tokenizer, load_tokenizer
 
-pytestmark = pytest.mark.cluster  # a real Ray cluster or a full pipeline: `make test-fast` skips it
-
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ from lori_ray.models import build_model
 from lori_ray.predict import CONTRACT_FILE, Contract, Predictor, human_answer, model_question, write_model_files
 from lori_ray.tokens import add_latent_tokens, arithmetic_tokenizer
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CONTRACT = Contract("student", "lori", "multiplication", [3, 3], 3)
 
 

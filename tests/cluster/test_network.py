@@ -1,6 +1,5 @@
 """What a local run exposes on the network: every listening socket of a local cluster, measured with psutil."""
 
-import ipaddress
 import json
 import os
 import sys
@@ -11,6 +10,7 @@ import ray
 from conftest import job_env, ray_start, stop_ray_sessions
 from ray.train import RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
+from unit.test_network import is_loopback  # checked there
 
 from lori_ray.cluster import connect, free_port
 from lori_ray.config import Config
@@ -28,18 +28,6 @@ def listening_sockets(root_pid: int) -> list[tuple[str, int, str]]:
             except psutil.NoSuchProcess:
                 pass
     return found
-
-
-def is_loopback(address: str) -> bool:
-    ip = ipaddress.ip_address(address.split("%")[0])
-    mapped = getattr(ip, "ipv4_mapped", None)  # ::ffff:127.0.0.1, an IPv6 socket bound to IPv4 loopback
-    return ip.is_loopback or (mapped is not None and mapped.is_loopback)
-
-
-@pytest.mark.parametrize("address, loopback", [("127.0.0.1", True), ("::1", True), ("::ffff:127.0.0.1", True),
-                                               ("0.0.0.0", False), ("::", False), ("192.0.2.2", False)])
-def test_is_loopback(address, loopback):
-    assert is_loopback(address) is loopback
 
 
 def record_sockets(config):
@@ -64,7 +52,6 @@ def another_local_cluster(tmp_path):
     stop_ray_sessions([session])
 
 
-@pytest.mark.cluster
 def test_a_local_cluster_listens_on_loopback_only_and_its_workers_find_it(tmp_path, monkeypatch,
                                                                           another_local_cluster):
     """GCS, raylet, dashboard, its agents, the driver, an actor, and a Ray Train worker group with its gloo
@@ -113,7 +100,6 @@ print("SOCKETS " + json.dumps([(c.laddr.ip, c.laddr.port, psutil.Process(c.pid).
 '''
 
 
-@pytest.mark.cluster
 def test_the_demo_head_listens_on_loopback_only(tmp_path):
     """`scripts/demo.sh` (what `make demo` runs): its head, the submitted job's driver and a task worker."""
     import random
@@ -129,7 +115,7 @@ def test_the_demo_head_listens_on_loopback_only(tmp_path):
     port = next(p for p in random.sample(range(20000, 21400, 4), 200) if all(free(p + i) for i in range(4)))
     job = tmp_path / "probe.py"
     job.write_text(PROBE_JOB)
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     temp_dir = f"lori-ray-{os.getuid()}-{port}"  # the head's --temp-dir, on every one of its processes' command line
     result = subprocess.run(["bash", "scripts/demo.sh", temp_dir], cwd=root, capture_output=True, text=True,
                             timeout=300, env={**os.environ, "JOB": str(job), "RAY_DEMO_PORT": str(port),

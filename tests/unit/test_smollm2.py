@@ -72,7 +72,7 @@ def test_second_conversion_finds_the_directory(smollm2_path):
 def test_script_is_idempotent(smollm2_path, monkeypatch, capsys):
     monkeypatch.setattr(sys, "argv", ["convert_gguf.py", "--out", str(smollm2_path)])
     with pytest.raises(SystemExit) as exit_:
-        runpy.run_path(str(Path(__file__).parents[1] / "scripts" / "convert_gguf.py"), run_name="__main__")
+        runpy.run_path(str(Path(__file__).parents[2] / "scripts" / "convert_gguf.py"), run_name="__main__")
     assert exit_.value.code == 0
     out = capsys.readouterr().out
     assert "nothing to do" in out and out.strip().splitlines()[-1] == str(smollm2_path)

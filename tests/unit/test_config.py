@@ -10,7 +10,7 @@ import yaml
 from lori_ray.config import ConfigError, load_config
 from lori_ray.preflight import check_rerun
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PRESETS = sorted((ROOT / "configs").glob("*.yaml"))
 
 

@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 RUFF = Path(sys.executable).with_name("ruff")
 # rule prefixes pyproject.toml selects on top of the pinned version's defaults
 SELECTED = ("E4", "E7", "E9", "F", "E501", "I", "B", "UP")

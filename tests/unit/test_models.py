@@ -13,7 +13,7 @@ from lori_ray.config import Config
 from lori_ray.models import FAMILIES, MARKER, SIZES, build_model, keep_layers
 from lori_ray.stages.training import model_shape_of
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -9,7 +9,7 @@ import pytest
 from lori_ray.config import ConfigError, load_config
 from lori_ray.tuning import search_space, summary_table
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 spec = importlib.util.spec_from_file_location("sensitivity", ROOT / "bench/sensitivity.py")
 sensitivity = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(sensitivity)

@@ -23,7 +23,7 @@ from lori_ray.tokens import arithmetic_tokenizer
 from lori_ray.train import Stage, _build_objective, curriculum_batch
 from lori_ray.trajectories import TrajectoryStore
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = 32
 
 
