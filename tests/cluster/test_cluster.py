@@ -5,8 +5,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import job_env
-
 ROOT = Path(__file__).resolve().parents[2]
 
 # a cluster that declares one GPU and no CPUs, like a KubeRay GPU pod beside a head started with num-cpus 0
@@ -22,7 +20,7 @@ print(json.dumps({"driver": os.getpid(), "default": on_a_gpu(None, where), "none
 """
 
 
-def test_model_work_runs_as_a_task_holding_a_gpu_when_the_cluster_has_gpus():
+def test_model_work_runs_as_a_task_holding_a_gpu_when_the_cluster_has_gpus(job_env):
     result = subprocess.run([sys.executable, "-c", PROBE], cwd=ROOT, env=job_env(), capture_output=True, text=True,
                             timeout=180, check=False)
     assert result.returncode == 0, result.stdout + result.stderr

@@ -12,7 +12,6 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import job_env, wait_for
 
 from lori_ray.cluster import free_port
 from lori_ray.fingerprint import FINGERPRINT_FILE
@@ -63,7 +62,7 @@ STAGES = {
 
 
 @pytest.mark.parametrize("stage", list(STAGES))
-def test_a_driver_killed_in_each_stage_leaves_finished_work_and_the_same_command_continues(tmp_path, stage):
+def test_a_driver_killed_in_each_stage_leaves_finished_work_and_the_same_command_continues(tmp_path, stage, job_env):
     kill_at, left_on_disk, continued = STAGES[stage]
     run, env, overrides = tmp_path / "tiny", job_env(), [*TRAINING, "data.train_size=2080"]  # 2,048 + 32 validation
     # its own session: the SIGKILL takes the driver and the local cluster it started, like a lost job
@@ -92,7 +91,7 @@ def test_a_driver_killed_in_each_stage_leaves_finished_work_and_the_same_command
     assert (run / "results.md").is_file() and published(run / "student")
 
 
-def test_the_mlflow_server_going_away_mid_run_does_not_stop_the_run(tmp_path):
+def test_the_mlflow_server_going_away_mid_run_does_not_stop_the_run(tmp_path, job_env, wait_for):
     """Killed once the student trains: its steps stop being logged without holding training up, the driver's
     tracking calls after the first failure are skipped, and the run publishes its models and results."""
     port = free_port()
@@ -137,7 +136,7 @@ def requests_refused(port: int) -> bool:
         return probe.connect_ex(("127.0.0.1", port)) != 0
 
 
-def test_checkpoint_storage_lost_mid_stage_is_one_error_and_the_rerun_keeps_the_finished_stages(tmp_path):
+def test_checkpoint_storage_lost_mid_stage_is_one_error_and_the_rerun_keeps_the_finished_stages(tmp_path, job_env):
     """The storage path turns into a file while the student trains (a lost mount, a deleted bucket): the run ends
     with one line naming cluster.storage_path and the stage, the published teacher stays, and once the storage is
     back the same command reuses the teacher and finishes."""

@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 import ray
 import torch
-from conftest import job_env, tiny_model_dir, tiny_stage, wait_for
 from ray.util.state import list_actors
 from transformers import AutoModelForCausalLM
 
@@ -53,12 +52,12 @@ def run_in_thread(function, *args):
 
 
 @pytest.fixture(scope="module")
-def teacher_stage(tmp_path_factory):
+def teacher_stage(tmp_path_factory, tiny_stage):
     base = tmp_path_factory.mktemp("stage")
     return base, tiny_stage(base, "faults", examples=256, steps=40, checkpoint_every=10, log_every=5)
 
 
-def test_killed_train_worker_resumes_from_its_checkpoint_with_the_same_result(cluster, teacher_stage):
+def test_killed_train_worker_resumes_from_its_checkpoint_with_the_same_result(cluster, teacher_stage, wait_for):
     base, stage = teacher_stage
     _, reference = fit(stage, base / "reference", base / "ray-reference")
 
@@ -93,8 +92,9 @@ def test_killed_train_worker_resumes_from_its_checkpoint_with_the_same_result(cl
     assert (base / "killed" / "model.safetensors").is_file()
 
 
-def test_killed_teacher_actor_is_replaced_and_every_example_is_stored_exactly_once(cluster, tmp_path):
-    model_dir = tiny_model_dir(tmp_path / "model")
+def test_killed_teacher_actor_is_replaced_and_every_example_is_stored_exactly_once(cluster, tmp_path, tiny_model,
+                                                                                  wait_for):
+    model_dir = tiny_model(tmp_path / "model")
     examples, shards = generate_multiplication(2048, 2, 2), 128  # shards of 16: the kill has time to land mid-run
     store_dir = tmp_path / "store"
     thread, outcome = run_in_thread(build_store, model_dir, examples, [1, 2], 4, store_dir, 2, 16, 16, False, 0.0,
@@ -120,10 +120,10 @@ def test_killed_teacher_actor_is_replaced_and_every_example_is_stored_exactly_on
     assert not list(Path(store.uri).rglob("*.tmp"))  # no partial shard left behind
 
 
-def test_a_stopped_teacher_pass_continues_from_the_shards_it_wrote(cluster, tmp_path):
+def test_a_stopped_teacher_pass_continues_from_the_shards_it_wrote(cluster, tmp_path, tiny_model):
     """A pass stopped after half its shards (their files written, no subspace, projection or manifest yet): run
     again, the teacher extracts only the other half and the store is the one an uninterrupted pass builds."""
-    model_dir, examples = tiny_model_dir(tmp_path / "model"), generate_multiplication(256, 2, 2)
+    model_dir, examples = tiny_model(tmp_path / "model"), generate_multiplication(256, 2, 2)
     store_dir = tmp_path / "s"
 
     def build(log):
@@ -145,8 +145,8 @@ def test_a_stopped_teacher_pass_continues_from_the_shards_it_wrote(cluster, tmp_
         torch.testing.assert_close(again.shard("coords", n)["steps"], uninterrupted[n], atol=1e-4, rtol=1e-4)
 
 
-def test_a_teacher_with_non_finite_weights_is_refused_by_the_trajectory_pass(cluster, tmp_path):
-    model_dir = tiny_model_dir(tmp_path / "model")
+def test_a_teacher_with_non_finite_weights_is_refused_by_the_trajectory_pass(cluster, tmp_path, tiny_model):
+    model_dir = tiny_model(tmp_path / "model")
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     with torch.no_grad():
         model.model.layers[1].mlp.down_proj.weight[0, 0] = float("nan")
@@ -167,14 +167,14 @@ def cpu_holder():
     return ray.remote(num_cpus=1)(Holder).remote()
 
 
-def test_a_pool_larger_than_the_free_cpus_extracts_with_the_actors_ray_can_place(cluster, tmp_path):
+def test_a_pool_larger_than_the_free_cpus_extracts_with_the_actors_ray_can_place(cluster, tmp_path, tiny_model):
     """Two teacher actors with one CPU free: the actor Ray could not place held the shard the pool gave it, and the
     extraction hung at its last shard."""
     holder = cpu_holder()
     ray.get(holder.pid.remote())
     try:
         messages = []
-        thread, outcome = run_in_thread(build_store, tiny_model_dir(tmp_path / "model"),
+        thread, outcome = run_in_thread(build_store, tiny_model(tmp_path / "model"),
                                         generate_multiplication(128, 2, 2), [1, 2], 4, tmp_path / "store", 2, 16, 16,
                                         False, 0.0, messages.append)
         thread.join(300)
@@ -205,7 +205,7 @@ def test_an_actor_ray_places_later_joins_the_pool_and_takes_queued_work(cluster)
     assert len(pids) == 16 and len(set(pids)) == 2
 
 
-def test_killed_driver_resumes_with_the_same_run_name(tmp_path, tiny_run):
+def test_killed_driver_resumes_with_the_same_run_name(tmp_path, tiny_run, job_env, wait_for):
     import subprocess
     import sys
 
@@ -261,7 +261,7 @@ def test_a_stage_without_room_on_the_cluster_says_what_it_waits_for_then_fails_a
             ray.kill(holder)
 
 
-def test_a_local_cluster_ends_within_seconds_of_its_driver_being_killed():
+def test_a_local_cluster_ends_within_seconds_of_its_driver_being_killed(job_env):
     """SIGKILL of a driver that started a local cluster: its GCS, raylet, dashboard, agents and workers all end
     (the agents were re-parented to init and listened on for about three minutes)."""
     import psutil

@@ -6,12 +6,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import job_env
-
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_a_student_trains_on_fresh_problems_with_targets_computed_in_the_step(tiny_run, tmp_path):
+def test_a_student_trains_on_fresh_problems_with_targets_computed_in_the_step(tiny_run, tmp_path, job_env):
     """Two workers take their rows of each step's fresh batch; the teacher's targets come from the step, not a file."""
     run_dir, _ = tiny_run
     result = subprocess.run(

@@ -9,7 +9,6 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import job_env, ray_start, stop_ray_sessions
 
 from lori_ray.cluster import free_port
 from lori_ray.data import generate_multiplication
@@ -18,21 +17,20 @@ from lori_ray.tokens import Layout, arithmetic_tokenizer, load_tokenizer
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
+@pytest.fixture  # the module's one test: as long as a module-scoped one, and ray_nodes is per test
+def cluster(tmp_path_factory, job_env, ray_nodes):
     base = tmp_path_factory.mktemp("nodes")
     token = base / "token"
     token.write_text(secrets.token_hex(32))
     env = {**job_env(), "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)}
     port, dashboard = free_port(), free_port()
     temp = {name: Path(f"/tmp/lr-{os.getpid()}-{name}") for name in ("head", "node")}
-    sessions = [ray_start(env, "--head", "--node-ip-address", "127.0.0.1", "--port", str(port), "--num-cpus", "1",
-                          "--num-gpus", "0", "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard),
-                          "--temp-dir", str(temp["head"]), "--resources", '{"head": 1}')]
-    sessions.append(ray_start(env, "--address", f"127.0.0.1:{port}", "--node-ip-address", "127.0.0.1", "--num-cpus",
-                              "2", "--num-gpus", "0", "--temp-dir", str(temp["node"])))
-    yield env, f"127.0.0.1:{port}", f"http://127.0.0.1:{dashboard}", temp
-    stop_ray_sessions(sessions)
+    ray_nodes(env, "--head", "--node-ip-address", "127.0.0.1", "--port", str(port), "--num-cpus", "1",
+              "--num-gpus", "0", "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard),
+              "--temp-dir", str(temp["head"]), "--resources", '{"head": 1}')
+    ray_nodes(env, "--address", f"127.0.0.1:{port}", "--node-ip-address", "127.0.0.1", "--num-cpus", "2",
+              "--num-gpus", "0", "--temp-dir", str(temp["node"]))
+    return env, f"127.0.0.1:{port}", f"http://127.0.0.1:{dashboard}", temp  # ray_nodes stops both after the test
 
 
 def test_pipeline_spans_two_nodes_and_keeps_everything_under_output_dir(cluster, tmp_path):

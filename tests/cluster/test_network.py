@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 import ray
-from conftest import job_env, ray_start, stop_ray_sessions
 from ray.train import RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 from unit.test_network import is_loopback  # checked there
@@ -41,15 +40,14 @@ def record_sockets(config):
 
 
 @pytest.fixture
-def another_local_cluster(tmp_path):
+def another_local_cluster(tmp_path, job_env, ray_nodes):
     """A second Ray head on this machine, as when two runs or a run and a test share it."""
     token = tmp_path / "other_token"
     token.write_text(os.urandom(32).hex())
     env = {**job_env(), "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)}
-    session = ray_start(env, "--head", "--port", str(free_port()), "--num-cpus", "1", "--include-dashboard", "false",
-                        "--temp-dir", f"/tmp/lr-{os.getpid()}-other")  # short: Ray's unix sockets live there
-    yield
-    stop_ray_sessions([session])
+    # stopped after the test; a short --temp-dir: Ray's unix sockets live there
+    ray_nodes(env, "--head", "--port", str(free_port()), "--num-cpus", "1", "--include-dashboard", "false",
+              "--temp-dir", f"/tmp/lr-{os.getpid()}-other")
 
 
 def test_a_local_cluster_listens_on_loopback_only_and_its_workers_find_it(tmp_path, monkeypatch,

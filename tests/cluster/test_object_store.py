@@ -7,7 +7,6 @@ from pathlib import Path
 import pyarrow.fs as pafs
 import pytest
 import ray
-from conftest import tiny_model_dir, tiny_stage
 from moto.server import ThreadedMotoServer
 
 from lori_ray import storage
@@ -76,9 +75,10 @@ def test_remove_temporaries_deletes_only_what_a_killed_writer_left(tmp_path):
     assert storage.remove_temporaries(filesystem, f"{root}/absent") == 0
 
 
-def test_trajectory_store_on_s3_holds_every_example_once_and_is_found_again(s3, tmp_path, monkeypatch, capsys):
+def test_trajectory_store_on_s3_holds_every_example_once_and_is_found_again(s3, tmp_path, monkeypatch, capsys,
+                                                                            tiny_model):
     monkeypatch.chdir(tmp_path)  # a URI mistaken for a relative path would leave files here
-    model_dir = tiny_model_dir(tmp_path / "model")
+    model_dir = tiny_model(tmp_path / "model")
     examples = generate_multiplication(64, 2, 2)
 
     def build() -> TrajectoryStore:  # 2 actors, shards of 16 examples; a progress bar as on a terminal
@@ -108,7 +108,7 @@ def test_trajectory_store_on_s3_holds_every_example_once_and_is_found_again(s3, 
     assert not TrajectoryStore(store.uri).complete  # without its manifest a store is never read
 
 
-def test_train_checkpoints_land_in_the_bucket_and_the_model_is_copied_out(s3, tmp_path):
+def test_train_checkpoints_land_in_the_bucket_and_the_model_is_copied_out(s3, tmp_path, tiny_stage):
     stage = tiny_stage(tmp_path, "on-s3", examples=64, steps=4, log_every=2, checkpoint_every=2)
     assert stage.train.num_workers == 2
 

@@ -175,12 +175,10 @@ def test_parallel_runs_start_after_the_shared_store_and_one_failure_keeps_the_ot
     assert list(failure.value.failed) == ["icot_kd"]
 
 
-def test_a_separate_pretrained_student_of_another_width_and_depth_trains_and_answers(tmp_path, tiny_run):
+def test_a_separate_pretrained_student_of_another_width_and_depth_trains_and_answers(tmp_path, tiny_run, job_env):
     """The user's own student (a 4-layer, 128-wide Llama saved with the teacher's tokenizer) distilled from the
     session's 2-layer, 64-wide tiny teacher: its own weights are the start, the alignment goes through a
     least-squares projection, its layers pair with the teacher's by relative depth."""
-    from conftest import job_env
-
     from lori_ray.models import build_model
     from lori_ray.tokens import load_tokenizer
     teacher = tiny_run[0] / "teacher"

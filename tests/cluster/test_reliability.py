@@ -6,7 +6,6 @@ from dataclasses import replace
 
 import pytest
 import ray
-from conftest import tiny_stage
 
 from lori_ray.cluster import start_local
 from lori_ray.train import fit
@@ -19,7 +18,7 @@ def local_ray():
     ray.shutdown()
 
 
-def test_nan_loss_stops_the_stage_with_a_clear_error_and_keeps_the_checkpoint(local_ray, tmp_path):
+def test_nan_loss_stops_the_stage_with_a_clear_error_and_keeps_the_checkpoint(local_ray, tmp_path, tiny_stage):
     stage = replace(tiny_stage(tmp_path, "nan", num_workers=0, steps=12, checkpoint_every=3, log_every=3,
                                max_bad_steps=3), weights={"ce": float("nan")})
     with pytest.raises(Exception, match=r"loss was NaN/Inf for 3 consecutive steps"):
@@ -27,7 +26,7 @@ def test_nan_loss_stops_the_stage_with_a_clear_error_and_keeps_the_checkpoint(lo
     assert not (tmp_path / "out").exists()  # no model was published from a failed stage
 
 
-def test_a_model_with_non_finite_weights_is_never_published(local_ray, tmp_path):
+def test_a_model_with_non_finite_weights_is_never_published(local_ray, tmp_path, tiny_stage):
     """An infinite learning rate (a typed stage is not validated like a config) makes every weight NaN at step 1;
     the later NaN losses are skipped, fewer than max_bad_steps, so the stage reached its end and published the
     model as finished, which a rerun would reuse."""
@@ -37,7 +36,7 @@ def test_a_model_with_non_finite_weights_is_never_published(local_ray, tmp_path)
     assert not (tmp_path / "out").exists()
 
 
-def test_a_wall_clock_budget_ends_the_stage_at_a_log_interval_and_publishes_it(local_ray, tmp_path):
+def test_a_wall_clock_budget_ends_the_stage_at_a_log_interval_and_publishes_it(local_ray, tmp_path, tiny_stage):
     stage = tiny_stage(tmp_path, "budget", num_workers=1, cpus_per_worker=2, steps=10**6, log_every=4,
                        max_minutes=1e-5)
     stage = replace(stage, val_path=stage.data_path)
@@ -48,7 +47,8 @@ def test_a_wall_clock_budget_ends_the_stage_at_a_log_interval_and_publishes_it(l
     assert (out / "model.safetensors").is_file()
 
 
-def test_until_val_ends_the_stage_at_the_first_validation_that_reaches_it(local_ray, tmp_path, monkeypatch, capsys):
+def test_until_val_ends_the_stage_at_the_first_validation_that_reaches_it(local_ray, tmp_path, monkeypatch, capsys,
+                                                                          tiny_stage):
     accuracies = iter([0.5, 0.995, 1.0])  # what validation measures at steps 2, 4, 6 (the rule is under test)
     monkeypatch.setattr("lori_ray.train.exact_match", lambda *args: next(accuracies))
     stage = tiny_stage(tmp_path, "until", num_workers=0, steps=100, log_every=2, eval_every=2, until_val=0.99)
@@ -59,7 +59,7 @@ def test_until_val_ends_the_stage_at_the_first_validation_that_reaches_it(local_
     assert (out / "model.safetensors").is_file()  # published like a last step
 
 
-def test_checkpoint_minutes_saves_resumable_checkpoints_that_a_rerun_continues_from(local_ray, tmp_path):
+def test_checkpoint_minutes_saves_resumable_checkpoints_that_a_rerun_continues_from(local_ray, tmp_path, tiny_stage):
     key = "0f" * 32  # the same key on both runs, as a run's own key file gives them
     stage = tiny_stage(tmp_path, "minutes", num_workers=1, steps=8, log_every=2, checkpoint_minutes=1e-6)
     stage = replace(stage, checkpoint_key=key)

@@ -9,7 +9,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import job_env
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from lori_ray.models import ensure_smollm2
@@ -42,7 +41,7 @@ def first_layers_of_smollm2(path: Path, layers: int) -> Path:
     return path
 
 
-def test_gsm8k_preset_runs_every_stage_on_smollm2(tmp_path):
+def test_gsm8k_preset_runs_every_stage_on_smollm2(tmp_path, job_env):
     model_dir = first_layers_of_smollm2(tmp_path / "smollm2-2-layers", 2)
     env = job_env()
     # one step of two examples per stage: the 135M model's forward and backward cost ~5 s a sequence on one core
@@ -105,7 +104,7 @@ def separate_student(path: Path, tokenizer_source: Path) -> Path:
     return path
 
 
-def test_own_lora_teacher_own_student_own_chat_data_every_stage_then_plain_transformers_and_mlflow(tmp_path):
+def test_own_lora_teacher_own_student_own_chat_data_every_stage_then_plain_transformers_and_mlflow(tmp_path, job_env):
     """A user's setup end to end: SmolLM2 (its first two layers) fine-tuned as the CoT teacher through a LoRA
     adapter, a separate smaller pretrained student, a chat-format dataset; then the student from plain
     transformers, from MLflow, and through ``python -m lori_ray.evaluate``."""

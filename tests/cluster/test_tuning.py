@@ -5,15 +5,13 @@ from pathlib import Path
 
 import mlflow
 import pytest
-from conftest import job_env
 
 from lori_ray.trajectories import TrajectoryStore
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def run_tune(output: Path, teacher: Path) -> subprocess.CompletedProcess:
-    env = job_env()
+def run_tune(output: Path, teacher: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
     # the demo search with shorter stages and two trials, from the session's trained tiny teacher (same task and
     # shape; teacher SFT is the distillation job's code path): the mechanics, not the accuracy, are under test
     fast = ["model.size=tiny", "data.train_size=544", f"teacher.path={teacher}", "student.train.steps=12",
@@ -26,9 +24,9 @@ def run_tune(output: Path, teacher: Path) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def search(tmp_path_factory, tiny_run):
+def search(tmp_path_factory, tiny_run, job_env):
     output, teacher = tmp_path_factory.mktemp("tune"), tiny_run[0] / "teacher"
-    result = run_tune(output, teacher)
+    result = run_tune(output, teacher, job_env())
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     return output, result.stdout, teacher
 
@@ -77,11 +75,11 @@ def test_the_best_student_is_published_and_answers_through_predict(search):
     assert answer.stdout.startswith("12 * 34 = ")  # a tiny student's answer, right or wrong
 
 
-def test_teacher_ran_once_for_all_trials_and_a_rerun_resumes(search):
+def test_teacher_ran_once_for_all_trials_and_a_rerun_resumes(search, job_env):
     output, _, teacher = search
     passes, shards = extractions(output)
     assert passes == shards  # one extraction per shard: a single teacher pass for both trials
-    again = run_tune(output, teacher)
+    again = run_tune(output, teacher, job_env())
     assert again.returncode == 0, again.stdout[-4000:] + again.stderr[-4000:]
     assert "resuming the search" in again.stdout
     assert extractions(output)[0] == shards

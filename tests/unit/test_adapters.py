@@ -5,7 +5,6 @@ from dataclasses import replace
 
 import pytest
 import torch
-from conftest import tiny_model_dir, tiny_stage
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
@@ -16,8 +15,7 @@ from lori_ray.tokens import add_latent_tokens, latent_ids_of, load_tokenizer
 
 
 def student_dir(path):
-    """The tiny model with three latent-slot tokens added, as a student's initial directory is."""
-    tiny_model_dir(path)
+    """The tiny model saved at ``path`` with three latent-slot tokens added, as a student's initial directory is."""
     tokenizer = load_tokenizer(str(path))
     ids = add_latent_tokens(tokenizer, 3)
     model = load_model(path)
@@ -27,8 +25,8 @@ def student_dir(path):
     return path, ids
 
 
-def test_only_the_adapters_and_the_latent_rows_train_and_the_merged_model_computes_the_same(tmp_path):
-    base, ids = student_dir(tmp_path / "base")
+def test_only_the_adapters_and_the_latent_rows_train_and_the_merged_model_computes_the_same(tmp_path, tiny_model):
+    base, ids = student_dir(tiny_model(tmp_path / "base"))
     assert latent_ids_of(load_tokenizer(str(base))) == ids
     lora = LoraConfig(rank=2, target_modules=["q_proj", "v_proj"], save_adapter=True)
     model = with_lora(load_model(base), lora, ids)
@@ -52,7 +50,7 @@ def test_only_the_adapters_and_the_latent_rows_train_and_the_merged_model_comput
     assert adapter["base_model_name_or_path"] == str(base) and adapter["r"] == 2 and adapter["lora_alpha"] == 4
 
 
-def test_a_lora_stage_trains_the_adapters_under_deepspeed_and_publishes_the_merged_model(tmp_path):
+def test_a_lora_stage_trains_the_adapters_under_deepspeed_and_publishes_the_merged_model(tmp_path, tiny_stage):
     stage = tiny_stage(tmp_path, "lora", num_workers=0, steps=3, log_every=3, lr=1e-2,
                        lora=LoraConfig(rank=2, save_adapter=True))
     from lori_ray.train import fit

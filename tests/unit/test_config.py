@@ -161,9 +161,8 @@ def test_continuous_latents_and_stages_are_checked_against_the_method():
             load_config(None, overrides)
 
 
-def test_a_model_family_that_contradicts_the_weights_config_is_refused(tmp_path):
-    from conftest import tiny_model_dir
-    llama = tiny_model_dir(tmp_path / "llama")
+def test_a_model_family_that_contradicts_the_weights_config_is_refused(tmp_path, tiny_model):
+    llama = tiny_model(tmp_path / "llama")
     with pytest.raises(ConfigError, match="model.family: 'qwen2', but model.path's config.json says model_type "
                                           "'llama'; set model.family: llama or leave it unset"):
         load_config(None, [f"model.path={llama}", "model.family=qwen2"])
@@ -184,9 +183,8 @@ def test_an_aligning_method_on_data_without_a_cot_is_refused_unless_the_teacher_
     assert load_config(None, [*data, "teacher.complete_cots=true"]).teacher.complete_cots
 
 
-def test_a_pretrained_student_must_read_the_teachers_token_ids_and_match_widths_where_states_are_compared(tmp_path):
-    from conftest import tiny_model_dir
-
+def test_a_pretrained_student_must_read_the_teachers_token_ids_and_match_widths_where_states_are_compared(
+        tmp_path, tiny_model):
     from lori_ray.models import build_model
     from lori_ray.tokens import arithmetic_tokenizer
     tokenizer = arithmetic_tokenizer()
@@ -198,7 +196,7 @@ def test_a_pretrained_student_must_read_the_teachers_token_ids_and_match_widths_
     with pytest.raises(ConfigError, match="student.method: icot_kd matches full-width hidden states, and the student "
                                           "at student.path is 128 wide, the teacher 64"):
         load_config(Path(ROOT) / "configs/tiny.yaml", [f"student.path={wide}", "student.method=icot_kd"])
-    other = tiny_model_dir(tmp_path / "other")  # another vocabulary: ids shifted by an added token
+    other = tiny_model(tmp_path / "other")  # another vocabulary: ids shifted by an added token
     from transformers import AutoTokenizer
     shifted = AutoTokenizer.from_pretrained(other)
     vocabulary = shifted.get_vocab()

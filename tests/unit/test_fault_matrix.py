@@ -9,7 +9,6 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import job_env
 
 from lori_ray.cluster import free_port
 
@@ -24,7 +23,7 @@ def command(output: Path, *overrides: str) -> list[str]:
 
 
 @pytest.mark.parametrize("field", ["cluster.storage_path", "trajectory.store_dir"])
-def test_an_object_store_that_does_not_answer_is_refused_before_ray_starts(tmp_path, field):
+def test_an_object_store_that_does_not_answer_is_refused_before_ray_starts(tmp_path, field, job_env):
     dead = f"s3://lori-ray/runs?endpoint_override=127.0.0.1:{free_port()}&scheme=http"
     env = {**job_env(), "AWS_ACCESS_KEY_ID": "alice", "AWS_SECRET_ACCESS_KEY": "SECRET-KEY",
            "AWS_EC2_METADATA_DISABLED": "true"}

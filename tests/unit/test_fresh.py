@@ -6,7 +6,6 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import tiny_model_dir
 from safetensors.torch import save_file
 
 from lori_ray.config import ConfigError, load_config, with_overrides
@@ -41,11 +40,11 @@ def test_the_stream_never_draws_an_excluded_question():
 
 
 @pytest.fixture(scope="module")
-def teacher_and_stores(tmp_path_factory):
+def teacher_and_stores(tmp_path_factory, tiny_model):
     """A tiny teacher; for each kind of trajectory unit a one-shard store of 24 problems built by the trajectory
     pass's worker (the actor's class, run in this process); a student directory with 2 latent slots."""
     root = tmp_path_factory.mktemp("fresh")
-    teacher = tiny_model_dir(root / "teacher")
+    teacher = tiny_model(root / "teacher")
     examples = generate_multiplication(24, 2, 2, seed=5)
     stores = {}
     for segments in ("steps", "digits"):

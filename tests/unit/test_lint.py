@@ -40,3 +40,12 @@ def test_config_selects_the_rules_and_python_it_says():
     assert re.search(r"^linter\.line_length = 120$", settings, re.MULTILINE)
     floor = re.search(r'^requires-python = ">=(\d+)\.(\d+)"', (ROOT / "pyproject.toml").read_text(), re.MULTILINE)
     assert re.search(rf"^linter\.unresolved_target_version = {floor[1]}\.{floor[2]}$", settings, re.MULTILINE)
+
+
+def test_tests_take_shared_helpers_as_fixtures_not_imports():
+    """tests/conftest.py's helpers reach a test as fixture arguments; importing conftest would bind a test to
+    pytest's import mode and path (and to a module pytest also loads as a plugin)."""
+    found = [f"{path.relative_to(ROOT)}:{number}: {line.strip()}" for path in sorted((ROOT / "tests").rglob("*.py"))
+             for number, line in enumerate(path.read_text().splitlines(), 1)
+             if re.match(r"\s*(from\s+conftest\s+import|import\s+conftest\b)", line)]
+    assert not found, "use the fixture instead:\n" + "\n".join(found)

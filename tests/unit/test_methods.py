@@ -6,7 +6,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_model_dir
 from safetensors.torch import load_file
 
 from lori_ray.batch import trim_padding
@@ -28,11 +27,11 @@ EXAMPLES = 32
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
+def world(tmp_path_factory, tiny_model):
     """A tiny teacher (2 layers, width 64), the data split, a complete one-shard store of each kind of unit (CoT
     steps; ``####`` for codi) and a pretrained student of another width (48) and the same depth."""
     root = tmp_path_factory.mktemp("methods")
-    teacher = tiny_model_dir(root / "teacher")
+    teacher = tiny_model(root / "teacher")
     examples = generate_multiplication(EXAMPLES + 8, 2, 2, seed=3)
     splits = Splits(train=examples[:EXAMPLES], val=examples[EXAMPLES:], held_out=[])
     stores = {}

@@ -7,7 +7,6 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import job_env, tiny_model_dir
 
 from lori_ray.config import Config
 from lori_ray.models import FAMILIES, MARKER, SIZES, build_model, keep_layers
@@ -43,32 +42,33 @@ def hub_cache(root: Path, repo_id: str, model_dir: Path) -> Path:
     return root
 
 
-def offline_hub_env(tmp_path: Path) -> dict[str, str]:
-    """The job environment with the hub offline: a hub model resolves from ``tmp_path/hub`` or not at all."""
-    return {**job_env(), "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hub"),
+def offline_hub_env(tmp_path: Path, env: dict[str, str]) -> dict[str, str]:
+    """The job environment ``env`` with the hub offline: a hub model resolves from ``tmp_path/hub`` or not at all."""
+    return {**env, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hub"),
             "LORI_RAY_CACHE": str(tmp_path / "cache")}
 
 
-def test_a_hub_id_is_checked_before_any_work_and_an_unreachable_hub_says_so(tmp_path):
+def test_a_hub_id_is_checked_before_any_work_and_an_unreachable_hub_says_so(tmp_path, job_env):
     result = subprocess.run([sys.executable, "jobs/distill.py", "--config", "configs/tiny.yaml",
                              f"output_dir={tmp_path}", "model.path=someone/no-such-model", "--dry-run"],
-                            cwd=ROOT, env=offline_hub_env(tmp_path), capture_output=True, text=True, check=False)
+                            cwd=ROOT, env=offline_hub_env(tmp_path, job_env()), capture_output=True, text=True,
+                            check=False)
     assert result.returncode == 2, result.stdout + result.stderr
     assert ("error: model.path: someone/no-such-model: not a local path, and loading it as a Hugging Face hub id "
             "failed (hub unreachable, or no such repo)") in result.stderr
     assert "Traceback" not in result.stderr and not any(tmp_path.glob("tiny*"))
 
 
-def test_a_hub_model_is_saved_once_as_the_local_directory_every_stage_reads(tmp_path):
-    hub_cache(tmp_path / "hub", "lori-test/tiny-llama", tiny_model_dir(tmp_path / "model"))
+def test_a_hub_model_is_saved_once_as_the_local_directory_every_stage_reads(tmp_path, tiny_model, job_env):
+    hub_cache(tmp_path / "hub", "lori-test/tiny-llama", tiny_model(tmp_path / "model"))
     # the config accepts the id (its shape and vocabulary read through the hub cache), then the stages' directory
     # is saved once and found by the next call
     script = ("from lori_ray.config import load_config; from lori_ray.models import local_model_dir; "
               "load_config('configs/tiny.yaml', ['model.path=lori-test/tiny-llama']); "
               "print(local_model_dir('lori-test/tiny-llama', log=lambda m: print('first:', m))); "
               "print(local_model_dir('lori-test/tiny-llama', log=lambda m: print('second:', m)))")
-    out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=offline_hub_env(tmp_path), capture_output=True,
-                         text=True, check=True).stdout
+    out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=offline_hub_env(tmp_path, job_env()),
+                         capture_output=True, text=True, check=True).stdout
     local = tmp_path / "cache" / "models" / "hub--lori-test--tiny-llama"
     assert out.splitlines()[-1] == out.splitlines()[-3] == str(local)
     assert "first: saving LlamaForCausalLM" in out and "second: found" in out and "nothing to do" in out

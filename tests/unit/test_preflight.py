@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 import ray
-from conftest import Answering, tiny_model_dir
 
 from lori_ray.cli import config_or_exit
 from lori_ray.cluster import free_port
@@ -155,10 +154,10 @@ def test_dry_run_prints_the_plan_and_print_config_the_resolved_yaml_with_nothing
     assert not (tmp_path / "runs").exists()
 
 
-def test_the_plan_says_what_each_stage_trains_from_and_how(tmp_path):
+def test_the_plan_says_what_each_stage_trains_from_and_how(tmp_path, tiny_model):
     """The user's own teacher through LoRA and a separate student, as the plan (--dry-run) shows them."""
     from lori_ray.preflight import plan, preflight
-    teacher, student = tiny_model_dir(tmp_path / "my-teacher"), tiny_model_dir(tmp_path / "my-student")
+    teacher, student = tiny_model(tmp_path / "my-teacher"), tiny_model(tmp_path / "my-student")
     config = config_or_exit(TINY, [f"output_dir={tmp_path / 'runs'}", f"model.path={teacher}",
                                    "teacher.train.lora.rank=4", f"student.path={student}"])
     lines = plan(config, preflight(config)).splitlines()
@@ -169,10 +168,10 @@ def test_the_plan_says_what_each_stage_trains_from_and_how(tmp_path):
     assert "from the teacher pruned to width 32 (activation init)" in plan(pruned, preflight(pruned))
 
 
-def test_no_credential_reaches_the_plan_the_printed_config_or_the_run_directory(tmp_path):
+def test_no_credential_reaches_the_plan_the_printed_config_or_the_run_directory(tmp_path, answering):
     from lori_ray.recipe import opened
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
-    with Answering(200) as server:  # the preflight probes the tracking server
+    with answering(200) as server:  # the preflight probes the tracking server
         secrets = ["trajectory.store_dir=file:///tmp/st?access_key=AKEY&token=TOKEN",
                    "cluster.storage_path=file:///tmp/ck?secret_key=SKEY",
                    f"tracking.uri={server.uri.replace('//', '//alice:PASSWORD@')}"]

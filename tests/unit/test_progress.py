@@ -4,8 +4,6 @@ import io
 import re
 from dataclasses import replace
 
-from conftest import tiny_stage
-
 from lori_ray.progress import NoBar, bars_wanted, progress_bar
 from lori_ray.train import fit
 
@@ -26,7 +24,7 @@ def test_bars_only_where_the_drivers_output_is_a_terminal_and_not_asked_off(monk
     resumed.close()
 
 
-def test_a_stage_on_a_terminal_draws_its_bar_to_the_last_step_beside_its_lines(tmp_path, capsys):
+def test_a_stage_on_a_terminal_draws_its_bar_to_the_last_step_beside_its_lines(tmp_path, capsys, tiny_stage):
     """In the driver (no workers: the bar is drawn where it advances; on workers Ray's tqdm carries it to the
     driver)."""
     stage = tiny_stage(tmp_path, "drawn", num_workers=0, steps=6, log_every=3)

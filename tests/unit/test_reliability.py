@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_model_dir
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -70,8 +69,8 @@ def test_refuse_non_finite_names_the_tensors_and_the_last_terms():
         refuse_non_finite({"w": torch.tensor([1.0, float("nan")])}, "s", 3, {"ce": 1.0, "step": 3})
 
 
-def test_teacher_out_of_memory_message_names_the_knob(tmp_path):
-    worker = TeacherWorker(str(tiny_model_dir(tmp_path / "model")), [1, 2], batch_size=8)
+def test_teacher_out_of_memory_message_names_the_knob(tmp_path, tiny_model):
+    worker = TeacherWorker(str(tiny_model(tmp_path / "model")), [1, 2], batch_size=8)
 
     def out_of_memory(**_):
         raise torch.OutOfMemoryError("CUDA out of memory")
@@ -106,10 +105,10 @@ def test_a_training_step_never_waits_for_a_tracking_server_that_is_down():
     assert time.monotonic() - started < 5.0 and logger.failed == 0  # still retrying the first request
 
 
-def test_security_defaults(tmp_path):
+def test_security_defaults(tmp_path, tiny_model):
     assert ModelConfig().trust_remote_code is False and Config().model.trust_remote_code is False
     # weights only from safetensors: a pickle checkpoint is refused
-    model_dir = tiny_model_dir(tmp_path / "model")
+    model_dir = tiny_model(tmp_path / "model")
     load_model(model_dir)
     pickled = tmp_path / "pickled"
     pickled.mkdir()
@@ -128,8 +127,8 @@ def test_security_defaults(tmp_path):
         assert not re.search(r"(password|token|secret|api_key)\s*:", preset.read_text(), re.IGNORECASE)
 
 
-def test_tokenizer_larger_than_the_model_vocabulary_is_a_config_error(tmp_path):
-    model_dir = tiny_model_dir(tmp_path / "model")
+def test_tokenizer_larger_than_the_model_vocabulary_is_a_config_error(tmp_path, tiny_model):
+    model_dir = tiny_model(tmp_path / "model")
     load_config(ROOT / "configs/tiny.yaml", [f"model.path={model_dir}"])  # matching: fine
     tokenizer = arithmetic_tokenizer()
     tokenizer.add_tokens([f"extra{i}" for i in range(30)])

@@ -5,7 +5,6 @@ import os
 
 import mlflow
 import pytest
-from conftest import Answering
 from mlflow.tracking import MlflowClient
 
 from lori_ray.tracking import RUN_KEY_TAG, StepLogger, pipeline_run
@@ -130,16 +129,16 @@ def test_after_the_first_tracking_failure_the_driver_skips_tracking_and_the_run_
         tracking.TrackingOutage()(lambda: None, "unexpected")
 
 
-def test_the_tracking_probe_tells_a_server_that_answers_from_one_that_is_down_or_refuses_the_credentials():
+def test_the_tracking_probe_tells_a_server_that_answers_from_one_that_is_down_or_refuses_the_credentials(answering):
     from lori_ray.cluster import free_port
     from lori_ray.tracking import server_unanswering
     assert server_unanswering(f"sqlite:///{os.devnull}") is None  # a local store: nothing to probe
     assert server_unanswering(f"http://127.0.0.1:{free_port()}", timeout_s=5) == "ConnectionError"
-    with Answering(200) as up:
+    with answering(200) as up:
         assert server_unanswering(up.uri) is None
-    with Answering(404) as other:  # an answer all the same: the server is there
+    with answering(404) as other:  # an answer all the same: the server is there
         assert server_unanswering(other.uri) is None
-    with Answering(401) as refusing:
+    with answering(401) as refusing:
         assert server_unanswering(refusing.uri.replace("//", "//alice:hunter2@")).startswith(
             "HTTP 401: the credentials are refused")
 

@@ -112,12 +112,10 @@ def test_optimizer_reset_clears_adam_moments_inside_a_deepspeed_zero2_engine():
         assert state["step"] == 1  # the moments started afresh
 
 
-def test_stages_in_the_driver_one_after_another_each_train(tmp_path):
+def test_stages_in_the_driver_one_after_another_each_train(tmp_path, tiny_stage):
     """``num_workers=0`` trains in the driver. Ray ends such a stage's process group with torch alone (and after
     a stage that raised, not at all); the next stage failed on DeepSpeed's clone of the old group ("Group ... is
     not registered"), so a run with both stages in the driver never reached its student."""
-    from conftest import tiny_stage
-
     from lori_ray.train import fit
     stage = tiny_stage(tmp_path, "first", num_workers=0, steps=2, log_every=2, max_bad_steps=1)
     with pytest.raises(Exception, match="loss was NaN/Inf"):  # a stage that fails, then two that train
@@ -134,10 +132,9 @@ def test_time_left_at_the_pace_so_far(elapsed, done, remaining, shown):
     assert time_left(elapsed, done, remaining) == shown
 
 
-def test_gradient_accumulation_takes_the_same_steps_as_the_whole_batch(tmp_path):
+def test_gradient_accumulation_takes_the_same_steps_as_the_whole_batch(tmp_path, tiny_stage):
     """Two micro-batches of 8 per step against one of 16 (2x2 sequences are all one length, so the token-mean
     loss of the halves averages to the whole's): the same weights after the same steps."""
-    from conftest import tiny_stage
     from safetensors.torch import load_file
 
     from lori_ray.train import fit
