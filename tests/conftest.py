@@ -1,4 +1,5 @@
-"""Fixtures shared across test modules."""
+"""Fixtures shared across test modules, and the suite's hooks: the `cluster` mark of everything under
+tests/cluster/ and the exit without the interpreter's teardown."""
 
 import os
 import subprocess
@@ -32,9 +33,11 @@ def pytest_sessionfinish(session, exitstatus):
 
 @pytest.hookimpl(trylast=True)
 def pytest_unconfigure(config):
-    """Leave with the session's status once pytest has reported everything, without the interpreter's teardown:
-    the background threads of Ray's driver and torch crashed it once after every test had passed (a segfault
-    that turned "288 passed" into a failed `make test`)."""
+    """Exit with the session's status through ``os._exit`` once pytest has reported everything (trylast: after
+    every other plugin's unconfigure), skipping the interpreter's teardown on purpose. Why: at that teardown the
+    background threads that Ray's driver and torch leave running crashed the interpreter once after every test had
+    passed, a segfault that turned "288 passed" into a failed `make test`. Nothing needs the teardown by then: the
+    report and the cache are written, and stdout and stderr are flushed here."""
     status = getattr(config, "_lori_exit_status", None)
     if status is not None:
         sys.stdout.flush()
