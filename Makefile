@@ -35,7 +35,7 @@ test: setup
 test-fast: setup
 	$(PY) -m pytest -q --durations=5 -m "not cluster" tests
 
-# ruff, configured in pyproject.toml (tests/test_lint.py runs the same check)
+# ruff, configured in pyproject.toml (tests/unit/test_lint.py runs the same check)
 lint: setup
 	$(PY) -m ruff check .
 

@@ -132,7 +132,7 @@ def start_local(num_cpus: int | None, include_dashboard: bool | None = None, **o
     # start only: the node address chosen here is what every Ray process is given.
     # The GCS port is chosen here so that every worker can be told its own cluster's address: Ray Train's
     # placement-group cleaner looks the cluster up without one and fails when another local cluster runs on the
-    # machine. tests/test_network.py checks both. The dashboard starts where ray[default] is installed (not on
+    # machine. tests/cluster/test_network.py checks both. The dashboard starts where ray[default] is installed (not on
     # a minimal Ray, e.g. the GPU bundle).
     gcs_port = free_port()
     use_local_train_settings()

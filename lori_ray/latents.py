@@ -40,7 +40,7 @@ def continuous_forward(model: nn.Module, input_ids: torch.Tensor, attention_mask
                        compute_logits: bool = True) -> ContinuousOutput:
     """One forward of an HF causal LM (``get_decoder`` + ``get_output_embeddings``) with every token in
     ``latent_ids`` replaced by the hidden state before it. Equals running the whole sequence once per latent
-    column, filling one column each time (``tests/test_latents.py`` checks it against that loop)."""
+    column, filling one column each time (``tests/unit/test_latents.py`` checks it against that loop)."""
     decoder = model.get_decoder()
     embeddings = model.get_input_embeddings()(input_ids)
     is_latent = torch.isin(input_ids, torch.as_tensor(latent_ids, device=input_ids.device))

@@ -9,7 +9,7 @@ Supported: ``resources`` (YAML files under the kustomization, and kustomization 
 references inside a RayJob or RayCluster, whose fields it does not know), ``patches`` (JSON 6902 add, replace and
 remove; inline or from a file; the target by kind and optionally name) and ``images`` (``newName``, ``newTag``,
 ``digest``, in every ``containers`` and ``initContainers`` list at any depth, as kustomize does for custom
-resources). Anything else is an error rather than left unrendered. tests/test_deploy.py compares the output with
+resources). Anything else is an error rather than left unrendered. tests/unit/test_deploy.py compares the output with
 ``kubectl kustomize`` where kubectl is installed.
 """
 

@@ -1,4 +1,5 @@
-"""Fixtures shared across test modules."""
+"""Fixtures shared across test modules, and the suite's hooks: the `cluster` mark of everything under
+tests/cluster/ and the exit without the interpreter's teardown."""
 
 import os
 import subprocess
@@ -9,6 +10,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+CLUSTER = ROOT / "tests" / "cluster"
 
 
 def pytest_configure(config):
@@ -17,15 +19,25 @@ def pytest_configure(config):
     use_local_train_settings()
 
 
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects: `-m "not cluster"` leaves them out
+def pytest_collection_modifyitems(config, items):
+    """Every test under ``tests/cluster/`` is marked ``cluster``: it starts a Ray cluster or runs a pipeline."""
+    for item in items:
+        if CLUSTER in item.path.parents:
+            item.add_marker(pytest.mark.cluster)
+
+
 def pytest_sessionfinish(session, exitstatus):
     session.config._lori_exit_status = int(exitstatus)
 
 
 @pytest.hookimpl(trylast=True)
 def pytest_unconfigure(config):
-    """Leave with the session's status once pytest has reported everything, without the interpreter's teardown:
-    the background threads of Ray's driver and torch crashed it once after every test had passed (a segfault
-    that turned "288 passed" into a failed `make test`)."""
+    """Exit with the session's status through ``os._exit`` once pytest has reported everything (trylast: after
+    every other plugin's unconfigure), skipping the interpreter's teardown on purpose. Why: at that teardown the
+    background threads that Ray's driver and torch leave running crashed the interpreter once after every test had
+    passed, a segfault that turned "288 passed" into a failed `make test`. Nothing needs the teardown by then: the
+    report and the cache are written, and stdout and stderr are flushed here."""
     status = getattr(config, "_lori_exit_status", None)
     if status is not None:
         sys.stdout.flush()
@@ -33,70 +45,93 @@ def pytest_unconfigure(config):
         os._exit(status)
 
 
-def tiny_model_dir(path: Path) -> Path:
-    """A random-weight tiny Llama with the arithmetic tokenizer, saved as an HF directory at ``path``."""
+# Helpers are fixtures, never imported (`from conftest import` is refused by tests/unit/test_lint.py). Most are
+# factories, session-scoped so module- and session-scoped fixtures can use them too; each call does what the
+# helper did (job_env reads os.environ as it is at the call).
+
+@pytest.fixture(scope="session")
+def tiny_model():
+    """``tiny_model(path) -> path``: a random-weight tiny Llama with the arithmetic tokenizer, saved as an HF
+    directory at ``path``."""
     from lori_ray.models import build_model
     from lori_ray.tokens import arithmetic_tokenizer
-    tokenizer = arithmetic_tokenizer()
-    build_model("llama", "tiny", len(tokenizer), 64, {"pad_token_id": tokenizer.pad_token_id}).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+
+    def save(path: Path) -> Path:
+        tokenizer = arithmetic_tokenizer()
+        build_model("llama", "tiny", len(tokenizer), 64, {"pad_token_id": tokenizer.pad_token_id}).save_pretrained(path)
+        tokenizer.save_pretrained(path)
+        return path
+    return save
 
 
-def tiny_stage(directory: Path, name: str, examples: int = 32, **train):
-    """A training stage of a tiny model (written under ``directory``) on ``examples`` teacher sequences, the tiny
-    preset's training settings with ``train`` overriding them."""
-    from safetensors.torch import save_file
+@pytest.fixture(scope="session")
+def tiny_stage(tiny_model):
+    """``tiny_stage(directory, name, examples=32, **train) -> Stage``: a training stage of a tiny model (written
+    under ``directory``) on ``examples`` teacher sequences, the tiny preset's training settings with ``train``
+    overriding them."""
+    def stage(directory: Path, name: str, examples: int = 32, **train):
+        from safetensors.torch import save_file
 
-    from lori_ray.config import load_config
-    from lori_ray.data import generate_multiplication
-    from lori_ray.tokens import Layout, arithmetic_tokenizer, collate
-    from lori_ray.worker import Stage
-    layout = Layout(arithmetic_tokenizer())
-    data = directory / "data.safetensors"
-    save_file(collate([layout.teacher(e) for e in generate_multiplication(examples, 2, 2)], layout.pad), data)
-    settings = load_config(Path(__file__).parents[1] / "configs/tiny.yaml").teacher.train.model_copy(update=train)
-    return Stage(name=name, model_dir=str(tiny_model_dir(directory / "model")), data_path=str(data), train=settings)
-
-
-def wait_for(condition, timeout: float, what: str):
-    """The first truthy value of ``condition()``."""
-    deadline = time.time() + timeout
-    while not (value := condition()):
-        if time.time() > deadline:
-            raise TimeoutError(what)
-        time.sleep(0.2)
-    return value
+        from lori_ray.config import load_config
+        from lori_ray.data import generate_multiplication
+        from lori_ray.tokens import Layout, arithmetic_tokenizer, collate
+        from lori_ray.worker import Stage
+        layout = Layout(arithmetic_tokenizer())
+        data = directory / "data.safetensors"
+        save_file(collate([layout.teacher(e) for e in generate_multiplication(examples, 2, 2)], layout.pad), data)
+        settings = load_config(ROOT / "configs/tiny.yaml").teacher.train.model_copy(update=train)
+        return Stage(name=name, model_dir=str(tiny_model(directory / "model")), data_path=str(data), train=settings)
+    return stage
 
 
-def job_env() -> dict[str, str]:
-    """The test process's environment for a job subprocess, minus what would point it at another cluster or
-    tracking server."""
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
-    env["RAY_USAGE_STATS_ENABLED"] = "0"
+@pytest.fixture(scope="session")
+def wait_for():
+    """``wait_for(condition, timeout, what)``: the first truthy value of ``condition()``; TimeoutError(what) once
+    ``timeout`` seconds have passed."""
+    def wait(condition, timeout: float, what: str):
+        deadline = time.time() + timeout
+        while not (value := condition()):
+            if time.time() > deadline:
+                raise TimeoutError(what)
+            time.sleep(0.2)
+        return value
+    return wait
+
+
+@pytest.fixture(scope="session")
+def job_env():
+    """``job_env() -> dict``: the test process's environment for a job subprocess, minus what would point it at
+    another cluster or tracking server. A function, not the dict: read when the job starts, a new dict each time."""
+    def env() -> dict[str, str]:
+        found = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
+        found["RAY_USAGE_STATS_ENABLED"] = "0"
+        return found
     return env
 
 
-def ray_start(env: dict[str, str], *args: str) -> int:
-    """``ray start *args`` in a session of its own (the node's daemons inherit its id); returns the session id,
-    for ``stop_ray_sessions``."""
-    process = subprocess.Popen([Path(sys.executable).with_name("ray"), "start", "--disable-usage-stats", *args],
-                               env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               start_new_session=True)
-    output, _ = process.communicate(timeout=120)
-    assert process.returncode == 0, output
-    return process.pid
+@pytest.fixture
+def ray_nodes():
+    """``ray_nodes(env, *args) -> session id``: ``ray start *args`` in a session of its own (the node's daemons
+    inherit its id). At teardown exactly the nodes it started are stopped, never another Ray cluster on the
+    machine."""
+    sessions = []
 
-
-def stop_ray_sessions(sessions: list[int]) -> None:
-    """Stop exactly the nodes ``ray_start`` started, never another Ray cluster on the machine."""
+    def start(env: dict[str, str], *args: str) -> int:
+        process = subprocess.Popen([Path(sys.executable).with_name("ray"), "start", "--disable-usage-stats", *args],
+                                   env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                   start_new_session=True)
+        output, _ = process.communicate(timeout=120)
+        sessions.append(process.pid)  # a failed start may have left daemons in its session too
+        assert process.returncode == 0, output
+        return process.pid
+    yield start
     for signal in ("-TERM", "-KILL"):
         for session in sessions:
             subprocess.run(["pkill", signal, "-s", str(session)], check=False)
 
 
 @pytest.fixture(scope="session")
-def tiny_run(tmp_path_factory) -> tuple[Path, str]:
+def tiny_run(tmp_path_factory, job_env) -> tuple[Path, str]:
     """`jobs/distill.py` on the tiny preset, once per session: (run directory, stdout). Tests that only need a
     trained tiny teacher take ``<run directory>/teacher`` as their ``teacher.path``."""
     output = tmp_path_factory.mktemp("runs")
@@ -105,6 +140,13 @@ def tiny_run(tmp_path_factory) -> tuple[Path, str]:
                             cwd=ROOT, env=job_env(), capture_output=True, text=True, timeout=900, check=False)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     return output / "tiny", result.stdout
+
+
+@pytest.fixture(scope="session")
+def answering():
+    """``with answering(status) as server``: a local HTTP server at ``server.uri`` answering every request with
+    ``status``, an MLflow server as the probe sees it."""
+    return Answering
 
 
 class Answering:

@@ -1,0 +1,171 @@
+"""The fault matrix (docs/failure-handling.md), on the tiny preset: what the run does and what is left on disk when
+the driver is killed (SIGKILL, with the local cluster it started) in each stage and the same command is run again,
+and when the MLflow server goes away mid-run (the run goes on). An object store that does not answer (refused before
+Ray starts) is in ``tests/unit/test_fault_matrix.py``; killed train workers and teacher actors in ``test_faults.py``."""
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lori_ray.cluster import free_port
+from lori_ray.fingerprint import FINGERPRINT_FILE
+
+ROOT = Path(__file__).resolve().parents[2]
+# one rank, one actor: the two cores stay free for the kill and the rerun
+SMALL = ["cluster.num_cpus=2", "teacher.train.num_workers=1", "student.train.num_workers=1", "trajectory.num_actors=1"]
+
+
+def command(output: Path, *overrides: str) -> list[str]:
+    return [sys.executable, "jobs/distill.py", "--config", "configs/tiny.yaml", f"output_dir={output}", *SMALL,
+            *overrides]
+
+
+def published(directory: Path) -> bool:
+    return (directory / FINGERPRINT_FILE).is_file()
+
+
+def step_at_least(stage: str, step: int):
+    """A driver line saying ``stage`` has passed ``step`` (its step lines come from the train worker)."""
+    pattern = re.compile(rf"\[{stage}\] step (\d+)/")
+    return lambda line: bool((found := pattern.search(line)) and int(found.group(1)) >= step)
+
+
+# stage: (overrides, the driver line it is killed at, what is left on disk then, what the rerun says). The stages are
+# made long enough for the kill to land inside them: 100 steps with a checkpoint every 10, 4 trajectory shards.
+TRAINING = ["teacher.train.steps=100", "teacher.train.checkpoint_every=10", "student.train.steps=100",
+            "student.train.checkpoint_every=10", "teacher.train.log_every=5", "student.train.log_every=5"]
+STAGES = {
+    # past step 30: the checkpoints of steps 10 and 20 are complete, a later one may be half written
+    "teacher": (step_at_least("tiny-teacher", 30),
+                lambda run: not (run / "teacher").exists() and list((run / "ray" / "tiny-teacher").glob("step-*")),
+                r"\[tiny-teacher\] resumed from step ([1-9]\d*)0 "),
+    # one shard of four stored: the rerun extracts the other three, the teacher is not trained again
+    "trajectories": (lambda line: "[teacher] extracted shard 1/4" in line,
+                     lambda run: published(run / "teacher")
+                     and not list((run.parent / "trajectories").glob("*/manifest.json")),
+                     r"\[teacher\] finished model found .* skipping[\s\S]*shards extracted before, continuing"),
+    "student": (step_at_least("tiny-student", 30),
+                lambda run: published(run / "teacher") and not (run / "student").exists()
+                and list((run.parent / "trajectories").glob("*/manifest.json")),
+                r"\[tiny-student\] resumed from step ([1-9]\d*)0 "),
+    # the student published, its evaluation under way
+    "evaluate": (lambda line: line.startswith("[student] done in"),
+                 lambda run: published(run / "student") and not (run / "results.md").exists(),
+                 r"\[student\] finished model found .* skipping"),
+}
+
+
+@pytest.mark.parametrize("stage", list(STAGES))
+def test_a_driver_killed_in_each_stage_leaves_finished_work_and_the_same_command_continues(tmp_path, stage, job_env):
+    kill_at, left_on_disk, continued = STAGES[stage]
+    run, env, overrides = tmp_path / "tiny", job_env(), [*TRAINING, "data.train_size=2080"]  # 2,048 + 32 validation
+    # its own session: the SIGKILL takes the driver and the local cluster it started, like a lost job
+    first = subprocess.Popen(command(tmp_path, *overrides), cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    lines, killed = [], False
+    try:
+        for line in first.stdout:
+            lines.append(line)
+            if kill_at(line):
+                os.killpg(first.pid, signal.SIGKILL)
+                killed = True
+                break
+    finally:
+        if not killed:
+            os.killpg(first.pid, signal.SIGKILL)
+        first.wait()
+    assert killed, f"the run ended before its {stage} stage was reached:\n" + "".join(lines)[-3000:]
+    assert left_on_disk(run), sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if "ray" not in p.parts)
+    assert not list(run.glob(".*.partial")), "a half-published model is left"
+
+    again = subprocess.run(command(tmp_path, *overrides), cwd=ROOT, env=env, capture_output=True, text=True,
+                           timeout=900, check=False)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert re.search(continued, again.stdout), again.stdout[-3000:]
+    assert (run / "results.md").is_file() and published(run / "student")
+
+
+def test_the_mlflow_server_going_away_mid_run_does_not_stop_the_run(tmp_path, job_env, wait_for):
+    """Killed once the student trains: its steps stop being logged without holding training up, the driver's
+    tracking calls after the first failure are skipped, and the run publishes its models and results."""
+    port = free_port()
+    server = subprocess.Popen([str(Path(sys.executable).with_name("mlflow")), "server", "--host", "127.0.0.1",
+                               "--port", str(port), "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
+                               "--artifacts-destination", str(tmp_path / "artifacts"), "--workers", "1"],
+                              env=job_env(), stdout=(tmp_path / "server.log").open("w"), stderr=subprocess.STDOUT,
+                              start_new_session=True)
+    # MLflow's default retries (about four minutes for the first failing request) are the same, only longer
+    env = {**job_env(), "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "60"}
+    try:
+        import requests
+        wait_for(lambda: not requests_refused(port) and requests.get(f"http://127.0.0.1:{port}/health", timeout=5).ok,
+                 300, "the MLflow server: " + str(tmp_path / "server.log"))
+        from mlflow.tracking import MlflowClient
+        MlflowClient(f"http://127.0.0.1:{port}").search_experiments()  # its store created before the run's requests
+        job = subprocess.Popen(command(tmp_path, f"tracking.uri=http://127.0.0.1:{port}", "student.train.steps=60",
+                                       "student.train.log_every=5"),
+                               cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        lines = []
+        for line in job.stdout:
+            lines.append(line)
+            if "[tiny-student] step 5/60" in line and server.poll() is None:
+                os.killpg(server.pid, signal.SIGKILL)
+                server.wait()
+        job.wait(timeout=900)
+    finally:
+        if server.poll() is None:
+            os.killpg(server.pid, signal.SIGKILL)
+    output = "".join(lines)
+    assert server.poll() is not None and job.returncode == 0, output[-5000:]
+    assert "[tiny-student] step 60/60 " in output and (tmp_path / "tiny" / "results.md").is_file()
+    assert published(tmp_path / "tiny" / "student")
+    assert "[tracking] WARNING: MLflow stopped answering" in output
+    assert re.search(r"\[tracking\] MLflow stopped answering during this run .*; \d+ later tracking calls were "
+                     r"skipped; the models and results are in the run directory", output)
+
+
+def requests_refused(port: int) -> bool:
+    import socket
+    with socket.socket() as probe:
+        return probe.connect_ex(("127.0.0.1", port)) != 0
+
+
+def test_checkpoint_storage_lost_mid_stage_is_one_error_and_the_rerun_keeps_the_finished_stages(tmp_path, job_env):
+    """The storage path turns into a file while the student trains (a lost mount, a deleted bucket): the run ends
+    with one line naming cluster.storage_path and the stage, the published teacher stays, and once the storage is
+    back the same command reuses the teacher and finishes."""
+    checkpoints = tmp_path / "checkpoints"
+    overrides = ["student.train.steps=100", "student.train.checkpoint_every=10", "student.train.log_every=5",
+                 f"cluster.storage_path={checkpoints}"]
+    job = subprocess.Popen(command(tmp_path, *overrides), cwd=ROOT, env=job_env(), stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True)
+    lost, lines = False, []
+    for line in job.stdout:
+        lines.append(line)
+        if not lost and step_at_least("tiny-student", 30)(line):
+            shutil.rmtree(checkpoints)
+            checkpoints.write_text("the storage is gone")
+            lost = True
+    stderr = job.stderr.read()
+    job.wait(timeout=900)
+    assert lost and job.returncode == 1, "".join(lines)[-3000:] + stderr[-3000:]
+    # one line from the driver and no traceback of its own (Ray's controller logs its own, "(pid=...)"-prefixed)
+    errors = [line for line in stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and re.match(rf"error: \[tiny-student\] cluster.storage_path {checkpoints}/tiny-student "
+                                         r"stopped taking checkpoints mid-stage \(.*\); the stages published before "
+                                         r"are kept", errors[0]), stderr[-3000:]
+    assert not [line for line in stderr.splitlines() if line.startswith("Traceback")]
+    assert published(tmp_path / "tiny" / "teacher") and not (tmp_path / "tiny" / "student").exists()
+
+    checkpoints.unlink()  # the storage is back, empty
+    again = subprocess.run(command(tmp_path, *overrides), cwd=ROOT, env=job_env(), capture_output=True, text=True,
+                           timeout=900, check=False)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert re.search(r"\[teacher\] finished model found .* skipping", again.stdout)
+    assert (tmp_path / "tiny" / "results.md").is_file() and published(tmp_path / "tiny" / "student")

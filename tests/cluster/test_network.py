@@ -1,0 +1,126 @@
+"""What a local run exposes on the network: every listening socket of a local cluster, measured with psutil."""
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import ray
+from ray.train import RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+from unit.test_network import is_loopback  # checked there
+
+from lori_ray.cluster import connect, free_port
+from lori_ray.config import Config
+
+
+def listening_sockets(root_pid: int) -> list[tuple[str, int, str]]:
+    """(address, port, process name) of every TCP socket listening in ``root_pid``'s process tree."""
+    import psutil
+    tree = {root_pid} | {p.pid for p in psutil.Process(root_pid).children(recursive=True)}
+    found = []
+    for connection in psutil.net_connections(kind="inet"):
+        if connection.status == psutil.CONN_LISTEN and connection.pid in tree:
+            try:
+                found.append((connection.laddr.ip, connection.laddr.port, psutil.Process(connection.pid).name()))
+            except psutil.NoSuchProcess:
+                pass
+    return found
+
+
+def record_sockets(config):
+    """Ray Train loop: once every rank's torch.distributed (gloo) group is up, rank 0 lists the sockets."""
+    import torch.distributed as dist
+    dist.barrier()
+    if dist.get_rank() == 0:
+        Path(config["out"]).write_text(json.dumps({"sockets": listening_sockets(config["driver"]),
+                                                   "store_port": int(os.environ["MASTER_PORT"])}))
+    dist.barrier()
+
+
+@pytest.fixture
+def another_local_cluster(tmp_path, job_env, ray_nodes):
+    """A second Ray head on this machine, as when two runs or a run and a test share it."""
+    token = tmp_path / "other_token"
+    token.write_text(os.urandom(32).hex())
+    env = {**job_env(), "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)}
+    # stopped after the test; a short --temp-dir: Ray's unix sockets live there
+    ray_nodes(env, "--head", "--port", str(free_port()), "--num-cpus", "1", "--include-dashboard", "false",
+              "--temp-dir", f"/tmp/lr-{os.getpid()}-other")
+
+
+def test_a_local_cluster_listens_on_loopback_only_and_its_workers_find_it(tmp_path, monkeypatch,
+                                                                          another_local_cluster):
+    """GCS, raylet, dashboard, its agents, the driver, an actor, and a Ray Train worker group with its gloo
+    process group: every socket they listen on is bound to loopback, except torch.distributed's rendezvous store
+    while a stage trains (torch binds its server to the wildcard address; docs/security.md says so). With
+    another local cluster on the machine, a worker that looks its cluster up without an address (as Ray Train's
+    placement-group cleaner does) still finds its own."""
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)  # the process's token file, as Ray caches the first it reads
+    out = tmp_path / "sockets.json"
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the workers cannot import this test module
+    connect(Config(cluster={"num_cpus": 2}))
+    try:
+        @ray.remote
+        class Probe:
+            def cluster_found_without_an_address(self):
+                from ray.util.state import list_actors
+                return [actor.class_name for actor in list_actors()]
+
+        assert any(name.endswith("Probe") for name in ray.get(Probe.remote().cluster_found_without_an_address.remote()))
+        TorchTrainer(record_sockets, train_loop_config={"out": str(out), "driver": os.getpid()},
+                     scaling_config=ScalingConfig(num_workers=2),
+                     run_config=RunConfig(storage_path=str(tmp_path / "train"))).fit()
+        during_training = json.loads(out.read_text())
+        after_training = listening_sockets(os.getpid())
+        from ray.util.state import list_actors
+        actors = {actor.class_name for actor in list_actors(address=ray.get_runtime_context().gcs_address)}
+        assert "RayTrainWorker" in actors and "PreemptionWatcher" not in actors, actors  # nothing preempts a local run
+    finally:
+        ray.shutdown()
+    sockets = [tuple(s) for s in during_training["sockets"]] + after_training
+    names = {name for _, _, name in sockets}
+    assert {"gcs_server", "raylet"} <= names and any(n.startswith("ray::RayTrainWorker") for n in names), names
+    exposed = {(port, name) for address, port, name in sockets if not is_loopback(address)}
+    assert exposed <= {(during_training["store_port"], "ray::RayTrainWorker")}, f"beyond loopback: {exposed}"
+    assert not any(not is_loopback(address) for address, _, _ in after_training), after_training
+
+PROBE_JOB = '''
+import json, sys, psutil, ray
+ray.init()
+ray.get(ray.remote(lambda: 0).remote())  # a task worker
+head = [p for p in psutil.process_iter(["cmdline"]) if any(sys.argv[-1] in a for a in p.info["cmdline"] or [])]
+tree = {p.pid for root in head for p in [root, *root.children(recursive=True)]}
+print("SOCKETS " + json.dumps([(c.laddr.ip, c.laddr.port, psutil.Process(c.pid).name())
+                               for c in psutil.net_connections(kind="inet")
+                               if c.status == psutil.CONN_LISTEN and c.pid in tree]))
+'''
+
+
+def test_the_demo_head_listens_on_loopback_only(tmp_path):
+    """`scripts/demo.sh` (what `make demo` runs): its head, the submitted job's driver and a task worker."""
+    import random
+    import socket
+    import subprocess
+
+    def free(port):
+        with socket.socket() as s:
+            return s.connect_ex(("127.0.0.1", port)) != 0
+
+    # the script derives the agent's port as dashboard + 44100 and the client server's as GCS + 1, and Ray
+    # keeps 10002-19999 for its workers
+    port = next(p for p in random.sample(range(20000, 21400, 4), 200) if all(free(p + i) for i in range(4)))
+    job = tmp_path / "probe.py"
+    job.write_text(PROBE_JOB)
+    root = Path(__file__).resolve().parents[2]
+    temp_dir = f"lori-ray-{os.getuid()}-{port}"  # the head's --temp-dir, on every one of its processes' command line
+    result = subprocess.run(["bash", "scripts/demo.sh", temp_dir], cwd=root, capture_output=True, text=True,
+                            timeout=300, env={**os.environ, "JOB": str(job), "RAY_DEMO_PORT": str(port),
+                                              "RAY_DEMO_DASHBOARD_PORT": str(port + 2)}, check=False)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    line = next(text for text in result.stdout.splitlines() if text.startswith("SOCKETS "))
+    sockets = [tuple(s) for s in json.loads(line[len("SOCKETS "):])]
+    names = {name for _, _, name in sockets}
+    assert {"gcs_server", "raylet", "python"} <= names, names
+    assert all(is_loopback(address) for address, _, _ in sockets), sockets

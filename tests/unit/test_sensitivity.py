@@ -1,0 +1,88 @@
+"""bench/sensitivity.py's searches, tables and figure, and the ``grid`` kind of a Tune search space."""
+
+import argparse
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+from lori_ray.config import ConfigError, load_config
+from lori_ray.tuning import search_space, summary_table, trial_count
+
+ROOT = Path(__file__).resolve().parents[2]
+spec = importlib.util.spec_from_file_location("sensitivity", ROOT / "bench/sensitivity.py")
+sensitivity = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(sensitivity)
+
+
+def arguments(**changes) -> argparse.Namespace:
+    values = {"ranks": [1, 4, 16], "sites": ["latents", "both"], "first_order": [0.0, 1.0], "second_order": [0.1],
+              "answer": [0.0, 0.5], "seeds": 2}
+    return argparse.Namespace(**{**values, **changes})
+
+
+def test_grid_is_every_value_and_validated():
+    assert search_space({"subspace.rank": {"grid": [1, 2]}})["subspace.rank"] == {"grid_search": [1, 2]}
+    with pytest.raises(ConfigError, match=r"tune.space.subspace.rank: value 99 is invalid"):
+        load_config(ROOT / "configs/tune-demo.yaml", ['tune.space={"subspace.rank": {"grid": [2, 99]}}'])
+    with pytest.raises(ConfigError, match=r"tune.space: loss.ce: grid needs at least one value"):
+        load_config(ROOT / "configs/tune-demo.yaml", ['tune.space={"loss.ce": {"grid": []}}'])
+
+
+def test_trial_count_is_samples_times_grid_combinations(tmp_path):
+    base = load_config(ROOT / "configs/implicit-3x3.yaml", [f"output_dir={tmp_path}"])
+    searches = sensitivity.search_configs(base, arguments())
+    assert trial_count(searches["rank"]) == 3 * 2 * 2 and trial_count(searches["second_order"]) == 1 * 2
+    assert trial_count(load_config(ROOT / "configs/tune-demo.yaml")) == 3
+    random = load_config(ROOT / "configs/tune-demo.yaml", ["tune.num_samples=4",
+                                                           'tune.space={"subspace.rank": {"choice": [2, 4]}}'])
+    assert trial_count(random) == 4
+
+
+def test_searches_share_teacher_data_and_store_and_vary_one_thing_each(tmp_path):
+    base = load_config(ROOT / "configs/implicit-3x3.yaml", [f"output_dir={tmp_path}", "student.seed=5"])
+    searches = sensitivity.search_configs(base, arguments())
+    assert list(searches) == ["rank", "first_order", "second_order", "answer"]
+    seeds = {"grid": [5, 6]}
+    assert searches["rank"].tune.space == {"subspace.rank": {"grid": [1, 4, 16]},
+                                           "loss.align_at": {"grid": ["latents", "both"]}, "student.seed": seeds}
+    assert searches["answer"].tune.space == {"loss.answer": {"grid": [0.0, 0.5]}, "student.seed": seeds}
+    for name, config in searches.items():
+        assert config.name == f"implicit-3x3-{name}"
+        # coordinates stored at the largest rank: one store serves every rank of every search
+        assert config.subspace.max_rank == 16 and config.store_dir == searches["rank"].store_dir
+        assert config.student.train.num_workers == 1 and config.tune.scheduler == "fifo"
+        assert config.tune.evaluate == "all" and config.tune.num_samples == 1
+        assert config.data == base.data and config.teacher == base.teacher
+
+
+def test_a_rank_larger_than_the_model_is_refused_before_ray(tmp_path):
+    base = load_config(ROOT / "configs/implicit-3x3.yaml", [f"output_dir={tmp_path}"])
+    with pytest.raises(ConfigError, match="max_rank"):
+        sensitivity.search_configs(base, arguments(ranks=[1, 4096]))
+
+
+def row(trial, rank, site, seed, held_out=None, checkpoint="ck"):
+    row = {"trial": trial, "params": {"subspace.rank": rank, "loss.align_at": site, "student.seed": seed},
+           "metric": 0.5, "checkpoint": checkpoint}
+    return row if held_out is None else {**row, "held_out": held_out}
+
+
+def test_tables_pool_seeds_and_skip_trials_without_a_held_out_score():
+    rows = [row("a", 1, "both", 0, 0.5), row("b", 1, "both", 1, 0.7), row("c", 4, "both", 0, 1.0),
+            row("d", 4, "latents", 0, checkpoint=None)]
+    table = sensitivity.search_table(rows, ["subspace.rank", "loss.align_at"])
+    assert "| 1 | both | 0.600 ± 0.141 | 0.500, 0.700 |" in table
+    assert "| 4 | both | 1.000 ± 0.000 | 1.000 |" in table
+    assert "latents" not in table  # stopped, never scored
+    summary = summary_table(rows, ["subspace.rank", "loss.align_at"], "val_accuracy")
+    assert "| d | 4 | latents | 0.5000 | stopped | – |" in summary
+    assert "| a | 1 | both | 0.5000 | yes | 0.500 |" in summary
+
+
+def test_rank_figure_has_a_line_per_site():
+    rows = [row("a", 1, "both", 0, 0.5), row("b", 4, "both", 0, 0.9), row("c", 1, "answer", 0, 0.1),
+            row("d", 4, "answer", 0, 0.2)]
+    axes = sensitivity.rank_figure(rows).axes[0]
+    labels = sorted(text.get_text() for text in axes.get_legend().get_texts())
+    assert labels == ["align_at: answer", "align_at: both"]
