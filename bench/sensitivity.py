@@ -30,6 +30,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from accuracy import mean_std  # bench/, the script's own folder
+
 from lori_ray.cli import at_least_one, config_or_exit, inspected, parser, start, user_errors
 from lori_ray.config import Config, with_overrides
 
@@ -39,8 +41,9 @@ WEIGHTS = {"first_order": "loss.first_order", "second_order": "loss.second_order
 def search_configs(base: Config, args: argparse.Namespace) -> dict[str, Config]:
     """One config per search, named ``<name>-<search>``, sharing the base's teacher, data and store."""
     seeds = {"student.seed": {"grid": [base.student_seed + i for i in range(args.seeds)]}}
-    common = {"subspace.max_rank": max(args.ranks), "student.train.num_workers": 1, "tune.scheduler": "fifo",
-              "tune.num_samples": 1, "tune.evaluate": "all"}
+    # coordinates stored at the largest rank any search uses (the weight searches keep the preset's rank)
+    common = {"subspace.max_rank": max(*args.ranks, base.subspace.rank), "student.train.num_workers": 1,
+              "tune.scheduler": "fifo", "tune.num_samples": 1, "tune.evaluate": "all"}
     spaces = {"rank": {"subspace.rank": {"grid": args.ranks}, "loss.align_at": {"grid": args.sites}, **seeds}}
     for search, key in WEIGHTS.items():
         spaces[search] = {key: {"grid": getattr(args, search)}, **seeds}
@@ -55,10 +58,6 @@ def grouped(rows: list[dict], keys: list[str]) -> dict[tuple, list[float]]:
         if "held_out" in row:
             groups.setdefault(tuple(row["params"][k] for k in keys), []).append(row["held_out"])
     return dict(sorted(groups.items(), key=lambda item: tuple(map(str, item[0]))))
-
-
-def mean_std(values: list[float]) -> str:
-    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values) if len(values) > 1 else 0.0:.3f}"
 
 
 def search_table(rows: list[dict], keys: list[str]) -> str:
@@ -98,8 +97,9 @@ def main() -> int:
     arguments.add_argument("--answer", nargs="+", type=float, default=[0.0, 0.5, 2.0])
     arguments.add_argument("--seeds", type=at_least_one, default=2, help="student seeds per setting")
     args = arguments.parse_args()
-    base = config_or_exit(args.config, args.overrides)
-    searches = search_configs(base, args)  # every grid value validated here, before Ray starts
+    # every search's config and grid values validated before Ray starts: a bad one exits 2 naming the field
+    base = config_or_exit(args.config, args.overrides, lambda config: search_configs(config, args))
+    searches = search_configs(base, args)
     if inspected(args, base):
         return 0
 

@@ -2,6 +2,8 @@
 
 import argparse
 import importlib.util
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -10,6 +12,7 @@ from lori_ray.config import ConfigError, load_config
 from lori_ray.tuning import search_space, summary_table, trial_count
 
 ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "bench"))  # as when it runs as a script: it shares bench/accuracy.py's helpers
 spec = importlib.util.spec_from_file_location("sensitivity", ROOT / "bench/sensitivity.py")
 sensitivity = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(sensitivity)
@@ -60,6 +63,20 @@ def test_a_rank_larger_than_the_model_is_refused_before_ray(tmp_path):
     base = load_config(ROOT / "configs/implicit-3x3.yaml", [f"output_dir={tmp_path}"])
     with pytest.raises(ConfigError, match="max_rank"):
         sensitivity.search_configs(base, arguments(ranks=[1, 4096]))
+    result = subprocess.run([sys.executable, "bench/sensitivity.py", "--config", "configs/implicit-3x3.yaml",
+                             f"output_dir={tmp_path}", "--ranks", "1", "4096", "--dry-run"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=300, check=False)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert result.stderr.strip().splitlines()[-1].startswith("error: subspace.max_rank: 4096 is larger than the "
+                                                              "hidden size (128)")
+
+
+def test_ranks_below_the_presets_keep_its_rank_storable(tmp_path):
+    """The weight searches train at the preset's rank (8): the store must hold it although --ranks stop at 2."""
+    base = load_config(ROOT / "configs/implicit-3x3.yaml", [f"output_dir={tmp_path}"])
+    searches = sensitivity.search_configs(base, arguments(ranks=[1, 2]))
+    assert {config.subspace.max_rank for config in searches.values()} == {8}
+    assert searches["answer"].subspace.rank == 8
 
 
 def row(trial, rank, site, seed, held_out=None, checkpoint="ck"):
