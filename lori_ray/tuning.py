@@ -192,5 +192,5 @@ def run_search(config: Config) -> dict:
         tracked(mlflow.set_tag, "best_checkpoint", best["checkpoint"])
         log(f"[tune] best trial {best['trial']}: {metric}={best['metric']:.4f}, held-out accuracy "
             f"{best['held_out']:.4f}, params {json.dumps(best['params'])}")
-        log(f"[tune] its student: {student_dir} (python -m lori_ray.predict {student_dir} \"12 * 34\")")
+        log(f"[tune] its student: {student_dir} (python -m lori_ray.predict {student_dir} \"<question>\")")
     return {**summary, "rows": rows}
