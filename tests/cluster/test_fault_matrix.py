@@ -11,8 +11,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 from lori_ray.cluster import free_port
 from lori_ray.fingerprint import FINGERPRINT_FILE
 
@@ -36,8 +34,9 @@ def step_at_least(stage: str, step: int):
     return lambda line: bool((found := pattern.search(line)) and int(found.group(1)) >= step)
 
 
-# stage: (overrides, the driver line it is killed at, what is left on disk then, what the rerun says). The stages are
-# made long enough for the kill to land inside them: 100 steps with a checkpoint every 10, 4 trajectory shards.
+# The stages, in the order one run meets them: (the driver line it is killed at, what is left on disk then, what the
+# rerun says). Made long enough for each kill to land inside its stage: 100 steps with a checkpoint every 10, 4
+# trajectory shards.
 TRAINING = ["teacher.train.steps=100", "teacher.train.checkpoint_every=10", "student.train.steps=100",
             "student.train.checkpoint_every=10", "teacher.train.log_every=5", "student.train.log_every=5"]
 STAGES = {
@@ -61,34 +60,56 @@ STAGES = {
 }
 
 
-@pytest.mark.parametrize("stage", list(STAGES))
-def test_a_driver_killed_in_each_stage_leaves_finished_work_and_the_same_command_continues(tmp_path, stage, job_env):
-    kill_at, left_on_disk, continued = STAGES[stage]
-    run, env, overrides = tmp_path / "tiny", job_env(), [*TRAINING, "data.train_size=2080"]  # 2,048 + 32 validation
-    # its own session: the SIGKILL takes the driver and the local cluster it started, like a lost job
-    first = subprocess.Popen(command(tmp_path, *overrides), cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
+def run_until(arguments: list[str], env: dict[str, str], kill_at) -> str:
+    """Run the job in its own session and SIGKILL it (the driver and the local cluster it started, like a lost job)
+    at the first line ``kill_at`` accepts; what it printed. Fails if it ends before that line."""
+    job = subprocess.Popen(arguments, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                           start_new_session=True)
     lines, killed = [], False
     try:
-        for line in first.stdout:
+        for line in job.stdout:
             lines.append(line)
             if kill_at(line):
-                os.killpg(first.pid, signal.SIGKILL)
+                os.killpg(job.pid, signal.SIGKILL)
                 killed = True
                 break
     finally:
         if not killed:
-            os.killpg(first.pid, signal.SIGKILL)
-        first.wait()
-    assert killed, f"the run ended before its {stage} stage was reached:\n" + "".join(lines)[-3000:]
-    assert left_on_disk(run), sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if "ray" not in p.parts)
-    assert not list(run.glob(".*.partial")), "a half-published model is left"
+            os.killpg(job.pid, signal.SIGKILL)
+        job.wait()
+    assert killed, "the run ended before the line it was to be killed at:\n" + "".join(lines)[-3000:]
+    return "".join(lines)
 
-    again = subprocess.run(command(tmp_path, *overrides), cwd=ROOT, env=env, capture_output=True, text=True,
-                           timeout=900, check=False)
+
+def test_a_driver_killed_in_each_stage_leaves_finished_work_and_the_same_command_continues(tmp_path, job_env):
+    """One run killed in every stage in turn: each rerun of the same command first continues the stage it was killed
+    in (the assertion names it), then is killed in the next; the last rerun finishes, with one MLflow parent run
+    holding every stage and nothing left RUNNING by the dead drivers."""
+    run, env = tmp_path / "tiny", job_env()
+    arguments = command(tmp_path, *TRAINING, "data.train_size=2080")  # 2,048 + 32 validation
+    killed_in = None
+    for stage, (kill_at, left_on_disk, _) in STAGES.items():
+        output = run_until(arguments, env, kill_at)
+        if killed_in:
+            assert re.search(STAGES[killed_in][2], output), f"killed in {killed_in}, the rerun did not continue " \
+                                                            f"it:\n{output[-3000:]}"
+        listing = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if "ray" not in p.parts)
+        assert left_on_disk(run), f"killed in {stage}: {listing}"
+        assert not list(run.glob(".*.partial")), f"killed in {stage}: a half-published model is left"
+        killed_in = stage
+
+    again = subprocess.run(arguments, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900, check=False)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
-    assert re.search(continued, again.stdout), again.stdout[-3000:]
+    assert re.search(STAGES[killed_in][2], again.stdout), again.stdout[-3000:]
     assert (run / "results.md").is_file() and published(run / "student")
+    from mlflow.tracking import MlflowClient
+    client = MlflowClient(f"sqlite:///{run / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("lori-ray").experiment_id])
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert len(parents) == 1 and not [r for r in runs if r.info.status == "RUNNING"]
+    stages = {r.data.tags["mlflow.runName"] for r in runs
+              if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id}
+    assert {"teacher", "trajectories", "student", "evaluate"} <= stages, stages
 
 
 def test_the_mlflow_server_going_away_mid_run_does_not_stop_the_run(tmp_path, job_env, wait_for):

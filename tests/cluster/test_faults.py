@@ -205,41 +205,6 @@ def test_an_actor_ray_places_later_joins_the_pool_and_takes_queued_work(cluster)
     assert len(pids) == 16 and len(set(pids)) == 2
 
 
-def test_killed_driver_resumes_with_the_same_run_name(tmp_path, tiny_run, job_env, wait_for):
-    import subprocess
-    import sys
-
-    env = job_env()
-    # the session's trained teacher, one rank and one teacher actor: what resumes is the run, which neither
-    # training the teacher here nor the workers' count changes
-    command = [sys.executable, "jobs/distill.py", "--config", "configs/tiny.yaml", f"output_dir={tmp_path}",
-               "cluster.num_cpus=2", f"teacher.path={tiny_run[0] / 'teacher'}", "student.train.num_workers=1",
-               "trajectory.num_actors=1"]
-    # its own session: the SIGKILL takes the driver and the local Ray it started, like a lost job
-    first = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                             start_new_session=True)
-    try:  # killed once the trajectory store is published (its manifest is written last), as the student starts
-        wait_for(lambda: list((tmp_path / "trajectories").glob("*/manifest.json")), 600, "trajectory stage")
-    finally:
-        os.killpg(first.pid, signal.SIGKILL)
-        first.wait()
-    assert not (tmp_path / "tiny" / "results.md").exists()
-
-    again = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900, check=False)
-    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
-    assert "found, skipping extraction" in again.stdout and "[teacher] extracted" not in again.stdout
-    assert (tmp_path / "tiny" / "results.md").is_file()
-    # one MLflow parent run for the run, holding every stage; nothing left RUNNING by the dead driver
-    from mlflow.tracking import MlflowClient
-    client = MlflowClient(f"sqlite:///{tmp_path / 'tiny' / 'mlflow.db'}")
-    runs = client.search_runs([client.get_experiment_by_name("lori-ray").experiment_id])
-    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
-    assert len(parents) == 1 and not [r for r in runs if r.info.status == "RUNNING"]
-    stages = {r.data.tags["mlflow.runName"] for r in runs
-              if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id}
-    assert {"trajectories", "student", "evaluate"} <= stages
-
-
 def test_a_stage_without_room_on_the_cluster_says_what_it_waits_for_then_fails_after_wait_minutes(cluster):
     holders = [cpu_holder() for _ in range(2)]  # the cluster's 2 CPUs held, as by another job
     ray.get([h.pid.remote() for h in holders])
