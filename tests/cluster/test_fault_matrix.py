@@ -112,7 +112,7 @@ def test_a_driver_killed_in_each_stage_leaves_finished_work_and_the_same_command
     assert {"teacher", "trajectories", "student", "evaluate"} <= stages, stages
 
 
-def test_the_mlflow_server_going_away_mid_run_does_not_stop_the_run(tmp_path, job_env, wait_for):
+def test_the_mlflow_server_going_away_mid_run_does_not_stop_the_run(tmp_path, tiny_run, job_env, wait_for):
     """Killed once the student trains: its steps stop being logged without holding training up, the driver's
     tracking calls after the first failure are skipped, and the run publishes its models and results."""
     port = free_port()
@@ -130,6 +130,7 @@ def test_the_mlflow_server_going_away_mid_run_does_not_stop_the_run(tmp_path, jo
         from mlflow.tracking import MlflowClient
         MlflowClient(f"http://127.0.0.1:{port}").search_experiments()  # its store created before the run's requests
         job = subprocess.Popen(command(tmp_path, f"tracking.uri=http://127.0.0.1:{port}", "student.train.steps=60",
+                                       f"teacher.path={tiny_run[0] / 'teacher'}",
                                        "student.train.log_every=5"),
                                cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         lines = []
@@ -157,13 +158,15 @@ def requests_refused(port: int) -> bool:
         return probe.connect_ex(("127.0.0.1", port)) != 0
 
 
-def test_checkpoint_storage_lost_mid_stage_is_one_error_and_the_rerun_keeps_the_finished_stages(tmp_path, job_env):
+def test_checkpoint_storage_lost_mid_stage_is_one_error_and_the_rerun_keeps_the_finished_stages(tmp_path, tiny_run,
+                                                                                              job_env):
     """The storage path turns into a file while the student trains (a lost mount, a deleted bucket): the run ends
-    with one line naming cluster.storage_path and the stage, the published teacher stays, and once the storage is
-    back the same command reuses the teacher and finishes."""
+    with one line naming cluster.storage_path and the stage, the finished trajectory store stays, and once the storage
+    is back the same command reuses it and finishes. From the session's tiny teacher: the stages before the student
+    are what is kept, which one trained them does not matter."""
     checkpoints = tmp_path / "checkpoints"
-    overrides = ["student.train.steps=100", "student.train.checkpoint_every=10", "student.train.log_every=5",
-                 f"cluster.storage_path={checkpoints}"]
+    overrides = [f"teacher.path={tiny_run[0] / 'teacher'}", "student.train.steps=100",
+                 "student.train.checkpoint_every=10", "student.train.log_every=5", f"cluster.storage_path={checkpoints}"]
     job = subprocess.Popen(command(tmp_path, *overrides), cwd=ROOT, env=job_env(), stdout=subprocess.PIPE,
                            stderr=subprocess.PIPE, text=True)
     lost, lines = False, []
@@ -182,11 +185,11 @@ def test_checkpoint_storage_lost_mid_stage_is_one_error_and_the_rerun_keeps_the_
                                          r"stopped taking checkpoints mid-stage \(.*\); the stages published before "
                                          r"are kept", errors[0]), stderr[-3000:]
     assert not [line for line in stderr.splitlines() if line.startswith("Traceback")]
-    assert published(tmp_path / "tiny" / "teacher") and not (tmp_path / "tiny" / "student").exists()
+    assert list((tmp_path / "trajectories").glob("*/manifest.json")) and not (tmp_path / "tiny" / "student").exists()
 
     checkpoints.unlink()  # the storage is back, empty
     again = subprocess.run(command(tmp_path, *overrides), cwd=ROOT, env=job_env(), capture_output=True, text=True,
                            timeout=900, check=False)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
-    assert re.search(r"\[teacher\] finished model found .* skipping", again.stdout)
+    assert "found, skipping extraction" in again.stdout and "[teacher] extracted" not in again.stdout
     assert (tmp_path / "tiny" / "results.md").is_file() and published(tmp_path / "tiny" / "student")
