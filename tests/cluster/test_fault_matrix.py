@@ -165,8 +165,8 @@ def test_checkpoint_storage_lost_mid_stage_is_one_error_and_the_rerun_keeps_the_
     is back the same command reuses it and finishes. From the session's tiny teacher: the stages before the student
     are what is kept, which one trained them does not matter."""
     checkpoints = tmp_path / "checkpoints"
-    overrides = [f"teacher.path={tiny_run[0] / 'teacher'}", "student.train.steps=100",
-                 "student.train.checkpoint_every=10", "student.train.log_every=5", f"cluster.storage_path={checkpoints}"]
+    overrides = [f"teacher.path={tiny_run[0] / 'teacher'}", f"cluster.storage_path={checkpoints}",
+                 "student.train.steps=100", "student.train.checkpoint_every=10", "student.train.log_every=5"]
     job = subprocess.Popen(command(tmp_path, *overrides), cwd=ROOT, env=job_env(), stdout=subprocess.PIPE,
                            stderr=subprocess.PIPE, text=True)
     lost, lines = False, []
