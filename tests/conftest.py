@@ -131,15 +131,25 @@ def ray_nodes():
 
 
 @pytest.fixture(scope="session")
-def tiny_run(tmp_path_factory, job_env) -> tuple[Path, str]:
-    """`jobs/distill.py` on the tiny preset, once per session: (run directory, stdout). Tests that only need a
-    trained tiny teacher take ``<run directory>/teacher`` as their ``teacher.path``."""
-    output = tmp_path_factory.mktemp("runs")
-    result = subprocess.run([sys.executable, "jobs/distill.py", "--config", "configs/tiny.yaml",
-                             f"output_dir={output}", "cluster.num_cpus=2"],
-                            cwd=ROOT, env=job_env(), capture_output=True, text=True, timeout=900, check=False)
-    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
-    return output / "tiny", result.stdout
+def tiny_run(tmp_path_factory, worker_id, job_env) -> tuple[Path, str]:
+    """`jobs/distill.py` on the tiny preset, once per test run: (run directory, stdout). Tests that only need a
+    trained tiny teacher take ``<run directory>/teacher`` as their ``teacher.path``. Under pytest-xdist (`make test`
+    runs two workers) the first worker to ask runs it in the directory the workers share and the others read it,
+    behind a file lock: one pipeline's CPU, not one per worker."""
+    from filelock import FileLock
+
+    shared = tmp_path_factory.getbasetemp()
+    if worker_id != "master":
+        shared = shared.parent  # the run's base directory, above each worker's own
+    output, stdout = shared / "tiny-run", shared / "tiny-run.stdout"
+    with FileLock(str(shared / "tiny-run.lock")):
+        if not stdout.is_file():
+            result = subprocess.run([sys.executable, "jobs/distill.py", "--config", "configs/tiny.yaml",
+                                     f"output_dir={output}", "cluster.num_cpus=2"],
+                                    cwd=ROOT, env=job_env(), capture_output=True, text=True, timeout=900, check=False)
+            assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+            stdout.write_text(result.stdout)
+    return output / "tiny", stdout.read_text()
 
 
 @pytest.fixture(scope="session")
