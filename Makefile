@@ -28,14 +28,14 @@ demo: setup
 tune-demo: setup
 	JOB=jobs/tune.py CONFIG=configs/tune-demo.yaml bash scripts/demo.sh
 
-# two pytest-xdist workers, a test file each at a time: the unit lane runs on one core (215 CPU-s in 220 s on the
-# 2-core machine) and a tiny pipeline keeps ~1.5 cores busy, so two at once fill the machine's two cores
+# one test at a time: with two pytest-xdist workers (`-n 2 --dist loadfile`) the suite took 14 min 53 s on the
+# 2-core machine, but a Train stage lost its placement group to another test's local cluster (docs/testing.md)
 test: setup
-	$(PY) -m pytest -q -n 2 --dist loadfile --durations=25 tests
+	$(PY) -m pytest -q --durations=25 tests
 
 # the unit lane: everything but the tests that start a Ray cluster or run a pipeline
 test-fast: setup
-	$(PY) -m pytest -q -n 2 --dist loadfile --durations=5 -m "not cluster" tests
+	$(PY) -m pytest -q --durations=5 -m "not cluster" tests
 
 # ruff, configured in pyproject.toml (tests/unit/test_lint.py runs the same check)
 lint: setup
