@@ -28,6 +28,16 @@ def published(directory: Path) -> bool:
     return (directory / FINGERPRINT_FILE).is_file()
 
 
+def store_finished(output: Path) -> bool:
+    """A complete trajectory store under ``output`` (its manifest is written last)."""
+    return bool(list((output / "trajectories").glob("*/manifest.json")))
+
+
+def files_under(directory: Path) -> list[str]:
+    """What is on disk under ``directory``, Ray's checkpoint folders left out: for a failure's message."""
+    return sorted(str(p.relative_to(directory)) for p in directory.rglob("*") if "ray" not in p.parts)
+
+
 def step_at_least(stage: str, step: int):
     """A driver line saying ``stage`` has passed ``step`` (its step lines come from the train worker)."""
     pattern = re.compile(rf"\[{stage}\] step (\d+)/")
@@ -47,11 +57,11 @@ STAGES = {
     # one shard of four stored: the rerun extracts the other three, the teacher is not trained again
     "trajectories": (lambda line: "[teacher] extracted shard 1/4" in line,
                      lambda run: published(run / "teacher")
-                     and not list((run.parent / "trajectories").glob("*/manifest.json")),
+                     and not store_finished(run.parent),
                      r"\[teacher\] finished model found .* skipping[\s\S]*shards extracted before, continuing"),
     "student": (step_at_least("tiny-student", 30),
                 lambda run: published(run / "teacher") and not (run / "student").exists()
-                and list((run.parent / "trajectories").glob("*/manifest.json")),
+                and store_finished(run.parent),
                 r"\[tiny-student\] resumed from step ([1-9]\d*)0 "),
     # the student published, its evaluation under way
     "evaluate": (lambda line: line.startswith("[student] done in"),
@@ -93,8 +103,7 @@ def test_a_driver_killed_in_each_stage_leaves_finished_work_and_the_same_command
         if killed_in:
             assert re.search(STAGES[killed_in][2], output), f"killed in {killed_in}, the rerun did not continue " \
                                                             f"it:\n{output[-3000:]}"
-        listing = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if "ray" not in p.parts)
-        assert left_on_disk(run), f"killed in {stage}: {listing}"
+        assert left_on_disk(run), f"killed in {stage}: {files_under(tmp_path)}"
         assert not list(run.glob(".*.partial")), f"killed in {stage}: a half-published model is left"
         killed_in = stage
 
@@ -185,7 +194,7 @@ def test_checkpoint_storage_lost_mid_stage_is_one_error_and_the_rerun_keeps_the_
                                          r"stopped taking checkpoints mid-stage \(.*\); the stages published before "
                                          r"are kept", errors[0]), stderr[-3000:]
     assert not [line for line in stderr.splitlines() if line.startswith("Traceback")]
-    assert list((tmp_path / "trajectories").glob("*/manifest.json")) and not (tmp_path / "tiny" / "student").exists()
+    assert store_finished(tmp_path) and not (tmp_path / "tiny" / "student").exists()
 
     checkpoints.unlink()  # the storage is back, empty
     again = subprocess.run(command(tmp_path, *overrides), cwd=ROOT, env=job_env(), capture_output=True, text=True,
