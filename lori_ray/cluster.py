@@ -117,9 +117,33 @@ def use_local_train_settings() -> None:
 def connect(config: Config) -> None:
     address = config.cluster.address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, log_to_driver=True)
+        ray.init(address=address, log_to_driver=True, runtime_env=own_address(address))
         return
     start_local(config.cluster.num_cpus)
+
+
+def own_address(address: str) -> dict | None:
+    """The job's runtime env that tells each of its Ray processes the cluster's address. Ray Train's placement-group
+    cleaner asks the State API whether its stage's controller lives without giving one: Ray then picks the newest
+    cluster started on this machine (``/tmp/ray/ray_current_cluster``), which is not this one where the head has its
+    own ``--temp-dir`` or another cluster started since, does not find the controller there, and removes the live
+    stage's placement group. A Ray Client address (``ray://``) is left alone: its processes run on the server's side."""
+    if address.startswith("ray://"):
+        return None
+    from ray._private.services import canonicalize_bootstrap_address_or_die
+    return {"env_vars": {"RAY_ADDRESS": canonicalize_bootstrap_address_or_die(address)}}
+
+
+def answers_state_queries() -> bool:
+    """Whether the State API that the connected cluster advertises knows this cluster. Without its dashboard (a
+    minimal Ray, ``include_dashboard=False``) Ray still advertises a dashboard address, the default port's: what
+    answers there is a dashboard process without the State API, or another cluster's dashboard."""
+    from ray.util.state import get_node
+    context = ray.get_runtime_context()
+    try:
+        return get_node(context.get_node_id(), address=context.gcs_address, timeout=10) is not None
+    except Exception:  # noqa: BLE001 - any failure to answer is "no"
+        return False
 
 
 def start_local(num_cpus: int | None, include_dashboard: bool | None = None, **options) -> None:
@@ -130,9 +154,8 @@ def start_local(num_cpus: int | None, include_dashboard: bool | None = None, **o
     # interfaces; it keeps loopback only where it believes multi-node clusters are off (its Windows/macOS default,
     # ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``). Ray reads that setting at import, so it is switched off for this
     # start only: the node address chosen here is what every Ray process is given.
-    # The GCS port is chosen here so that every worker can be told its own cluster's address: Ray Train's
-    # placement-group cleaner looks the cluster up without one and fails when another local cluster runs on the
-    # machine. tests/cluster/test_network.py checks both. The dashboard starts where ray[default] is installed (not on
+    # The GCS port is chosen here so that every worker can be told its own cluster's address (``own_address``
+    # says why). tests/cluster/test_network.py checks both. The dashboard starts where ray[default] is installed (not on
     # a minimal Ray, e.g. the GPU bundle).
     gcs_port = free_port()
     use_local_train_settings()
@@ -142,7 +165,8 @@ def start_local(num_cpus: int | None, include_dashboard: bool | None = None, **o
                      stderr=subprocess.DEVNULL)
     with mock.patch.object(ray_constants, "ENABLE_RAY_CLUSTER", False), \
             mock.patch.dict(os.environ, {ray_constants.GCS_PORT_ENVIRONMENT_VARIABLE: str(gcs_port)}):
-        ray.init(num_cpus=num_cpus, dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1",
+        # address "local": a new cluster, never one whose address a `ray start` left in /tmp/ray/ray_current_cluster
+        ray.init(address="local", num_cpus=num_cpus, dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1",
                  include_dashboard=include_dashboard,
                  runtime_env={"env_vars": {"RAY_ADDRESS": f"127.0.0.1:{gcs_port}"}}, **options)
 

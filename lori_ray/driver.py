@@ -15,9 +15,10 @@ from pathlib import Path
 
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
+from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
 
 from . import storage
-from .cluster import wait_for_resources
+from .cluster import answers_state_queries, wait_for_resources
 from .fingerprint import stage_inputs, write_fingerprint
 from .storage import published_directory
 from .worker import Stage, train_loop
@@ -67,6 +68,21 @@ class DriverTurns:
 DRIVER_TURNS = DriverTurns()
 
 
+class StageTrainer(TorchTrainer):
+    """Ray's ``TorchTrainer``, less Ray Train's placement-group cleaner on a cluster without a State API (no
+    dashboard: a minimal Ray, ``include_dashboard=False``). The cleaner asks the State API every second whether the
+    stage's controller lives and takes no answer for "dead": it removes the running stage's placement group and the
+    workers die ("Destroying worker since its placement group was removed"). Whether the group exists by its first
+    question is a race, lost under load. The cleaner only matters when a controller dies uncleanly; a local
+    cluster's ``reaper`` ends the whole cluster then."""
+
+    def _create_default_callbacks(self):
+        callbacks = super()._create_default_callbacks()
+        if answers_state_queries():
+            return callbacks
+        return [c for c in callbacks if not isinstance(c, PlacementGroupCleanerCallback)]
+
+
 class StorageLost(RuntimeError):
     """The checkpoint storage stopped answering while a stage trained."""
 
@@ -81,7 +97,7 @@ def fit(stage: Stage, output_dir: str | Path, storage_path: str | Path, callback
     # signatures travel
     stage = replace(stage, checkpoint_key=stage.checkpoint_key or secrets.token_hex(32),
                     checkpoint_root=root if storage.scheme(root) == "" else None)
-    trainer = TorchTrainer(
+    trainer = StageTrainer(
         train_loop,
         train_loop_config=asdict(stage),
         scaling_config=ScalingConfig(num_workers=stage.train.num_workers, use_gpu=stage.gpus_per_worker > 0,

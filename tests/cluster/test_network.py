@@ -11,7 +11,7 @@ from ray.train import RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 from unit.test_network import is_loopback  # checked there
 
-from lori_ray.cluster import connect, free_port
+from lori_ray.cluster import answers_state_queries, connect, free_port
 from lori_ray.config import Config
 
 
@@ -27,6 +27,14 @@ def listening_sockets(root_pid: int) -> list[tuple[str, int, str]]:
             except psutil.NoSuchProcess:
                 pass
     return found
+
+
+@ray.remote
+class Probe:
+    def cluster_found_without_an_address(self):
+        """The class names of the actors on the cluster that Ray's State API finds without being given one."""
+        from ray.util.state import list_actors
+        return [actor.class_name for actor in list_actors()]
 
 
 def record_sockets(config):
@@ -56,19 +64,19 @@ def test_a_local_cluster_listens_on_loopback_only_and_its_workers_find_it(tmp_pa
     process group: every socket they listen on is bound to loopback, except torch.distributed's rendezvous store
     while a stage trains (torch binds its server to the wildcard address; docs/security.md says so). With
     another local cluster on the machine, a worker that looks its cluster up without an address (as Ray Train's
-    placement-group cleaner does) still finds its own."""
+    placement-group cleaner does) still finds its own; and an address file that a killed `ray start` left in Ray's
+    temp dir does not make it attach to that cluster instead of starting its own."""
     monkeypatch.delenv("RAY_ADDRESS", raising=False)  # the process's token file, as Ray caches the first it reads
+    default_temp = Path(f"/tmp/lr-{os.getpid()}-stale")  # Ray's default temp dir for this test (short: sockets)
+    monkeypatch.setenv("RAY_TMPDIR", str(default_temp))
+    (default_temp / "ray").mkdir(parents=True, exist_ok=True)
+    (default_temp / "ray" / "ray_current_cluster").write_text(f"127.0.0.1:{free_port()}")  # nothing listens there
     out = tmp_path / "sockets.json"
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the workers cannot import this test module
     connect(Config(cluster={"num_cpus": 2}))
     try:
-        @ray.remote
-        class Probe:
-            def cluster_found_without_an_address(self):
-                from ray.util.state import list_actors
-                return [actor.class_name for actor in list_actors()]
-
         assert any(name.endswith("Probe") for name in ray.get(Probe.remote().cluster_found_without_an_address.remote()))
+        assert answers_state_queries()  # so its stages keep Ray Train's placement-group cleaner (driver.StageTrainer)
         TorchTrainer(record_sockets, train_loop_config={"out": str(out), "driver": os.getpid()},
                      scaling_config=ScalingConfig(num_workers=2),
                      run_config=RunConfig(storage_path=str(tmp_path / "train"))).fit()
@@ -85,6 +93,52 @@ def test_a_local_cluster_listens_on_loopback_only_and_its_workers_find_it(tmp_pa
     exposed = {(port, name) for address, port, name in sockets if not is_loopback(address)}
     assert exposed <= {(during_training["store_port"], "ray::RayTrainWorker")}, f"beyond loopback: {exposed}"
     assert not any(not is_loopback(address) for address, _, _ in after_training), after_training
+
+FIND_OWN_CLUSTER_JOB = '''
+import json, sys, ray
+from lori_ray.cluster import connect
+from lori_ray.config import Config
+connect(Config(cluster={"address": sys.argv[1]}))
+
+@ray.remote
+def cluster_found_without_an_address():
+    from ray.util.state import list_actors
+    return [actor.class_name for actor in list_actors()]
+
+@ray.remote
+class Marker:
+    pass
+
+marker = Marker.remote()
+print("FOUND " + json.dumps(ray.get(cluster_found_without_an_address.remote(), timeout=120)))
+'''
+
+
+def test_a_run_on_a_started_cluster_tells_its_processes_that_cluster(tmp_path, job_env, ray_nodes):
+    """A run given a cluster's address (``cluster.address``, ``RAY_ADDRESS``, a submitted job) on a head with its own
+    ``--temp-dir``, while a cluster started later on the machine is the one Ray finds without an address: a process of
+    the run that looks its cluster up without one (as Ray Train's placement-group cleaner does) finds the run's."""
+    import subprocess
+    token = tmp_path / "token"
+    token.write_text(os.urandom(32).hex())
+    # Ray's default temp dir moved (RAY_TMPDIR, short: Ray's unix sockets live there) so that the address file the
+    # second head writes there stays out of the machine's /tmp/ray
+    env = {**job_env(), "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token),
+           "RAY_TMPDIR": f"/tmp/lr-{os.getpid()}-default"}
+    port = free_port()
+    ray_nodes(env, "--head", "--node-ip-address", "127.0.0.1", "--port", str(port), "--num-cpus", "1",
+              "--dashboard-host", "127.0.0.1", "--dashboard-port", str(free_port()),
+              "--temp-dir", f"/tmp/lr-{os.getpid()}-run")
+    # started later, in the default temp dir: the cluster Ray's own lookup picks
+    ray_nodes(env, "--head", "--node-ip-address", "127.0.0.1", "--port", str(free_port()), "--num-cpus", "0",
+              "--include-dashboard", "false")
+    result = subprocess.run([sys.executable, "-c", FIND_OWN_CLUSTER_JOB, f"127.0.0.1:{port}"], env=env,
+                            cwd=Path(__file__).resolve().parents[2], capture_output=True, text=True, timeout=300,
+                            check=False)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    line = next(text for text in result.stdout.splitlines() if text.startswith("FOUND "))
+    assert "Marker" in json.loads(line[len("FOUND "):]), line
+
 
 PROBE_JOB = '''
 import json, sys, psutil, ray

@@ -6,9 +6,12 @@ from dataclasses import replace
 
 import pytest
 import ray
+from ray.train import ScalingConfig
+from ray.train.torch import TorchTrainer
+from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
 
-from lori_ray.cluster import start_local
-from lori_ray.driver import fit
+from lori_ray.cluster import answers_state_queries, start_local
+from lori_ray.driver import StageTrainer, fit
 
 
 @pytest.fixture(scope="module")
@@ -16,6 +19,17 @@ def local_ray():
     start_local(2, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
+
+
+def test_a_cluster_without_a_state_api_trains_without_rays_placement_group_cleaner(local_ray):
+    """Ray's cleaner would take this cluster's silence for a dead controller and remove a live stage's placement
+    group (``driver.StageTrainer``); the stages here and in the other tests of this module run without it."""
+    assert not answers_state_queries()
+
+    def cleaners(trainer_class):
+        trainer = trainer_class(lambda: None, scaling_config=ScalingConfig(num_workers=1))
+        return [c for c in trainer._create_default_callbacks() if isinstance(c, PlacementGroupCleanerCallback)]
+    assert cleaners(TorchTrainer) and not cleaners(StageTrainer)
 
 
 def test_nan_loss_stops_the_stage_with_a_clear_error_and_keeps_the_checkpoint(local_ray, tmp_path, tiny_stage):
