@@ -28,10 +28,10 @@ demo: setup
 tune-demo: setup
 	JOB=jobs/tune.py CONFIG=configs/tune-demo.yaml bash scripts/demo.sh
 
-# one test at a time: with two pytest-xdist workers (`-n 2 --dist loadfile`) the suite took 14 min 53 s on the
-# 2-core machine, but a Train stage lost its placement group to another test's local cluster (docs/testing.md)
+# two pytest-xdist workers, each given whole test files (the tests of a file share its module fixtures, such as one
+# Ray cluster): the two cores stay busy (docs/testing.md has the timings). One at a time: drop `-n 2 --dist loadfile`
 test: setup
-	$(PY) -m pytest -q --durations=25 tests
+	$(PY) -m pytest -q -n 2 --dist loadfile --durations=25 tests
 
 # the unit lane: everything but the tests that start a Ray cluster or run a pipeline
 test-fast: setup
