@@ -133,9 +133,9 @@ def ray_nodes():
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory, worker_id, job_env) -> tuple[Path, str]:
     """`jobs/distill.py` on the tiny preset, once per test run: (run directory, stdout). Tests that only need a
-    trained tiny teacher take ``<run directory>/teacher`` as their ``teacher.path``. Under pytest-xdist (`make test` runs
-    two workers) the first worker to ask runs it in the
-    directory the workers share and the others read it, behind a file lock: one pipeline's CPU, not one per worker."""
+    trained tiny teacher take ``<run directory>/teacher`` as their ``teacher.path``. Under pytest-xdist (`make test`
+    runs two workers) the first worker to ask runs it in the directory the workers share and the others read it,
+    behind a file lock: one pipeline's CPU, not one per worker."""
     from filelock import FileLock
 
     shared = tmp_path_factory.getbasetemp()
