@@ -109,29 +109,85 @@ def job_env():
     return env
 
 
-@pytest.fixture
-def ray_nodes():
-    """``ray_nodes(env, *args) -> session id``: ``ray start *args`` in a session of its own (the node's daemons
-    inherit its id). At teardown exactly the nodes it started are stopped, never another Ray cluster on the
-    machine."""
-    sessions = []
-
-    def start(env: dict[str, str], *args: str) -> int:
-        process = subprocess.Popen([Path(sys.executable).with_name("ray"), "start", "--disable-usage-stats", *args],
-                                   env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                   start_new_session=True)
+def start_ray_node(env: dict[str, str], *args: str) -> int:
+    """``ray start *args`` in a session of its own (the node's daemons inherit its id): that session's id."""
+    process = subprocess.Popen([Path(sys.executable).with_name("ray"), "start", "--disable-usage-stats", *args],
+                               env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               start_new_session=True)
+    try:
         output, _ = process.communicate(timeout=120)
-        sessions.append(process.pid)  # a failed start may have left daemons in its session too
-        assert process.returncode == 0, output
-        return process.pid
-    yield start
+    except subprocess.TimeoutExpired:
+        stop_sessions([process.pid])
+        raise
+    if process.returncode != 0:  # a failed start may have left daemons in its session too
+        stop_sessions([process.pid])
+        raise AssertionError(output)
+    return process.pid
+
+
+def stop_sessions(sessions: list[int]) -> None:
+    """Stop exactly the processes of these sessions, never another Ray cluster on the machine."""
     for signal in ("-TERM", "-KILL"):
         for session in sessions:
             subprocess.run(["pkill", signal, "-s", str(session)], check=False)
 
 
+@pytest.fixture
+def ray_nodes():
+    """``ray_nodes(env, *args) -> session id``: ``ray start *args`` in a session of its own. At teardown exactly the
+    nodes it started are stopped."""
+    sessions = []
+
+    def start(env: dict[str, str], *args: str) -> int:
+        sessions.append(start_ray_node(env, *args))
+        return sessions[-1]
+    yield start
+    stop_sessions(sessions)
+
+
+class RayHead:
+    """A running head for jobs to connect to: ``env()`` for the job's process (the cluster's token), ``override``
+    for its command line (``cluster.address=...``)."""
+
+    def __init__(self, env, address: str):
+        self.env, self.address = env, address
+        self.override = f"cluster.address={address}"
+
+
 @pytest.fixture(scope="session")
-def tiny_run(tmp_path_factory, worker_id, job_env) -> tuple[Path, str]:
+def ray_head(job_env) -> RayHead:
+    """One Ray head for this test process (each xdist worker has its own): 2 CPUs, loopback only, token auth, a
+    temp dir of its own. The tests whose jobs run pipelines on a cluster, rather than test a cluster's life (its
+    start, its end with a killed driver, its network), connect to it instead of each starting a local cluster:
+    that start is ~18 CPU-s of daemons, dashboard and agents on the 2-core machine, paid once here. Every job is
+    its own Ray job, whose actors and placement groups Ray releases when its driver exits. A watcher stops the
+    head if this process dies without its teardown."""
+    base = Path(f"/tmp/lr-{os.getpid()}-head")  # short: Ray's unix sockets live under the temp dir
+    base.mkdir(exist_ok=True)
+    token = base / "token"
+    token.write_text(os.urandom(32).hex())
+    token.chmod(0o600)
+
+    def env() -> dict[str, str]:
+        # RAY_TMPDIR: the head writes its address file there, not in the machine's /tmp/ray, where another
+        # test's process looking for "the newest cluster" would find it
+        return {**job_env(), "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token),
+                "RAY_TMPDIR": str(base / "default")}
+
+    from lori_ray.cluster import free_port
+    port = free_port()
+    session = start_ray_node(env(), "--head", "--node-ip-address", "127.0.0.1", "--port", str(port),
+                             "--num-cpus", "2", "--num-gpus", "0", "--dashboard-host", "127.0.0.1",
+                             "--dashboard-port", str(free_port()), "--temp-dir", str(base / "ray"))
+    watch = f"while kill -0 {os.getpid()} 2>/dev/null; do sleep 2; done; pkill -KILL -s {session}"
+    watcher = subprocess.Popen(["bash", "-c", watch], start_new_session=True)
+    yield RayHead(env, f"127.0.0.1:{port}")
+    stop_sessions([session])
+    watcher.kill()
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, worker_id, request) -> tuple[Path, str]:
     """`jobs/distill.py` on the tiny preset, once per test run: (run directory, stdout). Tests that only need a
     trained tiny teacher take ``<run directory>/teacher`` as their ``teacher.path``. Under pytest-xdist (`make test`
     runs two workers) the first worker to ask runs it in the directory the workers share and the others read it,
@@ -144,9 +200,11 @@ def tiny_run(tmp_path_factory, worker_id, job_env) -> tuple[Path, str]:
     output, stdout = shared / "tiny-run", shared / "tiny-run.stdout"
     with FileLock(str(shared / "tiny-run.lock")):
         if not stdout.is_file():
+            head = request.getfixturevalue("ray_head")  # only the worker that runs it needs a head for it
             result = subprocess.run([sys.executable, "jobs/distill.py", "--config", "configs/tiny.yaml",
-                                     f"output_dir={output}", "cluster.num_cpus=2"],
-                                    cwd=ROOT, env=job_env(), capture_output=True, text=True, timeout=900, check=False)
+                                     f"output_dir={output}", head.override],
+                                    cwd=ROOT, env=head.env(), capture_output=True, text=True, timeout=900,
+                                    check=False)
             assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
             stdout.write_text(result.stdout)
     return output / "tiny", stdout.read_text()

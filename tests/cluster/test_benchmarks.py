@@ -45,17 +45,17 @@ def test_loss_overhead_benchmark(job_env):
     assert re.search(r"LoRi overhead [+-][\d.]+%", out)
 
 
-def test_red_benchmark_prints_its_table_and_reruns_on_its_finished_stages(tmp_path, tiny_run, job_env):
+def test_red_benchmark_prints_its_table_and_reruns_on_its_finished_stages(tmp_path, tiny_run, ray_head):
     """RED students through the real pipeline: pruned to half width and one layer, explicit CoT, CE + logit KD,
     on a DeepSpeed ZeRO-2 worker each, both at once, from the tiny run's teacher; each is a plain HF model and its
     eRank diagnostics reach MLflow."""
     teacher = tiny_run[0] / "teacher"
-    command = ("bench/red.py", "--config", "configs/tiny.yaml", f"output_dir={tmp_path}", "cluster.num_cpus=2",
+    command = ("bench/red.py", "--config", "configs/tiny.yaml", f"output_dir={tmp_path}", ray_head.override,
                f"teacher.path={teacher}",
                "student.method=explicit", "loss.kd=1.0", "student.kind=pruned", "student.width=32",
                "student.init=activation", "student.depth=1", "student.train.num_workers=1", "--widths", "0.5",
                "--inits", "random", "activation", "--parallel", "2", "--full-width")
-    out = run(job_env(), *command)
+    out = run(ray_head.env(), *command)
     for init in ("random", "activation"):
         assert re.search(rf"\| width 32 \| {init} \| [\d.]+ \| [\d.]+ \| [\d.]+ \| [\d.]+x \| [\d.]+x \| [\d.]+ \| "
                          rf"[\d.]+ \|", out)
@@ -88,7 +88,7 @@ def test_red_benchmark_prints_its_table_and_reruns_on_its_finished_stages(tmp_pa
     # the card names the teacher without the local absolute path: the last two parts of it
     assert "[teacher] done in" not in out and "Teacher: tiny/teacher." in card and str(teacher) not in card
     # an interrupted bench reruns on its finished stages
-    rerun = run(job_env(), *command)
+    rerun = run(ray_head.env(), *command)
     assert rerun.count("[student] finished model found") == 3 and "[student] done in" not in rerun
 
 
@@ -102,14 +102,14 @@ def test_milestones_give_the_first_point_past_each_threshold_and_where_a_curve_e
     assert "| codi | 1 | not reached | not reached | – |" in text
 
 
-def test_accuracy_benchmark_aggregates_student_seeds_and_draws_their_curves(tmp_path, tiny_run, job_env):
+def test_accuracy_benchmark_aggregates_student_seeds_and_draws_their_curves(tmp_path, tiny_run, ray_head):
     """Two seeds of one method share the teacher (the tiny run's) and the store; the table shows both seeds,
     their mean, training-problem accuracy and per-digit accuracy; the curves come from each seed's own run. Run
     again, it skips the seeds it finished and evaluates only the one whose results are gone."""
-    command = ("bench/accuracy.py", "--config", "configs/tiny.yaml", f"output_dir={tmp_path}", "cluster.num_cpus=2",
+    command = ("bench/accuracy.py", "--config", "configs/tiny.yaml", f"output_dir={tmp_path}", ray_head.override,
                f"teacher.path={tiny_run[0] / 'teacher'}", "loss.align_at=answer", "student.train.eval_every=3",
                "student.train.num_workers=1", "--methods", "lori", "--seeds", "2", "--parallel", "2")
-    out = run(job_env(), *command)
+    out = run(ray_head.env(), *command)
     assert "[teacher] done in" not in out and out.count("[student] done in") == 2
     assert "trajectory store" in out and "found, skipping extraction" in out  # the second seed reuses the store
     # and its tokenized sequences (training and validation split): tokenized once, by one of the parallel runs
@@ -139,7 +139,7 @@ def test_accuracy_benchmark_aggregates_student_seeds_and_draws_their_curves(tmp_
     assert {"accuracy.md", "curves.png"} <= {a.path for a in client.list_artifacts(bench.info.run_id)}
 
     (tmp_path / "tiny-lori-s1" / "report.json").unlink()  # seed 1 stopped after its student, before its results
-    again = run(job_env(), *command)
+    again = run(ray_head.env(), *command)
     assert "[student] done in" not in again and again.count("[student] finished model found") == 2
     assert again.count("evaluated before on the same models and problems") == 1  # seed 0's results, not evaluated
     assert "tiny-lori-s0: evaluated before" in again and (tmp_path / "tiny-lori-s1" / "report.json").is_file()
@@ -148,12 +148,12 @@ def test_accuracy_benchmark_aggregates_student_seeds_and_draws_their_curves(tmp_
     assert row_again.split("|")[1:7] == row.split("|")[1:7]
 
 
-def test_teachers_benchmark_trains_one_teacher_per_seed_and_reruns_on_the_finished_ones(tmp_path, job_env):
+def test_teachers_benchmark_trains_one_teacher_per_seed_and_reruns_on_the_finished_ones(tmp_path, ray_head):
     """Two seeds, trained at once: each teacher under its own name and seed, their validation curves side by side
     and each one's held-out result; run again, it trains and evaluates nothing."""
-    command = ("bench/teachers.py", "--config", "configs/tiny.yaml", f"output_dir={tmp_path}", "cluster.num_cpus=2",
+    command = ("bench/teachers.py", "--config", "configs/tiny.yaml", f"output_dir={tmp_path}", ray_head.override,
                "teacher.train.num_workers=1", "teacher.train.eval_every=3", "--seeds", "2", "--parallel", "2")
-    out = run(job_env(), *command)
+    out = run(ray_head.env(), *command)
     assert out.count("[teacher] done in") == 2
     rows = {int(line.split("|")[1]): line for line in out.splitlines()
             if re.match(r"\| \d \| (step|not reached)", line)}
@@ -170,7 +170,7 @@ def test_teachers_benchmark_trains_one_teacher_per_seed_and_reruns_on_the_finish
                for seed in (0, 1)]
     assert not weights[0].equal(weights[1])  # its own initial weights and data, not a copy
 
-    again = run(job_env(), *command)
+    again = run(ray_head.env(), *command)
     assert "[teacher] done in" not in again and again.count("[teacher] finished model found") == 2
     assert again.count("teacher evaluated before on the same problems") == 2
     assert {line.split("|")[4] for line in again.splitlines() if line.startswith("| 0 |")} == \

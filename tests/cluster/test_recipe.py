@@ -175,7 +175,7 @@ def test_parallel_runs_start_after_the_shared_store_and_one_failure_keeps_the_ot
     assert list(failure.value.failed) == ["icot_kd"]
 
 
-def test_a_separate_pretrained_student_of_another_width_and_depth_trains_and_answers(tmp_path, tiny_run, job_env):
+def test_a_separate_pretrained_student_of_another_width_and_depth_trains_and_answers(tmp_path, tiny_run, ray_head):
     """The user's own student (a 4-layer, 128-wide Llama saved with the teacher's tokenizer) distilled from the
     session's 2-layer, 64-wide tiny teacher: its own weights are the start, the alignment goes through a
     least-squares projection, its layers pair with the teacher's by relative depth."""
@@ -188,10 +188,10 @@ def test_a_separate_pretrained_student_of_another_width_and_depth_trains_and_ans
                 seed=7).save_pretrained(mine)
     tokenizer.save_pretrained(mine)
     result = subprocess.run([sys.executable, "jobs/distill.py", "--config", "configs/tiny.yaml",
-                             f"output_dir={tmp_path}", "cluster.num_cpus=2", f"teacher.path={teacher}",
+                             f"output_dir={tmp_path}", ray_head.override, f"teacher.path={teacher}",
                              f"student.path={mine}",
                              "student.train.num_workers=1", "trajectory.num_actors=1"],
-                            cwd=ROOT, env=job_env(), capture_output=True, text=True, timeout=900, check=False)
+                            cwd=ROOT, env=ray_head.env(), capture_output=True, text=True, timeout=900, check=False)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     init = load_file(tmp_path / "tiny" / "student-init" / "model.safetensors")
     start = load_file(mine / "model.safetensors")
