@@ -170,15 +170,19 @@ def ray_head(job_env) -> RayHead:
 
     def env() -> dict[str, str]:
         # RAY_TMPDIR: the head writes its address file there, not in the machine's /tmp/ray, where another
-        # test's process looking for "the newest cluster" would find it
+        # test's process looking for "the newest cluster" would find it. Multi-node off, as scripts/demo.sh has
+        # it: every server of the head on 127.0.0.1, and the address the jobs' processes are given stays that.
         return {**job_env(), "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token),
-                "RAY_TMPDIR": str(base / "default")}
+                "RAY_TMPDIR": str(base / "default"), "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
 
     from lori_ray.cluster import free_port
     port = free_port()
+    # ports of its own: the client server's and the dashboard agent's defaults are one per machine, and the other
+    # xdist worker's head or a test's local cluster may hold them
     session = start_ray_node(env(), "--head", "--node-ip-address", "127.0.0.1", "--port", str(port),
                              "--num-cpus", "2", "--num-gpus", "0", "--dashboard-host", "127.0.0.1",
-                             "--dashboard-port", str(free_port()), "--temp-dir", str(base / "ray"))
+                             "--dashboard-port", str(free_port()), "--ray-client-server-port", str(free_port()),
+                             "--dashboard-agent-listen-port", str(free_port()), "--temp-dir", str(base / "ray"))
     watch = f"while kill -0 {os.getpid()} 2>/dev/null; do sleep 2; done; pkill -KILL -s {session}"
     watcher = subprocess.Popen(["bash", "-c", watch], start_new_session=True)
     yield RayHead(env, f"127.0.0.1:{port}")

@@ -11,7 +11,7 @@ from lori_ray.trajectories import TrajectoryStore
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def run_tune(output: Path, teacher: Path, head) -> subprocess.CompletedProcess:
+def run_tune(output: Path, teacher: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
     # the demo search with shorter stages and two trials, from the session's trained tiny teacher (same task and
     # shape; teacher SFT is the distillation job's code path): the mechanics, not the accuracy, are under test
     fast = ["model.size=tiny", "data.train_size=544", f"teacher.path={teacher}", "student.train.steps=12",
@@ -22,14 +22,14 @@ def run_tune(output: Path, teacher: Path, head) -> subprocess.CompletedProcess:
             "student.train.num_workers=1",  # one worker each: both trials at once
             "trajectory.num_actors=1"]
     return subprocess.run([sys.executable, "jobs/tune.py", "--config", "configs/tune-demo.yaml",
-                           f"output_dir={output}", head.override, *fast],
-                          cwd=ROOT, env=head.env(), capture_output=True, text=True, timeout=1200, check=False)
+                           f"output_dir={output}", "cluster.num_cpus=2", *fast],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200, check=False)
 
 
 @pytest.fixture(scope="module")
-def search(tmp_path_factory, tiny_run, ray_head):
+def search(tmp_path_factory, tiny_run, job_env):
     output, teacher = tmp_path_factory.mktemp("tune"), tiny_run[0] / "teacher"
-    result = run_tune(output, teacher, ray_head)
+    result = run_tune(output, teacher, job_env())
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     return output, result.stdout, teacher
 
@@ -78,11 +78,11 @@ def test_the_best_student_is_published_and_answers_through_predict(search):
     assert answer.stdout.startswith("12 * 34 = ")  # a tiny student's answer, right or wrong
 
 
-def test_teacher_ran_once_for_all_trials_and_a_rerun_resumes(search, ray_head):
+def test_teacher_ran_once_for_all_trials_and_a_rerun_resumes(search, job_env):
     output, _, teacher = search
     passes, shards = extractions(output)
     assert passes == shards  # one extraction per shard: a single teacher pass for both trials
-    again = run_tune(output, teacher, ray_head)
+    again = run_tune(output, teacher, job_env())
     assert again.returncode == 0, again.stdout[-4000:] + again.stderr[-4000:]
     assert "resuming the search" in again.stdout
     assert extractions(output)[0] == shards
