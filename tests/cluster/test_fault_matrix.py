@@ -1,6 +1,8 @@
 """The fault matrix (docs/failure-handling.md), on the tiny preset: what the run does and what is left on disk when
-the driver is killed (SIGKILL, with the local cluster it started) in each stage and the same command is run again,
-and when the MLflow server goes away mid-run (the run goes on). An object store that does not answer (refused before
+the driver is killed (SIGKILL) in each stage and the same command is run again, and when the MLflow server goes away
+mid-run (the run goes on). The jobs run on the session's Ray head, as submitted jobs do on a running cluster: a driver
+that starts a local cluster takes it down with it (``test_faults.py::test_a_local_cluster_ends_…``), which leaves
+the same files on disk. An object store that does not answer (refused before
 Ray starts) is in ``tests/unit/test_fault_matrix.py``; killed train workers and teacher actors in ``test_faults.py``."""
 
 import os
@@ -19,9 +21,9 @@ ROOT = Path(__file__).resolve().parents[2]
 SMALL = ["cluster.num_cpus=2", "teacher.train.num_workers=1", "student.train.num_workers=1", "trajectory.num_actors=1"]
 
 
-def command(output: Path, *overrides: str) -> list[str]:
+def command(output: Path, head, *overrides: str) -> list[str]:
     return [sys.executable, "jobs/distill.py", "--config", "configs/tiny.yaml", f"output_dir={output}", *SMALL,
-            *overrides]
+            head.override, *overrides]
 
 
 def published(directory: Path) -> bool:
@@ -71,8 +73,8 @@ STAGES = {
 
 
 def run_until(arguments: list[str], env: dict[str, str], kill_at) -> str:
-    """Run the job in its own session and SIGKILL it (the driver and the local cluster it started, like a lost job)
-    at the first line ``kill_at`` accepts; what it printed. Fails if it ends before that line."""
+    """Run the job in its own session and SIGKILL it (the driver and whatever it started, like a lost job) at the
+    first line ``kill_at`` accepts; what it printed. Fails if it ends before that line."""
     job = subprocess.Popen(arguments, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                            start_new_session=True)
     lines, killed = [], False
@@ -91,12 +93,12 @@ def run_until(arguments: list[str], env: dict[str, str], kill_at) -> str:
     return "".join(lines)
 
 
-def test_a_driver_killed_in_each_stage_leaves_finished_work_and_the_same_command_continues(tmp_path, job_env):
+def test_a_driver_killed_in_each_stage_leaves_finished_work_and_the_same_command_continues(tmp_path, ray_head):
     """One run killed in every stage in turn: each rerun of the same command first continues the stage it was killed
     in (the assertion names it), then is killed in the next; the last rerun finishes, with one MLflow parent run
     holding every stage and nothing left RUNNING by the dead drivers."""
-    run, env = tmp_path / "tiny", job_env()
-    arguments = command(tmp_path, *TRAINING, "data.train_size=2080")  # 2,048 + 32 validation
+    run, env = tmp_path / "tiny", ray_head.env()
+    arguments = command(tmp_path, ray_head, *TRAINING, "data.train_size=2080")  # 2,048 + 32 validation
     killed_in = None
     for stage, (kill_at, left_on_disk, _) in STAGES.items():
         output = run_until(arguments, env, kill_at)
@@ -121,7 +123,7 @@ def test_a_driver_killed_in_each_stage_leaves_finished_work_and_the_same_command
     assert {"teacher", "trajectories", "student", "evaluate"} <= stages, stages
 
 
-def test_the_mlflow_server_going_away_mid_run_does_not_stop_the_run(tmp_path, tiny_run, job_env, wait_for):
+def test_the_mlflow_server_going_away_mid_run_does_not_stop_the_run(tmp_path, tiny_run, ray_head, job_env, wait_for):
     """Killed once the student trains: its steps stop being logged without holding training up, the driver's
     tracking calls after the first failure are skipped, and the run publishes its models and results."""
     port = free_port()
@@ -131,15 +133,15 @@ def test_the_mlflow_server_going_away_mid_run_does_not_stop_the_run(tmp_path, ti
                               env=job_env(), stdout=(tmp_path / "server.log").open("w"), stderr=subprocess.STDOUT,
                               start_new_session=True)
     # MLflow's default retries (about four minutes for the first failing request) are the same, only longer
-    env = {**job_env(), "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "60"}
+    env = {**ray_head.env(), "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "60"}
     try:
         import requests
         wait_for(lambda: not requests_refused(port) and requests.get(f"http://127.0.0.1:{port}/health", timeout=5).ok,
                  300, "the MLflow server: " + str(tmp_path / "server.log"))
         from mlflow.tracking import MlflowClient
         MlflowClient(f"http://127.0.0.1:{port}").search_experiments()  # its store created before the run's requests
-        job = subprocess.Popen(command(tmp_path, f"tracking.uri=http://127.0.0.1:{port}", "student.train.steps=60",
-                                       f"teacher.path={tiny_run[0] / 'teacher'}",
+        job = subprocess.Popen(command(tmp_path, ray_head, f"tracking.uri=http://127.0.0.1:{port}",
+                                       "student.train.steps=60", f"teacher.path={tiny_run[0] / 'teacher'}",
                                        "student.train.log_every=5"),
                                cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         lines = []
@@ -168,7 +170,7 @@ def requests_refused(port: int) -> bool:
 
 
 def test_checkpoint_storage_lost_mid_stage_is_one_error_and_the_rerun_keeps_the_finished_stages(tmp_path, tiny_run,
-                                                                                              job_env):
+                                                                                              ray_head):
     """The storage path turns into a file while the student trains (a lost mount, a deleted bucket): the run ends
     with one line naming cluster.storage_path and the stage, the finished trajectory store stays, and once the storage
     is back the same command reuses it and finishes. From the session's tiny teacher: the stages before the student
@@ -176,8 +178,8 @@ def test_checkpoint_storage_lost_mid_stage_is_one_error_and_the_rerun_keeps_the_
     checkpoints = tmp_path / "checkpoints"
     overrides = [f"teacher.path={tiny_run[0] / 'teacher'}", f"cluster.storage_path={checkpoints}",
                  "student.train.steps=100", "student.train.checkpoint_every=10", "student.train.log_every=5"]
-    job = subprocess.Popen(command(tmp_path, *overrides), cwd=ROOT, env=job_env(), stdout=subprocess.PIPE,
-                           stderr=subprocess.PIPE, text=True)
+    job = subprocess.Popen(command(tmp_path, ray_head, *overrides), cwd=ROOT, env=ray_head.env(),
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     lost, lines = False, []
     for line in job.stdout:
         lines.append(line)
@@ -197,8 +199,8 @@ def test_checkpoint_storage_lost_mid_stage_is_one_error_and_the_rerun_keeps_the_
     assert store_finished(tmp_path) and not (tmp_path / "tiny" / "student").exists()
 
     checkpoints.unlink()  # the storage is back, empty
-    again = subprocess.run(command(tmp_path, *overrides), cwd=ROOT, env=job_env(), capture_output=True, text=True,
-                           timeout=900, check=False)
+    again = subprocess.run(command(tmp_path, ray_head, *overrides), cwd=ROOT, env=ray_head.env(), capture_output=True,
+                           text=True, timeout=900, check=False)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert "found, skipping extraction" in again.stdout and "[teacher] extracted" not in again.stdout
     assert (tmp_path / "tiny" / "results.md").is_file() and published(tmp_path / "tiny" / "student")
