@@ -2,6 +2,7 @@
 tests/cluster/ and the exit without the interpreter's teardown."""
 
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -28,6 +29,10 @@ def pytest_collection_modifyitems(config, items):
 
 
 def pytest_sessionfinish(session, exitstatus):
+    """After every fixture's teardown, the Ray nodes stopped: the Ray temp dirs of this test process go. They are
+    ``/tmp/lr-<pid>-<name>``, short enough for the unix sockets Ray puts under them (a pytest tmp_path is not)."""
+    for directory in Path("/tmp").glob(f"lr-{os.getpid()}-*"):
+        shutil.rmtree(directory, ignore_errors=True)
     session.config._lori_exit_status = int(exitstatus)
 
 
