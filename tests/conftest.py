@@ -28,10 +28,14 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.cluster)
 
 
+def short_temp(name: str) -> Path:
+    """``/tmp/lr-<pid>-<name>``: the ``short_temp_dir`` fixture's paths (``name`` "*": all of this process's)."""
+    return Path(f"/tmp/lr-{os.getpid()}-{name}")
+
+
 def pytest_sessionfinish(session, exitstatus):
-    """After every fixture's teardown, the Ray nodes stopped: the Ray temp dirs of this test process go. They are
-    ``/tmp/lr-<pid>-<name>``, short enough for the unix sockets Ray puts under them (a pytest tmp_path is not)."""
-    for directory in Path("/tmp").glob(f"lr-{os.getpid()}-*"):
+    """After every fixture's teardown, the Ray nodes stopped: the ``short_temp_dir``s of this test process go."""
+    for directory in Path("/tmp").glob(short_temp("*").name):
         shutil.rmtree(directory, ignore_errors=True)
     session.config._lori_exit_status = int(exitstatus)
 
@@ -137,6 +141,14 @@ def stop_sessions(sessions: list[int]) -> None:
             subprocess.run(["pkill", signal, "-s", str(session)], check=False)
 
 
+@pytest.fixture(scope="session")
+def short_temp_dir():
+    """``short_temp_dir(name) -> Path``: ``/tmp/lr-<pid>-<name>``, a Ray temp dir short enough for the unix sockets
+    Ray puts under it (a pytest tmp_path is not), removed when this test process's session ends. One name, one
+    directory: tests and fixtures take different names."""
+    return short_temp
+
+
 @pytest.fixture
 def ray_nodes():
     """``ray_nodes(env, *args) -> session id``: ``ray start *args`` in a session of its own. At teardown exactly the
@@ -160,14 +172,14 @@ class RayHead:
 
 
 @pytest.fixture(scope="session")
-def ray_head(job_env) -> RayHead:
+def ray_head(job_env, short_temp_dir) -> RayHead:
     """One Ray head for this test process (each xdist worker has its own): 2 CPUs, loopback only, token auth, a
     temp dir of its own. The tests whose jobs run pipelines on a cluster, rather than test a cluster's life (its
     start, its end with a killed driver, its network), connect to it instead of each starting a local cluster:
     that start is ~18 CPU-s of daemons, dashboard and agents on the 2-core machine, paid once here. Every job is
     its own Ray job, whose actors and placement groups Ray releases when its driver exits. A watcher stops the
     head if this process dies without its teardown."""
-    base = Path(f"/tmp/lr-{os.getpid()}-head")  # short: Ray's unix sockets live under the temp dir
+    base = short_temp_dir("head")
     base.mkdir(exist_ok=True)
     token = base / "token"
     token.write_text(os.urandom(32).hex())

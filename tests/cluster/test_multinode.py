@@ -2,7 +2,6 @@
 the pipeline runs across both and everything it keeps lives under the shared output_dir."""
 
 import json
-import os
 import secrets
 import subprocess
 import sys
@@ -18,13 +17,13 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture  # the module's one test: as long as a module-scoped one, and ray_nodes is per test
-def cluster(tmp_path_factory, job_env, ray_nodes):
+def cluster(tmp_path_factory, job_env, ray_nodes, short_temp_dir):
     base = tmp_path_factory.mktemp("nodes")
     token = base / "token"
     token.write_text(secrets.token_hex(32))
     env = {**job_env(), "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)}
     port, dashboard = free_port(), free_port()
-    temp = {name: Path(f"/tmp/lr-{os.getpid()}-{name}") for name in ("head", "node")}
+    temp = {name: short_temp_dir(f"multinode-{name}") for name in ("head", "node")}
     ray_nodes(env, "--head", "--node-ip-address", "127.0.0.1", "--port", str(port), "--num-cpus", "1",
               "--num-gpus", "0", "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard),
               "--temp-dir", str(temp["head"]), "--resources", '{"head": 1}')

@@ -48,18 +48,18 @@ def record_sockets(config):
 
 
 @pytest.fixture
-def another_local_cluster(tmp_path, job_env, ray_nodes):
+def another_local_cluster(tmp_path, job_env, ray_nodes, short_temp_dir):
     """A second Ray head on this machine, as when two runs or a run and a test share it."""
     token = tmp_path / "other_token"
     token.write_text(os.urandom(32).hex())
     env = {**job_env(), "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)}
     # stopped after the test; a short --temp-dir: Ray's unix sockets live there
     ray_nodes(env, "--head", "--port", str(free_port()), "--num-cpus", "1", "--include-dashboard", "false",
-              "--temp-dir", f"/tmp/lr-{os.getpid()}-other")
+              "--temp-dir", str(short_temp_dir("other")))
 
 
 def test_a_local_cluster_listens_on_loopback_only_and_its_workers_find_it(tmp_path, monkeypatch,
-                                                                          another_local_cluster):
+                                                                          another_local_cluster, short_temp_dir):
     """GCS, raylet, dashboard, its agents, the driver, an actor, and a Ray Train worker group with its gloo
     process group: every socket they listen on is bound to loopback, except torch.distributed's rendezvous store
     while a stage trains (torch binds its server to the wildcard address; docs/security.md says so). With
@@ -67,7 +67,7 @@ def test_a_local_cluster_listens_on_loopback_only_and_its_workers_find_it(tmp_pa
     placement-group cleaner does) still finds its own; and an address file that a killed `ray start` left in Ray's
     temp dir does not make it attach to that cluster instead of starting its own."""
     monkeypatch.delenv("RAY_ADDRESS", raising=False)  # the process's token file, as Ray caches the first it reads
-    default_temp = Path(f"/tmp/lr-{os.getpid()}-stale")  # Ray's default temp dir for this test (short: sockets)
+    default_temp = short_temp_dir("stale")  # Ray's default temp dir for this test
     monkeypatch.setenv("RAY_TMPDIR", str(default_temp))
     (default_temp / "ray").mkdir(parents=True, exist_ok=True)
     (default_temp / "ray" / "ray_current_cluster").write_text(f"127.0.0.1:{free_port()}")  # nothing listens there
@@ -114,7 +114,7 @@ print("FOUND " + json.dumps(ray.get(cluster_found_without_an_address.remote(), t
 '''
 
 
-def test_a_run_on_a_started_cluster_tells_its_processes_that_cluster(tmp_path, job_env, ray_nodes):
+def test_a_run_on_a_started_cluster_tells_its_processes_that_cluster(tmp_path, job_env, ray_nodes, short_temp_dir):
     """A run given a cluster's address (``cluster.address``, ``RAY_ADDRESS``, a submitted job) on a head with its own
     ``--temp-dir``, while a cluster started later on the machine is the one Ray finds without an address: a process of
     the run that looks its cluster up without one (as Ray Train's placement-group cleaner does) finds the run's."""
@@ -124,11 +124,11 @@ def test_a_run_on_a_started_cluster_tells_its_processes_that_cluster(tmp_path, j
     # Ray's default temp dir moved (RAY_TMPDIR, short: Ray's unix sockets live there) so that the address file the
     # second head writes there stays out of the machine's /tmp/ray
     env = {**job_env(), "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token),
-           "RAY_TMPDIR": f"/tmp/lr-{os.getpid()}-default"}
+           "RAY_TMPDIR": str(short_temp_dir("default"))}
     port = free_port()
     ray_nodes(env, "--head", "--node-ip-address", "127.0.0.1", "--port", str(port), "--num-cpus", "1",
               "--dashboard-host", "127.0.0.1", "--dashboard-port", str(free_port()),
-              "--temp-dir", f"/tmp/lr-{os.getpid()}-run")
+              "--temp-dir", str(short_temp_dir("run")))
     # started later, in the default temp dir: the cluster Ray's own lookup picks
     ray_nodes(env, "--head", "--node-ip-address", "127.0.0.1", "--port", str(free_port()), "--num-cpus", "0",
               "--include-dashboard", "false")
