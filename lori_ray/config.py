@@ -201,7 +201,8 @@ class TrainConfig(Section):
     zero_stage: Int = Field(2, ge=0, le=3, description="DeepSpeed ZeRO stage, 0-3")
     precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
     compile: bool = False  # torch.compile the objective (pays on GPU; minutes of compilation on CPU)
-    num_workers: Int = Field(2, ge=0)  # 0 runs the loop in the driver process
+    # 0 runs the loop in the driver process (Ray Train's local mode: no periodic checkpoints, a rerun starts over)
+    num_workers: Int = Field(2, ge=0)
     # CPU cores (torch threads) each worker takes: on a many-core node, fewer workers with more threads each (on
     # the 2-core dev machine two workers x 1 thread ran 4.7 steps/s, one worker x 2 threads 3.9: docs/results/demo.md)
     cpus_per_worker: Int = Field(1, gt=0)

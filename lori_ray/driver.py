@@ -130,4 +130,6 @@ def fit(stage: Stage, output_dir: str | Path, storage_path: str | Path, callback
     with result.checkpoint.as_directory() as directory, published_directory(output_dir) as staging:
         shutil.copytree(Path(directory) / "hf", staging, dirs_exist_ok=True)
         write_fingerprint(staging, fingerprint or stage_inputs(stage))
+    if not stage.train.num_workers:  # Ray Train's local mode hands back the loop's own temporary directory
+        shutil.rmtree(result.checkpoint.path, ignore_errors=True)
     return output_dir, dict(result.metrics or {})

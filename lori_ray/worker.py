@@ -274,8 +274,9 @@ def _train(stage: Stage, deepspeed) -> None:
         interval.add({**terms, **shown})
         if step % train.log_every == 0 or step == end:
             last, end = log_interval(run, interval, step, end)
-            if step < end and ((train.checkpoint_every and step % train.checkpoint_every == 0)
-                               or budget_spent(saved, train.checkpoint_minutes) >= 1):
+            # Ray Train's local mode (num_workers=0) persists no checkpoint: one would stay in /tmp, never read
+            if step < end and train.num_workers and ((train.checkpoint_every and step % train.checkpoint_every == 0)
+                                                     or budget_spent(saved, train.checkpoint_minutes) >= 1):
                 report_checkpoint(engine, run.objective, last, stage, step, run.restarts, final=False)
                 saved = time.time()
             elif step < end:

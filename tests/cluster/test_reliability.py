@@ -32,8 +32,8 @@ def test_a_cluster_without_a_state_api_trains_without_rays_placement_group_clean
     assert cleaners(TorchTrainer) and not cleaners(StageTrainer)
 
 
-def test_nan_loss_stops_the_stage_with_a_clear_error_and_keeps_the_checkpoint(local_ray, tmp_path, tiny_stage):
-    stage = replace(tiny_stage(tmp_path, "nan", num_workers=0, steps=12, checkpoint_every=3, log_every=3,
+def test_nan_loss_stops_the_stage_with_a_clear_error_and_publishes_nothing(local_ray, tmp_path, tiny_stage):
+    stage = replace(tiny_stage(tmp_path, "nan", num_workers=0, steps=12, log_every=3,
                                max_bad_steps=3), weights={"ce": float("nan")})
     with pytest.raises(Exception, match=r"loss was NaN/Inf for 3 consecutive steps"):
         fit(stage, tmp_path / "out", tmp_path / "ray")

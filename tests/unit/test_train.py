@@ -1,4 +1,5 @@
 import math
+import tempfile
 from dataclasses import replace
 
 import pytest
@@ -113,17 +114,22 @@ def test_optimizer_reset_clears_adam_moments_inside_a_deepspeed_zero2_engine():
         assert state["step"] == 1  # the moments started afresh
 
 
-def test_stages_in_the_driver_one_after_another_each_train(tmp_path, tiny_stage):
+def test_stages_in_the_driver_one_after_another_each_train(tmp_path, tiny_stage, monkeypatch):
     """``num_workers=0`` trains in the driver. Ray ends such a stage's process group with torch alone (and after
     a stage that raised, not at all); the next stage failed on DeepSpeed's clone of the old group ("Group ... is
-    not registered"), so a run with both stages in the driver never reached its student."""
+    not registered"), so a run with both stages in the driver never reached its student. Ray Train's local mode
+    keeps the checkpoints it is given where they are: every one a stage wrote stayed in /tmp."""
     from lori_ray.driver import fit
-    stage = tiny_stage(tmp_path, "first", num_workers=0, steps=2, log_every=2, max_bad_steps=1)
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))  # where the loop writes its checkpoints
+    stage = tiny_stage(tmp_path, "first", num_workers=0, steps=4, log_every=2, checkpoint_every=2, max_bad_steps=1)
     with pytest.raises(Exception, match="loss was NaN/Inf"):  # a stage that fails, then two that train
         fit(replace(stage, name="failed", weights={"ce": float("nan")}), tmp_path / "failed", tmp_path / "ray")
     for name in ("first", "second"):
         out, metrics = fit(replace(stage, name=name), tmp_path / name, tmp_path / "ray")
-        assert metrics["step"] == 2 and (out / "model.safetensors").is_file()
+        assert metrics["step"] == 4 and (out / "model.safetensors").is_file()
+    assert not list(temp.glob("lori-ckpt-*"))  # no checkpoint was left behind, periodic (step 2) or final
 
 
 @pytest.mark.parametrize("elapsed, done, remaining, shown", [
