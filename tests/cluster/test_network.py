@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -169,9 +170,12 @@ def test_the_demo_head_listens_on_loopback_only(tmp_path):
     job.write_text(PROBE_JOB)
     root = Path(__file__).resolve().parents[2]
     temp_dir = f"lori-ray-{os.getuid()}-{port}"  # the head's --temp-dir, on every one of its processes' command line
-    result = subprocess.run(["bash", "scripts/demo.sh", temp_dir], cwd=root, capture_output=True, text=True,
-                            timeout=300, env={**os.environ, "JOB": str(job), "RAY_DEMO_PORT": str(port),
-                                              "RAY_DEMO_DASHBOARD_PORT": str(port + 2)}, check=False)
+    try:
+        result = subprocess.run(["bash", "scripts/demo.sh", temp_dir], cwd=root, capture_output=True, text=True,
+                                timeout=300, env={**os.environ, "JOB": str(job), "RAY_DEMO_PORT": str(port),
+                                                  "RAY_DEMO_DASHBOARD_PORT": str(port + 2)}, check=False)
+    finally:
+        shutil.rmtree(f"/tmp/{temp_dir}", ignore_errors=True)  # the stopped head's logs, kept by the demo
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     line = next(text for text in result.stdout.splitlines() if text.startswith("SOCKETS "))
     sockets = [tuple(s) for s in json.loads(line[len("SOCKETS "):])]

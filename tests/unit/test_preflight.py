@@ -172,8 +172,8 @@ def test_no_credential_reaches_the_plan_the_printed_config_or_the_run_directory(
     from lori_ray.recipe import opened
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
     with answering(200) as server:  # the preflight probes the tracking server
-        secrets = ["trajectory.store_dir=file:///tmp/st?access_key=AKEY&token=TOKEN",
-                   "cluster.storage_path=file:///tmp/ck?secret_key=SKEY",
+        secrets = [f"trajectory.store_dir=file://{tmp_path}/st?access_key=AKEY&token=TOKEN",
+                   f"cluster.storage_path=file://{tmp_path}/ck?secret_key=SKEY",
                    f"tracking.uri={server.uri.replace('//', '//alice:PASSWORD@')}"]
         result = subprocess.run([sys.executable, "jobs/distill.py", "--config", TINY,
                                  f"output_dir={tmp_path / 'runs'}", *secrets, "--dry-run", "--print-config"],
