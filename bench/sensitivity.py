@@ -101,6 +101,11 @@ def main() -> int:
     base = config_or_exit(args.config, args.overrides, lambda config: search_configs(config, args))
     searches = search_configs(base, args)
     if inspected(args, base):
+        if args.dry_run:  # the size of each search, to fit the study to a machine before it starts
+            from lori_ray.preflight import search_line
+            print("\n".join(search_line(config) for config in searches.values()))
+            print(f"in all: {sum(c.tune.trials for c in searches.values())} trials, "
+                  f"{sum(c.tune.trials * c.student.train.steps for c in searches.values()):,} student steps")
         return 0
 
     from lori_ray.tuning import run_search

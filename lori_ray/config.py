@@ -448,6 +448,14 @@ class TuneConfig(Section):
                                                               "{randint: [low, high]}; every value it can take is "
                                                               "validated before Ray starts")
 
+    @property
+    def trials(self) -> int:
+        """``num_samples`` for each combination of the grid values (one combination when the space has no grid)."""
+        combinations = 1
+        for spec in self.space.values():
+            combinations *= len(spec.get("grid", [None]))
+        return self.num_samples * combinations
+
     @model_validator(mode="after")
     def _space(self):
         for key, spec in self.space.items():

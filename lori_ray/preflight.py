@@ -214,6 +214,20 @@ def _stage_line(config: Config, name: str, section, splits: Splits) -> str:
     return f"{name}: to train, {work}"
 
 
+def search_line(config: Config) -> str:
+    """A Tune search's size (``--dry-run``): its trials, what they vary and the student steps they train in all."""
+    tune, train = config.tune, config.student.train
+    varied = "; ".join(f"{key} {values}" if kind == "grid" else f"{key} {kind} {values}"
+                       for key, spec in tune.space.items() for kind, values in spec.items())
+    stopping = (f"ASHA may stop a trial after {tune.grace_period * train.log_every} steps"
+                if tune.scheduler == "asha" else "every trial runs to its end")
+    repeats = f"; each {tune.num_samples} times" if tune.num_samples > 1 and any("grid" in spec for spec in
+                                                                                 tune.space.values()) else ""
+    return (f"search '{config.name}': {tune.trials} trials ({varied}{repeats}), "
+            f"{max(train.num_workers, 1)} worker(s) per trial, {train.steps} steps each ({stopping}): up to "
+            f"{tune.trials * train.steps:,} student steps in all -> {config.run_dir / 'tune'}")
+
+
 def plan(config: Config, splits: Splits) -> str:
     """What a run will do (``--dry-run``): each stage, whether it is found finished or will run, its size and
     where its outputs go."""
@@ -236,6 +250,7 @@ def plan(config: Config, splits: Splits) -> str:
          f"{config.subspace.rank} of {config.subspace.max_rank} -> {config.store_dir} (a store of the same teacher "
          f"and data is reused)"),
         _stage_line(config, "student", student, splits).replace("student:", f"student ({student.method}):", 1),
+        *([search_line(config)] if config.tune.space else []),
         (f"evaluate: {len(splits.held_out)} held-out problems (teacher with its CoT, student without) and as many "
          f"training problems -> {config.run_dir / 'results.md'}"),
     ])

@@ -9,7 +9,6 @@ its student tensors and trains them with a ``TorchTrainer`` whose reports reach 
 from __future__ import annotations
 
 import json
-import math
 import shutil
 from pathlib import Path
 
@@ -50,13 +49,6 @@ def max_concurrent_trials(config: Config) -> int:
         return config.tune.max_concurrent_trials
     cpus = ray.cluster_resources().get("CPU", 1)
     return max(1, int(cpus // max(config.student.train.num_workers, 1)))
-
-
-def trial_count(config: Config) -> int:
-    """``num_samples`` for each combination of the grid values (one when the space has no grid)."""
-    combinations = math.prod(len(values) for spec in config.tune.space.values() for kind, values in spec.items()
-                             if kind == "grid")
-    return config.tune.num_samples * combinations
 
 
 def trial_config(config: Config, params: dict, trial_id: str, teacher_dir: Path) -> Config:
@@ -159,7 +151,7 @@ def run_search(config: Config) -> dict:
                 from ray.tune.search.optuna import OptunaSearch  # needs optuna, only for this search
                 search_alg = OptunaSearch()
             concurrent = max_concurrent_trials(config)
-            log(f"[tune] {trial_count(config)} trials, at most {concurrent} at a time")
+            log(f"[tune] {config.tune.trials} trials, at most {concurrent} at a time")
             tuner = tune.Tuner(
                 trainable, param_space=search_space(config.tune.space),
                 tune_config=tune.TuneConfig(metric=metric, mode=config.tune.mode, num_samples=config.tune.num_samples,

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from lori_ray.config import ConfigError, load_config
-from lori_ray.tuning import search_space, summary_table, trial_count
+from lori_ray.tuning import search_space, summary_table
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "bench"))  # as when it runs as a script: it shares bench/accuracy.py's helpers
@@ -35,11 +35,30 @@ def test_grid_is_every_value_and_validated():
 def test_trial_count_is_samples_times_grid_combinations(tmp_path):
     base = load_config(ROOT / "configs/implicit-3x3.yaml", [f"output_dir={tmp_path}"])
     searches = sensitivity.search_configs(base, arguments())
-    assert trial_count(searches["rank"]) == 3 * 2 * 2 and trial_count(searches["second_order"]) == 1 * 2
-    assert trial_count(load_config(ROOT / "configs/tune-demo.yaml")) == 3
+    assert searches["rank"].tune.trials == 3 * 2 * 2 and searches["second_order"].tune.trials == 1 * 2
+    assert load_config(ROOT / "configs/tune-demo.yaml").tune.trials == 3
     random = load_config(ROOT / "configs/tune-demo.yaml", ["tune.num_samples=4",
                                                            'tune.space={"subspace.rank": {"choice": [2, 4]}}'])
-    assert trial_count(random) == 4
+    assert random.tune.trials == 4
+
+
+def test_dry_run_sizes_every_search_and_writes_nothing(tmp_path):
+    """A study is fitted to a machine before it starts: the dry run names each search's trials and steps."""
+    result = subprocess.run([sys.executable, "bench/sensitivity.py", "--config", "configs/implicit-3x3.yaml",
+                             f"output_dir={tmp_path}", "student.train.steps=500", "--ranks", "1", "4", "--sites",
+                             "answer", "both", "--first-order", "0", "3", "--second-order", "0.1", "--answer", "0.5",
+                             "--seeds", "2", "--dry-run"], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                            check=False)
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = result.stdout.splitlines()
+    (rank,) = [line for line in lines if line.startswith("search 'implicit-3x3-rank': ")]
+    assert rank.startswith("search 'implicit-3x3-rank': 8 trials (subspace.rank [1, 4]; loss.align_at ['answer', "
+                           "'both']; student.seed [0, 1]), 1 worker(s) per trial, 500 steps each (every trial runs "
+                           "to its end): up to 4,000 student steps in all")
+    assert any(line.startswith("search 'implicit-3x3-first_order': 4 trials (loss.first_order [0.0, 3.0]; "
+                               "student.seed [0, 1])") for line in lines)
+    assert lines[-1] == "in all: 16 trials, 8,000 student steps"  # 8 + 4 + 2 + 2
+    assert not any(tmp_path.iterdir())
 
 
 def test_searches_share_teacher_data_and_store_and_vary_one_thing_each(tmp_path):

@@ -8,6 +8,7 @@ from ray import tune
 
 from lori_ray.config import ConfigError, load_config
 from lori_ray.models import build_model
+from lori_ray.preflight import search_line
 from lori_ray.tokens import arithmetic_tokenizer
 from lori_ray.tuning import search_space, trial_config
 
@@ -45,3 +46,18 @@ def test_trial_config_applies_params_and_shares_teacher_and_store(tmp_path):
     assert settings.run_dir == config.run_dir / "trials" / "t1" and settings.teacher.path == str(teacher)
     assert settings.store_dir == config.store_dir
     assert settings.student.train.eval_every == settings.student.train.log_every
+
+
+def test_dry_run_line_sizes_the_search(tmp_path):
+    """What ``--dry-run`` prints of a search: its trials, what they vary, and the steps ASHA may cut them to."""
+    demo = load_config(ROOT / "configs/tune-demo.yaml", [f"output_dir={tmp_path}"])
+    assert search_line(demo) == (
+        "search 'tune-demo': 3 trials (loss.align_at ['both', 'latents', 'answer']), 1 worker(s) per trial, 1600 "
+        "steps each (ASHA may stop a trial after 400 steps): up to 4,800 student steps in all -> "
+        f"{tmp_path / 'tune-demo' / 'tune'}")
+    sampled = load_config(ROOT / "configs/tune-demo.yaml", [
+        f"output_dir={tmp_path}", "tune.num_samples=4", "tune.scheduler=fifo",
+        'tune.space={"subspace.rank": {"grid": [2, 4]}, "loss.first_order": {"loguniform": [0.1, 10.0]}}'])
+    assert search_line(sampled).startswith(
+        "search 'tune-demo': 8 trials (subspace.rank [2, 4]; loss.first_order loguniform [0.1, 10.0]; each 4 times), "
+        "1 worker(s) per trial, 1600 steps each (every trial runs to its end): up to 12,800 student steps in all")
