@@ -8,6 +8,7 @@ checks that read data or earlier runs are in ``preflight``, the help text is bui
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from pathlib import Path
@@ -451,10 +452,7 @@ class TuneConfig(Section):
     @property
     def trials(self) -> int:
         """``num_samples`` for each combination of the grid values (one combination when the space has no grid)."""
-        combinations = 1
-        for spec in self.space.values():
-            combinations *= len(spec.get("grid", [None]))
-        return self.num_samples * combinations
+        return self.num_samples * math.prod(len(spec["grid"]) for spec in self.space.values() if "grid" in spec)
 
     @model_validator(mode="after")
     def _space(self):

@@ -221,8 +221,8 @@ def search_line(config: Config) -> str:
                        for key, spec in tune.space.items() for kind, values in spec.items())
     stopping = (f"ASHA may stop a trial after {tune.grace_period * train.log_every} steps"
                 if tune.scheduler == "asha" else "every trial runs to its end")
-    repeats = f"; each {tune.num_samples} times" if tune.num_samples > 1 and any("grid" in spec for spec in
-                                                                                 tune.space.values()) else ""
+    gridded = any("grid" in spec for spec in tune.space.values())  # a sampled space's trials are its samples
+    repeats = f"; each {tune.num_samples} times" if gridded and tune.num_samples > 1 else ""
     return (f"search '{config.name}': {tune.trials} trials ({varied}{repeats}), "
             f"{max(train.num_workers, 1)} worker(s) per trial, {train.steps} steps each ({stopping}): up to "
             f"{tune.trials * train.steps:,} student steps in all -> {config.run_dir / 'tune'}")
